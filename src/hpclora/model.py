@@ -1,0 +1,140 @@
+"""Load the base model (quantized or not), prepare it for training, and attach LoRA through PEFT."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import ModelNotFoundError, UserError
+from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
+
+log = logging.getLogger("hpclora")
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory or hub id for `model.name`; `smollm2-135m` is the bundled small model."""
+    from .bundled import BUNDLED_NAME, bundled_model_dir
+
+    if name == BUNDLED_NAME:
+        return str(bundled_model_dir())
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def _from_pretrained(loader, name: str, model_cfg, **kwargs):
+    path = resolve_model_path(name)
+    try:
+        return loader.from_pretrained(
+            path,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=is_offline() or Path(path).exists(),
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        if Path(path).exists() and not isinstance(exc, OSError):
+            raise
+        where = os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        fix = (
+            f"this node is offline: download it into the Hugging Face cache ({where}) on a node with internet first, "
+            "or point model.name at a local directory"
+            if is_offline()
+            else "check model.name (a hub id like owner/name, or a local directory with config.json)"
+        )
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"model.name: cannot load '{name}': {first}; {fix}") from None
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_cfg.name, model_cfg)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.name: the tokenizer of '{model_cfg.name}' has no EOS token; responses could not be terminated")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss anyway
+    return tokenizer
+
+
+def load_base(cfg, precision: str, device: str):
+    """The frozen base model in the run's precision, quantized with bitsandbytes when quant.bits is set."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .precision import choose_compute_dtype
+
+    dtype = getattr(torch, DTYPES[precision])
+    kwargs = {"dtype": dtype}
+    if cfg.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.quant.bits:
+        compute = getattr(torch, DTYPES[choose_compute_dtype(cfg.quant.compute_dtype, precision)])
+        if cfg.quant.bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=cfg.quant.type,
+                bnb_4bit_use_double_quant=cfg.quant.double_quant,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    model = _from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, **kwargs)
+    model.config.use_cache = False  # training: no KV cache (also required for packed rows)
+    return model
+
+
+def choose_targets(model, lora_cfg) -> list[str] | str:
+    """LoRA target module names: the architecture's default for `auto`, else the user's list, checked."""
+    model_type = model.config.model_type
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if lora_cfg.target_modules == "auto":
+        targets = target_modules_for(model_type)
+        if targets is None:
+            log.info("lora.target_modules: no table entry for model_type %r; using every linear layer (all-linear)", model_type)
+            return "all-linear"
+        return [t for t in targets if t in present]
+    missing = [t for t in lora_cfg.target_modules if t not in present]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+        raise UserError(
+            f"lora.target_modules: {missing} not found in this {model_type} model; its linear layers are {linear}"
+        )
+    return list(lora_cfg.target_modules)
+
+
+def attach_lora(model, cfg):
+    """Wrap the base in a PEFT LoRA model; returns (model, target module names)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.data.packing and model.config.model_type not in PACKING_SUPPORTED:
+        raise UserError(
+            f"data.packing: not supported for {model.config.model_type} models (their attention ignores the per-example "
+            "positions, so packed examples would see each other); set data.packing=false"
+        )
+    if cfg.quant.bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    targets = choose_targets(model, cfg.lora)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        bias=cfg.lora.bias,
+        use_dora=cfg.lora.use_dora,
+        fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), targets

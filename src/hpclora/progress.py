@@ -1,0 +1,137 @@
+"""Progress people can `tail -f`: one plain line per log step, and metrics.jsonl beside it.
+
+Lines look like `step 20/300 | loss 1.234 | lr 2.0e-04 | 1,234 tok/s | mem 10.2 GB | eta 00:12:34`.
+On a terminal a progress bar is shown as well; in a batch log there are no carriage returns.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory reserved by this process, or its peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def quiet_libraries() -> None:
+    """Keep job logs to what matters: no library progress bars off a terminal, no noise we cannot act on."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    # peft calls a transformers API that transformers deprecates; nothing a user can change.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not sys.stdout.isatty():
+        datasets.disable_progress_bars()
+        transformers.logging.disable_progress_bar()
+
+
+def emit(line: str) -> None:
+    print(line, flush=True)
+
+
+class ProgressLog(TrainerCallback):
+    """Prints the progress lines and appends every log and evaluation to metrics.jsonl.
+
+    `tokens_seen` is a callable giving the real (non-padding) tokens trained so far.
+    """
+
+    def __init__(self, metrics_path: Path, tokens_seen, tty: bool | None = None):
+        self.metrics_path = metrics_path
+        self.tokens_seen = tokens_seen
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.bar = None
+        self.started = self.last_time = time.time()
+        self.first_step = self.last_step = 0
+        self.last_tokens = 0
+        self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest periodic evaluation
+
+    def record(self, entry: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_time = time.time()
+        self.first_step = self.last_step = state.global_step
+        self.last_tokens = self.tokens_seen()
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            emit(line)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now, step, tokens = time.time(), state.global_step, self.tokens_seen()
+        tok_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        done = step - self.first_step
+        eta = (now - self.started) / done * (state.max_steps - step) if done else 0
+        mem = peak_memory_gb()
+        entry = {
+            "step": step, "max_steps": state.max_steps, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
+            "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"), "tokens": tokens,
+            "tokens_per_s": round(tok_s, 1), "peak_mem_gb": round(mem, 3), "elapsed_s": round(now - self.started, 1),
+        }
+        self.record(entry)
+        lr = entry["lr"] if entry["lr"] is not None else float("nan")
+        self._print(
+            f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
+            f" | mem {mem:.1f} GB | eta {hms(eta)}"
+        )
+        self.last_time, self.last_step, self.last_tokens = now, step, tokens
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Validation results; the trainer's metric prefix says which: eval (periodic), base, or final."""
+        import math
+
+        for label in ("eval", "base", "final"):
+            loss = (metrics or {}).get(f"{label}_loss")
+            if loss is not None:
+                self.evaluation(state.global_step, label, loss)
+
+    def evaluation(self, step: int, label: str, loss: float) -> None:
+        import math
+
+        if label == "eval":
+            self.last_eval = (step, loss)
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        self.record({"step": step, "eval": label, "val_loss": loss, "val_ppl": ppl})
+        shown = "adapter" if label == "eval" else label
+        self._print(f"eval {shown} @ step {step} | val_loss {loss:.4f} | ppl {ppl:.2f}")

@@ -1,0 +1,100 @@
+"""The run directory: where a run lives, and the files that make it describe itself.
+
+<output_root>/<name>-<Slurm job id or timestamp>/
+    config.yaml     the resolved config the job ran with (the job never reads the user's YAML)
+    env.json        versions, device, host, Slurm ids: enough to say how the adapter was made
+    metrics.jsonl   one JSON object per log step and evaluation
+    summary.json    base vs adapter validation loss and the run's totals, written at the end
+    adapter/        PEFT adapter and tokenizer, written atomically at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .config import RunConfig, run_dir_slug, to_yaml
+from .errors import UserError
+
+SLURM_VARS = (
+    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION",
+    "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES",
+)
+CONTAINER_VARS = ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "APPTAINER_NAME", "SINGULARITY_NAME")
+PACKAGES = ("hpclora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "omegaconf", "submitit")
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """<output_root>/<name>-<id>: the Slurm job id (stable across requeues) or a timestamp."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    stamp = job or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.run.output_root) / f"{run_dir_slug(cfg.run.name)}-{stamp}"
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bool) -> Path:
+    """Create the run directory; refuse to reuse one that holds a finished adapter unless `fresh`."""
+    path = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir(cfg)
+    if path.exists() and fresh:
+        shutil.rmtree(path)
+    if (path / "adapter").exists():
+        raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
+    path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path / "config.yaml", to_yaml(cfg))
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment(device: str, precision: str, precision_reason: str) -> dict:
+    """What the run ran on. Only named variables are recorded: secrets in the environment never are."""
+    import torch
+
+    env = {
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "packages": package_versions(),
+        "device": device,
+        "precision": precision,
+        "precision_reason": precision_reason,
+        "torch_threads": torch.get_num_threads(),
+        "slurm": {v: os.environ[v] for v in SLURM_VARS if v in os.environ},
+        "container": {v: os.environ[v] for v in CONTAINER_VARS if v in os.environ},
+    }
+    if device == "cuda":
+        env["gpus"] = [
+            {"name": torch.cuda.get_device_name(i), "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+             "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1)}
+            for i in range(torch.cuda.device_count())
+        ]
+        env["cuda"] = torch.version.cuda
+    return env
