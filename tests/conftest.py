@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), the bundled real model,
+and small data files written per test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# 64 wide: the bitsandbytes CPU 4-bit kernel needs widths that are multiples of its 64-element blocks.
+TINY_DIMS = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+
+
+def tiny_config(model_type: str, vocab_size: int = 1000):
+    """A 2-layer, 64-wide config of each architecture hpclora knows."""
+    from transformers import AutoConfig
+
+    extra = {
+        "llama": dict(intermediate_size=128, num_key_value_heads=2),
+        "mistral": dict(intermediate_size=128, num_key_value_heads=2),
+        "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
+        "gpt_neox": dict(intermediate_size=128),
+        "bloom": dict(n_layer=2, n_head=4),
+        "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    }[model_type]
+    dims = {} if model_type in ("bloom", "gpt2") else dict(TINY_DIMS)
+    if model_type == "bloom":
+        dims["hidden_size"] = 64
+    specials = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **dims, **extra, **specials)
+
+
+def tiny_model(model_type: str, vocab_size: int = 1000, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, vocab_size)
+    config.attn_implementation = "sdpa" if model_type != "bloom" else "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as an HF directory (converted once into the user cache)."""
+    from hpclora.bundled import bundled_model_dir
+
+    return bundled_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, bundled_dir) -> Path:
+    """A 2-layer random llama that uses the real SmolLM2 tokenizer: fast to train, real text pipeline."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    return [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(n)]

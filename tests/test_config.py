@@ -1,0 +1,144 @@
+"""Config: schema errors with full key paths, all reported together, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpclora import config
+from hpclora.errors import ConfigError
+
+from conftest import ROOT, alpaca_rows, write_jsonl
+
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", alpaca_rows(3))
+
+
+def problems_of(tmp_path, text, overrides=()):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path, list(overrides))
+    return dict(err.value.problems)
+
+
+def test_unknown_key_names_the_full_path_and_suggests_the_nearest(tmp_path, data_file):
+    found = problems_of(tmp_path, f"lora:\n  rnak: 8\n  alpah: 3\ndata:\n  path: {data_file}\n  max_lenght: 9\n")
+    assert found["lora.rnak"] == "unknown key (did you mean 'lora.r'?)"
+    assert found["lora.alpah"] == "unknown key (did you mean 'lora.alpha'?)"
+    assert found["data.max_lenght"] == "unknown key (did you mean 'data.max_length'?)"
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path, data_file):
+    found = problems_of(tmp_path, f"data:\n  path: {data_file}\ntrain:\n  max_length: 128\n")
+    assert found == {"train.max_length": "unknown key (did you mean 'data.max_length'?)"}
+
+
+def test_all_errors_are_reported_together(tmp_path, data_file):
+    text = (
+        f"data:\n  path: {data_file}\n  template: alpca\nlora:\n  r: eight\n  dropout: 1.5\n"
+        "train:\n  micro_batch_size: 0\nmodle:\n  name: x\n"
+    )
+    found = problems_of(tmp_path, text, ["quant.bits=5", "train.lr=-1"])
+    assert set(found) == {
+        "data.template", "lora.r", "lora.dropout", "train.micro_batch_size", "modle", "quant.bits", "train.lr",
+    }
+    assert found["lora.r"] == "expected an integer, got 'eight'"
+    assert "did you mean 'alpaca'" in found["data.template"]
+    assert found["modle"] == "unknown section (did you mean 'model'?)"
+    assert found["quant.bits"].startswith("must be one of null, 4, 8")
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    assert problems_of(tmp_path, "run:\n  name: x\n") == {"data.path": "required, but not set"}
+    assert "file not found" in problems_of(tmp_path, "data:\n  path: nope.jsonl\n")["data.path"]
+
+
+def test_incompatible_combinations(tmp_path, data_file):
+    found = problems_of(tmp_path, f"data:\n  path: {data_file}\n  format: text\n  template: alpaca\nquant:\n  type: fp4\n")
+    assert "data.template=none" in found["data.template"]
+    assert "quant.bits" in found
+
+
+def test_overrides_and_types(data_file):
+    cfg = config.load(None, [f"data.path={data_file}", "lora.r=16", "train.lr=3e-4", "lora.target_modules=[q_proj,v_proj]", "quant.bits=4"])
+    assert (cfg.lora.r, cfg.train.lr, cfg.lora.target_modules, cfg.quant.bits) == (16, 3e-4, ["q_proj", "v_proj"], 4)
+    assert isinstance(cfg, config.RunConfig) and type(cfg.lora).__name__ == "LoraSection"  # plain dataclasses
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "lora.r"])
+    assert err.value.problems[0][0] == "lora.r"
+
+
+def test_relative_data_path_resolves_next_to_the_config(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "d.jsonl", alpaca_rows(2))
+    (tmp_path / "sub" / "c.yaml").write_text("data:\n  path: d.jsonl\n")
+    cfg = config.load(tmp_path / "sub" / "c.yaml")
+    assert cfg.data.path == str(tmp_path / "sub" / "d.jsonl")
+    assert Path(cfg.run.output_root).is_absolute()
+
+
+def test_resolved_yaml_round_trips(tmp_path, data_file):
+    cfg = config.load(None, [f"data.path={data_file}", "run.name=x y", "lora.target_modules=[a,b]"])
+    (tmp_path / "r.yaml").write_text(config.to_yaml(cfg))
+    assert config.load(tmp_path / "r.yaml") == cfg
+
+
+def test_run_dir_slug_cannot_escape_or_inject():
+    assert config.run_dir_slug('x"; touch pwned; echo "') == "x-touch-pwned-echo"
+    assert config.run_dir_slug("../../etc") == "etc"
+    assert config.run_dir_slug("日本語 テスト") == "日本語-テスト"
+    assert config.run_dir_slug("...") == "run"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = config.load(path)
+    assert cfg.data.path
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#"), "each shipped config starts with a comment showing how to run it"
+    assert "hpclora" in path.read_text(encoding="utf-8").split("\n\n")[0] or "make demo" in first
+
+
+def test_cli_prints_every_error_and_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rnak: 8\ntrain:\n  lr: fast\n")
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(bad), "train.epochs=-1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "error: lora.rnak: unknown key (did you mean 'lora.r'?)" in lines
+    assert "error: train.lr: expected a number, got 'fast'" in lines
+    assert "error: train.epochs: must be > 0, got -1.0" in lines
+    assert "error: data.path: required, but not set" in lines
+
+
+def test_cli_validate_prints_resolved_yaml_and_invalid_yaml_is_a_user_error(tmp_path, data_file):
+    good = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), "lora.r=4"],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "  r: 4\n" in good.stdout and "template: chat" in good.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lora: [\n")
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(broken)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_does_not_import_heavy_libraries():
+    code = "import sys; from hpclora import cli, config; print(sorted(m for m in ('torch','transformers','peft','datasets') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_explain_documents_every_key():
+    text = config.explain()
+    for key in ("lora.r", "quant.double_quant", "data.train_on_prompt", "train.gradient_checkpointing"):
+        section, name = key.split(".")
+        assert f"  {name}: " in text
+    assert "one of: alpaca, alpaca_ja, calm, chat, none" in text

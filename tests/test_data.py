@@ -1,0 +1,220 @@
+"""Data: formats, templates, exact loss masks, row-numbered errors, caching, packing through prepare()."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from hpclora import config
+from hpclora.data import load_conversations, prepare, render
+from hpclora.data.tokenize import IGNORE, encode
+from hpclora.errors import DataError, UserError
+
+from conftest import alpaca_rows, write_jsonl
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def data_cfg(path, tmp_path, *overrides):
+    return config.load(None, [f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]).data
+
+
+USER = {"role": "user", "content": "Translate", "input": "cat"}
+ASSISTANT = {"role": "assistant", "content": "猫", "input": ""}
+
+
+@pytest.mark.parametrize(
+    "template, prompt",
+    [
+        ("alpaca", "Below is an instruction that describes a task, paired with an input that provides further context. "
+                   "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate\n\n### Input:\ncat\n\n### Response:\n"),
+        ("alpaca_ja", "以下に、あるタスクを説明する指示があり、それに付随する入力が更なる文脈を提供しています。"
+                      "リクエストを適切に完了するための回答を記述してください。\n\n### 指示:\nTranslate\n\n### 入力:\ncat\n\n### 応答:\n"),
+        ("calm", "ユーザー: Translate\n入力: cat\nシステム: "),
+        ("none", "Translate\n\ncat\n"),
+    ],
+)
+def test_templates_mask_exactly_the_prompt(tokenizer, template, prompt):
+    input_ids, labels = encode(render(template, [USER, ASSISTANT]), tokenizer, template)
+    prompt_ids, answer_ids = ids(tokenizer, prompt), ids(tokenizer, "猫")
+    assert input_ids == prompt_ids + answer_ids + [tokenizer.eos_token_id]
+    assert labels == [IGNORE] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
+
+
+def test_alpaca_without_input_uses_the_short_preamble(tokenizer):
+    pieces = render("alpaca_ja", [{"role": "user", "content": "挨拶して", "input": ""}, ASSISTANT])
+    assert pieces[0][0] == "以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を記述してください。\n\n### 指示:\n挨拶して\n\n### 応答:\n"
+    assert "### 入力:" not in pieces[0][0]
+
+
+def test_chat_template_multi_turn_trains_only_assistant_turns(tokenizer):
+    messages = [
+        {"role": "user", "content": "Hi", "input": ""},
+        {"role": "assistant", "content": "Hello!", "input": ""},
+        {"role": "user", "content": "Bye", "input": ""},
+        {"role": "assistant", "content": "Goodbye!", "input": ""},
+    ]
+    input_ids, labels = encode(render("chat", messages, tokenizer), tokenizer, "chat")
+    full = tokenizer.apply_chat_template([{k: m[k] for k in ("role", "content")} for m in messages], tokenize=False)
+    assert tokenizer.decode(input_ids) == full
+    trained = [t for t, label in zip(input_ids, labels) if label != IGNORE]
+    assert trained == ids(tokenizer, "Hello!<|im_end|>\n") + ids(tokenizer, "Goodbye!<|im_end|>\n")
+    # Both user turns, and the system prompt the template adds, are masked.
+    masked = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == IGNORE])
+    assert "Hi" in masked and "Bye" in masked and "Hello" not in masked
+
+
+def test_train_on_prompt_trains_everything_but_the_first_token(tokenizer):
+    input_ids, labels = encode(render("alpaca", [USER, ASSISTANT]), tokenizer, "alpaca", train_on_prompt=True)
+    assert labels == [IGNORE] + input_ids[1:]
+
+
+def test_bos_is_prepended_for_tokenizers_that_add_one(tmp_path):
+    """A tokenizer configured to add a BOS (as Llama's does) gets it in front of the prompt, masked."""
+    from transformers import AutoTokenizer
+
+    from hpclora.bundled import bundled_model_dir
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir())
+    tok.add_bos_token = True
+    tok.update_post_processor()
+    input_ids, labels = encode(render("none", [USER, ASSISTANT]), tok, "none")
+    assert input_ids[0] == tok.bos_token_id and labels[0] == IGNORE
+
+
+def test_each_format_normalises_to_messages(tmp_path):
+    share = tmp_path / "s.json"
+    share.write_text(json.dumps([{"conversations": [
+        {"from": "gpt", "value": "dangling start"}, {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+        {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}]))
+    messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}])
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time."}])
+    table = tmp_path / "a.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["instruction", "input", "output"])
+        w.writeheader()
+        w.writerow({"instruction": "Say hi", "input": "", "output": "hi"})
+
+    convs, _, fmt = load_conversations(data_cfg(share, tmp_path, "data.template=chat"))
+    assert fmt == "sharegpt" and [m["role"] for m in convs[0]] == ["user", "assistant", "user", "assistant"]
+    convs, _, fmt = load_conversations(data_cfg(messages, tmp_path, "data.template=chat"))
+    assert fmt == "messages" and convs[0][0] == {"role": "system", "content": "Be brief.", "input": ""}
+    convs, _, fmt = load_conversations(data_cfg(text, tmp_path, "data.template=none"))
+    assert fmt == "text" and convs[0] == [{"role": "text", "content": "Once upon a time.", "input": ""}]
+    convs, rows, fmt = load_conversations(data_cfg(table, tmp_path))
+    assert fmt == "alpaca" and rows == [2] and convs[0][1]["content"] == "hi"
+
+
+def test_parquet_and_column_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"act": ["Linux Terminal"], "prompt": ["I want you to act as a terminal."]}), path)
+    convs, _, fmt = load_conversations(data_cfg(path, tmp_path, "data.columns={instruction: act, output: prompt}"))
+    assert fmt == "alpaca" and convs[0][0]["content"] == "Linux Terminal"
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"', ], "d.jsonl:2: not valid JSON"),
+        (['{"instruction": "a", "output": "b"}', '', '{"instruction": "c"}'], "d.jsonl:3: missing field 'output'"),
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "", "input": "", "output": ""}'], "d.jsonl:2: empty row"),
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "x", "output": "  "}'], "d.jsonl:2: field 'output' is empty"),
+        (['[1, 2]'], "d.jsonl:1: expected a JSON object per line"),
+        (['{"question": "a", "answer": "b"}'], "d.jsonl:1: cannot tell the data format"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, lines, message):
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        load_conversations(data_cfg(path, tmp_path))
+    assert str(err.value).startswith(str(tmp_path / message.split(":")[0]))
+    assert message.split(":", 1)[1].strip().split(":")[0] in str(err.value)
+    assert f"d.jsonl:{message.split(':')[1]}" in str(err.value)
+
+
+def test_sharegpt_errors_name_the_row_and_turn(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "robot", "value": "A"}]},
+    ]))
+    with pytest.raises(DataError, match=r"s\.json \(row 2\): turn 2: unknown role 'robot'"):
+        load_conversations(data_cfg(path, tmp_path, "data.template=chat"))
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,input,output\nSay hi,,hi\nSay bye,,\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: field 'output' is empty"):
+        load_conversations(data_cfg(path, tmp_path))
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="the dataset has no rows"):
+        load_conversations(data_cfg(path, tmp_path))
+
+
+def test_text_format_needs_template_none_at_data_time(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    with pytest.raises(UserError, match="data.template=none"):
+        load_conversations(data_cfg(path, tmp_path))
+
+
+def test_missing_hub_dataset_offline_is_a_user_error(tmp_path, monkeypatch):
+    """The hub is unreachable here: with offline mode on, loading an uncached id must fail clearly."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="offline"):
+        load_conversations(data_cfg("someone/no-such-dataset", tmp_path))
+
+
+def test_prepare_splits_tokenizes_and_caches(tmp_path, tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(30))
+    cfg = data_cfg(path, tmp_path, "data.val_size=0.2")
+    first = prepare(cfg, tokenizer, seed=1)
+    assert (first.stats["train_rows"], first.stats["val_rows"]) == (24, 6)
+    assert not first.stats["train_cached"]
+    assert sorted(list(first.train["row"]) + list(first.val["row"])) == list(range(1, 31))  # line numbers, nothing lost
+
+    # A second run reads the cache and never renders or tokenizes again.
+    import hpclora.data.tokenize as tokenize_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(tokenize_module, "encode_many", fail)
+    second = prepare(cfg, tokenizer, seed=1)
+    assert second.stats["train_cached"] and second.stats["val_cached"]
+    assert list(second.train["input_ids"]) == list(first.train["input_ids"])
+
+    # A different split seed is a different dataset: not served from the same cache.
+    monkeypatch.undo()
+    third = prepare(cfg, tokenizer, seed=2)
+    assert not third.stats["train_cached"]
+
+
+def test_truncation_and_dropping(tmp_path, tokenizer):
+    long_prompt = {"instruction": "word " * 200, "input": "", "output": "short"}
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(3) + [long_prompt])
+    prepared = prepare(data_cfg(path, tmp_path, "data.val_size=0", "data.max_length=64"), tokenizer, seed=0)
+    assert prepared.stats["train_dropped"] == 1  # its response was cut off entirely
+    assert max(len(x) for x in prepared.train["input_ids"]) <= 64
+
+
+def test_prepare_with_packing_fills_rows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(40))
+    prepared = prepare(data_cfg(path, tmp_path, "data.val_size=0", "data.packing=true", "data.max_length=256", "data.template=none"), tokenizer, seed=0)
+    rows = prepared.train
+    assert len(rows) < 40 / 3
+    assert all(len(r) <= 256 for r in rows["input_ids"])
+    assert sum(p.count(0) for p in rows["position_ids"]) == 40  # every example starts once

@@ -1,0 +1,133 @@
+"""Model: LoRA target detection per architecture, precision choice, and real LoRA/QLoRA training steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpclora import config
+from hpclora.errors import UserError
+from hpclora.model import attach_lora, choose_targets
+from hpclora.precision import choose_precision
+
+from conftest import alpaca_rows, tiny_model, write_jsonl
+
+EXPECTED = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def lora_cfg(*overrides):
+    return config.load(None, ["data.path=x/y", *overrides])
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_auto_targets_every_projection_of_each_architecture(model_type):
+    model = tiny_model(model_type)
+    cfg = lora_cfg()
+    assert choose_targets(model, cfg.lora) == EXPECTED[model_type]
+    matching = sum(1 for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in EXPECTED[model_type])
+    peft_model, _ = attach_lora(model, cfg)
+    wrapped = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert wrapped == set(EXPECTED[model_type])
+    lora_a = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert len(lora_a) == matching >= 2 * len(EXPECTED[model_type])  # every matching layer of both blocks
+    assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())
+
+
+def test_user_targets_are_checked_against_the_model():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match=r"\['query_key_value'\] not found in this llama model; its linear layers are \["):
+        choose_targets(model, lora_cfg("lora.target_modules=[q_proj,query_key_value]").lora)
+    assert choose_targets(model, lora_cfg("lora.target_modules=[q_proj,v_proj]").lora) == ["q_proj", "v_proj"]
+
+
+def test_packing_is_refused_for_bloom():
+    with pytest.raises(UserError, match="data.packing: not supported for bloom"):
+        attach_lora(tiny_model("bloom"), lora_cfg("data.packing=true"))
+
+
+@pytest.mark.parametrize(
+    "requested, device, bf16, expected",
+    [
+        ("auto", "cpu", False, "fp32"),
+        ("auto", "cuda", True, "bf16"),   # A100, H100
+        ("auto", "cuda", False, "fp16"),  # V100, T4
+        ("fp32", "cuda", False, "fp32"),
+    ],
+)
+def test_precision_choice(requested, device, bf16, expected):
+    assert choose_precision(requested, device, bf16)[0] == expected
+
+
+def test_impossible_precisions_are_user_errors():
+    with pytest.raises(UserError, match="V100/T4 have no bf16"):
+        choose_precision("bf16", "cuda", False)
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        choose_precision("fp16", "cpu", False)
+
+
+def train_tiny(tmp_path, tiny_llama_dir, *overrides):
+    from hpclora.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(12))
+    cfg = config.load(None, [
+        f"model.name={tiny_llama_dir}", f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"run.output_root={tmp_path / 'runs'}", "data.val_size=4", "data.template=none", "train.micro_batch_size=2",
+        "train.log_every=1", "train.save_every=0", "train.eval_every=0", *overrides,
+    ])
+    return train(cfg, run_dir=str(tmp_path / "run"))
+
+
+def test_qlora_step_on_cpu(tmp_path, tiny_llama_dir):
+    """bitsandbytes quantizes to nf4 and trains on CPU: the adapter lands and the base layers are 4-bit."""
+    out = train_tiny(tmp_path, tiny_llama_dir, "quant.bits=4", "train.max_steps=2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_val_loss"] is not None
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and set(adapter_cfg["target_modules"]) == set(EXPECTED["llama"])
+    env = json.loads((out / "env.json").read_text())
+    assert env["precision"] == "fp32" and env["packages"]["bitsandbytes"]
+
+
+def test_qlora_model_really_is_4bit(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    from hpclora.model import load_base
+
+    cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4")
+    model, _ = attach_lora(load_base(cfg, "fp32", "cpu"), cfg)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7 and four_bit[0].weight.quant_type == "nf4"
+
+
+def test_run_directory_describes_itself(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=3", "data.packing=true", "data.max_length=128")
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert config.load_run_config(out / "config.yaml").data.packing is True
+    env = json.loads((out / "env.json").read_text())
+    assert env["slurm"]["SLURM_JOB_ID"] == "4242"
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml"):
+            assert "hf_secret_value_123" not in path.read_text(errors="replace"), path
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
+    assert [s["eval"] for s in steps if "eval" in s] == ["base", "final"]
+
+
+def test_finished_run_directory_is_never_overwritten(tmp_path, tiny_llama_dir):
+    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=1")
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a finished run"):
+        train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=1")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
