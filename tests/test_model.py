@@ -11,7 +11,7 @@ from hpclora.errors import UserError
 from hpclora.model import attach_lora, choose_targets
 from hpclora.precision import choose_precision
 
-from conftest import alpaca_rows, tiny_model, write_jsonl
+from conftest import ROOT, alpaca_rows, tiny_model, write_jsonl
 
 EXPECTED = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -82,7 +82,7 @@ def train_tiny(tmp_path, tiny_llama_dir, *overrides):
         f"run.output_root={tmp_path / 'runs'}", "data.val_size=4", "data.template=none", "train.micro_batch_size=2",
         "train.log_every=1", "train.save_every=0", "train.eval_every=0", *overrides,
     ])
-    return train(cfg, run_dir=str(tmp_path / "run"))
+    return train(cfg, run_dir=str(tmp_path / "run")).run_dir
 
 
 def test_qlora_step_on_cpu(tmp_path, tiny_llama_dir):
@@ -125,9 +125,59 @@ def test_run_directory_describes_itself(tmp_path, tiny_llama_dir, monkeypatch):
     assert [s["eval"] for s in steps if "eval" in s] == ["base", "final"]
 
 
+def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_llama_dir):
+    """stdout is a pipe here, as in a Slurm log: one plain line per log step, no carriage returns."""
+    import re
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(12))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpclora", "train", str(ROOT / "configs" / "demo-cpu.yaml"), f"model.name={tiny_llama_dir}",
+         f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=4", "train.max_steps=4",
+         "train.log_every=1", "train.micro_batch_size=2", "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    line = re.compile(r"^step (\d+)/4 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| mem [\d.]+ GB \| eta \d\d:\d\d:\d\d$")
+    progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert [int(line.match(ln).group(1)) for ln in progress] == [1, 2, 3, 4]
+    assert "eval base @ step 0" in proc.stdout and "eval final @ step 4" in proc.stdout
+
+
 def test_finished_run_directory_is_never_overwritten(tmp_path, tiny_llama_dir):
     out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=1")
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(UserError, match="already holds a finished run"):
         train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=1")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_qlora_gradients_are_unchanged_by_an_evaluation_pass_on_cpu(tiny_llama_dir):
+    """bitsandbytes repacks 4-bit weights for fast CPU inference on the first eval-mode forward; that
+    layout has no backward. Training after an evaluation (hpclora evaluates the base first) must still
+    get the same gradients in the lowest layers as training without one."""
+    import torch
+
+    from hpclora.model import load_base
+
+    cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4", "lora.dropout=0")
+    model, _ = attach_lora(load_base(cfg, "fp32", "cpu"), cfg)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "labels": torch.tensor([[5, 6, 7, 8, 9, 10]])}
+    # lora_B of the first layer: its gradient must flow back through every frozen 4-bit layer above it.
+    lowest = [p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return [p.grad.clone() for p in lowest]
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after = grads()
+    assert all(b.abs().sum() > 0 for b in before)
+    assert all(torch.allclose(b, a, atol=1e-6) for b, a in zip(before, after))

@@ -154,7 +154,10 @@ class RunConfig:
     container: ContainerSection = field(default_factory=ContainerSection)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(RunConfig)}
+SECTIONS: dict[str, type] = {
+    "run": RunSection, "model": ModelSection, "quant": QuantSection, "lora": LoraSection,
+    "data": DataSection, "train": TrainSection, "slurm": SlurmSection, "container": ContainerSection,
+}
 
 # Files whose suffix says "this is meant to be a local file", so a missing one is an error, not a hub id.
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")

@@ -111,6 +111,16 @@ def choose_targets(model, lora_cfg) -> list[str] | str:
     return list(lora_cfg.target_modules)
 
 
+def keep_4bit_layers_differentiable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference the first time
+    the layer runs in eval mode without gradients, and that layout has no backward: training after an
+    evaluation would silently lose the gradients flowing through the frozen layers. Models being trained
+    keep the trainable layout (inference-only loads, as in `generate`, still get the fast one)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def attach_lora(model, cfg):
     """Wrap the base in a PEFT LoRA model; returns (model, target module names)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -121,6 +131,7 @@ def attach_lora(model, cfg):
             "positions, so packed examples would see each other); set data.packing=false"
         )
     if cfg.quant.bits:
+        keep_4bit_layers_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
@@ -20,12 +20,20 @@ from .rundir import environment, prepare_run_dir, write_json
 log = logging.getLogger("hpclora")
 
 
-def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Path:
-    """Fine-tune per `cfg`; returns the run directory holding adapter/, metrics.jsonl and summary.json."""
+@dataclass
+class TrainedRun:
+    run_dir: Path  # holds adapter/, config.yaml, env.json, metrics.jsonl, summary.json
+    model: object  # the PEFT model as it is in memory at the end of training
+    tokenizer: object
+    summary: dict
+
+
+def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> TrainedRun:
+    """Fine-tune per `cfg` and save the adapter into the run directory."""
     import torch
     import transformers
 
-    from .data import Collator, prepare
+    from .data import prepare
     from .model import attach_lora, load_base, load_tokenizer
     from .precision import choose_precision, detect_device
 
@@ -89,7 +97,7 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Pa
     }
     write_json(out / "summary.json", summary)
     emit(describe_result(summary, out))
-    return out
+    return TrainedRun(out, model, tokenizer, summary)
 
 
 def total_steps(train_rows: int, cfg: RunConfig) -> int:

@@ -22,8 +22,9 @@ def leading_special_ids(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text on its own (a BOS for Llama, nothing for GPT-NeoX)."""
     with_special = tokenizer("a")["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if without and with_special[: len(without)] != without and with_special[-len(without):] == without:
-        return with_special[: len(with_special) - len(without)]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start:start + len(without)] == without:
+            return with_special[:start]
     return []
 
 
