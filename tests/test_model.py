@@ -181,3 +181,11 @@ def test_qlora_gradients_are_unchanged_by_an_evaluation_pass_on_cpu(tiny_llama_d
     after = grads()
     assert all(b.abs().sum() > 0 for b in before)
     assert all(torch.allclose(b, a, atol=1e-6) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("overrides", [["train.gradient_checkpointing=true"], ["quant.bits=8"], ["quant.bits=4", "train.gradient_checkpointing=true"]],
+                         ids=["lora-checkpointing", "8bit", "qlora-checkpointing"])
+def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
+    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=2", *overrides)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_loss"] > 0
