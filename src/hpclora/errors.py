@@ -27,9 +27,8 @@ class DataError(UserError):
     """A problem in a data file, located by file and line (or row) number when there is one."""
 
     def __init__(self, path: str, message: str, row: int | None = None, unit: str = "line"):
-        where = f"{path}:{row}" if row is not None and unit == "line" else path
-        if row is not None and unit != "line":
-            where = f"{path} ({unit} {row})"
+        # path:line like a compiler for line-based files; (row N) for records of a JSON list or a table
+        where = path if row is None else f"{path}:{row}" if unit == "line" else f"{path} ({unit} {row})"
         self.path, self.row = path, row
         super().__init__(f"{where}: {message}")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from .errors import ModelNotFoundError, UserError
 from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
-
-log = logging.getLogger("hpclora")
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -96,8 +93,7 @@ def choose_targets(model, lora_cfg) -> list[str] | str:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if lora_cfg.target_modules == "auto":
         targets = target_modules_for(model_type)
-        if targets is None:
-            log.info("lora.target_modules: no table entry for model_type %r; using every linear layer (all-linear)", model_type)
+        if targets is None:  # an architecture not in the table: every linear layer but the output head
             return "all-linear"
         return [t for t in targets if t in present]
     missing = [t for t in lora_cfg.target_modules if t not in present]

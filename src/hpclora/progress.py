@@ -7,6 +7,7 @@ On a terminal a progress bar is shown as well; in a batch log there are no carri
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -63,7 +64,7 @@ class ProgressLog(TrainerCallback):
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.bar = None
         self.started = self.last_time = time.time()
-        self.first_step = self.last_step = 0
+        self.first_step = 0
         self.last_tokens = 0
         self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest periodic evaluation
 
@@ -73,7 +74,7 @@ class ProgressLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = self.last_time = time.time()
-        self.first_step = self.last_step = state.global_step
+        self.first_step = state.global_step
         self.last_tokens = self.tokens_seen()
         if self.tty:
             from tqdm.auto import tqdm
@@ -115,20 +116,16 @@ class ProgressLog(TrainerCallback):
             f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
             f" | mem {mem:.1f} GB | eta {hms(eta)}"
         )
-        self.last_time, self.last_step, self.last_tokens = now, step, tokens
+        self.last_time, self.last_tokens = now, tokens
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Validation results; the trainer's metric prefix says which: eval (periodic), base, or final."""
-        import math
-
         for label in ("eval", "base", "final"):
             loss = (metrics or {}).get(f"{label}_loss")
             if loss is not None:
                 self.evaluation(state.global_step, label, loss)
 
     def evaluation(self, step: int, label: str, loss: float) -> None:
-        import math
-
         if label == "eval":
             self.last_eval = (step, loss)
         ppl = math.exp(loss) if loss < 50 else float("inf")

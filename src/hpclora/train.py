@@ -6,7 +6,6 @@ the base model, train, measure the adapter, save. Everything it needs is in the 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -16,8 +15,6 @@ from pathlib import Path
 from .config import RunConfig
 from .progress import ProgressLog, emit, hms, quiet_libraries
 from .rundir import environment, prepare_run_dir, write_json
-
-log = logging.getLogger("hpclora")
 
 
 @dataclass
@@ -30,7 +27,6 @@ class TrainedRun:
 
 def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> TrainedRun:
     """Fine-tune per `cfg` and save the adapter into the run directory."""
-    import torch
     import transformers
 
     from .data import prepare
