@@ -29,6 +29,9 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from . import config
+    from .quiet import quiet_libraries
+
+    quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
     from .train import train
 
     cfg = config.load(args.config, args.overrides)

@@ -27,7 +27,7 @@ class Sampling:
 
 def load_run(run_dir: str | Path):
     """(model with adapter, tokenizer, config) for a finished run directory."""
-    from .progress import quiet_libraries
+    from .quiet import quiet_libraries
 
     quiet_libraries()
     from peft import PeftModel

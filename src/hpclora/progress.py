@@ -30,24 +30,6 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def quiet_libraries() -> None:
-    """Keep job logs to what matters: no library progress bars off a terminal, no noise we cannot act on."""
-    import logging
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-    # peft calls a transformers API that transformers deprecates; nothing a user can change.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if not sys.stdout.isatty():
-        datasets.disable_progress_bars()
-        transformers.logging.disable_progress_bar()
-
-
 def emit(line: str) -> None:
     print(line, flush=True)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
-from .progress import ProgressLog, emit, hms, quiet_libraries
+from .progress import ProgressLog, emit, hms
+from .quiet import quiet_libraries
 from .rundir import environment, prepare_run_dir, write_json
 
 
