@@ -16,7 +16,7 @@ from .normalize import detect_format, normalize, rename_columns
 from .packing import Collator, pack
 from .read import read_rows
 from .templates import render
-from .tokenize import encode, tokenize_dataset, cache_key
+from .tokenize import cache_key, encode, tokenize_dataset, tokenizer_fingerprint
 
 __all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "load_conversations"]
 
@@ -74,12 +74,13 @@ def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats = {"rows": len(conversations), "format": fmt, "template": data_cfg.template}
     sets = {}
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
     for split, idx in (("train", train_idx), ("val", val_idx)):
         if not idx:
             sets[split] = None
             continue
         encoded = [json.dumps(conversations[i], ensure_ascii=False) for i in idx]
-        key = cache_key(encoded, tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
+        key = cache_key(encoded, tokenizer_id, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
         cache_file = cache_dir / f"{key}-{split}.arrow"
         stats[f"{split}_cached"] = cache_file.exists()
         ds = tokenize_dataset(

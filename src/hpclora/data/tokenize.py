@@ -71,9 +71,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(conversations: list[str], tokenizer, template: str, max_length: int, train_on_prompt: bool) -> str:
+def cache_key(conversations: list[str], tokenizer_id: str, template: str, max_length: int, train_on_prompt: bool) -> str:
+    """`tokenizer_id` is tokenizer_fingerprint(tokenizer), computed once per run (it hashes tokenizer.json)."""
     h = hashlib.sha256()
-    h.update(json.dumps([PIPELINE_VERSION, template, max_length, train_on_prompt, tokenizer_fingerprint(tokenizer)]).encode())
+    h.update(json.dumps([PIPELINE_VERSION, template, max_length, train_on_prompt, tokenizer_id]).encode())
     for conv in conversations:
         h.update(conv.encode())
         h.update(b"\x00")
