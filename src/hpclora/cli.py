@@ -62,6 +62,96 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from . import config
+    from .launch import submit
+
+    cfg = config.load(args.config, args.overrides)
+    job = submit.prepare_run(cfg)
+    if args.dry_run:
+        print(job.script)
+        print(f"# dry run: would write {job.directory}/{{config.yaml,{submit.SCRIPT}}} and run: {_launch_words(job, args)}")
+        return 0
+    entry = submit.launch(job, args.launcher, args.cluster)
+    _print_launched(entry, job)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .launch import submit
+
+    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel)
+    trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
+    if args.dry_run:
+        print(job.script)
+        print(f"# dry run: {len(job.trial_cfgs)} trials as one job array in {job.directory}:\n{trials}")
+        print(f"# would run: {_launch_words(job, args)}")
+        return 0
+    entry = submit.launch(job, args.launcher, args.cluster)
+    _print_launched(entry, job)
+    return 0
+
+
+def _launch_words(job, args) -> str:
+    import shlex
+
+    if args.launcher == "sbatch":
+        return f"sbatch {shlex.quote(str(job.script_path))}"
+    if args.launcher == "submitit":
+        return f"submitit AutoExecutor(cluster={args.cluster or 'auto'}) in {job.directory / 'submitit'}"
+    return "the job's payload in this process"
+
+
+def _print_launched(entry: dict, job) -> None:
+    what = "sweep" if job.kind == "sweep" else "run"
+    if entry["job_id"] is not None:
+        print(f"submitted {what} as job {entry['job_id']} ({entry['launcher']})")
+    print(f"{what} directory: {entry['dir']}")
+    if entry.get("log"):
+        print(f"log: {entry['log']}")
+    for trial in entry.get("trials", []):
+        print(f"  task {trial['task']}: {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
+    if entry["job_id"] is not None and entry["launcher"] == "sbatch":
+        first = entry["job_id"] if job.kind == "run" else f"{entry['job_id']}_0"
+        print(f"watch it: hpclora status {entry['job_id']}   |   hpclora logs {first} -f")
+
+
+def cmd_status(args) -> int:
+    from .launch import watch
+
+    target = watch.resolve(args.target)
+    watch.fill_states(target)
+    print(watch.format_status(target))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from .launch import watch
+
+    row, path = watch.find_log(args.job)
+    if args.follow:
+        watch.follow(path, row.job_id)
+        return 0
+    try:
+        sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: the log does not exist yet (a pending job has not started); try again with -f to wait for it") from None
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .launch import slurm, watch
+
+    rows = watch.resolve(args.target).rows
+    ids = sorted({r.job_id.split("_")[0] if args.target and "_" not in args.target else r.job_id for r in rows if r.job_id})
+    if not ids:
+        raise UserError(f"{args.target}: no Slurm job to cancel (it ran in-process)")
+    for job_id in ids:
+        slurm.cancel(job_id)
+        print(f"cancelled {job_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclora", description="LoRA/QLoRA fine-tuning as batch jobs on HPC clusters, and on CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -94,6 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_generate)
+
+    def with_launcher(p):
+        p.add_argument("--dry-run", action="store_true", help="print the job script and what would be run; submit nothing")
+        p.add_argument("--launcher", choices=("sbatch", "submitit", "local"), default="sbatch",
+                       help="sbatch (default): the rendered script; submitit: its AutoExecutor; local: in this process")
+        p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                       help="submitit's backend (default: Slurm when srun is on PATH); local and debug need no Slurm")
+
+    p = sub.add_parser("submit", help="validate, write the run directory and its job script, submit it")
+    with_config(p)
+    with_launcher(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("sweep", help="submit the cartesian product of --grid values as ONE job array")
+    with_config(p)
+    p.add_argument("--grid", action="append", default=[], metavar="key=v1,v2", help="a key and its values; repeat for more keys")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="P", help="run at most P trials at once (--array=...%%P)")
+    with_launcher(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="state, exit code, node, log and last progress line of jobs")
+    p.add_argument("target", nargs="?", help="a job id, run directory or sweep directory (default: your recent jobs)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="print (or follow) a job's log")
+    p.add_argument("job", help="JOB or JOB_TASK id, or a run directory")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job leaves the queue")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a job (or a whole sweep) with scancel")
+    p.add_argument("target", help="a job id (123 or 123_4), run directory or sweep directory")
+    p.set_defaults(func=cmd_cancel)
     return parser
 
 

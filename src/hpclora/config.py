@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import ConfigError, UserError
 
@@ -134,12 +134,36 @@ class TrainSection:
 
 @dataclass
 class SlurmSection:
-    """Slurm resources for `hpclora submit`; filled in by the launch work."""
+    partition: Optional[str] = opt(None, "Partition (queue) to submit to; null = the cluster's default.")
+    account: Optional[str] = opt(None, "Account to charge (`--account`); null = your default account.")
+    qos: Optional[str] = opt(None, "Quality of service (`--qos`); null = the default.")
+    time: str = opt("04:00:00", "Wall-clock limit in a Slurm time format: MM, HH:MM:SS, D-HH, D-HH:MM:SS.")
+    nodes: int = opt(1, "Nodes per run. hpclora trains one process on one node, so this must be 1.", min=1)
+    gpus: int = opt(1, "GPUs per run (0 = a CPU-only job).", min=0, max=16)
+    gpu_type: Optional[str] = opt(None, "GPU type as the cluster names it in its gres (v100, a100, ...); null = any.")
+    gpu_flag: str = opt(
+        "gres",
+        "How GPUs are requested: gres (`--gres=gpu:TYPE:N`, works everywhere) or gpus (`--gpus=TYPE:N`).",
+        choices=("gres", "gpus"),
+    )
+    cpus_per_task: int = opt(8, "CPU cores for the run (data loading, tokenization, CPU training).", min=1)
+    mem: str = opt("32G", "Host memory for the job: a number with an optional K/M/G/T suffix (`--mem`).")
+    constraint: Optional[str] = opt(None, "Node features required (`--constraint`), e.g. `v100&gpu32gb`.")
+    exclude: Optional[str] = opt(None, "Nodes not to run on (`--exclude`), e.g. `node[01-03]`.")
+    setup: List[str] = opt([], "Shell lines run before training, e.g. [`module load cuda/11.8`]. They are shell code: not quoted.")
+    extra: List[str] = opt([], "Additional #SBATCH options, one per item, e.g. [`--mail-type=END`, `--mail-user=me@uni.ac.jp`].")
+    max_requeues: int = opt(3, "How often a preempted or timed-out job requeues itself before giving up.", min=0)
+    log_dir: str = opt("logs", "Directory for the Slurm job logs (`<job name>-<job id>.out`); relative = to where you submit.")
 
 
 @dataclass
 class ContainerSection:
-    """Singularity/Apptainer settings for jobs; filled in by the container work."""
+    image: Optional[str] = opt(None, "Singularity/Apptainer image (.sif) the job runs in; null = run on the host.")
+    runtime: str = opt(
+        "auto", "Container runtime: auto (apptainer if installed, else singularity), apptainer or singularity.",
+        choices=("auto", "apptainer", "singularity"),
+    )
+    nv: Optional[bool] = opt(None, "Pass the host's NVIDIA driver in (`--nv`); null = on when slurm.gpus > 0.")
 
 
 @dataclass
@@ -315,6 +339,9 @@ def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
     cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
     if cfg.data.cache_dir:
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    cfg.slurm.log_dir = str(Path(cfg.slurm.log_dir).expanduser().resolve())
+    if cfg.container.image:
+        cfg.container.image = str(Path(cfg.container.image).expanduser().resolve())
     data = Path(cfg.data.path).expanduser()
     for candidate in (data, config_dir / data):
         if candidate.exists():
@@ -360,6 +387,50 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("quant.type", "applies to 4-bit loading only; 8-bit has no data type to choose"))
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
+    problems.extend(check_slurm(cfg.slurm))
+    if cfg.container.image is not None and not cfg.container.image.strip():
+        problems.append(("container.image", "must be a path to an image, or null"))
+    if any(c in cfg.slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
+        problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
+    return problems
+
+
+# Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
+SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+# What each Slurm value may hold: names, node lists and feature expressions, but nothing a shell or
+# an #SBATCH line could read as something else.
+SLURM_WORDS = {
+    "partition": re.compile(r"^[\w.-]+(,[\w.-]+)*$"),
+    "account": re.compile(r"^[\w.-]+$"),
+    "qos": re.compile(r"^[\w.-]+$"),
+    "gpu_type": re.compile(r"^[\w.-]+$"),
+    "constraint": re.compile(r"^[\w.\-&|,*\[\]()!:]+$"),
+    "exclude": re.compile(r"^[\w.\-,\[\]]+$"),
+}
+UNSAFE_IN_SBATCH_LINES = ('"', "\\", "\n", "\r")
+
+
+def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
+    problems = []
+    if not SLURM_TIME.match(slurm.time):
+        problems.append(("slurm.time", f"not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS): {slurm.time!r}"))
+    if not SLURM_MEM.match(slurm.mem):
+        problems.append(("slurm.mem", f"expected a size such as 32G or 64000M, got {slurm.mem!r}"))
+    for key, pattern in SLURM_WORDS.items():
+        value = getattr(slurm, key)
+        if value is not None and not pattern.match(value):
+            problems.append((f"slurm.{key}", f"unexpected characters in {value!r}"))
+    if slurm.nodes != 1:
+        problems.append(("slurm.nodes", f"hpclora trains one process on one node: must be 1, got {slurm.nodes}"))
+    if slurm.gpu_type and slurm.gpus == 0:
+        problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0"))
+    for i, line in enumerate(slurm.extra):
+        if not line.startswith("-") or any(c in line for c in UNSAFE_IN_SBATCH_LINES):
+            problems.append((f"slurm.extra[{i}]", f"expected one sbatch option such as --mail-type=END, got {line!r}"))
+    for i, line in enumerate(slurm.setup):
+        if "\n" in line or "\r" in line:
+            problems.append((f"slurm.setup[{i}]", "one shell line per item: split it into several items"))
     return problems
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -48,8 +49,36 @@ def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bo
     if (path / "adapter").exists():
         raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
     path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path / "config.yaml", to_yaml(cfg))
+    write_config(path, cfg)
     return path
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> str:
+    """Write the resolved config.yaml (what the job runs with) and return its text."""
+    text = to_yaml(cfg)
+    write_text_atomic(run_dir / "config.yaml", text)
+    return text
+
+
+def config_hash(config_text: str) -> str:
+    """Short content hash of a resolved config: the same text, the same run recipe."""
+    return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
+
+
+def job_header(run_dir: Path, config_text: str) -> str:
+    """The lines a job log opens with: where it runs, on what, and which config."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID", "none (not under Slurm)")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job += f" (array {env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']})"
+    if env.get("SLURM_RESTART_COUNT", "0") != "0":
+        job += f" (restart {env['SLURM_RESTART_COUNT']})"
+    gpus = env.get("CUDA_VISIBLE_DEVICES") or env.get("SLURM_JOB_GPUS") or "none"
+    image = next((env[v] for v in CONTAINER_VARS if env.get(v)), "none")
+    return "\n".join([
+        f"job {job} | node {socket.gethostname()} | visible GPUs {gpus} | container {image}",
+        f"run directory {run_dir} | config sha256 {config_hash(config_text)}",
+    ])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -12,10 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, to_yaml
 from .progress import ProgressLog, emit, hms
 from .quiet import quiet_libraries
-from .rundir import environment, prepare_run_dir, write_json
+from .rundir import environment, job_header, prepare_run_dir, write_json
 
 
 @dataclass
@@ -41,7 +41,7 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Tr
 
     out = prepare_run_dir(cfg, run_dir, fresh)
     write_json(out / "env.json", environment(device, precision, why))
-    emit(f"run directory {out}")
+    emit(job_header(out, to_yaml(cfg)))
     emit(f"device {device} | precision {precision} ({why})")
 
     tokenizer = load_tokenizer(cfg.model)

@@ -1,0 +1,144 @@
+"""The text of per-run sbatch scripts: pure functions of the resolved config, tested against golden files.
+
+Every value from a config reaches the script either shell-quoted (`shlex.quote`) in the body, or
+inside a double-quoted #SBATCH value that the config checks keep free of quotes, backslashes and line
+breaks. Only `slurm.setup` lines are pasted as they are: they are shell code by definition.
+The job runs `hpclora train <run dir>/config.yaml --run-dir <run dir>`: it never reads the user's YAML.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from ..config import RunConfig, SlurmSection, run_dir_slug
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Where the run directory is and how to start hpclora, as the job sees them."""
+
+    python: str  # interpreter that runs `-m hpclora` on the host (ignored inside a container)
+    run_dir: str = ""  # one run: its directory
+    sweep_dir: str = ""  # a sweep: trial directories are <sweep_dir>/trial-NNN, NNN = array task id
+    trials: int = 0
+    max_parallel: int | None = None
+
+
+def job_name(cfg: RunConfig) -> str:
+    return run_dir_slug(cfg.run.name)
+
+
+def log_pattern(cfg: RunConfig, array: bool) -> str:
+    """Slurm's --output pattern: <log_dir>/<job name>-<job id>.out, or -<array id>_<task>.out."""
+    log_dir = cfg.slurm.log_dir.replace("%", "%%")  # a literal % in a path must not read as a pattern
+    return f"{log_dir}/%x-{'%A_%a' if array else '%j'}.out"
+
+
+def log_path(cfg: RunConfig, job_id: str, task: int | None = None) -> str:
+    """The log file of a submitted job (or array task), with the pattern filled in."""
+    suffix = job_id if task is None else f"{job_id}_{task}"
+    return f"{cfg.slurm.log_dir}/{job_name(cfg)}-{suffix}.out"
+
+
+def gpu_request(slurm: SlurmSection) -> str | None:
+    if slurm.gpus == 0:
+        return None
+    count = f"{slurm.gpu_type}:{slurm.gpus}" if slurm.gpu_type else str(slurm.gpus)
+    return f"--gres=gpu:{count}" if slurm.gpu_flag == "gres" else f"--gpus={count}"
+
+
+def sbatch_options(cfg: RunConfig, array: str | None = None) -> list[str]:
+    """The #SBATCH options for one run (or an array of them), in a fixed order."""
+    s = cfg.slurm
+    options = [
+        f"--job-name={job_name(cfg)}",
+        f'--output="{log_pattern(cfg, array is not None)}"',
+        "--open-mode=append",
+        f"--nodes={s.nodes}",
+        "--ntasks=1",
+        f"--cpus-per-task={s.cpus_per_task}",
+        f"--mem={s.mem}",
+        f"--time={s.time}",
+    ]
+    optional = {
+        "gpus": gpu_request(s), "partition": s.partition, "account": s.account, "qos": s.qos,
+        "constraint": s.constraint, "exclude": s.exclude,
+    }
+    for key, value in optional.items():
+        if value is not None:
+            options.append(value if key == "gpus" else f"--{key}={value}")
+    if array is not None:
+        options.append(f"--array={array}")
+    options.extend(s.extra)
+    return options
+
+
+def array_spec(trials: int, max_parallel: int | None) -> str:
+    return f"0-{trials - 1}" + (f"%{max_parallel}" if max_parallel else "")
+
+
+def hpclora_command(cfg: RunConfig, python: str) -> str:
+    """Shell words that start hpclora: the submitting interpreter on the host, or `hpclora` in the image."""
+    c = cfg.container
+    if not c.image:
+        return f"{shlex.quote(python)} -m hpclora"
+    nv = c.nv if c.nv is not None else cfg.slurm.gpus > 0
+    return " ".join(['"$CONTAINER_RUNTIME" exec', *(["--nv"] if nv else []), shlex.quote(c.image), "hpclora"])
+
+
+def container_runtime_lines(cfg: RunConfig) -> list[str]:
+    """Find the container runtime on the compute node, where it runs (it may differ from the login node)."""
+    if not cfg.container.image:
+        return []
+    runtime = cfg.container.runtime
+    search = "command -v apptainer || command -v singularity" if runtime == "auto" else f"command -v {runtime}"
+    wanted = "apptainer or singularity" if runtime == "auto" else runtime
+    return [
+        "",
+        "# The job runs in the container image named below; find its runtime on this node.",
+        f'CONTAINER_RUNTIME=$({search}) || {{ echo "hpclora: {wanted} not found on $(hostname -s)" >&2; exit 2; }}',
+    ]
+
+
+def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora submit") -> str:
+    """The whole sbatch script for one run, or for a sweep's job array when `payload.sweep_dir` is set."""
+    sweep = bool(payload.sweep_dir)
+    array = array_spec(payload.trials, payload.max_parallel) if sweep else None
+    lines = [
+        "#!/bin/bash",
+        f"# Written by `{submitted_by}` for run {job_name(cfg)}. Resubmit by hand with: sbatch <this file>",
+        f"# Logs: {log_pattern(cfg, sweep)}   (follow with `tail -f` or `hpclora logs JOB -f`)",
+    ]
+    lines += [f"#SBATCH {option}" for option in sbatch_options(cfg, array)]
+    lines += ["", "set -eo pipefail"]
+    if cfg.slurm.setup:
+        lines += ["", "# slurm.setup, as written in the config:"] + list(cfg.slurm.setup)
+    lines += [
+        "set -u",
+        "",
+        "# Slurm 22.05+: srun does not inherit --cpus-per-task; torch threads follow the allocation.",
+        'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"',
+        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
+        "export PYTHONUNBUFFERED=1",
+        *container_runtime_lines(cfg),
+        "",
+    ]
+    if sweep:
+        lines += [
+            f"SWEEP_DIR={shlex.quote(payload.sweep_dir)}",
+            "# sweep.json in SWEEP_DIR maps each array task id to its trial's overrides.",
+            'RUN_DIR="$SWEEP_DIR/trial-$(printf %03d "$SLURM_ARRAY_TASK_ID")"',
+        ]
+    else:
+        lines.append(f"RUN_DIR={shlex.quote(payload.run_dir)}")
+    lines += [
+        "",
+        'echo "hpclora: job ${SLURM_JOB_ID} on $(hostname -s) started $(date \'+%F %T\')"',
+        "status=0",
+        f'{hpclora_command(cfg, payload.python)} train "$RUN_DIR/config.yaml" --run-dir "$RUN_DIR" || status=$?',
+        'echo "hpclora: job ${SLURM_JOB_ID} ended $(date \'+%F %T\') with exit code $status"',
+        'exit "$status"',
+        "",
+    ]
+    return "\n".join(lines)

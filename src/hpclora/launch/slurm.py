@@ -1,0 +1,109 @@
+"""The Slurm commands hpclora calls: sbatch, squeue, sacct, scontrol, scancel. Arguments are argv lists,
+never shell strings. States come from squeue while a job is known to the controller and from sacct
+(accounting) after that; a cluster without accounting still answers for queued and running jobs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+# Job states after which nothing more will happen to a job (sacct's spelling).
+FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+}
+
+
+@dataclass
+class JobState:
+    job_id: str  # `123`, or `123_4` for an array task
+    state: str  # RUNNING, PENDING, COMPLETED, FAILED, ... ("CANCELLED by 0" is shortened to CANCELLED)
+    elapsed: str = ""
+    exit_code: str = ""  # `0:0` = exit code 0, signal 0
+    node: str = ""
+    reason: str = ""  # why a pending job waits
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def available() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        raise UserError(f"{argv[0]}: command not found. Run this on a Slurm login node (or use --launcher local).")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def sbatch(script: str, cwd: str | None = None) -> str:
+    """Submit a script file; return the job id. Slurm's refusal becomes a user error with its message."""
+    done = run(["sbatch", "--parsable", script], timeout=120)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip().replace("sbatch: error: ", "")
+        raise UserError(f"sbatch refused the job: {message}")
+    return done.stdout.strip().split(";")[0]  # `--parsable` prints `id` or `id;cluster`
+
+
+def cancel(job_id: str) -> None:
+    done = run(["scancel", job_id])
+    if done.returncode != 0:
+        raise UserError(f"scancel {job_id}: {done.stderr.strip()}")
+
+
+def queue_states(job_ids: list[str]) -> dict[str, JobState]:
+    """Pending and running jobs (array tasks one by one) from squeue."""
+    done = run(["squeue", "--noheader", "--array", "--jobs", ",".join(job_ids), "--format=%i|%T|%M|%N|%r"])
+    states = {}
+    if done.returncode != 0:  # squeue errors on ids it no longer knows: they are simply not queued
+        return states
+    for line in done.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 5:
+            job_id, state, elapsed, node, reason = parts
+            states[job_id] = JobState(job_id, state, elapsed, "", node, "" if reason == "None" else reason)
+    return states
+
+
+def accounting_states(job_ids: list[str]) -> dict[str, JobState] | None:
+    """Every job's latest record from sacct; None when accounting is off.
+
+    Array tasks that have not started yet appear in sacct as one `123_[2-5%2]` line: squeue lists those.
+    """
+    done = run([
+        "sacct", "--noheader", "--parsable2", "--allocations", "--duplicates",
+        "--jobs", ",".join(job_ids), "--format=JobID,State,Elapsed,ExitCode,NodeList",
+    ])
+    if done.returncode != 0:
+        return None
+    states = {}
+    for line in done.stdout.splitlines():  # with --duplicates the newest record of a requeued job comes last
+        parts = line.split("|")
+        if len(parts) == 5:
+            job_id, state, elapsed, exit_code, node = parts
+            states[job_id] = JobState(job_id, state.split()[0], elapsed, exit_code, "" if node == "None assigned" else node)
+    return states
+
+
+def job_states(job_ids: list[str]) -> tuple[dict[str, JobState], bool]:
+    """States of jobs and array tasks, and whether accounting answered.
+
+    The queue is asked first, as it is current; accounting fills in finished jobs.
+    """
+    accounted = accounting_states(job_ids)
+    states = dict(accounted or {})
+    states.update(queue_states(job_ids))
+    return states, accounted is not None
+
+
+def log_from_controller(job_id: str) -> str | None:
+    """StdOut of a job the controller still remembers (for jobs submitted without hpclora)."""
+    done = run(["scontrol", "show", "job", "--oneliner", job_id])
+    match = re.search(r"\bStdOut=(\S.*?)(?= \w+=|$)", done.stdout) if done.returncode == 0 else None
+    return match.group(1) if match else None

@@ -1,0 +1,177 @@
+"""`hpclora submit` and `hpclora sweep`: validate, write the run (or sweep) directory, launch.
+
+A run directory is created before submission and holds everything the job needs: the resolved
+config.yaml and the job.sbatch that runs it. A sweep directory holds one trial-NNN run directory per
+trial, sweep.json (array task id -> overrides), and one job.sbatch submitted as a single job array.
+Launchers: sbatch (the rendered script), submitit (AutoExecutor; local and debug work without Slurm),
+local (the same payload in this process).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config
+from ..config import RunConfig, run_dir_slug
+from ..errors import ConfigError, UserError
+from ..rundir import config_hash, write_config, write_json, write_text_atomic
+from . import registry, render, slurm
+from .sweep import parse_grid, trials
+
+LAUNCHERS = ("sbatch", "submitit", "local")
+SCRIPT = "job.sbatch"
+
+
+@dataclass
+class PreparedJob:
+    """A run or a sweep, resolved and rendered, not yet written or submitted."""
+
+    kind: str  # "run" or "sweep"
+    cfg: RunConfig  # the run's config; for a sweep the first trial's (resources are the same for all)
+    directory: Path  # the run directory, or the sweep directory
+    script: str  # job.sbatch text
+    trial_cfgs: list[RunConfig] = field(default_factory=list)
+    trial_overrides: list[list[str]] = field(default_factory=list)
+    max_parallel: int | None = None
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        if self.kind == "run":
+            return [self.directory]
+        return [self.directory / f"trial-{i:03d}" for i in range(len(self.trial_cfgs))]
+
+    @property
+    def script_path(self) -> Path:
+        return self.directory / SCRIPT
+
+    def log_path(self, job_id: str, task: int | None = None) -> str:
+        return render.log_path(self.cfg, job_id, task)
+
+
+def new_directory(output_root: str, stem: str) -> Path:
+    """<output_root>/<stem>-<timestamp>, made unique; refuses anything outside output_root."""
+    root = Path(output_root).resolve()
+    base = root / f"{run_dir_slug(stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    if not path.resolve().is_relative_to(root):  # the slug makes this impossible; keep it impossible
+        raise UserError(f"run directory {path} would lie outside run.output_root {root}")
+    return path
+
+
+def prepare_run(cfg: RunConfig, python: str = sys.executable) -> PreparedJob:
+    directory = new_directory(cfg.run.output_root, cfg.run.name)
+    script = render.render_script(cfg, render.Payload(python=python, run_dir=str(directory)))
+    return PreparedJob("run", cfg, directory, script)
+
+
+def prepare_sweep(
+    config_path: str, overrides: list[str], grid_specs: list[str], max_parallel: int | None,
+    python: str = sys.executable,
+) -> PreparedJob:
+    """Resolve every trial's config first: a bad value in any trial stops the sweep before submission."""
+    if not grid_specs:
+        raise UserError("sweep: give at least one --grid key=value1,value2")
+    if max_parallel is not None and max_parallel < 1:
+        raise UserError(f"sweep: --max-parallel must be at least 1, got {max_parallel}")
+    trial_overrides = trials(parse_grid(grid_specs))
+    cfgs, problems = [], []
+    for i, extra in enumerate(trial_overrides):
+        try:
+            cfgs.append(config.load(config_path, [*overrides, *extra]))
+        except ConfigError as exc:
+            problems += [(f"trial {i} ({' '.join(extra)}): {key}", msg) for key, msg in exc.problems]
+    if problems:
+        raise ConfigError(problems)
+    first = cfgs[0]
+    directory = new_directory(first.run.output_root, f"{first.run.name}-sweep")
+    payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel)
+    script = render.render_script(first, payload, submitted_by="hpclora sweep")
+    return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel)
+
+
+def write(job: PreparedJob) -> None:
+    """Create the directory (never an existing one) with configs and the job script."""
+    job.directory.mkdir(parents=True)
+    Path(job.cfg.slurm.log_dir).mkdir(parents=True, exist_ok=True)
+    if job.kind == "run":
+        write_config(job.directory, job.cfg)
+    else:
+        for run_dir, cfg in zip(job.run_dirs, job.trial_cfgs):
+            run_dir.mkdir()
+            write_config(run_dir, cfg)
+    write_text_atomic(job.script_path, job.script)
+    job.script_path.chmod(0o755)
+
+
+def launch(job: PreparedJob, launcher: str, cluster: str | None = None) -> dict:
+    """Write and launch; return the record kept in job.json / sweep.json and the job index."""
+    write(job)
+    try:
+        entry = _launch(job, launcher, cluster)
+    except BaseException:
+        if launcher != "local":  # nothing was submitted: leave no half-made run behind
+            shutil.rmtree(job.directory, ignore_errors=True)
+        raise
+    return entry
+
+
+def _launch(job: PreparedJob, launcher: str, cluster: str | None) -> dict:
+    entry = {
+        "kind": job.kind, "launcher": launcher, "job_id": None, "name": job.cfg.run.name,
+        "dir": str(job.directory), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config_sha256": config_hash(config.to_yaml(job.cfg)),
+    }
+    if launcher == "sbatch":
+        job_id = slurm.sbatch(str(job.script_path))
+        entry.update(job_id=job_id, log=job.log_path(job_id) if job.kind == "run" else None)
+        task_logs = [job.log_path(job_id, i) for i in range(len(job.run_dirs))] if job.kind == "sweep" else []
+    elif launcher == "submitit":
+        from . import submitit as via_submitit
+
+        if job.kind == "run":
+            jobs = [via_submitit.submit(job.cfg, job.directory, cluster)]
+        else:
+            jobs = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, cluster, job.max_parallel)
+        entry.update(cluster=cluster or "auto", job_id=str(jobs[0].job_id).split("_")[0])
+        task_logs = [str(j.paths.stdout) for j in jobs]
+        if job.kind == "run":
+            entry["log"], task_logs = task_logs[0], []
+        if (cluster or "") in ("local", "debug"):  # no scheduler keeps these going: wait here
+            _record(job, entry, task_logs)
+            for j in jobs:
+                j.result()
+            return entry
+    elif launcher == "local":
+        from .payload import run_job
+
+        _record(job, entry, [])
+        for run_dir in job.run_dirs:
+            run_job(str(run_dir))
+        return entry
+    else:
+        raise UserError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    _record(job, entry, task_logs)
+    return entry
+
+
+def _record(job: PreparedJob, entry: dict, task_logs: list[str]) -> None:
+    """job.json (run) or sweep.json + one job.json per trial (sweep), and the user's job index."""
+    if job.kind == "run":
+        write_json(job.directory / registry.JOB_FILE, entry)
+    else:
+        entry["trials"] = [
+            {"task": i, "overrides": extra, "run_dir": str(d), "log": task_logs[i] if task_logs else None}
+            for i, (extra, d) in enumerate(zip(job.trial_overrides, job.run_dirs))
+        ]
+        write_json(job.directory / registry.SWEEP_FILE, entry)
+        for trial in entry["trials"]:
+            write_json(Path(trial["run_dir"]) / registry.JOB_FILE, {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"]})
+    if entry["job_id"] is not None:
+        registry.record(entry)

@@ -1,0 +1,205 @@
+"""`hpclora status`, `logs` and `cancel`: from a job id, run directory or sweep directory to the job's
+state (squeue, then sacct), its log and the last progress line in it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from . import registry, slurm
+
+JOB_ID = re.compile(r"^\d+(_\d+)?$")
+# Lines of a job log that say how far it got (see progress.py and train.py), or why it stopped.
+PROGRESS_LINE = re.compile(r"^(step \d|eval |done:|val_loss |adapter saved|error:|\w*(Error|Exception)\b)")
+
+
+@dataclass
+class Row:
+    job_id: str | None  # `123`, `123_4` for an array task, None for an in-process run
+    label: str  # run name, or a trial's overrides
+    run_dir: str | None
+    log: str | None
+    state: str = ""
+    elapsed: str = ""
+    exit_code: str = ""
+    node: str = ""
+    last: str = ""  # the last progress line of the log
+
+
+@dataclass
+class Target:
+    rows: list[Row]
+    title: str  # what was asked about, in words
+    notes: list[str]
+
+
+def resolve(target: str | None) -> Target:
+    """The rows a status/logs/cancel target stands for: one per job, or per trial for a sweep."""
+    if target is None:
+        recent = registry.entries()[-20:]
+        if not recent:
+            raise UserError(f"no submitted jobs recorded in {registry.index_path()}: give a JOB id or a run directory")
+        rows = [row for entry in recent for row in _entry_rows(entry, overview=True)]
+        return Target(rows, f"recent jobs ({registry.index_path()})", [])
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return _directory_target(path.resolve())
+    if JOB_ID.match(target):
+        entry = registry.find(target)
+        if entry is None:  # submitted some other way: ask Slurm
+            return Target([Row(target, "", None, slurm.log_from_controller(target))], f"job {target}", [])
+        rows = _entry_rows(entry)
+        if "_" in target:
+            rows = [r for r in rows if r.job_id == target] or [Row(target, "", None, None)]
+        return Target(rows, f"{entry['kind']} {entry['job_id']} ({entry['launcher']}) in {entry['dir']}", [])
+    raise UserError(f"{target}: neither a job id (123 or 123_4) nor a run or sweep directory")
+
+
+def _directory_target(path: Path) -> Target:
+    sweep = registry.read_json(path / registry.SWEEP_FILE)
+    if sweep:
+        return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [])
+    job = registry.read_json(path / registry.JOB_FILE)
+    if job and "sweep_dir" in job:  # one trial of a sweep
+        return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
+    if job:
+        return Target(_entry_rows(job), f"run {path}", [])
+    if (path / "config.yaml").exists():
+        return Target([Row(None, path.name, str(path), None)], f"run {path} (trained in-process)", [])
+    raise UserError(f"{path}: not a run or sweep directory (no job.json, sweep.json or config.yaml)")
+
+
+def _trial_row(job_id: str | None, trial: dict) -> Row:
+    task_id = f"{job_id}_{trial['task']}" if job_id else None
+    return Row(task_id, " ".join(trial["overrides"]), trial["run_dir"], trial.get("log"))
+
+
+def _entry_rows(entry: dict, overview: bool = False) -> list[Row]:
+    if entry["kind"] == "sweep":
+        if overview:  # one line per sweep; its trials are one `hpclora status SWEEP_DIR` away
+            return [Row(str(entry["job_id"]), f"{entry['name']} (sweep, {len(entry.get('trials', []))} trials)", entry["dir"], None)]
+        sweep = registry.read_json(Path(entry["dir"]) / registry.SWEEP_FILE) or entry
+        return [_trial_row(sweep["job_id"], t) for t in sweep.get("trials", [])]
+    job_id = str(entry["job_id"]) if entry.get("job_id") else None
+    return [Row(job_id, entry.get("name", ""), entry.get("dir"), entry.get("log"))]
+
+
+def fill_states(target: Target) -> None:
+    """Ask Slurm about every row's job at once; fall back to the run directory's own files."""
+    ids = [r.job_id for r in target.rows if r.job_id]
+    states, accounted = {}, True
+    if ids and slurm.available():
+        states, accounted = slurm.job_states(sorted({i.split("_")[0] for i in ids}))
+    for row in target.rows:
+        known = states.get(row.job_id or "")
+        if known:
+            row.state, row.elapsed, row.exit_code, row.node = known.state, known.elapsed, known.exit_code, known.node
+            if known.reason:
+                row.state += f" ({known.reason})"
+        else:
+            row.state = _state_from_files(row)
+        row.last = last_progress_line(Path(row.log)) if row.log else _progress_from_metrics(row)
+    if ids and not slurm.available():
+        target.notes.append("Slurm commands are not available here: states come from the run directories")
+    elif not accounted:
+        target.notes.append("Slurm accounting (sacct) is off: finished jobs are judged by their run directories")
+
+
+def _state_from_files(row: Row) -> str:
+    if row.run_dir and (Path(row.run_dir) / "adapter").is_dir():
+        return "finished (adapter saved)"
+    if row.job_id is None:
+        return "no adapter yet"
+    return "unknown to Slurm"
+
+
+def last_progress_line(path: Path, tail_bytes: int = 65536) -> str:
+    """The last line of a log that says how far the run got (or its last line at all)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log yet)"
+    for line in reversed(lines):
+        if PROGRESS_LINE.match(line):
+            return line
+    return lines[-1] if lines else "(log is empty)"
+
+
+def _progress_from_metrics(row: Row) -> str:
+    import json
+
+    if not row.run_dir:
+        return ""
+    try:
+        last = (Path(row.run_dir) / "metrics.jsonl").read_text(encoding="utf-8").strip().splitlines()[-1]
+        entry = json.loads(last)
+    except (OSError, IndexError, json.JSONDecodeError):
+        return ""
+    if "eval" in entry:
+        return f"eval {entry['eval']} @ step {entry['step']} | val_loss {entry['val_loss']:.4f}"
+    return f"step {entry['step']}/{entry['max_steps']} | loss {entry['loss']:.4f}"
+
+
+def format_status(target: Target) -> str:
+    lines = [target.title]
+    if len(target.rows) == 1:
+        r = target.rows[0]
+        details = [("job", r.job_id or "-"), ("state", r.state), ("exit code", r.exit_code), ("elapsed", r.elapsed),
+                   ("node", r.node), ("run dir", r.run_dir), ("log", r.log), ("progress", r.last)]
+        lines += [f"  {k:<10} {v}" for k, v in details if v]
+    else:
+        header = ("JOB", "STATE", "ELAPSED", "EXIT", "NODE", "RUN", "PROGRESS")
+        table = [header] + [
+            (r.job_id or "-", r.state, r.elapsed, r.exit_code, r.node, r.label, r.last) for r in target.rows
+        ]
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+        lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in table]
+    lines += [f"note: {n}" for n in target.notes]
+    return "\n".join(lines)
+
+
+def find_log(target: str) -> tuple[Row, Path]:
+    """The one log file a `hpclora logs` target names."""
+    resolved = resolve(target)
+    with_logs = [r for r in resolved.rows if r.log]
+    if len(resolved.rows) > 1:
+        tasks = ", ".join(r.job_id or "?" for r in resolved.rows)
+        raise UserError(f"{target} has {len(resolved.rows)} tasks: name one of {tasks}")
+    if not with_logs:
+        glob = sorted(Path("logs").glob(f"*-{target}.out")) if JOB_ID.match(target) else []
+        if glob:
+            return resolved.rows[0], glob[0]
+        raise UserError(f"{target}: no log file known (was it run in-process? its output went to the terminal)")
+    row = with_logs[0]
+    return row, Path(row.log)
+
+
+def follow(path: Path, job_id: str | None, poll_s: float = 1.0, out=sys.stdout) -> None:
+    """Print the log and keep printing what is appended, until the job has left the queue."""
+    position, last_check, finished = 0, 0.0, False
+    while True:
+        if path.exists():
+            with open(path, "rb") as fh:
+                fh.seek(position)
+                chunk = fh.read()
+            if chunk:
+                out.write(chunk.decode("utf-8", "replace"))
+                out.flush()
+                position += len(chunk)
+        if finished:
+            return
+        if job_id and slurm.available() and time.time() - last_check > 5 * poll_s:
+            last_check = time.time()
+            states = slurm.queue_states([job_id.split("_")[0]])
+            finished = job_id not in states and not any(k.startswith(job_id + "_") for k in states)
+            if finished:
+                continue  # one more read picks up the job's last lines
+        time.sleep(poll_s)

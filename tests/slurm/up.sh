@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Start a real single-node Slurm 22.05 cluster on this machine for the launch tests:
+# munge, MariaDB + slurmdbd (so sacct works), slurmctld and slurmd, one partition, and two fake
+# GPUs (empty device files) so that `--gres=gpu:v100:N` requests can be scheduled.
+#
+# Needs root and Debian's packages (installed here when missing). Idempotent: when the cluster
+# already answers, it returns at once; daemons that died are started again.
+#
+#   bash tests/slurm/up.sh          # then: sinfo, sbatch, sacct ...
+set -euo pipefail
+
+CLUSTER=hpclora
+HOST=$(hostname -s)
+STATE=/var/lib/hpclora-slurm
+SLURM_CONF=/etc/slurm/slurm.conf
+
+log() { echo "slurm-up: $*"; }
+
+cluster_ready() {
+    command -v sinfo >/dev/null 2>&1 || return 1
+    scontrol ping 2>/dev/null | grep -q UP || return 1
+    sinfo -h -o %t 2>/dev/null | grep -Eq '^(idle|mix|alloc)' || return 1
+    sacct -n -X -S now-1minutes >/dev/null 2>&1
+}
+
+if cluster_ready; then
+    log "already up ($(sinfo -h -o '%P %D %t %G' | head -1))"
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    echo "slurm-up: needs root to install and start Slurm" >&2
+    exit 1
+fi
+
+# -- packages ---------------------------------------------------------------------------------
+if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
+    log "installing slurm-wlm, slurmdbd, munge, mariadb-server"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends slurm-wlm slurmdbd munge mariadb-server >/dev/null
+fi
+
+mkdir -p "$STATE" /var/log/slurm /var/spool/slurmctld /var/spool/slurmd /run/munge /run/mysqld /etc/slurm
+chown munge:munge /run/munge
+chown mysql:mysql /run/mysqld
+
+# -- configuration (rewritten every time so that a changed script takes effect) -----------------
+touch "$STATE/gpu0" "$STATE/gpu1"
+cat > /etc/slurm/gres.conf <<EOF
+AutoDetect=off
+Name=gpu Type=v100 File=$STATE/gpu0
+Name=gpu Type=v100 File=$STATE/gpu1
+EOF
+
+cat > "$SLURM_CONF.new" <<EOF
+ClusterName=$CLUSTER
+SlurmctldHost=$HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5
+GresTypes=gpu
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStorageTRES=gres/gpu
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=5
+MpiDefault=none
+ReturnToService=2
+MinJobAge=600
+KillWait=10
+InactiveLimit=0
+NodeName=$HOST CPUs=$(nproc) RealMemory=16000 Gres=gpu:v100:2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+mv "$SLURM_CONF.new" "$SLURM_CONF"
+
+cat > /etc/slurm/slurmdbd.conf <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+LogFile=/var/log/slurm/slurmdbd.log
+PidFile=/run/slurmdbd.pid
+EOF
+chmod 600 /etc/slurm/slurmdbd.conf
+
+running() { pgrep -x "$1" >/dev/null; }
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+    local seconds=$1 what=$2
+    shift 2
+    for _ in $(seq "$((seconds * 2))"); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.5
+    done
+    echo "slurm-up: $what did not come up in ${seconds}s" >&2
+    for f in /var/log/slurm/*.log; do echo "--- $f" >&2; tail -n 20 "$f" >&2; done
+    return 1
+}
+
+# -- munge ------------------------------------------------------------------------------------
+if [ ! -s /etc/munge/munge.key ]; then
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
+    chown munge:munge /etc/munge/munge.key
+    chmod 400 /etc/munge/munge.key
+fi
+running munged || runuser -u munge -- /usr/sbin/munged
+wait_for 10 munge sh -c 'munge -n | unmunge'
+
+# -- MariaDB and slurmdbd (accounting) ---------------------------------------------------------
+if ! running mariadbd; then
+    [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
+    (cd / && setsid mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
+        >/var/log/slurm/mariadb.log 2>&1 &)
+fi
+wait_for 30 mariadb mariadb -e 'select 1'
+mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+            CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+            GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+
+running slurmdbd || slurmdbd
+wait_for 30 slurmdbd sacctmgr -n list cluster
+sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+
+# -- controller and node -----------------------------------------------------------------------
+if running slurmctld; then scontrol reconfigure; else slurmctld; fi
+wait_for 30 slurmctld sh -c 'scontrol ping | grep -q UP'
+running slurmd || slurmd
+wait_for 30 "node $HOST" sh -c "sinfo -h -n '$HOST' -o %t | grep -Eq '^(idle|mix|alloc)'"
+wait_for 30 accounting sacct -n -X -S now-1minutes
+
+log "up ($(sinfo -h -o '%P %D %t %G' | head -1))"
