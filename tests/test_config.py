@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,16 @@ def test_explain_documents_every_key():
         section, name = key.split(".")
         assert f"  {name}: " in text
     assert "one of: alpaca, alpaca_ja, calm, chat, none" in text
+
+
+def test_values_are_literal_text_without_interpolation(tmp_path, data_file):
+    """Shell lines and paths keep `${...}` exactly as written, through config.yaml and back."""
+    setup = ['export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK}', 'echo \\${x} ${oc.env:HOME}']
+    source = tmp_path / "source.yaml"
+    source.write_text(json.dumps({"data": {"path": str(data_file)}, "slurm": {"setup": setup}}))  # JSON is YAML
+    cfg = config.load(source, ["run.name=a${b}"])
+    assert cfg.slurm.setup == setup and cfg.run.name == "a${b}"
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml(cfg))
+    again = config.load(path)
+    assert again.slurm.setup == setup and config.to_yaml(again) == config.to_yaml(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -204,10 +205,13 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     Raises ConfigError listing every problem.
     """
     raw = _read_yaml(path) if path is not None else {}
-    raw = _deep_merge(raw, _parse_overrides(overrides))
+    raw = _literal(_deep_merge(raw, _parse_overrides(overrides)))
     problems: list[tuple[str, str]] = []
-    cleaned = _check_against_schema(raw, problems)
-    cfg, missing = _to_dataclasses(cleaned)
+    known = _drop_unknown(raw, problems)
+    try:  # one merge when all types are right (sweeps load many configs) ...
+        cfg, missing = _to_dataclasses(known)
+    except Exception:  # ... else value by value, to name every bad one
+        cfg, missing = _to_dataclasses(_drop_unmergeable(known, problems))
     problems.extend((key, "required, but not set") for key in missing)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     reported = {key for key, _ in problems}
@@ -247,6 +251,19 @@ def _parse_overrides(overrides) -> dict:
         raise ConfigError([("overrides", str(exc).splitlines()[0])]) from None
 
 
+def _literal(value: Any) -> Any:
+    """Escape OmegaConf's `${...}` interpolation: values are literal text, so that shell lines such as
+    `slurm.setup: ['export X=${SLURM_CPUS_PER_TASK}']` and paths reach the job exactly as written."""
+    if isinstance(value, str):
+        # OmegaConf reads `\${` as a literal `${`, and backslashes right before it as escapes of each other.
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     merged = dict(base)
     for key, value in top.items():
@@ -274,11 +291,9 @@ def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{near[0]}'?)" if near else ""
 
 
-def _check_against_schema(raw: dict, problems: list[tuple[str, str]]) -> dict:
-    """Drop what cannot be merged, recording why with the full key path; return the mergeable rest."""
-    from omegaconf import OmegaConf
-
-    cleaned: dict = {}
+def _drop_unknown(raw: dict, problems: list[tuple[str, str]]) -> dict:
+    """Keep the known sections and keys; record each unknown one with its full path and a suggestion."""
+    known: dict = {}
     for section, values in raw.items():
         if section not in SECTIONS:
             problems.append((str(section), "unknown section" + _suggest(str(section), list(SECTIONS))))
@@ -288,26 +303,39 @@ def _check_against_schema(raw: dict, problems: list[tuple[str, str]]) -> dict:
         if not isinstance(values, dict):
             problems.append((section, f"expected a mapping of keys, got {type(values).__name__} {values!r}"))
             continue
-        cls = SECTIONS[section]
-        names = [f.name for f in dataclasses.fields(cls)]
-        schema = OmegaConf.structured(cls)
-        kept = {}
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        known[section] = {}
         for key, value in values.items():
-            full = f"{section}.{key}"
-            if key not in names:
-                msg = "unknown key" + _suggest(str(key), names, prefix=f"{section}.")
-                if not names:
-                    msg = f"unknown key: the `{section}` section takes no keys yet"
-                problems.append((full, msg))
-                continue
+            if key in names:
+                known[section][key] = value
+            else:
+                problems.append((f"{section}.{key}", "unknown key" + _suggest(str(key), names, prefix=f"{section}.")))
+    return known
+
+
+def _drop_unmergeable(known: dict, problems: list[tuple[str, str]]) -> dict:
+    """Try every value against its field's type alone, so that every bad one is named."""
+    from omegaconf import OmegaConf
+
+    kept: dict = {}
+    for section, values in known.items():
+        kept[section] = {}
+        for key, value in values.items():
             try:
-                OmegaConf.merge(schema, {key: value})
+                OmegaConf.merge(_schema(section), {key: value})
             except Exception as exc:
-                problems.append((full, _omegaconf_message(exc, value)))
+                problems.append((f"{section}.{key}", _omegaconf_message(exc, value)))
                 continue
-            kept[key] = value
-        cleaned[section] = kept
-    return cleaned
+            kept[section][key] = value
+    return kept
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(section: str | None):
+    """The OmegaConf schema of one section (or of the whole RunConfig for None), built once."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(SECTIONS[section] if section else RunConfig)
 
 
 def _omegaconf_message(exc: Exception, value: Any) -> str:
@@ -325,7 +353,7 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
     """The merged config, and the required keys nobody set (filled with "" so checks can go on)."""
     from omegaconf import OmegaConf
 
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cleaned)
+    merged = OmegaConf.merge(_schema(None), cleaned)
     missing = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):

@@ -13,6 +13,7 @@ CLUSTER=hpclora
 HOST=$(hostname -s)
 STATE=/var/lib/hpclora-slurm
 SLURM_CONF=/etc/slurm/slurm.conf
+MARKER="# Written by hpclora's tests/slurm/up.sh: a throwaway single-node test cluster."
 
 log() { echo "slurm-up: $*"; }
 
@@ -30,6 +31,10 @@ fi
 
 if [ "$(id -u)" != 0 ]; then
     echo "slurm-up: needs root to install and start Slurm" >&2
+    exit 1
+fi
+if [ -s "$SLURM_CONF" ] && ! grep -qF "$MARKER" "$SLURM_CONF"; then
+    echo "slurm-up: $SLURM_CONF exists and was not written by this script; not touching a real cluster's configuration" >&2
     exit 1
 fi
 
@@ -54,6 +59,7 @@ Name=gpu Type=v100 File=$STATE/gpu1
 EOF
 
 cat > "$SLURM_CONF.new" <<EOF
+$MARKER
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -103,6 +109,15 @@ chmod 600 /etc/slurm/slurmdbd.conf
 
 running() { pgrep -x "$1" >/dev/null; }
 
+needs_start() {  # needs_start NAME CHECK...: true when the daemon must be (re)started
+    local name=$1
+    shift
+    if running "$name" && timeout 10 "$@" >/dev/null 2>&1; then return 1; fi
+    pkill -x "$name" || true  # one that is stopping or does not answer is replaced
+    for _ in $(seq 20); do running "$name" || break; sleep 0.5; done
+    return 0
+}
+
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local seconds=$1 what=$2
     shift 2
@@ -121,7 +136,7 @@ if [ ! -s /etc/munge/munge.key ]; then
     chown munge:munge /etc/munge/munge.key
     chmod 400 /etc/munge/munge.key
 fi
-running munged || runuser -u munge -- /usr/sbin/munged
+if needs_start munged sh -c 'munge -n | unmunge'; then runuser -u munge -- /usr/sbin/munged; fi
 wait_for 10 munge sh -c 'munge -n | unmunge'
 
 # -- MariaDB and slurmdbd (accounting) ---------------------------------------------------------
@@ -135,14 +150,14 @@ mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
             CREATE DATABASE IF NOT EXISTS slurm_acct_db;
             GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
 
-running slurmdbd || slurmdbd
+if needs_start slurmdbd sacctmgr -n list cluster; then slurmdbd; fi
 wait_for 30 slurmdbd sacctmgr -n list cluster
 sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 
 # -- controller and node -----------------------------------------------------------------------
-if running slurmctld; then scontrol reconfigure; else slurmctld; fi
+if needs_start slurmctld scontrol reconfigure; then slurmctld; fi
 wait_for 30 slurmctld sh -c 'scontrol ping | grep -q UP'
-running slurmd || slurmd
+if needs_start slurmd true; then slurmd; fi
 wait_for 30 "node $HOST" sh -c "sinfo -h -n '$HOST' -o %t | grep -Eq '^(idle|mix|alloc)'"
 wait_for 30 accounting sacct -n -X -S now-1minutes
 

@@ -1,0 +1,235 @@
+"""Launch tests against a real Slurm (single node, accounting, two fake GPUs: tests/slurm/up.sh).
+
+They submit tiny real training runs with `hpclora submit`/`sweep`, the hand-written jobs/*.sbatch
+templates and submitit, and check sacct's verdict, the run directories and what status/logs report.
+Without a reachable Slurm they skip; with HPCLORA_REQUIRE_SLURM=1 (as .ci/run sets) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, alpaca_rows, write_jsonl
+
+SECRET = "hf_do_not_leak_0123456789"
+
+
+def slurm_missing() -> str | None:
+    """Why no Slurm can be used here, or None."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH"
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    if "UP" not in ping.stdout:
+        return "slurmctld does not answer `scontrol ping`"
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split()
+    if not any(state in ("idle", "mix", "alloc") for state in nodes):
+        return f"no usable node (sinfo states: {nodes})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    reason = slurm_missing()
+    if reason:
+        if os.environ.get("HPCLORA_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HPCLORA_REQUIRE_SLURM=1 but {reason}; start one with `bash tests/slurm/up.sh`")
+        pytest.skip(f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The submitting shell's environment: a secret token in it, the job index kept per test."""
+    return {
+        **os.environ,
+        "HF_TOKEN": SECRET,
+        "HPCLORA_STATE_DIR": str(tmp_path / "state"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
+    keys = {
+        "run": {"name": "tiny", "output_root": str(tmp_path / "runs")},
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 0, "save_every": 0},
+        "slurm": {"gpus": 0, "cpus_per_task": 1, "mem": "2G", "time": "10:00", "log_dir": str(tmp_path / "logs")},
+    }
+    for section, values in sections.items():
+        keys[section].update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(keys))  # JSON is YAML
+    return path
+
+
+def hpclora(*args, env, cwd, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "hpclora", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"hpclora {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def job_id_from(stdout: str) -> str:
+    line = next(l for l in stdout.splitlines() if l.startswith("submitted "))
+    return line.split(" as job ")[1].split()[0]
+
+
+def wait_for(job_id: str, tasks: int = 0, timeout: float = 300) -> dict[str, tuple[str, str]]:
+    """sacct's final (state, exit code) of a job, or of each of its `tasks` array tasks."""
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"], capture_output=True, text=True).stdout
+        rows = {r[0]: (r[1].split()[0], r[2]) for r in (l.split("|") for l in out.splitlines()) if len(r) == 3}
+        rows = {k: v for k, v in rows.items() if "[" not in k}  # `123_[1-2]`: tasks not started yet
+        if len(rows) >= max(tasks, 1) and all(state in final for state, _ in rows.values()):
+            return rows
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not finished after {timeout}s: {rows}")
+
+
+def files_under(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
+
+
+def test_submit_completes_and_status_and_logs_report_it(tmp_path, tiny_llama_dir, env):
+    # The setup line proves the token reached the job, through the environment only.
+    cfg = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ['[ -n "${HF_TOKEN:-}" ] || { echo "no HF_TOKEN in the job"; exit 3; }']})
+    out = hpclora("submit", cfg, "lora.r=4", env=env, cwd=tmp_path).stdout
+    job_id = job_id_from(out)
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    record = json.loads((run_dir / "job.json").read_text())
+    log = Path(record["log"])
+    assert record["job_id"] == job_id and log == tmp_path / "logs" / f"tiny-{job_id}.out"
+    assert f"run directory: {run_dir}" in out and f"log: {log}" in out
+
+    text = log.read_text()
+    assert f"job {job_id} | node " in text and f"config sha256 {record['config_sha256']}" in text
+    assert "adapter saved to" in text and "Traceback" not in text
+    for path in files_under(run_dir, tmp_path / "logs", tmp_path / "state"):
+        assert SECRET not in path.read_text(errors="replace"), f"secret leaked into {path}"
+
+    for target in (job_id, run_dir):
+        status = hpclora("status", target, env=env, cwd=tmp_path).stdout
+        assert "COMPLETED" in status and "0:0" in status and str(log) in status, status
+        assert "progress   adapter saved to" in status
+    assert job_id in hpclora("status", env=env, cwd=tmp_path).stdout
+    assert hpclora("logs", job_id, env=env, cwd=tmp_path).stdout == text
+
+
+def test_hostile_run_name_and_paths_run_without_executing_anything(tmp_path, tiny_llama_dir, env):
+    root = tmp_path / "my runs" / "$(touch pwned1)" / "`touch pwned2`"
+    logs = tmp_path / "logs $(touch pwned3)" / "100%"
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    out = hpclora("submit", cfg, 'run.name=x"; touch pwned; echo "', f"run.output_root={root}", f"slurm.log_dir={logs}", env=env, cwd=tmp_path).stdout
+    job_id = job_id_from(out)
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    (run_dir,) = root.iterdir()
+    assert run_dir.name.startswith("x-touch-pwned-echo-") and (run_dir / "adapter").is_dir()
+    assert (logs / f"x-touch-pwned-echo-{job_id}.out").exists()
+    everything = [p.name for p in tmp_path.rglob("*")] + [p.name for p in Path.cwd().iterdir()]
+    assert not [n for n in everything if n.startswith("pwned")]
+
+
+def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    out = hpclora("sweep", cfg, "train.max_steps=2", "--grid", "lora.r=2,4,8", "--max-parallel", "2", env=env, cwd=tmp_path).stdout
+    job_id = job_id_from(out)
+    states = wait_for(job_id, tasks=3)
+    assert states == {f"{job_id}_{i}": ("COMPLETED", "0:0") for i in range(3)}
+
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert manifest["job_id"] == job_id and [t["overrides"] for t in manifest["trials"]] == [["lora.r=2"], ["lora.r=4"], ["lora.r=8"]]
+    assert "#SBATCH --array=0-2%2" in (sweep_dir / "job.sbatch").read_text()
+    for trial in manifest["trials"]:
+        adapter = json.loads((Path(trial["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+        assert adapter["r"] == int(trial["overrides"][0].split("=")[1])
+        assert Path(trial["log"]) == tmp_path / "logs" / f"tiny-{job_id}_{trial['task']}.out"
+
+    status = hpclora("status", sweep_dir, env=env, cwd=tmp_path).stdout
+    assert [l.split()[:2] for l in status.splitlines() if l.startswith(job_id)] == [[f"{job_id}_{i}", "COMPLETED"] for i in range(3)]
+    log = hpclora("logs", f"{job_id}_1", env=env, cwd=tmp_path).stdout
+    assert f"(array {job_id}_1)" in log and str(sweep_dir / "trial-001") in log
+    assert "give one of" not in log
+    ambiguous = hpclora("logs", job_id, env=env, cwd=tmp_path, check=False)
+    assert ambiguous.returncode == 2 and f"{job_id}_0, {job_id}_1, {job_id}_2" in ambiguous.stderr
+
+
+def test_submitit_launcher_on_slurm(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    out = hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout
+    job_id = job_id_from(out)
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["launcher"] == "submitit" and Path(record["log"]).parent == run_dir / "submitit"
+    assert "SRUN_CPUS_PER_TASK" in next((run_dir / "submitit").glob("*_submission.sh")).read_text()
+    assert "adapter saved to" in hpclora("logs", job_id, env=env, cwd=tmp_path).stdout
+    assert "COMPLETED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+
+
+def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_log(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 2"]})  # time to remove the file
+    out = hpclora("submit", cfg, env=env, cwd=tmp_path).stdout
+    (tmp_path / "data.jsonl").unlink()
+    job_id = job_id_from(out)
+    assert wait_for(job_id) == {job_id: ("FAILED", "2:0")}
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert f"error: data.path: file not found: {tmp_path / 'data.jsonl'}" in log and "Traceback" not in log
+    status = hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    assert "FAILED" in status and "progress   error: data.path: file not found" in status
+    assert not (run_dir / "adapter").exists()
+
+
+def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env):
+    """`sbatch jobs/train.sbatch CONFIG k=v` and `sbatch --array=0-1 jobs/sweep.sbatch CONFIG TRIALS`."""
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "trials.txt").write_text("lora.r=2 train.max_steps=2\nlora.r=4 train.max_steps=2\n")
+    resources = ["--cpus-per-task=1", "--mem=2G", "--time=10:00"]
+
+    def sbatch(*args):
+        done = subprocess.run(["sbatch", "--parsable", *resources, *map(str, args)], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    single = sbatch(ROOT / "jobs" / "train.sbatch", cfg, "lora.r=16")
+    array = sbatch("--array=0-1", ROOT / "jobs" / "sweep.sbatch", cfg, tmp_path / "trials.txt", "run.name=hand")
+    assert wait_for(single) == {single: ("COMPLETED", "0:0")}
+    assert wait_for(array, tasks=2) == {f"{array}_0": ("COMPLETED", "0:0"), f"{array}_1": ("COMPLETED", "0:0")}
+
+    assert json.loads((tmp_path / "runs" / f"tiny-{single}" / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    log = (tmp_path / "logs" / f"hpclora-{single}.out").read_text()
+    assert f"job {single} | node" in log and "adapter saved to" in log
+    for task, r in ((0, 2), (1, 4)):
+        run_dir = tmp_path / "runs" / f"hand-{array}_{task}"
+        assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == r
+        assert f"(array {array}_{task})" in (tmp_path / "logs" / f"hpclora-sweep-{array}_{task}.out").read_text()
+
+
+def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    followed = hpclora("logs", job_id, "-f", env=env, cwd=tmp_path).stdout  # returns once the job has left the queue
+    assert followed.rstrip().endswith("with exit code 0") and "adapter saved to" in followed
+
+    slow = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
+    job_id = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
+    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    assert wait_for(job_id)[job_id][0] == "CANCELLED"
+    assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
