@@ -161,6 +161,9 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
 
     status = hpclora("status", sweep_dir, env=env, cwd=tmp_path).stdout
     assert [l.split()[:2] for l in status.splitlines() if l.startswith(job_id)] == [[f"{job_id}_{i}", "COMPLETED"] for i in range(3)]
+    overview = hpclora("status", env=env, cwd=tmp_path).stdout
+    (row,) = [l for l in overview.splitlines() if l.startswith(f"{job_id} ")]
+    assert "3 COMPLETED" in row and "tiny (sweep, 3 trials)" in row
     log = hpclora("logs", f"{job_id}_1", env=env, cwd=tmp_path).stdout
     assert f"(array {job_id}_1)" in log and str(sweep_dir / "trial-001") in log
     assert "give one of" not in log
@@ -233,3 +236,18 @@ def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_ll
     assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
     assert wait_for(job_id)[job_id][0] == "CANCELLED"
     assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+
+
+def test_status_without_accounting_judges_finished_runs_by_their_directories(tmp_path, tiny_llama_dir, env):
+    """A cluster without slurmdbd cannot run beside the test cluster on one machine, so `sacct` is replaced
+    by a script that answers exactly as Slurm 22.05 does when accounting is off; squeue stays real."""
+    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    wait_for(job_id)
+    shim = tmp_path / "no-accounting"
+    shim.mkdir()
+    (shim / "sacct").write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    (shim / "sacct").chmod(0o755)
+    status = hpclora("status", job_id, env={**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}, cwd=tmp_path).stdout
+    assert "finished (adapter saved)" in status and "accounting (sacct) is off" in status
+    assert "progress   adapter saved to" in status

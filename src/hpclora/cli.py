@@ -142,8 +142,7 @@ def cmd_logs(args) -> int:
 def cmd_cancel(args) -> int:
     from .launch import slurm, watch
 
-    rows = watch.resolve(args.target).rows
-    ids = sorted({r.job_id.split("_")[0] if args.target and "_" not in args.target else r.job_id for r in rows if r.job_id})
+    ids = watch.cancel_ids(watch.resolve(args.target))
     if not ids:
         raise UserError(f"{args.target}: no Slurm job to cancel (it ran in-process)")
     for job_id in ids:

@@ -85,7 +85,7 @@ def accounting_states(job_ids: list[str]) -> dict[str, JobState] | None:
     states = {}
     for line in done.stdout.splitlines():  # with --duplicates the newest record of a requeued job comes last
         parts = line.split("|")
-        if len(parts) == 5:
+        if len(parts) == 5 and "[" not in parts[0]:
             job_id, state, elapsed, exit_code, node = parts
             states[job_id] = JobState(job_id, state.split()[0], elapsed, exit_code, "" if node == "None assigned" else node)
     return states

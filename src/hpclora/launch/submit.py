@@ -111,67 +111,73 @@ def write(job: PreparedJob) -> None:
 
 
 def launch(job: PreparedJob, launcher: str, cluster: str | None = None) -> dict:
-    """Write and launch; return the record kept in job.json / sweep.json and the job index."""
+    """Write, submit, record; for launchers without a scheduler, also run to the end.
+
+    Returns the record kept in job.json / sweep.json and in the user's job index.
+    """
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    if cluster and launcher != "submitit":
+        raise UserError("--cluster picks submitit's backend: use it with --launcher submitit")
     write(job)
     try:
-        entry = _launch(job, launcher, cluster)
+        entry, submitted = _submit(job, launcher, cluster)
     except BaseException:
-        if launcher != "local":  # nothing was submitted: leave no half-made run behind
-            shutil.rmtree(job.directory, ignore_errors=True)
+        shutil.rmtree(job.directory, ignore_errors=True)  # nothing was submitted: leave no half-made run behind
         raise
+    _record(job, entry)
+    if launcher == "local":  # the payload, here and now
+        from .payload import run_job
+
+        for run_dir in job.run_dirs:
+            run_job(str(run_dir))
+    elif cluster in ("local", "debug"):  # submitit without a scheduler: nothing keeps these going but us
+        for submitit_job in submitted:
+            submitit_job.result()
     return entry
 
 
-def _launch(job: PreparedJob, launcher: str, cluster: str | None) -> dict:
+def _submit(job: PreparedJob, launcher: str, cluster: str | None):
+    """Hand the job to sbatch or submitit (local runs start later): its record, and submitit's Jobs."""
     entry = {
         "kind": job.kind, "launcher": launcher, "job_id": None, "name": job.cfg.run.name,
         "dir": str(job.directory), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config_sha256": config_hash(config.to_yaml(job.cfg)),
     }
+    task_logs: list[str | None] = [None] * len(job.run_dirs)
+    submitted = []
     if launcher == "sbatch":
-        job_id = slurm.sbatch(str(job.script_path))
-        entry.update(job_id=job_id, log=job.log_path(job_id) if job.kind == "run" else None)
-        task_logs = [job.log_path(job_id, i) for i in range(len(job.run_dirs))] if job.kind == "sweep" else []
+        entry["job_id"] = slurm.sbatch(str(job.script_path))
+        task_logs = [job.log_path(entry["job_id"])] if job.kind == "run" else [
+            job.log_path(entry["job_id"], i) for i in range(len(job.run_dirs))
+        ]
     elif launcher == "submitit":
         from . import submitit as via_submitit
 
         if job.kind == "run":
-            jobs = [via_submitit.submit(job.cfg, job.directory, cluster)]
+            submitted = [via_submitit.submit(job.cfg, job.directory, cluster)]
         else:
-            jobs = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, cluster, job.max_parallel)
-        entry.update(cluster=cluster or "auto", job_id=str(jobs[0].job_id).split("_")[0])
-        task_logs = [str(j.paths.stdout) for j in jobs]
-        if job.kind == "run":
-            entry["log"], task_logs = task_logs[0], []
-        if (cluster or "") in ("local", "debug"):  # no scheduler keeps these going: wait here
-            _record(job, entry, task_logs)
-            for j in jobs:
-                j.result()
-            return entry
-    elif launcher == "local":
-        from .payload import run_job
-
-        _record(job, entry, [])
-        for run_dir in job.run_dirs:
-            run_job(str(run_dir))
-        return entry
+            submitted = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, cluster, job.max_parallel)
+        entry.update(cluster=cluster or "auto", job_id=str(submitted[0].job_id).split("_")[0])
+        task_logs = [str(j.paths.stdout) for j in submitted]
+    if job.kind == "run":
+        entry["log"] = task_logs[0]
     else:
-        raise UserError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
-    _record(job, entry, task_logs)
-    return entry
+        entry["trials"] = [
+            {"task": i, "overrides": extra, "run_dir": str(d), "log": log}
+            for i, (extra, d, log) in enumerate(zip(job.trial_overrides, job.run_dirs, task_logs))
+        ]
+    return entry, submitted
 
 
-def _record(job: PreparedJob, entry: dict, task_logs: list[str]) -> None:
+def _record(job: PreparedJob, entry: dict) -> None:
     """job.json (run) or sweep.json + one job.json per trial (sweep), and the user's job index."""
     if job.kind == "run":
         write_json(job.directory / registry.JOB_FILE, entry)
     else:
-        entry["trials"] = [
-            {"task": i, "overrides": extra, "run_dir": str(d), "log": task_logs[i] if task_logs else None}
-            for i, (extra, d) in enumerate(zip(job.trial_overrides, job.run_dirs))
-        ]
         write_json(job.directory / registry.SWEEP_FILE, entry)
         for trial in entry["trials"]:
-            write_json(Path(trial["run_dir"]) / registry.JOB_FILE, {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"]})
+            trial_record = {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"]}
+            write_json(Path(trial["run_dir"]) / registry.JOB_FILE, trial_record)
     if entry["job_id"] is not None:
         registry.record(entry)

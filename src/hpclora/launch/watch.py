@@ -36,6 +36,7 @@ class Target:
     rows: list[Row]
     title: str  # what was asked about, in words
     notes: list[str]
+    table: bool = False  # one row per job or trial, even when there is only one
 
 
 def resolve(target: str | None) -> Target:
@@ -45,7 +46,7 @@ def resolve(target: str | None) -> Target:
         if not recent:
             raise UserError(f"no submitted jobs recorded in {registry.index_path()}: give a JOB id or a run directory")
         rows = [row for entry in recent for row in _entry_rows(entry, overview=True)]
-        return Target(rows, f"recent jobs ({registry.index_path()})", [])
+        return Target(rows, f"recent jobs ({registry.index_path()})", [], table=True)
     path = Path(target).expanduser()
     if path.is_dir():
         return _directory_target(path.resolve())
@@ -56,14 +57,14 @@ def resolve(target: str | None) -> Target:
         rows = _entry_rows(entry)
         if "_" in target:
             rows = [r for r in rows if r.job_id == target] or [Row(target, "", None, None)]
-        return Target(rows, f"{entry['kind']} {entry['job_id']} ({entry['launcher']}) in {entry['dir']}", [])
+        return Target(rows, f"{entry['kind']} {entry['job_id']} ({entry['launcher']}) in {entry['dir']}", [], table=len(rows) > 1)
     raise UserError(f"{target}: neither a job id (123 or 123_4) nor a run or sweep directory")
 
 
 def _directory_target(path: Path) -> Target:
     sweep = registry.read_json(path / registry.SWEEP_FILE)
     if sweep:
-        return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [])
+        return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [], table=True)
     job = registry.read_json(path / registry.JOB_FILE)
     if job and "sweep_dir" in job:  # one trial of a sweep
         return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
@@ -97,7 +98,10 @@ def fill_states(target: Target) -> None:
         states, accounted = slurm.job_states(sorted({i.split("_")[0] for i in ids}))
     for row in target.rows:
         known = states.get(row.job_id or "")
-        if known:
+        tasks = [st.state for key, st in states.items() if row.job_id and key.startswith(f"{row.job_id}_")]
+        if not known and tasks:  # a whole sweep in one row: how many tasks are in which state
+            row.state = ", ".join(f"{tasks.count(s)} {s}" for s in sorted(set(tasks)))
+        elif known:
             row.state, row.elapsed, row.exit_code, row.node = known.state, known.elapsed, known.exit_code, known.node
             if known.reason:
                 row.state += f" ({known.reason})"
@@ -150,7 +154,7 @@ def _progress_from_metrics(row: Row) -> str:
 
 def format_status(target: Target) -> str:
     lines = [target.title]
-    if len(target.rows) == 1:
+    if not target.table:
         r = target.rows[0]
         details = [("job", r.job_id or "-"), ("state", r.state), ("exit code", r.exit_code), ("elapsed", r.elapsed),
                    ("node", r.node), ("run dir", r.run_dir), ("log", r.log), ("progress", r.last)]
@@ -164,6 +168,14 @@ def format_status(target: Target) -> str:
         lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in table]
     lines += [f"note: {n}" for n in target.notes]
     return "\n".join(lines)
+
+
+def cancel_ids(target: Target) -> list[str]:
+    """What to scancel: a whole sweep by its array id, else each named job or task."""
+    ids = [r.job_id for r in target.rows if r.job_id]
+    if target.table and len(ids) > 1 and all("_" in i for i in ids):
+        return sorted({i.split("_")[0] for i in ids})
+    return ids
 
 
 def find_log(target: str) -> tuple[Row, Path]:
