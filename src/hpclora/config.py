@@ -418,8 +418,6 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     problems.extend(check_slurm(cfg.slurm))
     if cfg.container.image is not None and not cfg.container.image.strip():
         problems.append(("container.image", "must be a path to an image, or null"))
-    if any(c in cfg.slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
-        problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
     return problems
 
 
@@ -449,6 +447,8 @@ def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
         value = getattr(slurm, key)
         if value is not None and not pattern.match(value):
             problems.append((f"slurm.{key}", f"unexpected characters in {value!r}"))
+    if any(c in slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
+        problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
     if slurm.nodes != 1:
         problems.append(("slurm.nodes", f"hpclora trains one process on one node: must be 1, got {slurm.nodes}"))
     if slurm.gpu_type and slurm.gpus == 0:
