@@ -152,9 +152,9 @@ def test_slurm_time_in_minutes():
 def test_submitit_gets_the_same_resources_as_the_script():
     params = parameters(cluster_config("slurm.qos=long"), array_parallelism=2)
     assert params["slurm_gres"] == "gpu:v100:1" and params["slurm_partition"] == "gpu" and params["slurm_qos"] == "long"
-    assert params["slurm_time"] == "1-12:00:00" and params["timeout_min"] == 2160 and params["slurm_mem"] == "48G"
+    assert params["timeout_min"] == 2160 and "slurm_time" not in params and params["slurm_mem"] == "48G"
     assert params["cpus_per_task"] == 6 and params["slurm_array_parallelism"] == 2
-    assert params["slurm_additional_parameters"] == {"mail-type": "END"}
+    assert params["slurm_additional_parameters"] == {"requeue": True, "mail-type": "END"}
     assert params["slurm_setup"][0].startswith("export SRUN_CPUS_PER_TASK=") and "module load cuda/11.8" in params["slurm_setup"]
     assert parameters(cluster_config("slurm.gpu_flag=gpus")).get("slurm_additional_parameters", {})["gpus"] == "v100:1"
 

@@ -65,7 +65,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
         "slurm": {"gpus": 0, "cpus_per_task": 1, "mem": "2G", "time": "10:00", "log_dir": str(tmp_path / "logs")},
     }
     for section, values in sections.items():
-        keys[section].update(values)
+        keys.setdefault(section, {}).update(values)
     path = tmp_path / "tiny.yaml"
     path.write_text(json.dumps(keys))  # JSON is YAML
     return path
@@ -251,3 +251,87 @@ def test_status_without_accounting_judges_finished_runs_by_their_directories(tmp
     status = hpclora("status", job_id, env={**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}, cwd=tmp_path).stdout
     assert "finished (adapter saved)" in status and "accounting (sacct) is off" in status
     assert "progress   adapter saved to" in status
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e["step"] for e in map(json.loads, lines) if "loss" in e]
+
+
+def wait_until(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def signal_when(job_id: str, run_dir: Path, restart: int, step: int, scancel_args: list[str]) -> None:
+    """Send a signal once attempt `restart` of the job has logged `step` (earlier attempts' steps do not count)."""
+    def reached():
+        attempts = run_dir / "attempts.jsonl"
+        started = attempts.read_text().count("\n") if attempts.exists() else 0
+        return started == restart + 1 and any(s >= step for s in metrics_steps(run_dir))
+    wait_until(reached, f"step {step} of attempt {restart}")
+    subprocess.run(["scancel", *scancel_args, job_id], check=True)
+
+
+def requeue_records(job_id: str) -> list[str]:
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines()]
+
+
+def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0}, lora={"dropout": 0.1})
+    reference = subprocess.run(  # uninterrupted, with the job's one thread, so that sums round the same way
+        [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(tmp_path / "reference")],
+        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    )
+    assert reference.returncode == 0, reference.stderr
+
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-")]
+    signal_when(job_id, run_dir, 0, 8, ["--signal=USR1", "--batch"])
+    signal_when(job_id, run_dir, 1, 25, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+
+    assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2"]
+    assert metrics_steps(run_dir) == list(range(1, 41))
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert log.count("checkpoint saved; requeueing job") == 2 and "resumed from step" in log and "(restart 2)" in log
+    from safetensors.torch import load_file
+
+    ours, theirs = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, tmp_path / "reference"))
+    assert all((ours[k] == theirs[k]).all() for k in theirs), "the requeued run's adapter differs from the uninterrupted one"
+    status = hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    assert "COMPLETED" in status and "restarts   2" in status
+
+
+def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):
+    """--time=2 (minutes), the signal 20 s before it (Slurm may send it up to 60 s earlier still), and about
+    two minutes of training: more than one allocation can hold."""
+    cfg = tiny_config(
+        tmp_path, tiny_llama_dir, train={"max_steps": 900, "eval_every": 0, "log_every": 10, "preempt_grace_s": 20},
+        slurm={"time": "2", "max_requeues": 6},
+    )
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    assert wait_for(job_id, timeout=600) == {job_id: ("COMPLETED", "0:0")}
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    restarts = requeue_records(job_id).count("REQUEUED")
+    assert restarts >= 1 and "TIMEOUT" not in requeue_records(job_id)
+    assert metrics_steps(run_dir) == list(range(10, 901, 10))
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    assert f"restarts   {restarts}" in hpclora("status", run_dir, env=env, cwd=tmp_path).stdout
+
+
+def test_submitit_checkpoint_protocol_requeues_and_resumes(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
+    job_id = job_id_from(hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    signal_when(job_id, run_dir, 0, 8, ["--signal=USR2"])  # what submitit asks Slurm to send before the limit
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
+    assert metrics_steps(run_dir) == list(range(1, 31))
+    assert (run_dir / "adapter" / "adapter_config.json").exists()

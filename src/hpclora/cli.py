@@ -29,14 +29,16 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from . import config
+    from .preempt import CHECKPOINTED_EXIT, StopRequest
     from .quiet import quiet_libraries
 
-    quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
-    from .train import train
+    with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
+        quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
+        from .train import train
 
-    cfg = config.load(args.config, args.overrides)
-    train(cfg, run_dir=args.run_dir, fresh=args.fresh)
-    return 0
+        cfg = config.load(args.config, args.overrides)
+        run = train(cfg, run_dir=args.run_dir, fresh=args.fresh, stop=stop)
+    return 0 if run.finished else CHECKPOINTED_EXIT
 
 
 def cmd_generate(args) -> int:
@@ -219,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # argparse exits 2 on a usage error
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # argparse exits 2 on a usage error
+    # `key=value` overrides may also come after options: `train CFG --run-dir D lora.r=4`.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as exc:

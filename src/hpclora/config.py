@@ -129,7 +129,11 @@ class TrainSection:
     weight_decay: float = opt(0.0, "AdamW weight decay of the LoRA parameters.", min=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
     eval_every: int = opt(100, "Validation loss every N optimizer steps (also before training and at the end); 0 = only those two.", min=0)
-    save_every: int = opt(200, "Checkpoint every N optimizer steps; 0 = only the final adapter.", min=0)
+    save_every: int = opt(200, "Checkpoint every N optimizer steps (0 = only when stopped by a signal); a restarted run resumes from the newest.", min=0)
+    keep_checkpoints: int = opt(2, "How many of the newest complete checkpoints to keep.", min=1)
+    preempt_grace_s: int = opt(
+        120, "Seconds before the time limit at which Slurm asks the job to checkpoint and requeue (`--signal=B:USR1@N`).", min=10,
+    )
     log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1)
 
 

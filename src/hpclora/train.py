@@ -6,28 +6,46 @@ the base model, train, measure the adapter, save. Everything it needs is in the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import checkpoint
 from .config import RunConfig, to_yaml
+from .errors import UserError
+from .preempt import StopRequest
 from .progress import ProgressLog, emit, hms
 from .quiet import quiet_libraries
-from .rundir import environment, job_header, prepare_run_dir, write_json
+from .rundir import config_hash, environment, job_header, prepare_run_dir, write_json, write_text_atomic
 
 
 @dataclass
 class TrainedRun:
-    run_dir: Path  # holds adapter/, config.yaml, env.json, metrics.jsonl, summary.json
+    run_dir: Path  # holds adapter/, config.yaml, env.json, metrics.jsonl, summary.json, checkpoints/
     model: object  # the PEFT model as it is in memory at the end of training
     tokenizer: object
     summary: dict
+    finished: bool = True  # False: stopped by a signal after saving a checkpoint; run again to resume
 
 
-def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> TrainedRun:
-    """Fine-tune per `cfg` and save the adapter into the run directory."""
+def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False, stop: StopRequest | None = None) -> TrainedRun:
+    """Fine-tune per `cfg` and save the adapter into the run directory.
+
+    Resumes from the newest complete checkpoint in the run directory. A stop signal (see preempt.py)
+    makes it checkpoint at the next step boundary and return with `finished=False`. Pass an active
+    StopRequest to listen from earlier on (the command line does, before the heavy imports).
+    """
+    if stop is not None:
+        return _train(cfg, run_dir, fresh, stop)
+    with StopRequest() as stop:
+        return _train(cfg, run_dir, fresh, stop)
+
+
+def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) -> TrainedRun:
     import transformers
 
     from .data import prepare
@@ -40,8 +58,10 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Tr
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
 
     out = prepare_run_dir(cfg, run_dir, fresh)
+    config_text = to_yaml(cfg)
+    resume = find_resume_point(out, config_hash(config_text))
     write_json(out / "env.json", environment(device, precision, why))
-    emit(job_header(out, to_yaml(cfg)))
+    emit(job_header(out, config_text))
     emit(f"device {device} | precision {precision} ({why})")
 
     tokenizer = load_tokenizer(cfg.model)
@@ -60,13 +80,30 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Tr
         f" | {steps} steps | up to {cfg.data.max_length} tokens/row"
     )
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
-    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress)
+    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop)
 
-    base_loss = None
-    if data.val is not None:
-        with model.disable_adapter():
-            base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-    result = trainer.train()
+    restart = record_attempt(out, resume)
+    if resume is not None:
+        state = checkpoint.read_state(resume)
+        base_loss, trainer.tokens_seen = state["base_val_loss"], state["tokens_seen"]
+        keep_metrics_up_to(out / "metrics.jsonl", state["step"])
+        emit(f"resumed from step {state['step']} (restart {restart})")
+    else:
+        base_loss = None
+        if data.val is not None:
+            with model.disable_adapter():
+                base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+    trainer.checkpoint_state = lambda: {
+        "step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
+        "base_val_loss": base_loss, "config_sha256": config_hash(config_text),
+    }
+    tokens_before = trainer.tokens_seen
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.requested:
+        step = trainer.state.global_step
+        emit(f"stopped by {stop.signal_name} at step {step}/{steps}: checkpoint saved; the same command resumes from it")
+        return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": stop.signal_name}, finished=False)
+
     final_loss = None
     if data.val is not None:
         step = trainer.state.global_step
@@ -77,15 +114,17 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Tr
             final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"]
 
     save_adapter(model, tokenizer, out)
+    runtime = result.metrics.get("train_runtime", 0.0)
     summary = {
         "base_val_loss": base_loss,
         "final_val_loss": final_loss,
         "val_loss_change": None if base_loss is None or final_loss is None else final_loss - base_loss,
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss,  # over this attempt's steps when the run was resumed
         "steps": trainer.state.global_step,
         "tokens": trainer.tokens_seen,
-        "runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "tokens_per_s": round(trainer.tokens_seen / max(result.metrics.get("train_runtime", 0.0), 1e-9), 1),
+        "restarts": restart,
+        "runtime_s": round(runtime, 1),  # this attempt's
+        "tokens_per_s": round((trainer.tokens_seen - tokens_before) / max(runtime, 1e-9), 1),
         "peak_mem_gb": round(_peak(), 3),
         "precision": precision,
         "target_modules": targets,
@@ -97,6 +136,39 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False) -> Tr
     return TrainedRun(out, model, tokenizer, summary)
 
 
+def find_resume_point(run_dir: Path, config_sha256: str) -> Path | None:
+    """The newest complete checkpoint of this very config, after clearing what a killed save left."""
+    root = run_dir / "checkpoints"
+    checkpoint.discard_partial(root)
+    latest = checkpoint.latest(root)
+    if latest is not None and checkpoint.read_state(latest)["config_sha256"] != config_sha256:
+        raise UserError(
+            f"{run_dir} holds checkpoints of a different config: resume with the config.yaml in it, "
+            "or pass --fresh (or another --run-dir) to start over"
+        )
+    return latest
+
+
+def record_attempt(run_dir: Path, resume: Path | None) -> int:
+    """Append this start to attempts.jsonl; return how many starts came before it (the restart number)."""
+    path = run_dir / "attempts.jsonl"
+    before = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
+    entry = {
+        "restart": before, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "resumed_from": checkpoint.step_of(resume) if resume else None,
+    }
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return before
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint: the resumed run logs those steps again."""
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def total_steps(train_rows: int, cfg: RunConfig) -> int:
     """Optimizer steps for the run: max_steps if set, else epochs over the (packed) training rows."""
     if cfg.train.max_steps:
@@ -105,15 +177,18 @@ def total_steps(train_rows: int, cfg: RunConfig) -> int:
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
-def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog):
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest):
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
     from .data import Collator
 
-    class CountingTrainer(Trainer):
-        """Counts real tokens for throughput; the collator's `num_tokens` never reaches the model."""
+    class HpcloraTrainer(Trainer):
+        """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and
+        writes checkpoints atomically: Trainer saves into the staging area, checkpoint.publish renames."""
 
         tokens_seen = 0
+        checkpoint_state = staticmethod(dict)  # what hpclora adds to each checkpoint; set by the caller
+        _saving = False
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.tokens_seen += int(inputs.pop("num_tokens", 0))
@@ -122,6 +197,30 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs.pop("num_tokens", None)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+        def _get_output_dir(self, trial):
+            if self._saving:
+                return str(Path(self.args.output_dir) / checkpoint.STAGING)
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            root = Path(self.args.output_dir)
+            staged = root / checkpoint.STAGING / f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(staged, ignore_errors=True)
+            self._saving = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._saving = False
+            checkpoint.publish(staged, root, self.checkpoint_state(), cfg.train.keep_checkpoints)
+
+    class StopAtStepBoundary(TrainerCallback):
+        """After a stop signal: save a checkpoint at the end of the current optimizer step, then stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
 
     has_val = data.val is not None
     t = cfg.train
@@ -145,7 +244,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         eval_steps=t.eval_every or None,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or None,
-        save_total_limit=2,
+        save_total_limit=None,  # checkpoint.publish keeps train.keep_checkpoints
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
         report_to="none",
@@ -154,13 +253,13 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
     )
-    trainer = CountingTrainer(
+    trainer = HpcloraTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.val,
         data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if _cuda() else 1),
-        callbacks=[progress],
+        callbacks=[progress, StopAtStepBoundary()],
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead

@@ -4,7 +4,8 @@
 # GPUs (empty device files) so that `--gres=gpu:v100:N` requests can be scheduled.
 #
 # Needs root and Debian's packages (installed here when missing). Idempotent: when the cluster
-# already answers, it returns at once; daemons that died are started again.
+# already answers with the current configuration, it returns at once; daemons that died are
+# started again, and a changed configuration is applied.
 #
 #   bash tests/slurm/up.sh          # then: sinfo, sbatch, sacct ...
 set -euo pipefail
@@ -13,7 +14,9 @@ CLUSTER=hpclora
 HOST=$(hostname -s)
 STATE=/var/lib/hpclora-slurm
 SLURM_CONF=/etc/slurm/slurm.conf
-MARKER="# Written by hpclora's tests/slurm/up.sh: a throwaway single-node test cluster."
+OURS="# Written by hpclora's tests/slurm/up.sh"
+# Bump the version when the configuration below changes, so that a running cluster picks it up.
+MARKER="$OURS (configuration 4): a throwaway single-node test cluster."
 
 log() { echo "slurm-up: $*"; }
 
@@ -24,7 +27,7 @@ cluster_ready() {
     sacct -n -X -S now-1minutes >/dev/null 2>&1
 }
 
-if cluster_ready; then
+if cluster_ready && grep -qF "$MARKER" "$SLURM_CONF"; then
     log "already up ($(sinfo -h -o '%P %D %t %G' | head -1))"
     exit 0
 fi
@@ -33,7 +36,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "slurm-up: needs root to install and start Slurm" >&2
     exit 1
 fi
-if [ -s "$SLURM_CONF" ] && ! grep -qF "$MARKER" "$SLURM_CONF"; then
+if [ -s "$SLURM_CONF" ] && ! grep -qF "$OURS" "$SLURM_CONF"; then
     echo "slurm-up: $SLURM_CONF exists and was not written by this script; not touching a real cluster's configuration" >&2
     exit 1
 fi
@@ -65,6 +68,8 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire + 1 s before it may start again (default 120 s): short for tests.
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -76,7 +81,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=2,sched_interval=2
 GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -91,7 +96,13 @@ InactiveLimit=0
 NodeName=$HOST CPUs=$(nproc) RealMemory=16000 Gres=gpu:v100:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-mv "$SLURM_CONF.new" "$SLURM_CONF"
+if ! cmp -s "$SLURM_CONF.new" "$SLURM_CONF"; then
+    mv "$SLURM_CONF.new" "$SLURM_CONF"
+    pkill -x slurmctld || true  # some settings (cred_expire) take effect only at a restart
+    pkill -x slurmd || true
+else
+    rm "$SLURM_CONF.new"
+fi
 
 cat > /etc/slurm/slurmdbd.conf <<EOF
 AuthType=auth/munge

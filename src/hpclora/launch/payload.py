@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def run_job(run_dir: str) -> dict:
-    """Train in this process on <run_dir>/config.yaml and return the run's summary.
+    """Train in this process on <run_dir>/config.yaml; return the run's summary and whether it finished
+    (False: a stop signal made it checkpoint and return early; running it again resumes).
 
     The submitit and local launchers call this; an sbatch script runs the same thing as
     `hpclora train <run_dir>/config.yaml --run-dir <run_dir>`.
@@ -18,4 +19,5 @@ def run_job(run_dir: str) -> dict:
     from ..train import train
 
     cfg = config.load(Path(run_dir) / "config.yaml")
-    return train(cfg, run_dir=run_dir).summary
+    run = train(cfg, run_dir=run_dir)
+    return {**run.summary, "finished": run.finished}

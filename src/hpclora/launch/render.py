@@ -60,6 +60,8 @@ def sbatch_options(cfg: RunConfig, array: str | None = None) -> list[str]:
         f"--cpus-per-task={s.cpus_per_task}",
         f"--mem={s.mem}",
         f"--time={s.time}",
+        f"--signal=B:USR1@{cfg.train.preempt_grace_s}",
+        "--requeue",
     ]
     optional = {
         "gpus": gpu_request(s), "partition": s.partition, "account": s.account, "qos": s.qos,
@@ -101,6 +103,43 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     ]
 
 
+def run_and_requeue_lines(command: str, max_requeues: str) -> list[str]:
+    """Run training in the background, pass Slurm's signals on to it, and requeue the job when it
+    answers with CHECKPOINTED_EXIT (75). The same text is in jobs/*.sbatch, written out by hand."""
+    return [
+        'echo "hpclora: job ${SLURM_JOB_ID} on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
+        "# Slurm signals this shell: USR1 before the time limit (--signal=B:USR1@...), TERM on preemption.",
+        "# Training runs in the background so that the signal can be passed on; it then saves a checkpoint",
+        "# at the next step boundary and exits with 75, meaning \"checkpointed, not finished\".",
+        'child="" stop=""',
+        'forward() { stop=$1; if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }',
+        "trap 'forward USR1' USR1",
+        "trap 'forward TERM' TERM",
+        "# Training starts with these signals ignored, so that one arriving before it is ready cannot kill it.",
+        f"(trap '' USR1 TERM; exec {command}) &",
+        "child=$!",
+        "# Wait for training. Once a stop is asked for, repeat it every 5 s until training has taken note.",
+        'while kill -0 "$child" 2>/dev/null; do',
+        '    if [ -n "$stop" ]; then kill -s "$stop" "$child" 2>/dev/null || true; sleep 5 & wait $! || true',
+        '    else wait "$child" || true; fi  # a trapped signal ends `wait` early',
+        "done",
+        "status=0",
+        'wait "$child" || status=$?',
+        'if [ "$status" -eq 75 ]; then',
+        "    # On the host, not in the container (which has no scontrol). The requeued job runs this script",
+        "    # again and training resumes from its newest checkpoint in $RUN_DIR.",
+        f'    if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
+        f'        echo "hpclora: checkpoint saved; requeueing job ${{SLURM_JOB_ID}} (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of at most {max_requeues})"',
+        '        scontrol requeue "$SLURM_JOB_ID"',
+        "        exit 0",
+        "    fi",
+        f'    echo "hpclora: checkpoint saved, but the job was requeued {max_requeues} times already (slurm.max_requeues): not requeueing; submit this script again to resume" >&2',
+        "fi",
+        'echo "hpclora: job ${SLURM_JOB_ID} ended $(date \'+%F %T\') with exit code $status"',
+        'exit "$status"',
+    ]
+
+
 def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora submit") -> str:
     """The whole sbatch script for one run, or for a sweep's job array when `payload.sweep_dir` is set."""
     sweep = bool(payload.sweep_dir)
@@ -132,13 +171,5 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         ]
     else:
         lines.append(f"RUN_DIR={shlex.quote(payload.run_dir)}")
-    lines += [
-        "",
-        'echo "hpclora: job ${SLURM_JOB_ID} on $(hostname -s) started $(date \'+%F %T\')"',
-        "status=0",
-        f'{hpclora_command(cfg, payload.python)} train "$RUN_DIR/config.yaml" --run-dir "$RUN_DIR" || status=$?',
-        'echo "hpclora: job ${SLURM_JOB_ID} ended $(date \'+%F %T\') with exit code $status"',
-        'exit "$status"',
-        "",
-    ]
+    lines += ["", *run_and_requeue_lines(f'{hpclora_command(cfg, payload.python)} train "$RUN_DIR/config.yaml" --run-dir "$RUN_DIR"', str(cfg.slurm.max_requeues)), ""]
     return "\n".join(lines)

@@ -31,18 +31,17 @@ def slurm_minutes(time: str) -> int:
 def parameters(cfg: RunConfig, array_parallelism: int | None = None) -> dict:
     """AutoExecutor parameters equivalent to the rendered sbatch script's resources."""
     s = cfg.slurm
-    extra = {}
+    extra = {"requeue": True}
     for line in s.extra:  # `--mail-type=END` -> {"mail-type": "END"}, `--exclusive` -> {"exclusive": True}
         key, eq, value = line.lstrip("-").partition("=")
         extra[key] = value if eq else True
     gres = gpu_request(s)
     params = {
         "name": job_name(cfg),
-        "timeout_min": slurm_minutes(s.time),
+        "timeout_min": slurm_minutes(s.time),  # submitit wants minutes (its timeout logic computes with them)
         "cpus_per_task": s.cpus_per_task,
         "nodes": s.nodes,
         "tasks_per_node": 1,
-        "slurm_time": s.time,
         "slurm_mem": s.mem,
         "slurm_partition": s.partition,
         "slurm_account": s.account,
@@ -50,6 +49,8 @@ def parameters(cfg: RunConfig, array_parallelism: int | None = None) -> dict:
         "slurm_constraint": s.constraint,
         "slurm_exclude": s.exclude,
         "slurm_stderr_to_stdout": True,
+        # submitit's checkpoint protocol: USR2 this long before the time limit, then requeue (see ResumableTraining).
+        "slurm_signal_delay_s": cfg.train.preempt_grace_s,
         # Slurm 22.05+: the srun that submitit runs does not inherit --cpus-per-task.
         "slurm_setup": ['export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"', *s.setup],
         "slurm_additional_parameters": extra,
@@ -66,21 +67,44 @@ def parameters(cfg: RunConfig, array_parallelism: int | None = None) -> dict:
 def executor(cfg: RunConfig, folder: Path, cluster: str | None, array_parallelism: int | None = None):
     import submitit
 
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    # How often a timed-out job may requeue itself is fixed when the executor is made.
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=cfg.slurm.max_requeues)
     ex.update_parameters(**parameters(cfg, array_parallelism))
     return ex
 
 
+class ResumableTraining:
+    """submitit's payload, with its checkpoint protocol.
+
+    Before a time limit or on preemption submitit signals USR2. Training (which takes over the signal)
+    saves a checkpoint at the next step boundary and returns unfinished; then submitit's own handler is
+    called, which asks `checkpoint()` for the call to make after the requeue (the same one: training
+    resumes from its newest checkpoint), requeues the job and exits.
+    """
+
+    def __call__(self, run_dir: str) -> dict:
+        import signal
+
+        from .payload import run_job
+
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        result = run_job(run_dir)
+        if not result["finished"] and callable(submitit_handler):
+            submitit_handler(signal.SIGUSR2, None)  # requeues and exits; not installed by the debug executor
+        return result
+
+    def checkpoint(self, run_dir: str):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, run_dir)
+
+
 def submit(cfg: RunConfig, run_dir: Path, cluster: str | None):
     """Submit one run; returns the submitit Job."""
-    from .payload import run_job
-
-    return executor(cfg, run_dir / "submitit", cluster).submit(run_job, str(run_dir))
+    return executor(cfg, run_dir / "submitit", cluster).submit(ResumableTraining(), str(run_dir))
 
 
 def submit_array(cfg: RunConfig, sweep_dir: Path, run_dirs: list[Path], cluster: str | None, max_parallel: int | None):
     """Submit a sweep's trials as one array (`map_array`); returns the submitit Jobs in trial order."""
-    from .payload import run_job
-
     ex = executor(cfg, sweep_dir / "submitit", cluster, array_parallelism=max_parallel or len(run_dirs))
-    return ex.map_array(run_job, [str(d) for d in run_dirs])
+    return ex.map_array(ResumableTraining(), [str(d) for d in run_dirs])

@@ -29,6 +29,7 @@ class Row:
     exit_code: str = ""
     node: str = ""
     last: str = ""  # the last progress line of the log
+    restarts: str = ""  # how often training started again in this run directory (requeues, resubmits)
 
 
 @dataclass
@@ -108,10 +109,20 @@ def fill_states(target: Target) -> None:
         else:
             row.state = _state_from_files(row)
         row.last = last_progress_line(Path(row.log)) if row.log else _progress_from_metrics(row)
+        row.restarts = _restarts(row)
     if ids and not slurm.available():
         target.notes.append("Slurm commands are not available here: states come from the run directories")
     elif not accounted:
         target.notes.append("Slurm accounting (sacct) is off: finished jobs are judged by their run directories")
+
+
+def _restarts(row: Row) -> str:
+    """Restarts recorded by training in attempts.jsonl (one line per start)."""
+    try:
+        starts = (Path(row.run_dir) / "attempts.jsonl").read_text(encoding="utf-8").count("\n") if row.run_dir else 0
+    except OSError:
+        return ""
+    return str(starts - 1) if starts else ""
 
 
 def _state_from_files(row: Row) -> str:
@@ -157,12 +168,12 @@ def format_status(target: Target) -> str:
     if not target.table:
         r = target.rows[0]
         details = [("job", r.job_id or "-"), ("state", r.state), ("exit code", r.exit_code), ("elapsed", r.elapsed),
-                   ("node", r.node), ("run dir", r.run_dir), ("log", r.log), ("progress", r.last)]
+                   ("node", r.node), ("restarts", r.restarts), ("run dir", r.run_dir), ("log", r.log), ("progress", r.last)]
         lines += [f"  {k:<10} {v}" for k, v in details if v]
     else:
-        header = ("JOB", "STATE", "ELAPSED", "EXIT", "NODE", "RUN", "PROGRESS")
+        header = ("JOB", "STATE", "ELAPSED", "EXIT", "NODE", "RESTARTS", "RUN", "PROGRESS")
         table = [header] + [
-            (r.job_id or "-", r.state, r.elapsed, r.exit_code, r.node, r.label, r.last) for r in target.rows
+            (r.job_id or "-", r.state, r.elapsed, r.exit_code, r.node, r.restarts, r.label, r.last) for r in target.rows
         ]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
         lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in table]

@@ -1,0 +1,84 @@
+"""Atomic checkpoints and finding the one to resume from.
+
+A checkpoint is the Trainer's own checkpoint directory (adapter, optimizer, scheduler, grad scaler,
+RNG states, trainer state with the global step; the data position follows from the step) plus
+hpclora_state.json (tokens seen, base validation loss, config hash). It is written into
+<run dir>/checkpoints/.staging/, flushed to disk, marked COMPLETE, and only then renamed to
+checkpoints/checkpoint-<step>: a checkpoint directory without the marker is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
+STATE = "hpclora_state.json"
+STAGING = ".staging"  # Trainer writes here first
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def step_of(path: Path) -> int:
+    return int(NAME.match(path.name).group(1))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Whole checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staged: Path, root: Path, state: dict, keep: int) -> Path:
+    """Make a staged checkpoint whole and visible: state file, fsync, marker, rename; then prune old ones."""
+    (staged / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    for file in staged.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    (staged / COMPLETE).write_text("ok\n")
+    _fsync(staged / COMPLETE)
+    _fsync(staged)
+    final = root / staged.name
+    if (final / COMPLETE).is_file():  # this very step is already saved whole: keep that one
+        shutil.rmtree(staged)
+    else:
+        shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an interrupted attempt
+        os.replace(staged, final)
+        _fsync(root)
+    try:
+        staged.parent.rmdir()  # the staging area, now empty
+    except OSError:
+        pass
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def discard_partial(root: Path) -> None:
+    """Remove what an interrupted save left behind (the staging area, unmarked checkpoint dirs)."""
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+    if root.is_dir():
+        for p in root.iterdir():
+            if NAME.match(p.name) and not (p / COMPLETE).is_file():
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,41 @@
+"""Stop requests from Slurm: a signal asks training to checkpoint at the next step boundary and exit.
+
+Slurm (or the batch script that forwards to us) sends USR1 before a time limit or on preemption,
+submitit sends USR2, and `scancel`/preemption send TERM. Training then saves a checkpoint and the
+process exits with CHECKPOINTED_EXIT, which the job script answers with `scontrol requeue`; the
+requeued job runs the very same command and resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# EX_TEMPFAIL from sysexits.h: "checkpointed, not finished: run the same command again to continue".
+CHECKPOINTED_EXIT = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopRequest:
+    """While active, the stop signals only set `signal_name`; the training loop looks at it each step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            print(f"{self.signal_name} received: checkpointing at the next step boundary", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None

@@ -1,0 +1,167 @@
+"""Preemption on CPU, in real processes: a stop signal -> atomic checkpoint -> exit 75 -> the same
+command resumes exactly. The Slurm side (requeue from the batch script) is in test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpclora import checkpoint
+from hpclora.preempt import CHECKPOINTED_EXIT
+
+from conftest import alpaca_rows, write_jsonl
+
+STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
+
+
+def resume_config(tmp_path: Path, model_dir: Path, **train) -> Path:
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
+    keys = {
+        "run": {"name": "resume", "output_root": str(tmp_path / "runs")},
+        "model": {"name": str(model_dir)},
+        "lora": {"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
+        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": STEPS, "micro_batch_size": 4, "log_every": 1, "eval_every": 7, "save_every": 0, **train},
+    }
+    path = tmp_path / "resume.yaml"
+    path.write_text(json.dumps(keys))
+    return path
+
+
+def train_argv(config: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [e["step"] for e in map(json.loads, path.read_text().splitlines()) if "loss" in e]
+
+
+def interrupt_after(config: Path, run_dir: Path, step: int, sig=signal.SIGUSR1) -> subprocess.CompletedProcess:
+    """Start training, send `sig` once `step` is logged, and return the finished process."""
+    proc = subprocess.Popen(train_argv(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not any(s >= step for s in logged_steps(run_dir)):
+        assert proc.poll() is None, f"training ended before step {step}:\n{proc.stdout.read()}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def adapter_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    worst = max((ta[k] - tb[k]).abs().max().item() for k in ta)
+    assert worst <= 1e-6, f"max abs difference {worst}"
+    assert all((ta[k] == tb[k]).all() for k in ta), f"within 1e-6 ({worst}) but not bit-identical"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir):
+    """An uninterrupted run with the same config and seed."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = resume_config(tmp, tiny_llama_dir)
+    done = subprocess.run(train_argv(config, tmp / "run"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tmp / "run"
+
+
+def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, reference):
+    config = resume_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    # Mid-epoch (step 3 of 5), at an epoch boundary or just after, and after a periodic evaluation (step 7, 14).
+    for k, (step, sig) in enumerate([(3, signal.SIGUSR1), (9, signal.SIGTERM), (15, signal.SIGUSR2)]):
+        stopped = interrupt_after(config, run_dir, step, sig)
+        assert stopped.returncode == CHECKPOINTED_EXIT, stopped.stdout
+        saved = checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints"))
+        assert saved >= step and f"stopped by {sig.name} at step {saved}/{STEPS}" in stopped.stdout
+        if k:
+            assert f"resumed from step {previous} (restart {k})" in stopped.stdout
+        assert not (run_dir / "adapter").exists()
+        previous = saved
+    final = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert f"resumed from step {previous} (restart 3)" in final.stdout
+
+    assert_same_adapter(run_dir, reference)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # none missing, none twice
+    evals = lambda d: [(e["step"], e["eval"]) for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "eval" in e]  # noqa: E731
+    assert evals(run_dir) == evals(reference) and ((7, "eval") in evals(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 3 and summary["base_val_loss"] == json.loads((reference / "summary.json").read_text())["base_val_loss"]
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["restart"] for a in attempts] == [0, 1, 2, 3]
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+from hpclora import checkpoint
+from hpclora.cli import main
+
+publish = checkpoint.publish
+def publish_then_die(staged, root, state, keep):
+    if checkpoint.step_of(staged) == {step}:
+        (staged / checkpoint.STATE).write_text('{{"half": ')  # half a file, no marker: then the power goes
+        os.kill(os.getpid(), signal.SIGKILL)
+    return publish(staged, root, state, keep)
+checkpoint.publish = publish_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, tiny_llama_dir, reference):
+    config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE.format(step=10), "train", str(config), "--run-dir", str(run_dir)],
+        capture_output=True, text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-10").is_dir()  # the half-written one
+    assert checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints")) == 5
+
+    resumed = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step 5 (restart 1)" in resumed.stdout
+    assert_same_adapter(run_dir, reference)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    kept = [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")]
+    assert kept == ["checkpoint-20", "checkpoint-24"]  # train.keep_checkpoints = 2 (the last step saves too)
+    assert not (run_dir / "checkpoints" / checkpoint.STAGING).exists()
+
+
+def test_a_checkpoint_without_its_marker_is_never_used(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, marked in ((4, True), (8, True), (12, False)):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        if marked:
+            (root / f"checkpoint-{step}" / checkpoint.COMPLETE).write_text("ok\n")
+    assert checkpoint.latest(root).name == "checkpoint-8"
+    checkpoint.discard_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path, tiny_llama_dir):
+    config = resume_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    assert interrupt_after(config, run_dir, 2).returncode == CHECKPOINTED_EXIT
+    other = subprocess.run([*train_argv(config, run_dir), "train.lr=1e-3"], capture_output=True, text=True)
+    assert other.returncode == 2 and "holds checkpoints of a different config" in other.stderr
+    assert "Traceback" not in other.stderr
