@@ -162,6 +162,8 @@ def test_resuming_with_a_different_config_is_refused(tmp_path, tiny_llama_dir):
     config = resume_config(tmp_path, tiny_llama_dir)
     run_dir = tmp_path / "run"
     assert interrupt_after(config, run_dir, 2).returncode == CHECKPOINTED_EXIT
+    before = (run_dir / "config.yaml").read_text()
     other = subprocess.run([*train_argv(config, run_dir), "train.lr=1e-3"], capture_output=True, text=True)
     assert other.returncode == 2 and "holds checkpoints of a different config" in other.stderr
     assert "Traceback" not in other.stderr
+    assert (run_dir / "config.yaml").read_text() == before  # the run's own config is left as it was

@@ -291,22 +291,33 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_pa
 
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-")]
-    signal_when(job_id, run_dir, 0, 8, ["--signal=USR1", "--batch"])
-    signal_when(job_id, run_dir, 1, 25, ["--signal=USR1", "--batch"])
+    for restart, step in enumerate((5, 17, 28)):  # mid-epoch, and later ones (5 steps per epoch)
+        signal_when(job_id, run_dir, restart, step, ["--signal=USR1", "--batch"])
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
 
-    assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "REQUEUED", "COMPLETED"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
-    assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2"]
+    assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2", "3"]
     assert metrics_steps(run_dir) == list(range(1, 41))
     log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
-    assert log.count("checkpoint saved; requeueing job") == 2 and "resumed from step" in log and "(restart 2)" in log
+    assert log.count("checkpoint saved; requeueing job") == 3 and "resumed from step" in log and "(restart 3)" in log
     from safetensors.torch import load_file
 
     ours, theirs = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, tmp_path / "reference"))
     assert all((ours[k] == theirs[k]).all() for k in theirs), "the requeued run's adapter differs from the uninterrupted one"
     status = hpclora("status", job_id, env=env, cwd=tmp_path).stdout
-    assert "COMPLETED" in status and "restarts   2" in status
+    assert "COMPLETED" in status and "restarts   3" in status
+
+
+def test_a_job_out_of_requeues_stops_with_its_checkpoint_and_says_so(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"max_requeues": 0})
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    signal_when(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("FAILED", "75:0")}
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert "requeued 0 times already (slurm.max_requeues): not requeueing" in log
+    assert (run_dir / "checkpoints").is_dir() and not (run_dir / "adapter").exists()
 
 
 def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):

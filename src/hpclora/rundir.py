@@ -6,6 +6,9 @@
     metrics.jsonl   one JSON object per log step and evaluation
     summary.json    base vs adapter validation loss and the run's totals, written at the end
     adapter/        PEFT adapter and tokenizer, written atomically at the end
+    checkpoints/    complete checkpoints to resume from (checkpoint.py)
+    attempts.jsonl  one line per start of training in this directory (restarts)
+    job.sbatch, job.json   the job script and the submission record (launch/submit.py)
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bool) -> Path:
-    """Create the run directory; refuse to reuse one that holds a finished adapter unless `fresh`."""
+    """Create the run directory (config.yaml is the caller's to write); refuse to reuse one that holds a
+    finished adapter unless `fresh`."""
     path = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir(cfg)
     if path.exists() and fresh:
         shutil.rmtree(path)
     if (path / "adapter").exists():
         raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
     path.mkdir(parents=True, exist_ok=True)
-    write_config(path, cfg)
     return path
 
 

@@ -20,7 +20,7 @@ from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, hms
 from .quiet import quiet_libraries
-from .rundir import config_hash, environment, job_header, prepare_run_dir, write_json, write_text_atomic
+from .rundir import config_hash, environment, job_header, prepare_run_dir, write_config, write_json, write_text_atomic
 
 
 @dataclass
@@ -58,8 +58,8 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
 
     out = prepare_run_dir(cfg, run_dir, fresh)
-    config_text = to_yaml(cfg)
-    resume = find_resume_point(out, config_hash(config_text))
+    resume = find_resume_point(out, config_hash(to_yaml(cfg)))  # before config.yaml is written: refuse, lose nothing
+    config_text = write_config(out, cfg)
     write_json(out / "env.json", environment(device, precision, why))
     emit(job_header(out, config_text))
     emit(f"device {device} | precision {precision} ({why})")
