@@ -29,8 +29,9 @@ CLUSTER_KEYS = [
     "run.name=ja-instruct", "run.output_root=/cluster/runs", "data.path=/cluster/data/dolly-ja.jsonl",
     "slurm.log_dir=/cluster/logs", "slurm.partition=gpu", "slurm.gpu_type=v100", "slurm.time=1-12:00:00",
     "slurm.cpus_per_task=6", "slurm.mem=48G", "slurm.account=lab-nlp", "slurm.setup=['module load cuda/11.8']",
-    "slurm.extra=['--mail-type=END']",
+    "slurm.extra=['--mail-type=END']", "cache.hf_home=/cluster/hf",
 ]
+CONTAINER_KEYS = ["container.image=/cluster/images/hpclora.sif", "container.binds=[/scratch]", "container.env.OMP_PROC_BIND=close"]
 
 
 def cluster_config(*extra: str) -> config.RunConfig:
@@ -46,10 +47,10 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} differs from its golden file (HPCLORA_UPDATE_GOLDEN=1 to accept)"
 
 
-@pytest.mark.parametrize("image", [None, "/cluster/images/hpclora.sif"])
+@pytest.mark.parametrize("image", [False, True])
 @pytest.mark.parametrize("kind", ["run", "sweep"])
 def test_rendered_scripts_match_golden_files(kind, image):
-    cfg = cluster_config(*([f"container.image={image}"] if image else []))
+    cfg = cluster_config(*(CONTAINER_KEYS if image else []))
     if kind == "run":
         payload = render.Payload(python=PYTHON, run_dir="/cluster/runs/ja-instruct-20261122-093000")
     else:

@@ -7,6 +7,7 @@ so that login-node commands such as `validate` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 
@@ -28,15 +29,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import config
+    from . import config, staging
     from .preempt import CHECKPOINTED_EXIT, StopRequest
     from .quiet import quiet_libraries
 
     with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
+        cfg = config.load(args.config, args.overrides)
+        staging.use_cache(cfg)
+        staging.require_staged(cfg, args.config)  # offline and not staged: say so now, not after loading
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
         from .train import train
 
-        cfg = config.load(args.config, args.overrides)
         run = train(cfg, run_dir=args.run_dir, fresh=args.fresh, stop=stop)
     return 0 if run.finished else CHECKPOINTED_EXIT
 
@@ -70,6 +73,7 @@ def cmd_submit(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     job = submit.prepare_run(cfg)
+    _warn_if_not_staged(cfg, args.config)
     if args.dry_run:
         print(job.script)
         print(f"# dry run: would write {job.directory}/{{config.yaml,{submit.SCRIPT}}} and run: {_launch_words(job, args)}")
@@ -83,6 +87,7 @@ def cmd_sweep(args) -> int:
     from .launch import submit
 
     job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel)
+    _warn_if_not_staged(job.cfg, args.config)
     trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
     if args.dry_run:
         print(job.script)
@@ -91,6 +96,36 @@ def cmd_sweep(args) -> int:
         return 0
     entry = submit.launch(job, args.launcher, args.cluster)
     _print_launched(entry, job)
+    return 0
+
+
+def _warn_if_not_staged(cfg, config_path) -> None:
+    from . import staging
+
+    missing = staging.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
+    if missing:
+        print(
+            f"warning: jobs run offline, and the Hugging Face cache at {staging.hf_home(cfg)} lacks {', '.join(missing)}: "
+            f"run `{staging.stage_command(config_path)}` on a node with internet first, or the job will stop at once",
+            file=sys.stderr,
+        )
+
+
+def cmd_stage(args) -> int:
+    from . import config, staging
+    from .quiet import quiet_libraries
+
+    cfg = config.load(args.config, args.overrides)
+    os.environ["HF_HOME"] = str(staging.hf_home(cfg))  # before any hub library is imported
+    quiet_libraries()
+    manifest = staging.stage(cfg, args.config)
+    for part in ("model", "dataset"):
+        if part in manifest:
+            print(f"{part}: {manifest[part]['id']} at commit {manifest[part]['commit']}")
+    tokenized = manifest["tokenized"]
+    print(f"tokenized data: {tokenized['cache_dir']} ({tokenized.get('train_examples', 0)} train examples)")
+    print(f"manifest: {manifest['manifest']}")
+    print(f"jobs with HF_HOME={manifest['hf_home']} (cache.hf_home) can now run offline")
     return 0
 
 
@@ -153,6 +188,31 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_container(args) -> int:
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from . import container
+
+    runtime = container.find_runtime() or ("apptainer" if args.dry_run else container.require_runtime())
+    if args.action == "build":
+        definition = Path(args.definition).resolve()
+        if not definition.is_file():
+            raise UserError(f"{definition}: definition file not found (run from the repository root, or pass --def)")
+        root = definition.parent.parent  # %files paths are relative to the project root
+        argv = container.build_command(runtime, definition, Path(args.out).resolve())
+    else:
+        if not args.image:
+            raise UserError("container check: give the image to test, e.g. hpclora container check hpclora.sif")
+        root = Path.cwd()
+        argv = container.check_command(runtime, Path(args.image).resolve(), gpu=shutil.which("nvidia-smi") is not None)
+    print(f"(cd {shlex.quote(str(root))} && {shlex.join(argv)})")
+    if args.dry_run:
+        return 0
+    return subprocess.run(argv, cwd=root).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclora", description="LoRA/QLoRA fine-tuning as batch jobs on HPC clusters, and on CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -213,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="JOB or JOB_TASK id, or a run directory")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job leaves the queue")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stage", help="on a node with internet: fetch model and dataset into the shared cache, tokenize")
+    with_config(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("container", help="build a Singularity/Apptainer image, or run its self-test")
+    p.add_argument("action", choices=("build", "check"))
+    p.add_argument("image", nargs="?", help="check: the image (.sif) to test")
+    p.add_argument("--def", dest="definition", default="containers/hpclora.def", help="build: definition file (default: %(default)s)")
+    p.add_argument("--out", default="hpclora.sif", help="build: image to write (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.set_defaults(func=cmd_container)
 
     p = sub.add_parser("cancel", help="cancel a job (or a whole sweep) with scancel")
     p.add_argument("target", help="a job id (123 or 123_4), run directory or sweep directory")

@@ -99,7 +99,7 @@ class DataSection:
     max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1)
     packing: bool = opt(False, "Pack several examples into each row of at most max_length tokens (fewer pad tokens).")
     train_on_prompt: bool = opt(False, "Also train on prompt tokens; by default only responses (assistant turns) train.")
-    cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = $HPCLORA_CACHE/tokenized or ~/.cache/hpclora/tokenized.")
+    cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = <cache.hf_home>/hpclora/tokenized, or $HPCLORA_CACHE/tokenized, or ~/.cache/hpclora/tokenized.")
 
 
 @dataclass
@@ -169,6 +169,18 @@ class ContainerSection:
         choices=("auto", "apptainer", "singularity"),
     )
     nv: Optional[bool] = opt(None, "Pass the host's NVIDIA driver in (`--nv`); null = on when slurm.gpus > 0.")
+    binds: List[str] = opt([], "More paths to bind into the image (`/scratch`, `/data:/data:ro`); run, data and cache directories are bound already.")
+    env: Dict[str, str] = opt({}, "Variables set inside the image (`--env`). Never secrets: HF_TOKEN and the like pass through the job's environment.")
+
+
+@dataclass
+class CacheSection:
+    hf_home: Optional[str] = opt(
+        None, "Shared Hugging Face cache (HF_HOME) that `hpclora stage` fills and jobs read; null = $HF_HOME or ~/.cache/huggingface.",
+    )
+    offline_jobs: bool = opt(
+        True, "Jobs run with HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 (compute nodes without internet).",
+    )
 
 
 @dataclass
@@ -181,11 +193,13 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     container: ContainerSection = field(default_factory=ContainerSection)
+    cache: CacheSection = field(default_factory=CacheSection)
 
 
 SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "quant": QuantSection, "lora": LoraSection,
     "data": DataSection, "train": TrainSection, "slurm": SlurmSection, "container": ContainerSection,
+    "cache": CacheSection,
 }
 
 # Files whose suffix says "this is meant to be a local file", so a missing one is an error, not a hub id.
@@ -374,6 +388,10 @@ def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
     cfg.slurm.log_dir = str(Path(cfg.slurm.log_dir).expanduser().resolve())
     if cfg.container.image:
         cfg.container.image = str(Path(cfg.container.image).expanduser().resolve())
+    if cfg.cache.hf_home:
+        cfg.cache.hf_home = str(Path(cfg.cache.hf_home).expanduser().resolve())
+        if not cfg.data.cache_dir:  # tokenized data goes to the shared cache too, where `stage` puts it
+            cfg.data.cache_dir = str(Path(cfg.cache.hf_home) / "hpclora" / "tokenized")
     data = Path(cfg.data.path).expanduser()
     for candidate in (data, config_dir / data):
         if candidate.exists():
@@ -420,8 +438,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
     problems.extend(check_slurm(cfg.slurm))
-    if cfg.container.image is not None and not cfg.container.image.strip():
-        problems.append(("container.image", "must be a path to an image, or null"))
+    problems.extend(check_container(cfg.container))
     return problems
 
 
@@ -439,6 +456,27 @@ SLURM_WORDS = {
     "exclude": re.compile(r"^[\w.\-,\[\]]+$"),
 }
 UNSAFE_IN_SBATCH_LINES = ('"', "\\", "\n", "\r")
+
+
+# Variables that hold credentials: they reach jobs through the environment, never through files.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
+    problems = []
+    if container.image is not None and not container.image.strip():
+        problems.append(("container.image", "must be a path to an image, or null"))
+    for i, bind in enumerate(container.binds):
+        if not bind.strip() or any(c in bind for c in "\n\r,"):
+            problems.append((f"container.binds[{i}]", f"expected one path or src:dst[:ro], got {bind!r}"))
+    for name, value in container.env.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(name)):
+            problems.append((f"container.env.{name}", "not a valid variable name"))
+        elif SECRET_NAME.search(str(name)):
+            problems.append((f"container.env.{name}", "looks like a secret: export it in your shell instead; jobs pass the environment on"))
+        elif any(c in str(value) for c in "\n\r"):
+            problems.append((f"container.env.{name}", "one line only"))
+    return problems
 
 
 def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from .. import container
 from ..config import RunConfig, SlurmSection, run_dir_slug
 
 
@@ -82,11 +83,19 @@ def array_spec(trials: int, max_parallel: int | None) -> str:
 
 def hpclora_command(cfg: RunConfig, python: str) -> str:
     """Shell words that start hpclora: the submitting interpreter on the host, or `hpclora` in the image."""
-    c = cfg.container
-    if not c.image:
+    if not cfg.container.image:
         return f"{shlex.quote(python)} -m hpclora"
-    nv = c.nv if c.nv is not None else cfg.slurm.gpus > 0
-    return " ".join(['"$CONTAINER_RUNTIME" exec', *(["--nv"] if nv else []), shlex.quote(c.image), "hpclora"])
+    return " ".join(container.exec_words(cfg))
+
+
+def hub_environment_lines(cfg: RunConfig) -> list[str]:
+    """The shared Hugging Face cache, and no network for the hub: `hpclora stage` fetched everything."""
+    lines = []
+    if cfg.cache.hf_home:
+        lines.append(f"export HF_HOME={shlex.quote(cfg.cache.hf_home)}")
+    if cfg.cache.offline_jobs:
+        lines.append("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # see `hpclora stage`")
+    return lines
 
 
 def container_runtime_lines(cfg: RunConfig) -> list[str]:
@@ -160,6 +169,7 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"',
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         "export PYTHONUNBUFFERED=1",
+        *hub_environment_lines(cfg),
         *container_runtime_lines(cfg),
         "",
     ]

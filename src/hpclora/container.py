@@ -1,0 +1,79 @@
+"""Command lines for Singularity/Apptainer: build and test an image, and run hpclora inside one.
+
+Pure functions of the config (tested against golden files), plus finding the runtime on PATH. Jobs
+never use `--cleanenv`: SLURM_*, SUBMITIT_* and the job's own variables (HF_HOME, the offline
+switches, secrets such as HF_TOKEN) reach the process inside through the environment.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import RunConfig, looks_local
+from .errors import UserError
+
+RUNTIMES = ("apptainer", "singularity")
+DEFAULT_DEF = Path("containers") / "hpclora.def"
+
+
+def find_runtime(preferred: str = "auto") -> str | None:
+    """The runtime on this machine's PATH: apptainer first (its newer name), then singularity."""
+    for name in RUNTIMES if preferred == "auto" else (preferred,):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def require_runtime(preferred: str = "auto") -> str:
+    runtime = find_runtime(preferred)
+    if runtime is None:
+        wanted = "apptainer or singularity" if preferred == "auto" else preferred
+        raise UserError(
+            f"{wanted} is not on PATH here. Build and check images where it is installed (often a login or build "
+            "node: try `module load apptainer`), then copy the .sif to shared storage"
+        )
+    return runtime
+
+
+def build_command(runtime: str, definition: Path, image: Path) -> list[str]:
+    """`<runtime> build --fakeroot IMAGE DEF`: --fakeroot builds without root, as on shared clusters."""
+    return [runtime, "build", "--fakeroot", str(image), str(definition)]
+
+
+def check_command(runtime: str, image: Path, gpu: bool) -> list[str]:
+    """Run the image's %test section, with the host's NVIDIA driver when this machine has a GPU."""
+    return [runtime, "test", *(["--nv"] if gpu else []), str(image)]
+
+
+def job_binds(cfg: RunConfig) -> list[str]:
+    """What a job inside the image must see: output root (run directories), data, caches, a local model,
+    and `container.binds`. Paths under another bound path are left out; order is kept."""
+    wanted = [cfg.run.output_root]
+    if looks_local(cfg.data.path):
+        wanted.append(str(Path(cfg.data.path).parent))
+    for path in (cfg.data.cache_dir, cfg.cache.hf_home):
+        if path:
+            wanted.append(path)
+    if cfg.model.name.startswith(("/", "./", "../", "~")):
+        wanted.append(cfg.model.name)
+    def inside(path: str, other: str) -> bool:
+        return path.startswith(other.rstrip("/") + "/")
+
+    binds = [p for i, p in enumerate(wanted) if p not in wanted[:i] and not any(inside(p, q) for q in wanted)]
+    return binds + [b for b in cfg.container.binds if b not in binds]
+
+
+def exec_words(cfg: RunConfig, runtime_word: str = '"$CONTAINER_RUNTIME"') -> list[str]:
+    """`<runtime> exec [--nv] -B PATH ... [--env K=V ...] IMAGE hpclora`, each word shell-quoted but the
+    runtime (a variable resolved on the compute node)."""
+    import shlex
+
+    c = cfg.container
+    nv = c.nv if c.nv is not None else cfg.slurm.gpus > 0
+    words = [runtime_word, "exec", *(["--nv"] if nv else [])]
+    for bind in job_binds(cfg):
+        words += ["-B", shlex.quote(bind)]
+    for name, value in c.env.items():
+        words += ["--env", shlex.quote(f"{name}={value}")]
+    return [*words, shlex.quote(c.image), "hpclora"]

@@ -1,0 +1,169 @@
+"""Container images and offline compute nodes.
+
+There is no Singularity or Apptainer on our machines (neither installs here), so no image is built:
+the definition files are parsed with spython and checked for what they must contain, and the commands
+hpclora composes are checked as text. The Hugging Face hub is unreachable too: staging runs against a
+local stand-in for it (tests/hub_standin.py), and the offline side reads the cache it filled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hpclora
+from hpclora import config, container, staging
+
+from conftest import ROOT, alpaca_rows, write_jsonl
+from hub_standin import HubStandIn
+
+PINNED = ("peft==", "bitsandbytes==", "accelerate==", "datasets==", "submitit==", "omegaconf==")
+
+
+def parse(definition: Path):
+    from spython.main.parse.parsers import SingularityParser
+
+    return SingularityParser(str(definition)).recipe["spython-base"]
+
+
+@pytest.mark.parametrize("name", ["hpclora.def", "hpclora-v100.def"])
+def test_definition_files_have_the_required_sections_and_pinned_installs(name):
+    path = ROOT / "containers" / name
+    recipe, text = parse(path), path.read_text()
+    base, _, tag = recipe.fromHeader.rpartition(":")
+    assert base and tag and tag != "latest", f"base image must be pinned: {recipe.fromHeader}"
+    assert "Bootstrap: docker" in text
+    assert {f.split()[0] for f in recipe.files} >= {"src", "setup.cfg", "pyproject.toml"}
+    install = "\n".join(recipe.install)
+    assert all(pin in install for pin in PINNED), install
+    assert "/opt/hpclora" in install and "constraints.txt" in install  # the image's torch is kept
+    assert "PYTHONUNBUFFERED=1" in recipe.environ and any(e.startswith("HF_HOME=") for e in recipe.environ)
+    assert recipe.cmd.strip() == 'exec hpclora "$@"'
+    assert "%test" in text and "torch.cuda.is_available()" in text and "bitsandbytes" in text
+    assert f"org.opencontainers.image.version {hpclora.__version__}" in recipe.labels
+    assert "%help" in text
+
+
+def test_the_v100_definition_uses_a_cuda_build_with_sm70():
+    assert "cuda11.8" in parse(ROOT / "containers" / "hpclora-v100.def").fromHeader
+    assert "sm_70" in (ROOT / "containers" / "hpclora.def").read_text()  # the caveat is written where users look
+
+
+def test_container_commands(tmp_path):
+    assert container.build_command("apptainer", Path("/r/containers/hpclora.def"), Path("/r/x.sif")) == [
+        "apptainer", "build", "--fakeroot", "/r/x.sif", "/r/containers/hpclora.def"]
+    assert container.check_command("singularity", Path("/r/x.sif"), gpu=True) == ["singularity", "test", "--nv", "/r/x.sif"]
+    dry = subprocess.run([sys.executable, "-m", "hpclora", "container", "build", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0 and "build --fakeroot" in dry.stdout and "containers/hpclora.def" in dry.stdout
+    if container.find_runtime() is None:
+        real = subprocess.run([sys.executable, "-m", "hpclora", "container", "build"], cwd=ROOT, capture_output=True, text=True)
+        assert real.returncode == 2 and "apptainer or singularity is not on PATH" in real.stderr and "Traceback" not in real.stderr
+
+
+def test_job_binds_cover_run_data_and_caches_once(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "d.jsonl", alpaca_rows(2))
+    cfg = config.load(None, [
+        f"data.path={data}", "run.output_root=/shared/runs", "cache.hf_home=/shared/hf", "container.image=/img/h.sif",
+        "container.binds=[/scratch, /shared/hf]", "container.env.OMP_PROC_BIND=close", "slurm.gpus=1",
+    ])
+    assert container.job_binds(cfg) == ["/shared/runs", str(tmp_path / "data"), "/shared/hf", "/scratch"]
+    words = container.exec_words(cfg)
+    assert words[:3] == ['"$CONTAINER_RUNTIME"', "exec", "--nv"] and words[-2:] == ["/img/h.sif", "hpclora"]
+    assert "--env" in words and "OMP_PROC_BIND=close" in words and "--cleanenv" not in words
+    no_gpu = config.load(None, [f"data.path={data}", "container.image=/img/h.sif", "slurm.gpus=0"])
+    assert "--nv" not in container.exec_words(no_gpu)
+
+
+def test_secrets_and_odd_binds_are_refused_in_container_settings(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(2))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [f"data.path={data}", "container.env.HF_TOKEN=hf_x", "container.env.WANDB_API_KEY=k", "container.binds=['a,b']"])
+    problems = dict(err.value.problems)
+    assert "looks like a secret" in problems["container.env.HF_TOKEN"] and "container.env.WANDB_API_KEY" in problems
+    assert "container.binds[0]" in problems
+
+
+def hub_config(tmp_path: Path, **extra) -> Path:
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(12))
+    keys = {
+        "run": {"name": "offline", "output_root": str(tmp_path / "runs")},
+        "model": {"name": "lab/tiny-llama"},
+        "data": {"path": str(data), "val_size": 2, "max_length": 64},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "eval_every": 0, "save_every": 0},
+        "cache": {"hf_home": str(tmp_path / "hf")},
+        **extra,
+    }
+    path = tmp_path / "offline.yaml"
+    path.write_text(json.dumps(keys))
+    return path
+
+
+def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpclora", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_offline_with_an_empty_cache_stops_at_once_with_the_fix(tmp_path):
+    cfg = hub_config(tmp_path, data={"path": "kunishou/databricks-dolly-15k-ja"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = run_cli("train", cfg, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    for needed in ("model lab/tiny-llama (revision main)", "dataset kunishou/databricks-dolly-15k-ja", str(tmp_path / "hf"), f"hpclora stage {cfg}"):
+        assert needed in done.stderr, needed
+    assert not (tmp_path / "runs").exists()  # stopped before anything was created or loaded
+
+
+def test_jobs_are_rendered_offline_and_submit_warns_when_not_staged(tmp_path):
+    cfg = hub_config(tmp_path)
+    done = run_cli("submit", cfg, "--dry-run")
+    assert done.returncode == 0
+    assert f"export HF_HOME={tmp_path / 'hf'}" in done.stdout
+    assert "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1" in done.stdout
+    assert "warning: jobs run offline" in done.stderr and "lacks model lab/tiny-llama" in done.stderr
+
+
+def test_cache_layout_is_read_as_the_hub_client_writes_it(tmp_path):
+    cfg = config.load(hub_config(tmp_path))
+    home = tmp_path / "hf"
+    assert staging.missing_from_cache(cfg) == ["model lab/tiny-llama (revision main)"]
+    snapshot = home / "hub" / "models--lab--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (home / "hub" / "models--lab--tiny-llama" / "refs").mkdir()
+    (home / "hub" / "models--lab--tiny-llama" / "refs" / "main").write_text("abc123")
+    assert staging.missing_from_cache(cfg) == []
+    cfg.model.revision = "v2"  # another revision is not staged
+    assert staging.missing_from_cache(cfg) == ["model lab/tiny-llama (revision v2)"]
+
+
+def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, tiny_llama_dir):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_llama_dir, repo)
+    (repo / "pytorch_model.bin").write_bytes(b"old weight format, not needed when safetensors exist")
+    cfg = hub_config(tmp_path)
+    with HubStandIn({"lab/tiny-llama": repo}) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HOME", None)
+        staged = run_cli("stage", cfg, env=env)
+    assert staged.returncode == 0, staged.stderr
+    assert not any("pytorch_model.bin" in r for r in hub.requests if r.startswith("GET"))
+
+    manifest = json.loads(Path(staged.stdout.split("manifest: ")[1].split()[0]).read_text())
+    assert manifest["model"]["id"] == "lab/tiny-llama" and manifest["model"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    for name, digest in manifest["model"]["files"].items():
+        assert digest == hashlib.sha256((repo / name).read_bytes()).hexdigest()
+    assert manifest["tokenized"]["cache_dir"] == str(tmp_path / "hf" / "hpclora" / "tokenized")
+    assert manifest["tokenized"]["train_examples"] == 10
+
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    trained = run_cli("train", cfg, "--run-dir", tmp_path / "run", env=offline)
+    assert trained.returncode == 0, trained.stderr
+    assert "(cached)" in trained.stdout  # the tokenized data staged above, not tokenized again
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
