@@ -1,9 +1,9 @@
 """A local stand-in for the Hugging Face hub (the real one is unreachable from our machines).
 
-It serves model repositories from local directories with the few endpoints huggingface_hub uses to
-download a snapshot: repository info (`/api/models/<id>[/revision/<rev>]`), the file tree
-(`/api/models/<id>/tree/<rev>`) and file resolution (`/<id>/resolve/<rev>/<file>`, HEAD for metadata
-and GET for content). Point HF_ENDPOINT at `url`.
+It serves model and dataset repositories from local directories with the few endpoints that
+huggingface_hub and datasets use to download them: repository info (`/api/{models,datasets}/<id>[/...]`),
+the file tree (`/api/.../<id>/tree/<rev>[/<folder>]`) and file resolution (`[datasets/]<id>/resolve/<rev>/<file>`,
+HEAD for metadata and GET for content). Point HF_ENDPOINT at `url`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from urllib.parse import unquote, urlparse
 
 
 class HubStandIn:
-    def __init__(self, repos: dict[str, Path], commit: str = "0123456789abcdef0123456789abcdef01234567"):
-        self.repos, self.commit, self.requests = repos, commit, []
+    def __init__(self, models: dict[str, Path], datasets: dict[str, Path] | None = None,
+                 commit: str = "0123456789abcdef0123456789abcdef01234567"):
+        self.repos = {("models", k): v for k, v in models.items()} | {("datasets", k): v for k, v in (datasets or {}).items()}
+        self.commit, self.requests = commit, []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -30,6 +32,10 @@ class HubStandIn:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def files(self, kind: str, repo: str) -> list[str]:
+        root = self.repos[(kind, repo)]
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
     def _handler(self):
         hub = self
@@ -46,28 +52,31 @@ class HubStandIn:
                 if not head:
                     self.wfile.write(body)
 
+            def _json(self, value, head: bool) -> None:
+                self._send(200, json.dumps(value).encode(), {"Content-Type": "application/json"}, head)
+
             def _serve(self, head: bool) -> None:
                 path = unquote(urlparse(self.path).path)
                 hub.requests.append(f"{self.command} {path}")
                 parts = path.strip("/").split("/")
-                if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                    repo = "/".join(parts[2:4])
-                    if repo in hub.repos:
-                        root = hub.repos[repo]
-                        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-                        if len(parts) >= 5 and parts[4] == "tree":  # file listing, one page
-                            tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size,
-                                     "oid": hashlib.sha1((root / f).read_bytes()).hexdigest()} for f in files]
-                            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
-                        info = {"id": repo, "modelId": repo, "sha": hub.commit, "siblings": [{"rfilename": f} for f in files]}
-                        return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
-                if len(parts) >= 5 and parts[2] == "resolve":
-                    repo, file = "/".join(parts[:2]), "/".join(parts[4:])
-                    local = hub.repos.get(repo, Path("/nonexistent")) / file
+                if parts[0] == "api" and len(parts) >= 4 and (parts[1], "/".join(parts[2:4])) in hub.repos:
+                    kind, repo = parts[1], "/".join(parts[2:4])
+                    root, files = hub.repos[(kind, repo)], hub.files(kind, repo)
+                    if len(parts) >= 6 and parts[4] == "tree":  # file listing of a folder, one page
+                        prefix = "/".join(parts[6:])
+                        entries = [f for f in files if f.startswith(prefix.rstrip("/") + "/" if prefix else "")]
+                        return self._json([{"type": "file", "path": f, "size": (root / f).stat().st_size,
+                                            "oid": hashlib.sha1((root / f).read_bytes()).hexdigest()} for f in entries], head)
+                    info = {"id": repo, "sha": hub.commit, "private": False, "siblings": [{"rfilename": f} for f in files]}
+                    return self._json(info, head)
+                kind = "datasets" if parts[0] == "datasets" else "models"
+                parts = parts[1:] if kind == "datasets" else parts
+                if len(parts) >= 5 and parts[2] == "resolve" and (kind, "/".join(parts[:2])) in hub.repos:
+                    local = hub.repos[(kind, "/".join(parts[:2]))] / "/".join(parts[4:])
                     if local.is_file():
                         body = local.read_bytes()
-                        etag = hashlib.sha256(body).hexdigest()
-                        headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
+                        headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+                                   "Content-Type": "application/octet-stream"}
                         return self._send(200, body, headers, head)
                 self._send(404, b'{"error": "not found"}', {"Content-Type": "application/json", "X-Error-Code": "EntryNotFound"}, head)
 
@@ -76,5 +85,8 @@ class HubStandIn:
 
             def do_HEAD(self):
                 self._serve(head=True)
+
+            def do_POST(self):
+                self._serve(head=False)
 
         return Handler

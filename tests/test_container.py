@@ -144,11 +144,13 @@ def test_cache_layout_is_read_as_the_hub_client_writes_it(tmp_path):
 
 
 def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, tiny_llama_dir):
-    repo = tmp_path / "repo"
+    repo, data_repo = tmp_path / "repo", tmp_path / "data-repo"
     shutil.copytree(tiny_llama_dir, repo)
     (repo / "pytorch_model.bin").write_bytes(b"old weight format, not needed when safetensors exist")
-    cfg = hub_config(tmp_path)
-    with HubStandIn({"lab/tiny-llama": repo}) as hub:
+    data_repo.mkdir()
+    write_jsonl(data_repo / "train.jsonl", alpaca_rows(12))
+    cfg = hub_config(tmp_path, data={"path": "lab/tiny-data", "val_size": 2, "max_length": 64})
+    with HubStandIn({"lab/tiny-llama": repo}, {"lab/tiny-data": data_repo}) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
         env.pop("HF_HOME", None)
         staged = run_cli("stage", cfg, env=env)
@@ -159,6 +161,8 @@ def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, 
     assert manifest["model"]["id"] == "lab/tiny-llama" and manifest["model"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
     for name, digest in manifest["model"]["files"].items():
         assert digest == hashlib.sha256((repo / name).read_bytes()).hexdigest()
+    assert manifest["dataset"]["id"] == "lab/tiny-data"
+    assert manifest["dataset"]["files"] == {"train.jsonl": hashlib.sha256((data_repo / "train.jsonl").read_bytes()).hexdigest()}
     assert manifest["tokenized"]["cache_dir"] == str(tmp_path / "hf" / "hpclora" / "tokenized")
     assert manifest["tokenized"]["train_examples"] == 10
 
@@ -167,3 +171,12 @@ def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, 
     assert trained.returncode == 0, trained.stderr
     assert "(cached)" in trained.stdout  # the tokenized data staged above, not tokenized again
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_stage_without_a_reachable_hub_is_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    done = run_cli("stage", hub_config(tmp_path), env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "model.name: lab/tiny-llama: the hub did not answer" in done.stderr
+    offline = run_cli("stage", hub_config(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 2 and "this node is offline" in offline.stderr

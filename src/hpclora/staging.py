@@ -116,6 +116,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _ask_hub(call, what: str):
+    """A hub request whose failure is the user's to fix (typo, gated, no network): a clear error, not a traceback."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return call()
+    except GatedRepoError:
+        raise UserError(f"{what}: gated repository: accept its terms on the hub and export HF_TOKEN, then stage again") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{what}: no such repository on the hub (or it is private: export HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{what}: the revision does not exist (model.revision)") from None
+    except Exception as exc:  # no network (the HTTP client's own errors), server errors, ...
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"{what}: the hub did not answer ({type(exc).__name__}: {first}): check the id, HF_TOKEN for private "
+            "repositories, and that this node has internet"
+        ) from None
+
+
+def _hashes(snapshot: Path) -> dict[str, str]:
+    """sha256 of every file of a cached snapshot, by its path in the repository."""
+    return {str(p.relative_to(snapshot)): _sha256(p) for p in sorted(snapshot.rglob("*")) if p.is_file()}
+
+
 def _weights_patterns(files: list[str]) -> list[str]:
     """Download one weight format: safetensors when the repository has them, else PyTorch .bin files."""
     if any(f.endswith(".safetensors") for f in files):
@@ -136,7 +161,7 @@ def stage(cfg: RunConfig, config_path: str | None) -> dict:
     api = HfApi()
     model = hub_model_id(cfg)
     if model:
-        info = api.model_info(model, revision=cfg.model.revision)
+        info = _ask_hub(lambda: api.model_info(model, revision=cfg.model.revision), f"model.name: {model}")
         files = [s.rfilename for s in info.siblings or []]
         print(f"model {model}@{cfg.model.revision or 'main'} (commit {info.sha}): downloading into {home / 'hub'}", flush=True)
         snapshot = Path(snapshot_download(model, revision=info.sha, ignore_patterns=_weights_patterns(files)))
@@ -144,13 +169,10 @@ def stage(cfg: RunConfig, config_path: str | None) -> dict:
             ref = _repo_dir(home, "model", model) / "refs" / (cfg.model.revision or "main")
             ref.parent.mkdir(parents=True, exist_ok=True)
             ref.write_text(info.sha)
-        manifest["model"] = {
-            "id": model, "revision": cfg.model.revision or "main", "commit": info.sha,
-            "files": {str(p.relative_to(snapshot)): _sha256(p) for p in sorted(snapshot.rglob("*")) if p.is_file()},
-        }
+        manifest["model"] = {"id": model, "revision": cfg.model.revision or "main", "commit": info.sha, "files": _hashes(snapshot)}
     dataset = hub_dataset_id(cfg)
     if dataset:
-        info = api.dataset_info(dataset)
+        info = _ask_hub(lambda: api.dataset_info(dataset), f"data.path: {dataset}")
         print(f"dataset {dataset} (commit {info.sha}): downloading", flush=True)
         manifest["dataset"] = {"id": dataset, "split": cfg.data.split, "commit": info.sha}
 
@@ -159,6 +181,9 @@ def stage(cfg: RunConfig, config_path: str | None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)  # reads the dataset (hub: into the cache) and tokenizes it
+    if dataset:  # the data files `datasets` fetched into the hub cache while reading
+        snapshot = _repo_dir(home, "dataset", dataset) / "snapshots" / manifest["dataset"]["commit"]
+        manifest["dataset"]["files"] = _hashes(snapshot) if snapshot.is_dir() else {}
     manifest["tokenized"] = {
         "cache_dir": cfg.data.cache_dir or str(default_cache_dir()),
         **{k: v for k, v in data.stats.items() if k.endswith(("_examples", "_tokens"))},
