@@ -111,6 +111,15 @@ def _warn_if_not_staged(cfg, config_path) -> None:
         )
 
 
+def cmd_plan(args) -> int:
+    from . import config, plan
+
+    cfg = config.load(args.config, args.overrides, check_files=False)
+    result = plan.make_plan(cfg, args.gpu)
+    print(result.to_json() if args.json else plan.format_plan(result))
+    return 0
+
+
 def cmd_stage(args) -> int:
     from . import config, staging
     from .quiet import quiet_libraries
@@ -273,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="JOB or JOB_TASK id, or a run directory")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job leaves the queue")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("plan", help="memory, precision, micro-batch and time of a run on a GPU type, before submitting")
+    with_config(p)
+    p.add_argument("--gpu", help="v100-16gb, v100-32gb, t4-16gb, a100-40gb, a100-80gb, h100-80gb, l4-24gb, rtx3060-12gb or cpu "
+                                 "(default: from slurm.gpu_type / slurm.gpus)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("stage", help="on a node with internet: fetch model and dataset into the shared cache, tokenize")
     with_config(p)

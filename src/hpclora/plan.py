@@ -1,0 +1,336 @@
+"""`hpclora plan`: will this run fit, with which precision, micro-batch and time, on which GPU?
+
+Pure arithmetic on the model's dimensions (from a config.json on disk or in the HF cache, else the
+table in models.py) and the run's config. No torch: this runs on login nodes in well under a second.
+
+Memory model (bytes; T = micro_batch x sequence tokens, e = bytes per element of the compute dtype):
+- frozen weights: e per parameter, or nf4 (0.5 B + quantization constants) / int8 for the projections
+  in the layers under QLoRA, the embeddings and head staying in the compute dtype;
+- LoRA: r x (in + out) per adapted projection; fp32 weights, fp32 gradients, optimizer states;
+- activations per layer and token, with and without gradient checkpointing (ACT_H x hidden +
+  ACT_I x intermediate values, more when LoRA dropout keeps its own copies of the inputs);
+- logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss;
+- CUDA context and the caching allocator's slack on GPUs; the interpreter and libraries on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import RunConfig, looks_local
+from .errors import UserError
+from .models import KNOWN_DIMS, target_modules_for
+
+GB = 1e9
+# Activation values kept per token and layer for the backward pass (calibrated on CPU, see
+# benchmarks/plan_vs_measured.py): inputs of norms and projections, q/k/v, MLP intermediates.
+ACT_H, ACT_I = 7, 3
+ACT_H_DROPOUT, ACT_I_DROPOUT = 12, 4  # LoRA dropout keeps a dropped copy of each adapted input (+ mask)
+ALLOCATOR_SLACK = 1.10  # PyTorch's caching allocator reserves more than it hands out
+CPU_BASELINE_GB = 0.9  # python + torch + transformers + datasets, resident before any weight is loaded
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    positions: int = 0  # learned absolute position embeddings (GPT-2); rotary and ALiBi models have none
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float  # what the job can use
+    bf16: bool
+    tflops: float  # dense fp16/bf16 tensor-core peak (fp32 for cpu), from vendor data sheets
+    context_gb: float  # CUDA context + cuBLAS/cuDNN workspaces
+
+
+# Peak dense half-precision throughput per data sheet; `cpu` is this project's reference machine (2 cores,
+# fp32 measured at 184 GFLOP/s).
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("v100-16gb", 16.0, False, 125.0, 0.6),
+        Device("v100-32gb", 32.0, False, 125.0, 0.6),
+        Device("t4-16gb", 15.0, False, 65.0, 0.5),
+        Device("a100-40gb", 40.0, True, 312.0, 0.7),
+        Device("a100-80gb", 80.0, True, 312.0, 0.7),
+        Device("h100-80gb", 80.0, True, 989.0, 0.8),
+        Device("l4-24gb", 22.5, True, 121.0, 0.5),
+        Device("rtx3060-12gb", 12.0, True, 51.0, 0.5),
+        Device("cpu", 0.0, False, 0.184, 0.0),
+    )
+}
+# Share of peak FLOPs a LoRA fine-tune reaches in practice (small batches, frozen weights, no fused kernels).
+EFFICIENCY = {"gpu": 0.30, "cpu": 0.34, "qlora": 0.75}
+
+
+def dims_from_config(config: dict) -> ModelDims:
+    """ModelDims from a Hugging Face config.json, whatever each architecture calls its fields."""
+    get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)  # noqa: E731
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    layers = get("num_hidden_layers", "n_layer")
+    if not (hidden and heads and layers):
+        raise UserError("model config.json lacks hidden size, heads or layers: give model dimensions another way")
+    return ModelDims(
+        model_type=config.get("model_type", "llama"), hidden=hidden, layers=layers, heads=heads,
+        kv_heads=get("num_key_value_heads", default=heads), intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
+        vocab=get("vocab_size", default=32000), tied=bool(config.get("tie_word_embeddings", config.get("model_type") in ("bloom", "gpt2"))),
+        positions=get("n_positions", default=0) if config.get("model_type") == "gpt2" else 0,
+    )
+
+
+def find_dims(cfg: RunConfig) -> tuple[ModelDims, str]:
+    """The model's dimensions and where they came from: local directory, HF cache, or the built-in table."""
+    from .staging import cached_snapshot, hf_home, hub_model_id
+
+    name = cfg.model.name
+    candidates = []
+    if hub_model_id(cfg) is None and Path(name).expanduser().is_dir():
+        candidates.append(Path(name).expanduser() / "config.json")
+    elif hub_model_id(cfg):
+        snapshot = cached_snapshot(hf_home(cfg), "model", name, cfg.model.revision, "config.json")
+        if snapshot:
+            candidates.append(snapshot / "config.json")
+    for path in candidates:
+        if path.is_file():
+            return dims_from_config(json.loads(path.read_text(encoding="utf-8"))), str(path)
+    if name in KNOWN_DIMS:
+        return ModelDims(*KNOWN_DIMS[name]), "built-in table"
+    raise UserError(
+        f"model.name: no dimensions known for '{name}' here (no config.json on disk or in the HF cache at "
+        f"{hf_home(cfg)}, and not in the built-in table). Run `hpclora stage CONFIG` to fetch it, or point "
+        "model.name at a local directory holding its config.json"
+    )
+
+
+def projections(d: ModelDims) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer in one block, by module name, per architecture."""
+    h, i, head = d.hidden, d.intermediate, d.hidden // d.heads
+    kv = d.kv_heads * head
+    if d.model_type in ("gpt_neox", "bloom", "falcon"):
+        return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h)}
+    if d.model_type == "gpt2":
+        return {"c_attn": (h, 3 * h), "c_proj": (h, h), "c_fc": (h, i), "c_proj_mlp": (i, h)}
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def parameter_counts(d: ModelDims) -> dict[str, int]:
+    linear = sum(a * b for a, b in projections(d).values()) * d.layers
+    embed = (d.vocab + d.positions) * d.hidden
+    head = 0 if d.tied else d.vocab * d.hidden
+    norms = d.layers * 4 * d.hidden + 2 * d.hidden
+    return {"linear": linear, "embedding": embed, "head": head, "other": norms, "total": linear + embed + head + norms}
+
+
+def lora_parameters(d: ModelDims, r: int, targets) -> int:
+    shapes = projections(d)
+    names = target_modules_for(d.model_type) or list(shapes) if targets == "auto" else list(targets)
+    if d.model_type == "gpt2" and "c_proj" in names:
+        names = [*names, "c_proj_mlp"]  # GPT-2 has a c_proj in attention and in the MLP
+    return sum(r * (shapes[n][0] + shapes[n][1]) for n in names if n in shapes) * d.layers
+
+
+def precision_for(cfg: RunConfig, device: Device) -> tuple[str, str]:
+    from .precision import choose_precision
+
+    return choose_precision(cfg.train.precision, "cpu" if device.name == "cpu" else "cuda", device.bf16)
+
+
+def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micro_batch: int) -> dict[str, float]:
+    """Peak memory by component, in GB, for one micro-batch of full-length rows."""
+    e = 4 if precision == "fp32" else 2
+    counts = parameter_counts(d)
+    bits = cfg.quant.bits
+    if bits == 4:
+        constants = (1 + 4 / 256) / 64 if cfg.quant.double_quant else 4 / 64  # absmax per 64 weights (itself quantized)
+        weights = counts["linear"] * (0.5 + constants) + (counts["total"] - counts["linear"]) * e
+    elif bits == 8:
+        weights = counts["linear"] * (1 + 4 / d.hidden) + (counts["total"] - counts["linear"]) * e
+    else:
+        weights = counts["total"] * e
+    lora = lora_parameters(d, cfg.lora.r, cfg.lora.target_modules)
+    optimizer_bytes = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[cfg.train.optimizer]
+    lora_bytes = lora * (4 + 4)  # fp32 weights and gradients
+    optimizer = lora * optimizer_bytes
+    tokens = micro_batch * cfg.data.max_length
+    dropout = cfg.lora.dropout > 0
+    per_layer = (ACT_H_DROPOUT if dropout else ACT_H) * d.hidden + (ACT_I_DROPOUT if dropout else ACT_I) * d.intermediate
+    if cfg.train.gradient_checkpointing:  # layer inputs kept, one layer's activations recomputed at a time
+        activations = tokens * e * (d.layers * d.hidden + per_layer)
+    else:
+        activations = tokens * e * d.layers * per_layer
+    logits = tokens * d.vocab * (e + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
+    parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
+             "activations_gb": activations / GB, "logits_gb": logits / GB}
+    if device.name == "cpu":
+        parts["runtime_gb"] = CPU_BASELINE_GB
+        parts["peak_gb"] = sum(parts.values())
+    else:
+        parts["runtime_gb"] = device.context_gb
+        dynamic = parts["activations_gb"] + parts["logits_gb"]
+        parts["peak_gb"] = parts["weights_gb"] + parts["lora_gb"] + parts["optimizer_gb"] + dynamic * ALLOCATOR_SLACK + device.context_gb
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+@dataclass
+class Plan:
+    model: str
+    dims_source: str
+    device: str
+    params_total: int
+    params_trainable: int
+    precision: str
+    precision_reason: str
+    micro_batch: int  # what the config asks for
+    weights_gb: float
+    optimizer_gb: float  # LoRA weights, gradients and optimizer states
+    activations_gb: float  # activations and logits at the configured micro-batch
+    peak_gb: float
+    capacity_gb: float
+    fits: bool
+    max_micro_batch: int  # the largest that fits (0: not even one row)
+    grad_accum: int  # keeps micro_batch x grad_accum when the micro-batch has to shrink
+    steps: int | None
+    tokens_per_s: float
+    tokens_per_s_note: str
+    time: str | None  # estimated wall time of the training, HH:MM:SS
+    recommended: dict
+    breakdown: dict
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def device_for(cfg: RunConfig, name: str | None) -> Device:
+    if name is None:
+        if cfg.slurm.gpus == 0:
+            name = "cpu"
+        elif cfg.slurm.gpu_type:  # the smallest card of that type: a plan that fits there fits on all
+            matches = sorted((d for d in DEVICES.values() if d.name.split("-")[0] == cfg.slurm.gpu_type.lower()), key=lambda d: d.memory_gb)
+            if not matches:
+                raise UserError(f"slurm.gpu_type: no planner data for '{cfg.slurm.gpu_type}': pass --gpu NAME ({', '.join(DEVICES)})")
+            name = matches[0].name
+        else:
+            raise UserError(f"plan: which GPU? pass --gpu NAME ({', '.join(DEVICES)}) or set slurm.gpu_type")
+    if name not in DEVICES:
+        raise UserError(f"--gpu: unknown '{name}': one of {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+def count_rows(path: str) -> int | None:
+    """Rows of a local data file, cheaply (JSON Lines and CSV by lines); None when unknown."""
+    p = Path(path)
+    if not (looks_local(path) and p.is_file()):
+        return None
+    if p.suffix in (".jsonl", ".csv"):
+        with open(p, "rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        return lines - (1 if p.suffix == ".csv" else 0)
+    if p.suffix == ".json" and p.stat().st_size < 200_000_000:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return len(data) if isinstance(data, list) else None
+    return None
+
+
+def planned_steps(cfg: RunConfig) -> int | None:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    rows = count_rows(cfg.data.path)
+    if rows is None:
+        return None
+    rows = min(rows, cfg.data.max_rows or rows)
+    val = int(cfg.data.val_size) if cfg.data.val_size >= 1 else int(rows * cfg.data.val_size)
+    per_epoch = math.ceil(max(rows - val, 1) / (cfg.train.micro_batch_size * cfg.train.grad_accum))
+    return max(1, math.ceil(per_epoch * cfg.train.epochs))
+
+
+def hms(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
+    device = device_for(cfg, gpu)
+    dims, source = find_dims(cfg)
+    precision, why = precision_for(cfg, device)
+    counts = parameter_counts(dims)
+    trainable = lora_parameters(dims, cfg.lora.r, cfg.lora.target_modules)
+    capacity = _mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
+    parts = memory_gb(dims, cfg, device, precision, cfg.train.micro_batch_size)
+    usable = capacity * 0.95
+
+    max_micro = 0
+    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        if memory_gb(dims, cfg, device, precision, b)["peak_gb"] <= usable:
+            max_micro = b
+    micro = min(cfg.train.micro_batch_size, max_micro) if max_micro else 0
+    effective = cfg.train.micro_batch_size * cfg.train.grad_accum
+    accum = math.ceil(effective / micro) if micro else cfg.train.grad_accum
+
+    # Tokens/s from the device's peak FLOPs: forward 2N, backward (input gradients only: the base is
+    # frozen) 2N, recomputation 2N more with gradient checkpointing; causal attention on top.
+    per_token = (4 + (2 if cfg.train.gradient_checkpointing else 0)) * counts["total"]
+    per_token += 3 * 2 * dims.layers * dims.hidden * cfg.data.max_length
+    efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
+    tokens_per_s = device.tflops * 1e12 * efficiency / per_token
+    steps = planned_steps(cfg)
+    seconds = None
+    if steps is not None:
+        tokens = steps * effective * cfg.data.max_length  # full rows: an upper bound
+        seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
+    weights_fp16 = counts["total"] * 2 / GB
+    recommended = {
+        "gres": "none (CPU job)" if device.name == "cpu" else f"gpu:{device.name.split('-')[0]}:1",
+        "mem": f"{max(8, math.ceil(weights_fp16 * 1.2 + 8 if device.name != 'cpu' else parts['peak_gb'] * 1.3))}G",
+        "cpus_per_task": 8 if device.name != "cpu" else cfg.slurm.cpus_per_task,
+        "time": hms(seconds * 1.3) if seconds else None,
+    }
+    return Plan(
+        model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
+        precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
+        weights_gb=parts["weights_gb"], optimizer_gb=round(parts["lora_gb"] + parts["optimizer_gb"], 3),
+        activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=capacity,
+        fits=parts["peak_gb"] <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
+        tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} typical efficiency",
+        time=hms(seconds) if seconds else None, recommended=recommended, breakdown=parts,
+    )
+
+
+def _mem_gb(mem: str) -> float:
+    units = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+    return float(mem[:-1]) * units[mem[-1]] if mem[-1] in units else float(mem) * 1e-3  # plain numbers are MB
+
+
+def format_plan(p: Plan) -> str:
+    rows = [
+        ("model", f"{p.model} ({p.dims_source})"),
+        ("device", p.device),
+        ("parameters", f"{p.params_total / 1e9:.2f} B total, {p.params_trainable / 1e6:.1f} M trainable (LoRA)"),
+        ("precision", f"{p.precision}: {p.precision_reason}"),
+        ("weights", f"{p.weights_gb:.2f} GB"),
+        ("LoRA + optim", f"{p.optimizer_gb:.2f} GB"),
+        ("activations", f"{p.activations_gb:.2f} GB at micro-batch {p.micro_batch} (incl. logits)"),
+        ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB: {'fits' if p.fits else 'DOES NOT FIT'}"),
+        ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
+                        if p.max_micro_batch else "not even 1 row fits: use quant.bits=4, gradient checkpointing, shorter rows or a larger GPU"),
+        ("speed", f"~{p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s_note})"),
+        ("time", f"{p.time} for {p.steps} steps (full-length rows: an upper bound)" if p.time else "unknown (row count not known: set train.max_steps)"),
+        ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v)),
+    ]
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)

@@ -1,0 +1,101 @@
+"""The planner's arithmetic: parameter counts against real models built from config.json files, and
+the memory model's behaviour (monotone in batch and length, QLoRA below LoRA, precision per GPU).
+How close its predictions come to measured peaks is a benchmark (benchmarks/), not a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpclora import config, plan
+from hpclora.errors import UserError
+
+from conftest import ROOT, tiny_model
+
+
+def cfg_for(tmp_path, *overrides):
+    return config.load(None, ["data.path=owner/dataset", *overrides], check_files=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gpt_neox", "bloom", "gpt2"])
+def test_parameter_counts_match_real_models(tmp_path, model_type):
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "m")
+    dims = plan.dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
+    counts = plan.parameter_counts(dims)
+    real = sum(p.numel() for p in model.parameters())
+    assert abs(counts["total"] - real) / real < 0.02, (counts, real)  # biases and position tables aside
+
+
+def test_lora_parameter_count_matches_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    dims = plan.dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    assert plan.lora_parameters(dims, 8, targets) == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_a_7b_llama_from_the_table_has_its_published_size(tmp_path):
+    cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf")
+    dims, source = plan.find_dims(cfg)
+    assert source == "built-in table"
+    assert 6.7e9 < plan.parameter_counts(dims)["total"] < 6.8e9  # 6.74 B
+
+
+def test_memory_grows_with_batch_and_length_and_qlora_needs_less(tmp_path):
+    device = plan.DEVICES["a100-40gb"]
+    base = ["model.name=meta-llama/Llama-2-7b-hf", "data.max_length=512"]
+    dims, _ = plan.find_dims(cfg_for(tmp_path, *base))
+    peak = lambda *o, b=1: plan.memory_gb(dims, cfg_for(tmp_path, *base, *o), device, "bf16", b)["peak_gb"]  # noqa: E731
+    assert peak(b=1) < peak(b=2) < peak(b=8)
+    assert peak("data.max_length=256") < peak() < peak("data.max_length=2048")
+    assert peak("quant.bits=4") < peak("quant.bits=8") < peak()
+    assert peak("quant.bits=4", "quant.double_quant=true") < peak("quant.bits=4", "quant.double_quant=false")
+    assert peak("train.gradient_checkpointing=true", b=8) < peak(b=8)
+
+
+def test_precision_and_fit_per_gpu(tmp_path):
+    cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "train.micro_batch_size=4", "data.max_length=512")
+    assert plan.make_plan(cfg, "v100-16gb").precision == "fp16"
+    assert plan.make_plan(cfg, "t4-16gb").precision == "fp16"
+    assert plan.make_plan(cfg, "a100-40gb").precision == "bf16"
+    lora_v100 = plan.make_plan(cfg, "v100-16gb")
+    assert not lora_v100.fits and lora_v100.max_micro_batch == 0  # 13.5 GB of bf16 weights alone
+    qlora = ["model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "train.micro_batch_size=1", "train.gradient_checkpointing=true"]
+    qlora_v100 = plan.make_plan(cfg_for(tmp_path, *qlora), "v100-16gb")
+    assert qlora_v100.fits and qlora_v100.max_micro_batch >= 1
+    with pytest.raises(UserError, match="bf16 is not supported"):
+        plan.make_plan(cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "train.precision=bf16"), "v100-16gb")
+
+
+def test_a_shrunk_micro_batch_keeps_the_effective_batch(tmp_path):
+    cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "train.micro_batch_size=64", "train.grad_accum=1", "data.max_length=1024")
+    p = plan.make_plan(cfg, "t4-16gb")
+    assert not p.fits and 1 <= p.max_micro_batch < 64
+    assert p.max_micro_batch * p.grad_accum >= 64
+
+
+def test_unknown_model_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="hpclora stage"):
+        plan.make_plan(cfg_for(tmp_path, "model.name=someone/unknown-13b", f"cache.hf_home={tmp_path}"), "a100-40gb")
+
+
+def test_plan_cli_json_without_heavy_imports():
+    code = (
+        "import sys; from hpclora.cli import main; rc = main(sys.argv[1:]); "
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), file=sys.stderr); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "plan", str(ROOT / "configs" / "open-calm-7b-qlora-dolly-ja.yaml"), "--gpu", "v100-16gb", "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("params_total", "params_trainable", "weights_gb", "optimizer_gb", "activations_gb", "peak_gb", "capacity_gb",
+                "fits", "precision", "max_micro_batch", "grad_accum", "tokens_per_s", "time", "recommended"):
+        assert key in result, key
+    assert result["precision"] == "fp16" and result["fits"] and "HEAVY []" in done.stderr
