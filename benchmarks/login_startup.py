@@ -58,6 +58,7 @@ def main() -> None:
             *hpclora, "sweep", str(config), "--grid", "lora.r=4,8,16,32", "--grid", "train.lr=1e-4,2e-4,3e-4,4e-4",
             "--grid", "lora.dropout=0,0.05,0.1,0.2", "--dry-run",
         ],
+        "plan --gpu v100-16gb": [*hpclora, "plan", str(config), "--gpu", "v100-16gb"],
         "status RUN_DIR": [*hpclora, "status", str(run_dir)],
         "logs RUN_DIR": [*hpclora, "logs", str(run_dir)],
     }
