@@ -8,6 +8,7 @@ instead of stopping at the first one. Only plain dataclasses leave this module.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -240,11 +241,19 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
-    from omegaconf import OmegaConf
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
+    stat = p.stat()
+    return copy.deepcopy(_parse_yaml(str(p.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
+    """Parsed once per file version: a sweep loads the same YAML for every trial."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
