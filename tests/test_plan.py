@@ -99,3 +99,24 @@ def test_plan_cli_json_without_heavy_imports():
                 "fits", "precision", "max_micro_batch", "grad_accum", "tokens_per_s", "time", "recommended"):
         assert key in result, key
     assert result["precision"] == "fp16" and result["fits"] and "HEAVY []" in done.stderr
+
+
+def test_submit_refuses_what_does_not_fit_unless_forced_and_fills_time_auto(tmp_path):
+    big = [str(ROOT / "configs" / "open-calm-3b-lora.yaml"), "slurm.gpu_type=v100", "train.micro_batch_size=64",
+           f"run.output_root={tmp_path}", "--dry-run"]
+    refused = subprocess.run([sys.executable, "-m", "hpclora", "submit", *big], capture_output=True, text=True)
+    assert refused.returncode == 2 and "does not fit in 16.0 GB on v100-16gb" in refused.stderr
+    assert "train.micro_batch_size=16" in refused.stderr and "Traceback" not in refused.stderr
+    forced = subprocess.run([sys.executable, "-m", "hpclora", "submit", *big, "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0 and "DOES NOT FIT: forced" in forced.stderr
+
+    auto = subprocess.run([sys.executable, "-m", "hpclora", "submit", str(ROOT / "configs" / "demo-cpu.yaml"), "slurm.time=auto",
+                           f"run.output_root={tmp_path}", "--dry-run"], capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stderr
+    estimate = next(l for l in auto.stderr.splitlines() if "slurm.time auto ->" in l).split("-> ")[1].split()[0]
+    assert f"#SBATCH --time={estimate}\n" in auto.stdout
+    sweep = subprocess.run([sys.executable, "-m", "hpclora", "sweep", str(ROOT / "configs" / "demo-cpu.yaml"), "slurm.time=auto",
+                            "--grid", "train.epochs=1,4", f"run.output_root={tmp_path}", "--dry-run"], capture_output=True, text=True)
+    assert sweep.returncode == 0, sweep.stderr
+    longest = next(l for l in sweep.stderr.splitlines() if "slurm.time auto ->" in l).split("-> ")[1].split()[0]
+    assert f"#SBATCH --time={longest}\n" in sweep.stdout and plan._seconds(longest) > plan._seconds(estimate)

@@ -68,10 +68,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from . import config
+    from . import config, plan
     from .launch import submit
 
     cfg = config.load(args.config, args.overrides)
+    _print_plan(plan.check_before_submit([cfg], args.force))
     job = submit.prepare_run(cfg)
     _warn_if_not_staged(cfg, args.config)
     if args.dry_run:
@@ -84,9 +85,10 @@ def cmd_submit(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from . import plan
     from .launch import submit
 
-    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel)
+    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=lambda cfgs: _print_plan(plan.check_before_submit(cfgs, args.force)))
     _warn_if_not_staged(job.cfg, args.config)
     trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
     if args.dry_run:
@@ -97,6 +99,11 @@ def cmd_sweep(args) -> int:
     entry = submit.launch(job, args.launcher, args.cluster)
     _print_launched(entry, job)
     return 0
+
+
+def _print_plan(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def _warn_if_not_staged(cfg, config_path) -> None:
@@ -259,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the job script and what would be run; submit nothing")
         p.add_argument("--launcher", choices=("sbatch", "submitit", "local"), default="sbatch",
                        help="sbatch (default): the rendered script; submitit: its AutoExecutor; local: in this process")
+        p.add_argument("--force", action="store_true", help="submit even when the planner predicts that it does not fit")
         p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                        help="submitit's backend (default: Slurm when srun is on PATH); local and debug need no Slurm")
 

@@ -143,7 +143,7 @@ class SlurmSection:
     partition: Optional[str] = opt(None, "Partition (queue) to submit to; null = the cluster's default.")
     account: Optional[str] = opt(None, "Account to charge (`--account`); null = your default account.")
     qos: Optional[str] = opt(None, "Quality of service (`--qos`); null = the default.")
-    time: str = opt("04:00:00", "Wall-clock limit in a Slurm time format: MM, HH:MM:SS, D-HH, D-HH:MM:SS.")
+    time: str = opt("04:00:00", "Wall-clock limit in a Slurm time format (MM, HH:MM:SS, D-HH:MM:SS), or auto: the planner's estimate with a margin.")
     nodes: int = opt(1, "Nodes per run. hpclora trains one process on one node, so this must be 1.", min=1)
     gpus: int = opt(1, "GPUs per run (0 = a CPU-only job).", min=0, max=16)
     gpu_type: Optional[str] = opt(None, "GPU type as the cluster names it in its gres (v100, a100, ...); null = any.")
@@ -490,7 +490,7 @@ def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
 
 def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
     problems = []
-    if not SLURM_TIME.match(slurm.time):
+    if slurm.time != "auto" and not SLURM_TIME.match(slurm.time):
         problems.append(("slurm.time", f"not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS): {slurm.time!r}"))
     if not SLURM_MEM.match(slurm.mem):
         problems.append(("slurm.mem", f"expected a size such as 32G or 64000M, got {slurm.mem!r}"))

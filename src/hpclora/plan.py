@@ -334,3 +334,43 @@ def format_plan(p: Plan) -> str:
         ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v)),
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
+    """What `submit` and `sweep` learn from the planner: refuse a run that does not fit (unless forced),
+    fill `slurm.time: auto` (the longest trial's estimate), and return lines to print."""
+    lines, times = [], []
+    for i, cfg in enumerate(cfgs):
+        label = f"trial {i}: " if len(cfgs) > 1 else ""
+        try:
+            p = make_plan(cfg)
+        except UserError as exc:
+            if cfg.slurm.time == "auto":
+                raise UserError(f"slurm.time: auto needs a plan, and there is none: {exc}") from None
+            lines.append(f"warning: {label}no memory check ({exc})")
+            continue
+        if not p.fits and not force:
+            fix = (f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch
+                   else "quant.bits=4, train.gradient_checkpointing=true, a shorter data.max_length or a larger GPU")
+            raise UserError(
+                f"{label}predicted peak {p.peak_gb:.1f} GB does not fit in {p.capacity_gb:.1f} GB on {p.device} "
+                f"(`hpclora plan` shows the breakdown): try {fix}, or pass --force"
+            )
+        if cfg.slurm.time == "auto":
+            if p.recommended["time"] is None:
+                raise UserError("slurm.time: auto needs the number of steps: set train.max_steps, or use a local data file")
+            times.append(p.recommended["time"])
+        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}, {p.precision}"
+                     + ("" if p.fits else " (DOES NOT FIT: forced)"))
+    if times:
+        longest = max(times, key=_seconds)
+        for cfg in cfgs:
+            cfg.slurm.time = longest
+        lines.append(f"plan: slurm.time auto -> {longest} (estimate x 1.3)")
+    return lines
+
+
+def _seconds(slurm_time: str) -> int:
+    days, _, clock = slurm_time.rpartition("-")
+    h, m, sec = (int(x) for x in clock.split(":"))
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec

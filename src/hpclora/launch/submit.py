@@ -73,9 +73,10 @@ def prepare_run(cfg: RunConfig, python: str = sys.executable) -> PreparedJob:
 
 def prepare_sweep(
     config_path: str, overrides: list[str], grid_specs: list[str], max_parallel: int | None,
-    python: str = sys.executable,
+    python: str = sys.executable, check=None,
 ) -> PreparedJob:
-    """Resolve every trial's config first: a bad value in any trial stops the sweep before submission."""
+    """Resolve every trial's config first: a bad value in any trial stops the sweep before submission.
+    `check(cfgs)` runs on the resolved trial configs before the script is rendered."""
     if not grid_specs:
         raise UserError("sweep: give at least one --grid key=value1,value2")
     if max_parallel is not None and max_parallel < 1:
@@ -89,6 +90,8 @@ def prepare_sweep(
             problems += [(f"trial {i} ({' '.join(extra)}): {key}", msg) for key, msg in exc.problems]
     if problems:
         raise ConfigError(problems)
+    if check is not None:  # the planner: may refuse, and fills slurm.time: auto, before anything is rendered
+        check(cfgs)
     first = cfgs[0]
     directory = new_directory(first.run.output_root, f"{first.run.name}-sweep")
     payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel)
