@@ -80,3 +80,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def alpaca_rows(n: int) -> list[dict]:
     return [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(n)]
+
+
+def tiny_run_yaml(tmp_path: Path, model_dir: Path, **sections: dict) -> Path:
+    """A short training run of a tiny model on 24 alpaca rows, as a config file; `sections` update it,
+    e.g. train={"max_steps": 40}. CPU-only Slurm resources small enough for the test cluster."""
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
+    keys = {
+        "run": {"name": "tiny", "output_root": str(tmp_path / "runs")},
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 0, "save_every": 0},
+        "slurm": {"gpus": 0, "cpus_per_task": 1, "mem": "2G", "time": "10:00", "log_dir": str(tmp_path / "logs")},
+    }
+    for section, values in sections.items():
+        keys.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(keys))  # JSON is YAML
+    return path

@@ -21,7 +21,7 @@ from hpclora.errors import ConfigError
 from hpclora.launch import render, submit, sweep, watch
 from hpclora.launch.submitit import parameters, slurm_minutes
 
-from conftest import ROOT, alpaca_rows, write_jsonl
+from conftest import ROOT, alpaca_rows, tiny_run_yaml, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
 PYTHON = "/opt/venvs/hpclora/bin/python"
@@ -197,26 +197,9 @@ def test_login_node_commands_do_not_import_heavy_libraries(name, tmp_path):
     assert "HEAVY []" in proc.stdout
 
 
-def tiny_run_config(tmp_path: Path, model_dir: Path, **extra: str) -> Path:
-    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
-    keys = {
-        "run": {"name": "tiny", "output_root": str(tmp_path / "runs")},
-        "model": {"name": str(model_dir)},
-        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 0, "save_every": 0},
-        "slurm": {"gpus": 0, "cpus_per_task": 1, "mem": "2G", "time": "10:00", "log_dir": str(tmp_path / "logs")},
-    }
-    for dotted, value in extra.items():
-        section, key = dotted.split("__")
-        keys[section][key] = value
-    path = tmp_path / "tiny.yaml"
-    path.write_text(json.dumps(keys))  # JSON is YAML
-    return path
-
-
 def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
-    cfg = config.load(tiny_run_config(tmp_path, tiny_llama_dir))
+    cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir))
     job = submit.prepare_run(cfg)
     entry = submit.launch(job, "local")
     assert entry["job_id"] is None and (job.directory / "adapter" / "adapter_config.json").exists()
@@ -231,7 +214,7 @@ def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir
 def test_submitit_without_slurm_trains_a_sweep(tmp_path, tiny_llama_dir, monkeypatch, cluster):
     """submitit's debug (in-process) and local (child process) executors: the same payload, no Slurm."""
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
-    job = submit.prepare_sweep(str(tiny_run_config(tmp_path, tiny_llama_dir)), [], ["lora.r=2,4"], None)
+    job = submit.prepare_sweep(str(tiny_run_yaml(tmp_path, tiny_llama_dir)), [], ["lora.r=2,4"], None)
     entry = submit.launch(job, "submitit", cluster)
     for i, run_dir in enumerate(job.run_dirs):
         adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())

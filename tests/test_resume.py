@@ -16,23 +16,17 @@ import pytest
 from hpclora import checkpoint
 from hpclora.preempt import CHECKPOINTED_EXIT
 
-from conftest import alpaca_rows, write_jsonl
+from conftest import tiny_run_yaml
 
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
 
 
 def resume_config(tmp_path: Path, model_dir: Path, **train) -> Path:
-    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
-    keys = {
-        "run": {"name": "resume", "output_root": str(tmp_path / "runs")},
-        "model": {"name": str(model_dir)},
-        "lora": {"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
-        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": STEPS, "micro_batch_size": 4, "log_every": 1, "eval_every": 7, "save_every": 0, **train},
-    }
-    path = tmp_path / "resume.yaml"
-    path.write_text(json.dumps(keys))
-    return path
+    return tiny_run_yaml(
+        tmp_path, model_dir, run={"name": "resume"},
+        lora={"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
+        train={"max_steps": STEPS, "eval_every": 7, **train},
+    )
 
 
 def train_argv(config: Path, run_dir: Path) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, alpaca_rows, write_jsonl
+from conftest import ROOT, tiny_run_yaml
 
 SECRET = "hf_do_not_leak_0123456789"
 
@@ -55,22 +55,6 @@ def env(tmp_path):
     }
 
 
-def tiny_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
-    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(24))
-    keys = {
-        "run": {"name": "tiny", "output_root": str(tmp_path / "runs")},
-        "model": {"name": str(model_dir)},
-        "data": {"path": str(data), "val_size": 4, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 0, "save_every": 0},
-        "slurm": {"gpus": 0, "cpus_per_task": 1, "mem": "2G", "time": "10:00", "log_dir": str(tmp_path / "logs")},
-    }
-    for section, values in sections.items():
-        keys.setdefault(section, {}).update(values)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(json.dumps(keys))  # JSON is YAML
-    return path
-
-
 def hpclora(*args, env, cwd, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "hpclora", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     if check:
@@ -103,7 +87,7 @@ def files_under(*roots: Path) -> list[Path]:
 
 def test_submit_completes_and_status_and_logs_report_it(tmp_path, tiny_llama_dir, env):
     # The setup line proves the token reached the job, through the environment only.
-    cfg = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ['[ -n "${HF_TOKEN:-}" ] || { echo "no HF_TOKEN in the job"; exit 3; }']})
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ['[ -n "${HF_TOKEN:-}" ] || { echo "no HF_TOKEN in the job"; exit 3; }']})
     out = hpclora("submit", cfg, "lora.r=4", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
@@ -132,7 +116,7 @@ def test_submit_completes_and_status_and_logs_report_it(tmp_path, tiny_llama_dir
 def test_hostile_run_name_and_paths_run_without_executing_anything(tmp_path, tiny_llama_dir, env):
     root = tmp_path / "my runs" / "$(touch pwned1)" / "`touch pwned2`"
     logs = tmp_path / "logs $(touch pwned3)" / "100%"
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     out = hpclora("submit", cfg, 'run.name=x"; touch pwned; echo "', f"run.output_root={root}", f"slurm.log_dir={logs}", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
@@ -144,7 +128,7 @@ def test_hostile_run_name_and_paths_run_without_executing_anything(tmp_path, tin
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     out = hpclora("sweep", cfg, "train.max_steps=2", "--grid", "lora.r=2,4,8", "--max-parallel", "2", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     states = wait_for(job_id, tasks=3)
@@ -172,7 +156,7 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
 
 
 def test_submitit_launcher_on_slurm(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     out = hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
@@ -186,7 +170,7 @@ def test_submitit_launcher_on_slurm(tmp_path, tiny_llama_dir, env):
 
 
 def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_log(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 2"]})  # time to remove the file
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 2"]})  # time to remove the file
     out = hpclora("submit", cfg, env=env, cwd=tmp_path).stdout
     (tmp_path / "data.jsonl").unlink()
     job_id = job_id_from(out)
@@ -201,7 +185,7 @@ def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_
 
 def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env):
     """`sbatch jobs/train.sbatch CONFIG k=v` and `sbatch --array=0-1 jobs/sweep.sbatch CONFIG TRIALS`."""
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     (tmp_path / "logs").mkdir()
     (tmp_path / "trials.txt").write_text("lora.r=2 train.max_steps=2\nlora.r=4 train.max_steps=2\n")
     resources = ["--cpus-per-task=1", "--mem=2G", "--time=10:00"]
@@ -226,12 +210,12 @@ def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env)
 
 
 def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
     followed = hpclora("logs", job_id, "-f", env=env, cwd=tmp_path).stdout  # returns once the job has left the queue
     assert followed.rstrip().endswith("with exit code 0") and "adapter saved to" in followed
 
-    slow = tiny_config(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
+    slow = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
     job_id = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
     assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
     assert wait_for(job_id)[job_id][0] == "CANCELLED"
@@ -241,7 +225,7 @@ def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_ll
 def test_status_without_accounting_judges_finished_runs_by_their_directories(tmp_path, tiny_llama_dir, env):
     """A cluster without slurmdbd cannot run beside the test cluster on one machine, so `sacct` is replaced
     by a script that answers exactly as Slurm 22.05 does when accounting is off; squeue stays real."""
-    cfg = tiny_config(tmp_path, tiny_llama_dir)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
     wait_for(job_id)
     shim = tmp_path / "no-accounting"
@@ -282,7 +266,7 @@ def requeue_records(job_id: str) -> list[str]:
 
 
 def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0}, lora={"dropout": 0.1})
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0}, lora={"dropout": 0.1})
     reference = subprocess.run(  # uninterrupted, with the job's one thread, so that sums round the same way
         [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(tmp_path / "reference")],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -310,7 +294,7 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_pa
 
 
 def test_a_job_out_of_requeues_stops_with_its_checkpoint_and_says_so(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"max_requeues": 0})
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"max_requeues": 0})
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     signal_when(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
@@ -323,7 +307,7 @@ def test_a_job_out_of_requeues_stops_with_its_checkpoint_and_says_so(tmp_path, t
 def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):
     """--time=2 (minutes), the signal 20 s before it (Slurm may send it up to 60 s earlier still), and about
     two minutes of training: more than one allocation can hold."""
-    cfg = tiny_config(
+    cfg = tiny_run_yaml(
         tmp_path, tiny_llama_dir, train={"max_steps": 900, "eval_every": 0, "log_every": 10, "preempt_grace_s": 20},
         slurm={"time": "2", "max_requeues": 6},
     )
@@ -338,7 +322,7 @@ def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, t
 
 
 def test_submitit_checkpoint_protocol_requeues_and_resumes(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_config(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
     job_id = job_id_from(hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     signal_when(job_id, run_dir, 0, 8, ["--signal=USR2"])  # what submitit asks Slurm to send before the limit
