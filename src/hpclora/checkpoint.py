@@ -62,8 +62,7 @@ def publish(staged: Path, root: Path, state: dict, keep: int) -> Path:
     final = root / staged.name
     if (final / COMPLETE).is_file():  # this very step is already saved whole: keep that one
         shutil.rmtree(staged)
-    else:
-        shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an interrupted attempt
+    else:  # (unmarked leftovers of a killed attempt were removed by discard_partial at start)
         os.replace(staged, final)
         _fsync(root)
     try:

@@ -7,7 +7,6 @@ so that login-node commands such as `validate` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 
@@ -132,7 +131,7 @@ def cmd_stage(args) -> int:
     from .quiet import quiet_libraries
 
     cfg = config.load(args.config, args.overrides)
-    os.environ["HF_HOME"] = str(staging.hf_home(cfg))  # before any hub library is imported
+    staging.use_cache(cfg)  # before any hub library is imported
     quiet_libraries()
     manifest = staging.stage(cfg, args.config)
     for part in ("model", "dataset"):

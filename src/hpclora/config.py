@@ -454,6 +454,17 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
 # Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
 SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+
+
+def slurm_seconds(time: str) -> int:
+    """Seconds in a Slurm time string: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # after a day count the clock reads HH[:MM[:SS]]
+        h, m, s = parts + [0] * (3 - len(parts))
+    else:
+        h, m, s = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
 # What each Slurm value may hold: names, node lists and feature expressions, but nothing a shell or
 # an #SBATCH line could read as something else.
 SLURM_WORDS = {

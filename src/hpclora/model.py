@@ -7,12 +7,9 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError, UserError
 from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
+from .staging import is_offline
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def resolve_model_path(name: str) -> str:
@@ -39,8 +36,8 @@ def _from_pretrained(loader, name: str, model_cfg, **kwargs):
             raise
         where = os.environ.get("HF_HOME") or "~/.cache/huggingface"
         fix = (
-            f"this node is offline: download it into the Hugging Face cache ({where}) on a node with internet first, "
-            "or point model.name at a local directory"
+            f"this node is offline and the Hugging Face cache ({where}) lacks it: run `hpclora stage CONFIG` on a node "
+            "with internet first, or point model.name at a local directory"
             if is_offline()
             else "check model.name (a hub id like owner/name, or a local directory with config.json)"
         )

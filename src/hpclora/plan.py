@@ -15,13 +15,13 @@ Memory model (bytes; T = micro_batch x sequence tokens, e = bytes per element of
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import RunConfig, looks_local
+from .config import RunConfig, looks_local, slurm_seconds
 from .errors import UserError
 from .models import KNOWN_DIMS, target_modules_for
 
@@ -236,6 +236,14 @@ def count_rows(path: str) -> int | None:
     p = Path(path)
     if not (looks_local(path) and p.is_file()):
         return None
+    stat = p.stat()
+    return _count_rows(str(p), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _count_rows(path: str, mtime_ns: int, size: int) -> int | None:
+    """Counted once per file version: a sweep plans every trial on the same data."""
+    p = Path(path)
     if p.suffix in (".jsonl", ".csv"):
         with open(p, "rb") as fh:
             lines = sum(1 for line in fh if line.strip())
@@ -363,14 +371,9 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
         lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}, {p.precision}"
                      + ("" if p.fits else " (DOES NOT FIT: forced)"))
     if times:
-        longest = max(times, key=_seconds)
+        longest = max(times, key=slurm_seconds)
         for cfg in cfgs:
             cfg.slurm.time = longest
         lines.append(f"plan: slurm.time auto -> {longest} (estimate x 1.3)")
     return lines
 
-
-def _seconds(slurm_time: str) -> int:
-    days, _, clock = slurm_time.rpartition("-")
-    h, m, sec = (int(x) for x in clock.split(":"))
-    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec

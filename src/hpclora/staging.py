@@ -150,11 +150,10 @@ def _weights_patterns(files: list[str]) -> list[str]:
 
 def stage(cfg: RunConfig, config_path: str | None) -> dict:
     """Download model (at model.revision) and dataset into the shared cache, tokenize the data into its
-    cache, and write a manifest; returns the manifest."""
+    cache, and write a manifest; returns the manifest. Call use_cache(cfg) before any hub library is imported."""
     if is_offline():
         raise UserError(f"stage downloads from the hub, but this node is offline ({', '.join(v for v in OFFLINE_VARS if os.environ.get(v))} set): run it where there is internet")
-    home = hf_home(cfg)
-    os.environ["HF_HOME"] = str(home)  # takes effect only before the hub libraries are imported: see use_cache
+    home = hf_home(cfg)  # the hub libraries write there when use_cache(cfg) ran before they were imported
     from huggingface_hub import HfApi, snapshot_download
 
     manifest: dict = {"config": str(config_path), "hf_home": str(home), "staged": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, UserError
+from ..staging import is_offline
 
 
 @dataclass
@@ -114,11 +115,10 @@ def _read_hub(dataset_id: str, split: str) -> list[RawRow]:
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:
-        offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         hint = (
             "this node is offline and the dataset is not in the Hugging Face cache ($HF_HOME); "
-            "download it first on a node with internet"
-            if offline
+            "run `hpclora stage CONFIG` on a node with internet first"
+            if is_offline()
             else "check the dataset id and split, or give a local file"
         )
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

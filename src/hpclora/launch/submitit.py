@@ -9,23 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, slurm_seconds
 from .render import gpu_request, job_name
 
-CLUSTERS = ("slurm", "local", "debug")
-
-
 def slurm_minutes(time: str) -> int:
-    """Minutes in a Slurm time string (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), rounded up."""
-    days, _, clock = time.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:  # after a day count the clock reads HH[:MM[:SS]]
-        parts += [0] * (3 - len(parts))
-        h, m, s = parts
-    else:
-        h, m, s = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
-    seconds = ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
-    return max(1, -(-seconds // 60))
+    """Minutes in a Slurm time string, rounded up (submitit counts in minutes)."""
+    return max(1, -(-slurm_seconds(time) // 60))
 
 
 def parameters(cfg: RunConfig, array_parallelism: int | None = None) -> dict:

@@ -4,6 +4,7 @@ state (squeue, then sacct), its log and the last progress line in it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -149,8 +150,6 @@ def last_progress_line(path: Path, tail_bytes: int = 65536) -> str:
 
 
 def _progress_from_metrics(row: Row) -> str:
-    import json
-
     if not row.run_dir:
         return ""
     try:
