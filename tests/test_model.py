@@ -189,3 +189,14 @@ def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
     out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=2", *overrides)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["train_loss"] > 0
+
+
+def test_default_attention_loads_every_architecture(tmp_path):
+    """transformers has no sdpa for BLOOM: the default `auto` must load it (a fixed `sdpa` refused it)."""
+    from hpclora.model import load_base
+
+    tiny_model("bloom").save_pretrained(tmp_path)
+    cfg = lora_cfg(f"model.name={tmp_path}")
+    assert cfg.model.attn_implementation == "auto"
+    model = load_base(cfg, "fp32", "cpu")
+    assert model.config.model_type == "bloom" and model.config._attn_implementation == "eager"

@@ -60,6 +60,25 @@ def test_memory_grows_with_batch_and_length_and_qlora_needs_less(tmp_path):
     assert peak("train.gradient_checkpointing=true", b=8) < peak(b=8)
 
 
+def test_eager_attention_grows_with_the_square_of_the_length(tmp_path):
+    def activations(model, length, *extra):
+        cfg = cfg_for(tmp_path, f"model.name={model}", f"data.max_length={length}", "train.micro_batch_size=1", *extra)
+        return plan.make_plan(cfg, "a100-80gb").breakdown["activations_gb"]
+
+    bloom = [activations("bigscience/bloom-560m", n) for n in (512, 1024, 2048)]
+    assert bloom[2] - bloom[1] > 2.5 * (bloom[1] - bloom[0])  # quadratic: BLOOM attention is eager only
+    llama = [activations("meta-llama/Llama-2-7b-hf", n) for n in (512, 1024, 2048)]
+    assert llama[2] - llama[1] == pytest.approx(2 * (llama[1] - llama[0]), rel=0.01)  # sdpa keeps no scores
+    assert activations("meta-llama/Llama-2-7b-hf", 2048, "model.attn_implementation=eager") > 1.5 * llama[2]
+
+
+def test_quantized_bases_keep_the_rest_in_fp32(tmp_path):
+    """PEFT's kbit preparation upcasts embeddings, norms and head: for Llama-2-7B that is ~1 GB."""
+    weights = lambda *o: plan.make_plan(cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", *o), "a100-80gb").weights_gb  # noqa: E731
+    assert weights("quant.bits=4", "quant.double_quant=true") == pytest.approx(6.48 * (0.5 + 1.0156 / 64) + 0.262 * 4, rel=0.02)
+    assert weights("quant.bits=8") == pytest.approx(6.48 * 1.001 + 0.262 * 4, rel=0.02)
+
+
 def test_precision_and_fit_per_gpu(tmp_path):
     cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "train.micro_batch_size=4", "data.max_length=512")
     assert plan.make_plan(cfg, "v100-16gb").precision == "fp16"
@@ -75,7 +94,8 @@ def test_precision_and_fit_per_gpu(tmp_path):
 
 
 def test_a_shrunk_micro_batch_keeps_the_effective_batch(tmp_path):
-    cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "train.micro_batch_size=64", "train.grad_accum=1", "data.max_length=1024")
+    cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "train.micro_batch_size=64", "train.grad_accum=1",
+                  "data.max_length=1024", "train.gradient_checkpointing=true")
     p = plan.make_plan(cfg, "t4-16gb")
     assert not p.fits and 1 <= p.max_micro_batch < 64
     assert p.max_micro_batch * p.grad_accum >= 64

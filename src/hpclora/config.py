@@ -51,8 +51,9 @@ class ModelSection:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model; null = main.")
     trust_remote_code: bool = opt(False, "Allow the model repository's own Python code to run (some Japanese models need it).")
     attn_implementation: str = opt(
-        "sdpa",
-        "Attention kernel: sdpa (PyTorch), eager, flash_attention_2 (Ampere+ with flash-attn installed), or auto.",
+        "auto",
+        "Attention kernel: auto (PyTorch's sdpa where the architecture has it, else eager; BLOOM has only eager), "
+        "sdpa, eager, or flash_attention_2 (Ampere+ with flash-attn installed).",
         choices=("auto", "sdpa", "eager", "flash_attention_2"),
     )
 

@@ -38,6 +38,11 @@ FAN_IN_FAN_OUT = {"gpt2"}
 PACKING_SUPPORTED = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}
 
 
+# Architectures transformers runs only with eager attention (no sdpa): `attn_implementation: auto` picks
+# eager for them, and their attention matrices count in the planner.
+EAGER_ONLY = {"bloom"}
+
+
 def target_modules_for(model_type: str) -> list[str] | None:
     """The default LoRA targets for an architecture, or None when it is not in the table."""
     return TARGET_MODULES.get(model_type)

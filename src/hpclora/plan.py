@@ -3,15 +3,20 @@
 Pure arithmetic on the model's dimensions (from a config.json on disk or in the HF cache, else the
 table in models.py) and the run's config. No torch: this runs on login nodes in well under a second.
 
-Memory model (bytes; T = micro_batch x sequence tokens, e = bytes per element of the compute dtype):
-- frozen weights: e per parameter, or nf4 (0.5 B + quantization constants) / int8 for the projections
-  in the layers under QLoRA, the embeddings and head staying in the compute dtype;
+Memory model (bytes; T = micro_batch x sequence tokens, e = bytes per element of the compute dtype),
+calibrated against hpclora's own training path on a GPU and on CPU (benchmarks/plan_vs_measured.py,
+results in benchmarks/results/):
+- frozen weights: e per parameter; under quantization nf4 (0.5 B + constants) or int8 for the linear
+  layers, and fp32 for the rest (PEFT's prepare_model_for_kbit_training upcasts embeddings, norms, head);
 - LoRA: r x (in + out) per adapted projection; fp32 weights, fp32 gradients, optimizer states;
-- activations per layer and token, with and without gradient checkpointing (ACT_H x hidden +
-  ACT_I x intermediate values, more when LoRA dropout keeps its own copies of the inputs);
-- logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss;
-- CUDA context and the caching allocator's slack on GPUs; the interpreter and libraries on CPU.
-"""
+- activations kept per token and layer: ACT_H x hidden + ACT_I x intermediate values; LoRA dropout keeps
+  a dropped copy (e bytes) and a mask (1 byte) of each adapted input; quantized models carry an fp32
+  residual stream (QUANT_EXTRA_H); with gradient checkpointing only each layer's input is kept, and
+  one layer is recomputed at a time;
+- eager attention (BLOOM, or model.attn_implementation=eager): scores and probabilities per head;
+- logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss (more on CPU);
+- GPUs: the caching allocator's slack (fixed part plus the blocks of the fp32 logits it keeps) and the
+  CUDA context; CPU: the interpreter and libraries."""
 
 from __future__ import annotations
 
@@ -23,15 +28,20 @@ from pathlib import Path
 
 from .config import RunConfig, looks_local, slurm_seconds
 from .errors import UserError
-from .models import KNOWN_DIMS, target_modules_for
+from .models import EAGER_ONLY, KNOWN_DIMS, target_modules_for
 
 GB = 1e9
-# Activation values kept per token and layer for the backward pass (calibrated on CPU, see
-# benchmarks/plan_vs_measured.py): inputs of norms and projections, q/k/v, MLP intermediates.
-ACT_H, ACT_I = 7, 3
-ACT_H_DROPOUT, ACT_I_DROPOUT = 12, 4  # LoRA dropout keeps a dropped copy of each adapted input (+ mask)
-ALLOCATOR_SLACK = 1.10  # PyTorch's caching allocator reserves more than it hands out
+# Activation values kept per token and layer for the backward pass without dropout: inputs of the norms
+# and projections, q/k/v and attention output, the MLP's gate/up/activation products. Fitted on a
+# Llama-2-7B-shaped model (H100, bf16: 68k values per token and layer, 6 x 4096 + 4 x 11008).
+ACT_H, ACT_I = 6, 4
+QUANT_EXTRA_H = 9  # 4/8-bit bases with 16-bit compute: fp32 residual stream and per-projection input casts
+SLACK_GB, SLACK_LOGITS = 0.35, 1  # allocator: fixed reserve + the size of the fp32 logits (its largest transient block)
 CPU_BASELINE_GB = 0.9  # python + torch + transformers + datasets, resident before any weight is loaded
+# On CPU the loss materialises more fp32 (token x vocab) tensors than on a GPU (softmax, the gradients of
+# nll, log-softmax and the head), and peak RSS counts them together: 4 copies on top of the 3 above,
+# measured on SmolLM2-135M, whose 49k vocabulary makes this the larger part of a small model's peak.
+CPU_LOGITS_EXTRA = 4
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,11 @@ DEVICES = {
         Device("cpu", 0.0, False, 0.184, 0.0),
     )
 }
-# Share of peak FLOPs a LoRA fine-tune reaches in practice (small batches, frozen weights, no fused kernels).
-EFFICIENCY = {"gpu": 0.30, "cpu": 0.34, "qlora": 0.75}
+# Share of peak FLOPs a LoRA fine-tune reaches (measured: H100 on a Llama-2-7B shape, 2-core CPU on
+# SmolLM2-135M). Smaller GPU models use the card less well (kernel launches, element-wise work on
+# activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
+# OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
+EFFICIENCY = {"gpu": 0.25, "cpu": 0.34, "qlora": 0.75, "eager": 0.5}
 
 
 def dims_from_config(config: dict) -> ModelDims:
@@ -136,12 +149,22 @@ def parameter_counts(d: ModelDims) -> dict[str, int]:
     return {"linear": linear, "embedding": embed, "head": head, "other": norms, "total": linear + embed + head + norms}
 
 
-def lora_parameters(d: ModelDims, r: int, targets) -> int:
-    shapes = projections(d)
-    names = target_modules_for(d.model_type) or list(shapes) if targets == "auto" else list(targets)
+def eager_attention(d: ModelDims, cfg: RunConfig) -> bool:
+    """Whether attention materialises the (sequence x sequence) matrices: eager kernels do, sdpa does not."""
+    return cfg.model.attn_implementation == "eager" or (cfg.model.attn_implementation == "auto" and d.model_type in EAGER_ONLY)
+
+
+def lora_targets(d: ModelDims, targets) -> list[str]:
+    """The projection names LoRA adapts: the architecture's default for `auto`, else the configured list."""
+    names = (target_modules_for(d.model_type) or list(projections(d))) if targets == "auto" else list(targets)
     if d.model_type == "gpt2" and "c_proj" in names:
         names = [*names, "c_proj_mlp"]  # GPT-2 has a c_proj in attention and in the MLP
-    return sum(r * (shapes[n][0] + shapes[n][1]) for n in names if n in shapes) * d.layers
+    return [n for n in names if n in projections(d)]
+
+
+def lora_parameters(d: ModelDims, r: int, targets) -> int:
+    shapes = projections(d)
+    return sum(r * (shapes[n][0] + shapes[n][1]) for n in lora_targets(d, targets)) * d.layers
 
 
 def precision_for(cfg: RunConfig, device: Device) -> tuple[str, str]:
@@ -155,34 +178,45 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     e = 4 if precision == "fp32" else 2
     counts = parameter_counts(d)
     bits = cfg.quant.bits
+    frozen_rest = (counts["total"] - counts["linear"]) * (4 if bits else e)  # kbit preparation upcasts to fp32
     if bits == 4:
         constants = (1 + 4 / 256) / 64 if cfg.quant.double_quant else 4 / 64  # absmax per 64 weights (itself quantized)
-        weights = counts["linear"] * (0.5 + constants) + (counts["total"] - counts["linear"]) * e
+        weights = counts["linear"] * (0.5 + constants) + frozen_rest
     elif bits == 8:
-        weights = counts["linear"] * (1 + 4 / d.hidden) + (counts["total"] - counts["linear"]) * e
+        weights = counts["linear"] * (1 + 4 / d.hidden) + frozen_rest
     else:
         weights = counts["total"] * e
+    names = lora_targets(d, cfg.lora.target_modules)
     lora = lora_parameters(d, cfg.lora.r, cfg.lora.target_modules)
     optimizer_bytes = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[cfg.train.optimizer]
     lora_bytes = lora * (4 + 4)  # fp32 weights and gradients
     optimizer = lora * optimizer_bytes
+
     tokens = micro_batch * cfg.data.max_length
-    dropout = cfg.lora.dropout > 0
-    per_layer = (ACT_H_DROPOUT if dropout else ACT_H) * d.hidden + (ACT_I_DROPOUT if dropout else ACT_I) * d.intermediate
+    gated = "gate_proj" in projections(d)  # SwiGLU keeps gate, up, their activation and product; GELU MLPs two
+    per_layer = (ACT_H * d.hidden + (ACT_I if gated else ACT_I // 2) * d.intermediate) * e  # bytes per token and layer
+    if cfg.lora.dropout > 0:
+        shapes = projections(d)
+        per_layer += (e + 1) * sum(shapes[n][0] for n in names)
+    residual = 4 if bits else e
+    if bits and e == 2:
+        per_layer += QUANT_EXTRA_H * d.hidden * e
     if cfg.train.gradient_checkpointing:  # layer inputs kept, one layer's activations recomputed at a time
-        activations = tokens * e * (d.layers * d.hidden + per_layer)
+        activations = tokens * (d.layers * d.hidden * residual + per_layer)
     else:
-        activations = tokens * e * d.layers * per_layer
-    logits = tokens * d.vocab * (e + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
+        activations = tokens * d.layers * per_layer
+    if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
+        attention = micro_batch * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
+        activations += attention * (1 if cfg.train.gradient_checkpointing else d.layers)
+    logits = tokens * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
     parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
              "activations_gb": activations / GB, "logits_gb": logits / GB}
     if device.name == "cpu":
         parts["runtime_gb"] = CPU_BASELINE_GB
-        parts["peak_gb"] = sum(parts.values())
     else:
+        parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * tokens * d.vocab * 4 / GB
         parts["runtime_gb"] = device.context_gb
-        dynamic = parts["activations_gb"] + parts["logits_gb"]
-        parts["peak_gb"] = parts["weights_gb"] + parts["lora_gb"] + parts["optimizer_gb"] + dynamic * ALLOCATOR_SLACK + device.context_gb
+    parts["peak_gb"] = sum(parts.values())
     return {k: round(v, 3) for k, v in parts.items()}
 
 
@@ -296,6 +330,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
     per_token = (4 + (2 if cfg.train.gradient_checkpointing else 0)) * counts["total"]
     per_token += 3 * 2 * dims.layers * dims.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
+    if device.name != "cpu":
+        efficiency *= min(1.0, dims.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(dims, cfg) else 1)
     tokens_per_s = device.tflops * 1e12 * efficiency / per_token
     steps = planned_steps(cfg)
     seconds = None
@@ -315,7 +351,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
         weights_gb=parts["weights_gb"], optimizer_gb=round(parts["lora_gb"] + parts["optimizer_gb"], 3),
         activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=capacity,
         fits=parts["peak_gb"] <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
-        tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} typical efficiency",
+        tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)",
         time=hms(seconds) if seconds else None, recommended=recommended, breakdown=parts,
     )
 
@@ -334,6 +370,8 @@ def format_plan(p: Plan) -> str:
         ("weights", f"{p.weights_gb:.2f} GB"),
         ("LoRA + optim", f"{p.optimizer_gb:.2f} GB"),
         ("activations", f"{p.activations_gb:.2f} GB at micro-batch {p.micro_batch} (incl. logits)"),
+        ("overhead", f"{p.breakdown['runtime_gb'] + p.breakdown.get('allocator_gb', 0):.2f} GB "
+                     + ("(Python, torch and libraries)" if p.device == "cpu" else "(CUDA context, allocator slack)")),
         ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB: {'fits' if p.fits else 'DOES NOT FIT'}"),
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
                         if p.max_micro_batch else "not even 1 row fits: use quant.bits=4, gradient checkpointing, shorter rows or a larger GPU"),

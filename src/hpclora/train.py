@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import RunConfig, to_yaml
 from .errors import UserError
 from .preempt import StopRequest
-from .progress import ProgressLog, emit, hms
+from .progress import ProgressLog, emit, hms, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
 from .rundir import config_hash, environment, job_header, prepare_run_dir, write_config, write_json, write_text_atomic
 
@@ -125,7 +125,8 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
         "restarts": restart,
         "runtime_s": round(runtime, 1),  # this attempt's
         "tokens_per_s": round((trainer.tokens_seen - tokens_before) / max(runtime, 1e-9), 1),
-        "peak_mem_gb": round(_peak(), 3),
+        "peak_mem_gb": round(peak_memory_gb(), 3),
+        "peak_mem_allocated_gb": None if (allocated := peak_allocated_gb()) is None else round(allocated, 3),
         "precision": precision,
         "target_modules": targets,
         "trainable_params": trainable,
@@ -303,9 +304,3 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _peak() -> float:
-    from .progress import peak_memory_gb
-
-    return peak_memory_gb()
