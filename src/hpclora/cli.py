@@ -126,6 +126,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import report
+
+    print(f"wrote {report(args.target)}")
+    return 0
+
+
 def cmd_stage(args) -> int:
     from . import config, staging
     from .quiet import quiet_libraries
@@ -296,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: from slurm.gpu_type / slurm.gpus)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="loss curves (PNG) and a markdown summary of a run, or a ranking of a sweep's trials")
+    p.add_argument("target", help="a run directory or sweep directory")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("stage", help="on a node with internet: fetch model and dataset into the shared cache, tokenize")
     with_config(p)

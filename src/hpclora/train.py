@@ -180,6 +180,7 @@ def total_steps(train_rows: int, cfg: RunConfig) -> int:
 
 def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest):
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
 
     from .data import Collator
 
@@ -264,6 +265,12 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead
+    # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).
+    # Set here rather than by report_to, which would write under the checkpoints and, after training,
+    # under ./runs.
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(out / "tensorboard")
+    trainer.add_callback(tensorboard)
     return trainer
 
 

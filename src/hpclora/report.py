@@ -1,0 +1,166 @@
+"""`hpclora report`: did it learn? Loss curves as PNG and a markdown summary, for a run or a whole sweep.
+
+Reads only what training leaves in the run directory (metrics.jsonl, summary.json, config.yaml) and, for
+a sweep, sweep.json and the job states: no torch import, so it runs on a login node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .launch import registry
+from .rundir import write_text_atomic
+
+
+@dataclass
+class Curves:
+    train: list[tuple[int, float]]  # (step, training loss) per log step
+    val: list[tuple[int, float]]  # (step, validation loss): the base model at step 0, then the adapter
+
+
+def read_curves(run_dir: Path) -> Curves:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl yet (training has not logged a step)")
+    train, val = [], {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # a line being written right now
+            raise UserError(f"{path}, line {n}: not JSON") from None
+        if "val_loss" in entry:
+            val[entry["step"]] = entry["val_loss"]  # "final" repeats the last evaluation's step
+        elif "loss" in entry:
+            train.append((entry["step"], entry["loss"]))
+    return Curves(train, sorted(val.items()))
+
+
+def plot_run(curves: Curves, title: str, out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if curves.train:
+        ax.plot(*zip(*curves.train), label="train loss", color="tab:blue", alpha=0.8)
+    if curves.val:
+        ax.plot(*zip(*curves.val), label="validation loss (step 0: base model)", color="tab:orange", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run_report(run_dir: Path) -> Path:
+    """report.md and loss.png in the run directory; returns report.md's path."""
+    curves = read_curves(run_dir)
+    summary = registry.read_json(run_dir / "summary.json") or {}
+    png = plot_run(curves, run_dir.name, run_dir / "loss.png")
+    lines = [f"# {run_dir.name}", ""]
+    base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
+    if base is not None and final is not None:
+        verdict = "**the adapter is better**" if final < base else "**the adapter is NOT better than the base model**"
+        lines += [f"Validation loss {base:.4f} (base) -> {final:.4f} (adapter), {final - base:+.4f}: {verdict}.",
+                  f"Perplexity {math.exp(base):.2f} -> {math.exp(final):.2f}.", ""]
+    elif not summary:
+        lines += ["Training has not finished: the figures below are what it has logged so far.", ""]
+    lines += ["| | |", "|---|---|"]
+    for key, label in (("steps", "steps"), ("tokens", "tokens trained"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak memory (GB)"),
+                       ("precision", "precision"), ("trainable_params", "trainable parameters"), ("restarts", "restarts")):
+        if summary.get(key) is not None:
+            value = summary[key]
+            lines.append(f"| {label} | {value:,} |" if isinstance(value, int) else f"| {label} | {value} |")
+    if curves.train:
+        lines.append(f"| training loss (first -> last log) | {curves.train[0][1]:.4f} -> {curves.train[-1][1]:.4f} |")
+    lines += ["", f"![loss curves]({png.name})", ""]
+    if (run_dir / "eval.md").is_file():
+        lines += ["Generations and held-out loss: [eval.md](eval.md)", ""]
+    out = run_dir / "report.md"
+    write_text_atomic(out, "\n".join(lines))
+    return out
+
+
+def sweep_report(sweep_dir: Path) -> Path:
+    """report.md and val_loss.png in the sweep directory: one row per trial, best first."""
+    from .launch import watch
+
+    target = watch.resolve(str(sweep_dir))
+    watch.fill_states(target)
+    trials = []
+    for row in target.rows:
+        run_dir = Path(row.run_dir)
+        summary = registry.read_json(run_dir / "summary.json") or {}
+        trials.append({"trial": run_dir.name, "overrides": row.label, "state": row.state or "unknown",
+                       "val_loss": summary.get("final_val_loss"), "base_val_loss": summary.get("base_val_loss"),
+                       "tokens_per_s": summary.get("tokens_per_s"), "peak_mem_gb": summary.get("peak_mem_gb")})
+        if (run_dir / "metrics.jsonl").is_file():
+            run_report(run_dir)
+    trials.sort(key=lambda t: (t["val_loss"] is None, t["val_loss"] if t["val_loss"] is not None else 0))
+    best = trials[0] if trials and trials[0]["val_loss"] is not None else None
+
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"# Sweep {sweep_dir.name}", "", f"{len(trials)} trials, sorted by final validation loss."]
+    if best:
+        lines.append(f"Best: **{best['trial']}** ({best['overrides']}), validation loss {best['val_loss']:.4f}.")
+    lines += ["", "| | trial | overrides | val loss | base val loss | tokens/s | peak GB | state |", "|---|---|---|---|---|---|---|---|"]
+    for t in trials:
+        mark = "best" if t is best else ""
+        link = f"[{t['trial']}]({t['trial']}/report.md)" if (sweep_dir / t["trial"] / "report.md").is_file() else t["trial"]
+        lines.append(f"| {mark} | {link} | `{t['overrides']}` | {fmt(t['val_loss'], '.4f')} | {fmt(t['base_val_loss'], '.4f')} | "
+                     f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(t['peak_mem_gb'], '.2f')} | {t['state']} |")
+    done = [t for t in trials if t["val_loss"] is not None]
+    if done:
+        png = _plot_sweep(done, sweep_dir / "val_loss.png")
+        lines += ["", f"![validation loss per trial]({png.name})"]
+    lines.append("")
+    out = sweep_dir / "report.md"
+    write_text_atomic(out, "\n".join(lines))
+    return out
+
+
+def _plot_sweep(trials: list[dict], out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(trials) + 2), 4))
+    labels = [f"{t['trial']}\n{t['overrides']}" for t in trials]
+    colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(trials))]
+    ax.bar(range(len(trials)), [t["val_loss"] for t in trials], color=colors)
+    base = [t["base_val_loss"] for t in trials if t["base_val_loss"] is not None]
+    if base:
+        ax.axhline(base[0], color="tab:gray", linestyle=":", label="base model")
+        ax.legend()
+    ax.set_xticks(range(len(trials)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("validation loss per trial (best in green)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def report(path: str) -> Path:
+    target = Path(path).expanduser().resolve()
+    if not target.is_dir():
+        raise UserError(f"{path}: not a directory (give a run or sweep directory)")
+    if (target / registry.SWEEP_FILE).is_file():
+        return sweep_report(target)
+    if (target / "config.yaml").is_file():
+        return run_report(target)
+    raise UserError(f"{path}: not a run or sweep directory (no config.yaml or sweep.json)")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: compute and login nodes have no display
+    import matplotlib.pyplot as plt
+
+    return plt

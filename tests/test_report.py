@@ -1,0 +1,60 @@
+"""`hpclora report` on real run and sweep directories, and the TensorBoard events every run writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import tiny_run_yaml
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hpclora(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpclora", *argv], capture_output=True, text=True)
+
+
+def test_run_report_has_curves_verdict_and_tensorboard_events(tmp_path, tiny_llama_dir):
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 4, "eval_every": 2, "lr": 5e-3})
+    run_dir = tmp_path / "run"
+    trained = hpclora("train", str(config), "--run-dir", str(run_dir))
+    assert trained.returncode == 0, trained.stderr
+
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
+    assert "train/loss" in tags and "eval/loss" in tags
+
+    done = hpclora("report", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    report = (run_dir / "report.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"{summary['base_val_loss']:.4f} (base) -> {summary['final_val_loss']:.4f} (adapter)" in report
+    assert "![loss curves](loss.png)" in report
+    assert (run_dir / "loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir):
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, run={"name": "sw", "output_root": str(tmp_path / "runs")})
+    swept = hpclora("sweep", str(config), "--grid", "train.lr=1e-6,1e-2", "--launcher", "local")
+    assert swept.returncode == 0, swept.stderr
+    sweep_dir = next(p.parent for p in (tmp_path / "runs").rglob("sweep.json"))
+
+    done = hpclora("report", str(sweep_dir))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ") and "trial-" in line]
+    losses = [json.loads((sweep_dir / t / "summary.json").read_text())["final_val_loss"] for t in ("trial-000", "trial-001")]
+    best = "trial-000" if losses[0] < losses[1] else "trial-001"
+    assert len(rows) == 2 and rows[0].startswith("| best |") and best in rows[0]
+    assert f"{min(losses):.4f}" in rows[0] and f"{max(losses):.4f}" in rows[1]
+    assert (sweep_dir / "val_loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert (sweep_dir / best / "report.md").is_file()
+
+
+def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path):
+    done = hpclora("report", str(tmp_path))
+    assert done.returncode == 2 and "not a run or sweep directory" in done.stderr and "Traceback" not in done.stderr
