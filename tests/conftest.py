@@ -4,6 +4,8 @@ and small data files written per test."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,15 @@ def tiny_run_yaml(tmp_path: Path, model_dir: Path, **sections: dict) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(json.dumps(keys))  # JSON is YAML
     return path
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, bundled_dir) -> Path:
+    """A finished run of the real small model: three steps at a high learning rate (an adapter that really
+    moves the logits), evaluated at step 2 and at the end. Shared by the eval, merge and report tests."""
+    tmp = tmp_path_factory.mktemp("real-run")
+    config = tiny_run_yaml(tmp, bundled_dir, train={"max_steps": 3, "lr": 2e-3, "micro_batch_size": 4, "eval_every": 2})
+    run_dir = tmp / "run"
+    done = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return run_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+import pytest
 
 from conftest import tiny_run_yaml
 
@@ -16,26 +16,21 @@ def hpclora(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hpclora", *argv], capture_output=True, text=True)
 
 
-def test_run_report_has_curves_verdict_and_tensorboard_events(tmp_path, tiny_llama_dir):
-    config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 4, "eval_every": 2, "lr": 5e-3})
-    run_dir = tmp_path / "run"
-    trained = hpclora("train", str(config), "--run-dir", str(run_dir))
-    assert trained.returncode == 0, trained.stderr
-
-    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+def test_run_report_has_curves_verdict_and_tensorboard_events(real_run):
+    events = list((real_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
+    tags = EventAccumulator(str(real_run / "tensorboard")).Reload().Tags()["scalars"]
     assert "train/loss" in tags and "eval/loss" in tags
 
-    done = hpclora("report", str(run_dir))
+    done = hpclora("report", str(real_run))
     assert done.returncode == 0, done.stderr
-    report = (run_dir / "report.md").read_text()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    report = (real_run / "report.md").read_text()
+    summary = json.loads((real_run / "summary.json").read_text())
     assert f"{summary['base_val_loss']:.4f} (base) -> {summary['final_val_loss']:.4f} (adapter)" in report
     assert "![loss curves](loss.png)" in report
-    assert (run_dir / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert (real_run / "loss.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir):
@@ -58,3 +53,25 @@ def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir):
 def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path):
     done = hpclora("report", str(tmp_path))
     assert done.returncode == 2 and "not a run or sweep directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_wandb_runs_offline_on_offline_nodes_and_keeps_its_files_in_the_run(tmp_path, monkeypatch):
+    from hpclora.tracking import wandb_env
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    env = wandb_env("my-project", tmp_path / "run-7", offline=True)
+    assert env == {"WANDB_PROJECT": "my-project", "WANDB_NAME": "run-7", "WANDB_DIR": str(tmp_path / "run-7"), "WANDB_MODE": "offline"}
+    assert "WANDB_MODE" not in wandb_env("p", tmp_path, offline=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's own choice wins
+    assert "WANDB_MODE" not in wandb_env("p", tmp_path, offline=True)
+
+
+def test_wandb_without_the_package_stops_before_any_work(tmp_path, tiny_llama_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the missing-package error cannot happen")
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, run={"name": "wb", "output_root": str(tmp_path / "runs"), "wandb_project": "x"})
+    done = hpclora("train", str(config))
+    assert done.returncode == 2 and "run.wandb_project" in done.stderr and "pip install wandb" in done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from pathlib import Path
 
 from .errors import USER_ERROR_EXIT, UserError
 
@@ -123,6 +124,28 @@ def cmd_plan(args) -> int:
     cfg = config.load(args.config, args.overrides, check_files=False)
     result = plan.make_plan(cfg, args.gpu)
     print(result.to_json() if args.json else plan.format_plan(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    if args.n < 0:
+        raise UserError("eval: --n must be 0 or more")
+    result = evaluate(args.run_dir, args.data, args.n, args.max_new_tokens)
+    base, adapter = result["base"], result["adapter"]
+    verdict = "adapter is better" if result["adapter_is_better"] else "adapter is NOT better than the base model"
+    print(f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)")
+    print(f"loss base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter {adapter['loss']:.4f} (ppl {adapter['perplexity']:.2f}), "
+          f"{result['loss_change']:+.4f}: {verdict}")
+    print(f"wrote {Path(args.run_dir) / 'eval.json'} and eval.md ({len(result['samples'])} answers side by side)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    print(f"merged {args.run_dir}/adapter into its base: {merge(args.run_dir, args.out, args.dtype)} ({args.dtype} safetensors)")
     return 0
 
 
@@ -303,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: from slurm.gpu_type / slurm.gpus)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("eval", help="loss and perplexity of base vs adapter on held-out rows, and their answers side by side")
+    p.add_argument("run_dir", help="a run directory with adapter/")
+    p.add_argument("--data", help="held-out rows in the run's data format (default: the run's own validation split)")
+    p.add_argument("--n", type=int, default=5, help="how many held-out prompts to answer with both models (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a run's adapter into its (unquantized) base and save a plain HF model")
+    p.add_argument("run_dir", help="a run directory with adapter/")
+    p.add_argument("--out", required=True, help="new directory for the merged model (never overwritten)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the saved weights (default: %(default)s)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="loss curves (PNG) and a markdown summary of a run, or a ranking of a sweep's trials")
     p.add_argument("target", help="a run directory or sweep directory")

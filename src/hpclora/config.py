@@ -40,6 +40,11 @@ class RunSection:
     name: str = opt("hpclora", "Run name; the run directory is <output_root>/<name>-<timestamp or job id>.")
     output_root: str = opt("runs", "Directory that holds run directories (shared storage on a cluster).")
     seed: int = opt(42, "Seed for data shuffling, the validation split, LoRA init and dropout.", min=0)
+    wandb_project: Optional[str] = opt(
+        None,
+        "Also log to Weights & Biases under this project (needs the wandb package; the key comes from WANDB_API_KEY "
+        "in the environment). Offline nodes log in offline mode (`wandb sync` later). TensorBoard events are always written.",
+    )
 
 
 @dataclass

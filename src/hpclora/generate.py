@@ -51,12 +51,14 @@ def load_run(run_dir: str | Path):
     return model, tokenizer, cfg
 
 
-def answer(model, tokenizer, template: str, prompt: str, sampling: Sampling) -> str:
+def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: Sampling) -> str:
+    """The model's answer to a prompt: a user message, or a conversation ending with a user turn."""
     import torch
 
     from .data import encode, render
 
-    ids, _ = encode(render(template, [{"role": "user", "content": prompt, "input": ""}], tokenizer), tokenizer, template)
+    messages = [{"role": "user", "content": prompt, "input": ""}] if isinstance(prompt, str) else prompt
+    ids, _ = encode(render(template, messages, tokenizer), tokenizer, template)
     input_ids = torch.tensor([ids], device=model.device)
     kwargs = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample,
               "repetition_penalty": sampling.repetition_penalty}

@@ -119,7 +119,7 @@ def sweep_report(sweep_dir: Path) -> Path:
                      f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(t['peak_mem_gb'], '.2f')} | {t['state']} |")
     done = [t for t in trials if t["val_loss"] is not None]
     if done:
-        png = _plot_sweep(done, sweep_dir / "val_loss.png")
+        png = _plot_sweep(done, sweep_dir, sweep_dir / "val_loss.png")
         lines += ["", f"![validation loss per trial]({png.name})"]
     lines.append("")
     out = sweep_dir / "report.md"
@@ -127,19 +127,32 @@ def sweep_report(sweep_dir: Path) -> Path:
     return out
 
 
-def _plot_sweep(trials: list[dict], out: Path) -> Path:
+def _plot_sweep(trials: list[dict], sweep_dir: Path, out: Path) -> Path:
+    """Final validation loss per trial (best in green) beside each trial's validation curve."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(trials) + 2), 4))
-    labels = [f"{t['trial']}\n{t['overrides']}" for t in trials]
-    colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(trials))]
-    ax.bar(range(len(trials)), [t["val_loss"] for t in trials], color=colors)
-    base = [t["base_val_loss"] for t in trials if t["base_val_loss"] is not None]
-    if base:
-        ax.axhline(base[0], color="tab:gray", linestyle=":", label="base model")
-        ax.legend()
-    ax.set_xticks(range(len(trials)), labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("validation loss per trial (best in green)")
+    fig, (final, curves) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    xs = range(len(trials))
+    final.scatter(xs, [t["val_loss"] for t in trials], s=60, zorder=3,
+                  color=["tab:green" if i == 0 else "tab:blue" for i in xs])
+    for x, t in zip(xs, trials):
+        final.annotate(f"{t['val_loss']:.3f}", (x, t["val_loss"]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    base = next((t["base_val_loss"] for t in trials if t["base_val_loss"] is not None), None)
+    if base is not None:
+        final.axhline(base, color="tab:gray", linestyle=":", label=f"base model {base:.3f}")
+        final.legend(fontsize=8)
+    final.set_xticks(list(xs), [f"{t['trial']}\n{t['overrides']}" for t in trials], fontsize=7, rotation=30, ha="right")
+    final.set_ylabel("final validation loss")
+    final.set_title("final validation loss per trial (best in green)")
+    final.grid(alpha=0.3)
+    for i, t in enumerate(trials):
+        val = read_curves(sweep_dir / t["trial"]).val
+        if val:
+            curves.plot(*zip(*val), marker="o", markersize=3, label=f"{t['trial']}: {t['overrides']}", color="tab:green" if i == 0 else None)
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel("validation loss")
+    curves.set_title("validation loss during training")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

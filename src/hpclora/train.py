@@ -21,6 +21,7 @@ from .preempt import StopRequest
 from .progress import ProgressLog, emit, hms, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
 from .rundir import config_hash, environment, job_header, prepare_run_dir, write_config, write_json, write_text_atomic
+from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
 @dataclass
@@ -57,8 +58,11 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     device, bf16_ok = detect_device()
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
 
+    trackers = report_to(cfg)
     out = prepare_run_dir(cfg, run_dir, fresh)
     resume = find_resume_point(out, config_hash(to_yaml(cfg)))  # before config.yaml is written: refuse, lose nothing
+    if trackers:
+        start_wandb(cfg, out)
     config_text = write_config(out, cfg)
     write_json(out / "env.json", environment(device, precision, why))
     emit(job_header(out, config_text))
@@ -80,7 +84,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
         f" | {steps} steps | up to {cfg.data.max_length} tokens/row"
     )
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
-    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop)
+    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers)
 
     restart = record_attempt(out, resume)
     if resume is not None:
@@ -178,7 +182,8 @@ def total_steps(train_rows: int, cfg: RunConfig) -> int:
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
-def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest):
+def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest,
+                  trackers: list[str]):
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
@@ -249,7 +254,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         save_total_limit=None,  # checkpoint.publish keeps train.keep_checkpoints
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
-        report_to="none",
+        report_to=trackers or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -269,7 +274,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
     # Set here rather than by report_to, which would write under the checkpoints and, after training,
     # under ./runs.
     tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(out / "tensorboard")
+    tensorboard.logging_dir = str(out / TENSORBOARD_DIR)
     trainer.add_callback(tensorboard)
     return trainer
 

@@ -1,0 +1,130 @@
+"""`hpclora eval`: did the adapter help? Base and adapter on the same held-out rows.
+
+Loss and perplexity (token-weighted over the response tokens, as trained) of the base model (adapter
+switched off) and of the adapter, then greedy answers of both for N held-out prompts next to the
+reference answer. Held-out rows are the run's own validation split (the same rows, by the same seed,
+that training evaluated on), or every row of --data. Writes eval.json and eval.md into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import write_json, write_text_atomic
+
+
+def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], str]:
+    """(conversations, source row numbers, where they come from) of the rows to evaluate on."""
+    from dataclasses import replace
+
+    from .data import load_conversations, split_indices
+
+    if data_path:
+        conversations, numbers, _ = load_conversations(replace(cfg.data, path=data_path, max_rows=None))
+        return conversations, numbers, f"every row of {data_path}"
+    if not cfg.data.val_size:
+        raise UserError("eval: this run kept no validation rows (data.val_size: 0): pass --data PATH with held-out rows")
+    conversations, numbers, _ = load_conversations(cfg.data)
+    _, val = split_indices(len(conversations), cfg.data.val_size, cfg.run.seed)
+    return [conversations[i] for i in val], [numbers[i] for i in val], f"the run's validation split of {cfg.data.path}"
+
+
+def tokenized(cfg, conversations: list[list[dict]], numbers: list[int], tokenizer):
+    """Tokenized exactly as in training (template, truncation at data.max_length, prompt masking)."""
+    from .data.tokenize import tokenize_dataset
+
+    encoded = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    with tempfile.TemporaryDirectory(prefix="hpclora-eval-") as tmp:
+        ds = tokenize_dataset(encoded, numbers, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.train_on_prompt,
+                              str(Path(tmp) / "eval.arrow"))
+        return [dict(row) for row in ds]  # in memory: the cache file goes with the directory
+
+
+def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
+    """Token-weighted cross-entropy over the trained (response) tokens, and how many tokens that is."""
+    import torch
+
+    from .data import Collator
+
+    collate = Collator(pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size])
+            batch.pop("num_tokens")
+            labels = batch.pop("labels").to(model.device)
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
+            targets = labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+            total += losses.item()
+            count += int((targets != -100).sum())
+    return total / count, count
+
+
+def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
+    from .generate import Sampling, answer, load_run
+
+    run = Path(run_dir)
+    model, tokenizer, cfg = load_run(run)
+    conversations, numbers, source = held_out(cfg, data_path)
+    examples = tokenized(cfg, conversations, numbers, tokenizer)
+    if not examples:
+        raise UserError(f"eval: no held-out row has a response left after truncation to data.max_length={cfg.data.max_length} ({source})")
+    batch = cfg.train.micro_batch_size
+    with model.disable_adapter():
+        base_loss, tokens = mean_loss(model, examples, tokenizer.pad_token_id, batch)
+    adapter_loss, _ = mean_loss(model, examples, tokenizer.pad_token_id, batch)
+
+    samples = []
+    greedy = Sampling(max_new_tokens=max_new_tokens)
+    for conversation, number in zip(conversations, numbers):
+        if len(samples) >= n:
+            break
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
+            continue  # plain text has no prompt to answer
+        prompt = conversation[:-1]
+        with model.disable_adapter():
+            base_answer = answer(model, tokenizer, cfg.data.template, prompt, greedy)
+        samples.append({"row": number, "prompt": _prompt_text(prompt), "reference": conversation[-1]["content"],
+                        "base": base_answer, "adapter": answer(model, tokenizer, cfg.data.template, prompt, greedy)})
+
+    result = {
+        "held_out": source, "rows": len(conversations), "examples": len(examples), "response_tokens": tokens,
+        "base": {"loss": base_loss, "perplexity": math.exp(base_loss)},
+        "adapter": {"loss": adapter_loss, "perplexity": math.exp(adapter_loss)},
+        "loss_change": adapter_loss - base_loss,
+        "adapter_is_better": adapter_loss < base_loss,
+        "decoding": f"greedy, up to {max_new_tokens} new tokens",
+        "samples": samples,
+    }
+    write_json(run / "eval.json", result)
+    write_text_atomic(run / "eval.md", eval_markdown(run.name, result))
+    return result
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    last = messages[-1]
+    return last["content"] + (f"\n\n{last['input']}" if last.get("input") else "")
+
+
+def eval_markdown(name: str, r: dict) -> str:
+    verdict = "the adapter is better" if r["adapter_is_better"] else "the adapter is NOT better than the base model"
+    lines = [
+        f"# Evaluation of {name}", "",
+        f"Held out: {r['held_out']} ({r['examples']} examples, {r['response_tokens']:,} response tokens).", "",
+        "| | loss | perplexity |", "|---|---|---|",
+        f"| base model | {r['base']['loss']:.4f} | {r['base']['perplexity']:.2f} |",
+        f"| with adapter | {r['adapter']['loss']:.4f} | {r['adapter']['perplexity']:.2f} |", "",
+        f"Change {r['loss_change']:+.4f}: **{verdict}**.", "",
+        f"## Answers ({r['decoding']})", "",
+    ]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    for s in r["samples"]:
+        lines += [f"### Row {s['row']}", "", f"> {cell(s['prompt'])}", "",
+                  "| reference | base model | with adapter |", "|---|---|---|",
+                  f"| {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapter'])} |", ""]
+    return "\n".join(lines)

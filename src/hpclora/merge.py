@@ -1,0 +1,86 @@
+"""`hpclora merge`: fold a run's adapter into its base model and save a plain Hugging Face model.
+
+The base is loaded unquantized in fp32 (also for QLoRA runs: a 4-bit base cannot hold the merged update
+exactly), the adapter is merged with PEFT's safe merge (which refuses NaN), every merged weight is
+checked for NaN/inf, and only then is the model cast to --dtype and written: safetensors, the tokenizer,
+and MERGED_FROM.json naming the adapter (and its sha256) it came from. The output appears in one rename,
+never half-written, and an existing directory is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
+    from .config import load_run_config
+    from .quiet import quiet_libraries
+
+    run, target = Path(run_dir), Path(out).expanduser()
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run}: no finished adapter (adapter/adapter_config.json is missing)")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
+    cfg = load_run_config(run / "config.yaml")
+    quiet_libraries()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .model import _from_pretrained, load_tokenizer
+
+    base = _from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:  # PEFT's safe merge: "NaNs detected in the merged weights"
+        raise UserError(f"{adapter}: the adapter would corrupt the model ({exc}); nothing was written") from None
+    bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"{adapter}: merged weights hold NaN or inf in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}; nothing was written")
+    merged = merged.to(getattr(torch, DTYPES[dtype]))
+    overflow = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if overflow:
+        raise UserError(f"--dtype {dtype}: weights overflow in {', '.join(overflow[:3])}; use --dtype bf16 or fp32. Nothing was written")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        load_tokenizer(cfg.model).save_pretrained(staging)
+        (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")
+        if target.is_dir():
+            target.rmdir()  # empty (checked above)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def provenance(run: Path, cfg, dtype: str) -> dict:
+    adapter = run / "adapter"
+    weights = next((adapter / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / f).is_file()), None)
+    summary = run / "summary.json"
+    return {
+        "base_model": cfg.model.name,
+        "base_revision": cfg.model.revision,
+        "adapter": str(adapter.resolve()),
+        "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None,
+        "run_config_sha256": hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest(),
+        "trained_quantized": f"{cfg.quant.bits}-bit" if cfg.quant.bits else None,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
+        "final_val_loss": json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None,
+        "dtype": dtype,
+        "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,40 @@
+"""Experiment tracking: TensorBoard event files in every run; Weights & Biases only when configured.
+
+Clusters often have no internet on compute nodes, so TensorBoard (files in the run directory) is always
+on, and W&B runs in offline mode there (its files also go into the run directory, for `wandb sync`).
+The API key is never written anywhere: W&B reads WANDB_API_KEY from the job's environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def wandb_env(project: str, run_dir: Path, offline: bool) -> dict[str, str]:
+    """The environment W&B reads: project, run name, files in the run directory, offline mode when offline."""
+    env = {"WANDB_PROJECT": project, "WANDB_NAME": run_dir.name, "WANDB_DIR": str(run_dir)}
+    if offline and "WANDB_MODE" not in os.environ:
+        env["WANDB_MODE"] = "offline"
+    return env
+
+
+def report_to(cfg) -> list[str]:
+    """The Trainer's `report_to` beyond TensorBoard: ["wandb"] when configured (checked before any work)."""
+    if not cfg.run.wandb_project:
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError("run.wandb_project: logging to Weights & Biases needs the wandb package in the job's environment "
+                        "(pip install wandb), or leave it unset: TensorBoard events are written in any case")
+    return ["wandb"]
+
+
+def start_wandb(cfg, run_dir: Path) -> None:
+    from .staging import is_offline
+
+    os.environ.update(wandb_env(cfg.run.wandb_project, run_dir, is_offline()))

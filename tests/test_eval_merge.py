@@ -1,0 +1,97 @@
+"""`hpclora eval` and `hpclora merge` on a real adapter of the real small model (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import alpaca_rows, write_jsonl
+
+
+def hpclora(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpclora", *argv], capture_output=True, text=True)
+
+
+def logits_of(model, tokenizer, text: str):
+    import torch
+
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_merged_model_gives_the_adapter_logits(real_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    done = hpclora("merge", str(real_run), "--out", str(out), "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    note = json.loads((out / "MERGED_FROM.json").read_text())
+    assert note["adapter"] == str((real_run / "adapter").resolve()) and len(note["adapter_sha256"]) == 64 and note["dtype"] == "fp32"
+
+    base_dir = json.loads((real_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "What is the capital of Japan? The answer is"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base_logits = logits_of(base, tokenizer, text)
+    adapted = PeftModel.from_pretrained(base, str(real_run / "adapter")).eval()
+    adapter_logits = logits_of(adapted, tokenizer, text)
+    assert (adapter_logits - base_logits).abs().max() > 1e-2  # the adapter changes the model, so the check below means something
+    assert (logits_of(merged, tokenizer, text) - adapter_logits).abs().max() < 1e-3
+
+
+def test_merge_refuses_nan_and_never_overwrites(real_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-run"
+    shutil.copytree(real_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, weights)
+    out = tmp_path / "merged"
+    done = hpclora("merge", str(broken), "--out", str(out))
+    assert done.returncode == 2 and "NaN" in done.stderr and "nothing was written" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    done = hpclora("merge", str(real_run), "--out", str(out))
+    assert done.returncode == 2 and "already exists" in done.stderr and (out / "keep.txt").read_text() == "mine"
+
+
+def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run):
+    done = hpclora("eval", str(real_run), "--n", "2", "--max-new-tokens", "16")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((real_run / "eval.json").read_text())
+    summary = json.loads((real_run / "summary.json").read_text())
+    # the same held-out rows as training's own evaluation (4 rows, one batch: the same token-weighted mean)
+    assert result["examples"] == 4
+    assert result["adapter"]["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-3)
+    assert result["base"]["loss"] == pytest.approx(summary["base_val_loss"], abs=1e-3)
+    assert result["adapter_is_better"] == (result["adapter"]["loss"] < result["base"]["loss"])
+    references = {row["output"] for row in alpaca_rows(24)}
+    assert len(result["samples"]) == 2 and all(s["reference"] in references and s["base"] and s["adapter"] for s in result["samples"])
+    markdown = (real_run / "eval.md").read_text()
+    assert "| base model |" in markdown and "| reference | base model | with adapter |" in markdown
+
+
+def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path):
+    data = write_jsonl(tmp_path / "held-out.jsonl", alpaca_rows(3))
+    done = hpclora("eval", str(real_run), "--data", str(data), "--n", "1", "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((real_run / "eval.json").read_text())["examples"] == 3
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Hi"}, "not json"])
+    done = hpclora("eval", str(real_run), "--data", str(bad))
+    assert done.returncode == 2 and "bad.jsonl" in done.stderr and "Traceback" not in done.stderr
