@@ -76,7 +76,10 @@ def job_header(run_dir: Path, config_text: str) -> str:
         job += f" (array {env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']})"
     if env.get("SLURM_RESTART_COUNT", "0") != "0":
         job += f" (restart {env['SLURM_RESTART_COUNT']})"
-    gpus = env.get("CUDA_VISIBLE_DEVICES") or env.get("SLURM_JOB_GPUS") or "none"
+    if "CUDA_VISIBLE_DEVICES" in env:  # set but empty: no GPU; unset: every GPU of the machine
+        gpus = env["CUDA_VISIBLE_DEVICES"] or "none"
+    else:
+        gpus = env.get("SLURM_JOB_GPUS") or "unrestricted"
     image = next((env[v] for v in CONTAINER_VARS if env.get(v)), "none")
     return "\n".join([
         f"job {job} | node {socket.gethostname()} | visible GPUs {gpus} | container {image}",
