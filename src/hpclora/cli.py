@@ -134,10 +134,11 @@ def cmd_eval(args) -> int:
         raise UserError("eval: --n must be 0 or more")
     result = evaluate(args.run_dir, args.data, args.n, args.max_new_tokens)
     base, adapter = result["base"], result["adapter"]
-    verdict = "adapter is better" if result["adapter_is_better"] else "adapter is NOT better than the base model"
+    from .rundir import verdict
+
     print(f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)")
     print(f"loss base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter {adapter['loss']:.4f} (ppl {adapter['perplexity']:.2f}), "
-          f"{result['loss_change']:+.4f}: {verdict}")
+          f"{result['loss_change']:+.4f}: {verdict(base['loss'], adapter['loss'])}")
     print(f"wrote {Path(args.run_dir) / 'eval.json'} and eval.md ({len(result['samples'])} answers side by side)")
     return 0
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .rundir import write_json, write_text_atomic
+from .rundir import verdict, write_json, write_text_atomic
 
 
 def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], str]:
@@ -112,14 +112,13 @@ def _prompt_text(messages: list[dict]) -> str:
 
 
 def eval_markdown(name: str, r: dict) -> str:
-    verdict = "the adapter is better" if r["adapter_is_better"] else "the adapter is NOT better than the base model"
     lines = [
         f"# Evaluation of {name}", "",
         f"Held out: {r['held_out']} ({r['examples']} examples, {r['response_tokens']:,} response tokens).", "",
         "| | loss | perplexity |", "|---|---|---|",
         f"| base model | {r['base']['loss']:.4f} | {r['base']['perplexity']:.2f} |",
         f"| with adapter | {r['adapter']['loss']:.4f} | {r['adapter']['perplexity']:.2f} |", "",
-        f"Change {r['loss_change']:+.4f}: **{verdict}**.", "",
+        f"Change {r['loss_change']:+.4f}: **{verdict(r['base']['loss'], r['adapter']['loss'])}**.", "",
         f"## Answers ({r['decoding']})", "",
     ]
     cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .launch import registry
-from .rundir import write_text_atomic
+from .rundir import verdict, write_text_atomic
 
 
 @dataclass
@@ -68,8 +68,7 @@ def run_report(run_dir: Path) -> Path:
     lines = [f"# {run_dir.name}", ""]
     base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
     if base is not None and final is not None:
-        verdict = "**the adapter is better**" if final < base else "**the adapter is NOT better than the base model**"
-        lines += [f"Validation loss {base:.4f} (base) -> {final:.4f} (adapter), {final - base:+.4f}: {verdict}.",
+        lines += [f"Validation loss {base:.4f} (base) -> {final:.4f} (adapter), {final - base:+.4f}: **{verdict(base, final)}**.",
                   f"Perplexity {math.exp(base):.2f} -> {math.exp(final):.2f}.", ""]
     elif not summary:
         lines += ["Training has not finished: the figures below are what it has logged so far.", ""]

@@ -68,6 +68,11 @@ def config_hash(config_text: str) -> str:
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
 
 
+def verdict(base_loss: float, adapter_loss: float) -> str:
+    """Whether the adapter helped, in the words every command uses (lower held-out loss is better)."""
+    return "adapter is better" if adapter_loss < base_loss else "adapter is NOT better than the base model"
+
+
 def job_header(run_dir: Path, config_text: str) -> str:
     """The lines a job log opens with: where it runs, on what, and which config."""
     env = os.environ

@@ -20,7 +20,7 @@ from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, hms, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .rundir import config_hash, environment, job_header, prepare_run_dir, write_config, write_json, write_text_atomic
+from .rundir import config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
@@ -306,8 +306,8 @@ def describe_result(summary: dict, out: Path) -> str:
     lines = [f"done: {summary['steps']} steps in {hms(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, peak mem {summary['peak_mem_gb']:.1f} GB"]
     if summary["base_val_loss"] is not None:
         change = summary["val_loss_change"]
-        verdict = "adapter is better" if change < 0 else "adapter is NOT better than the base model"
-        lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} ({change:+.4f}: {verdict})")
+        lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} "
+                     f"({change:+.4f}: {verdict(summary['base_val_loss'], summary['final_val_loss'])})")
     lines.append(f"adapter saved to {out / 'adapter'}")
     return "\n".join(lines)
 
