@@ -129,13 +129,12 @@ def cmd_plan(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
+    from .rundir import verdict
 
     if args.n < 0:
         raise UserError("eval: --n must be 0 or more")
     result = evaluate(args.run_dir, args.data, args.n, args.max_new_tokens)
     base, adapter = result["base"], result["adapter"]
-    from .rundir import verdict
-
     print(f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)")
     print(f"loss base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter {adapter['loss']:.4f} (ppl {adapter['perplexity']:.2f}), "
           f"{result['loss_change']:+.4f}: {verdict(base['loss'], adapter['loss'])}")
@@ -237,7 +236,6 @@ def cmd_cancel(args) -> int:
 def cmd_container(args) -> int:
     import shlex
     import subprocess
-    from pathlib import Path
 
     from . import container
 

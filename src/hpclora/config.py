@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -471,6 +472,22 @@ def slurm_seconds(time: str) -> int:
     else:
         h, m, s = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def slurm_time(seconds: float) -> str:
+    """Seconds, rounded up, as HH:MM:SS (D-HH:MM:SS past a day): a Slurm time, and how logs show durations."""
+    seconds = max(0, math.ceil(seconds))
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+def slurm_mem_gb(mem: str) -> float:
+    """GB in a Slurm memory size (SLURM_MEM): 32G, 64000M, ...; a plain number is MB."""
+    units = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+    return float(mem[:-1]) * units[mem[-1]] if mem[-1] in units else float(mem) * 1e-3
+
+
 # What each Slurm value may hold: names, node lists and feature expressions, but nothing a shell or
 # an #SBATCH line could read as something else.
 SLURM_WORDS = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import RunConfig, looks_local
 from .errors import UserError
+from .staging import local_model_path
 
 RUNTIMES = ("apptainer", "singularity")
 DEFAULT_DEF = Path("containers") / "hpclora.def"
@@ -55,8 +56,8 @@ def job_binds(cfg: RunConfig) -> list[str]:
     for path in (cfg.data.cache_dir, cfg.cache.hf_home):
         if path:
             wanted.append(path)
-    if cfg.model.name.startswith(("/", "./", "../", "~")):
-        wanted.append(cfg.model.name)
+    if (model := local_model_path(cfg)) is not None:
+        wanted.append(str(model))
     def inside(path: str, other: str) -> bool:
         return path.startswith(other.rstrip("/") + "/")
 

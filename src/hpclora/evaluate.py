@@ -1,16 +1,15 @@
 """`hpclora eval`: did the adapter help? Base and adapter on the same held-out rows.
 
-Loss and perplexity (token-weighted over the response tokens, as trained) of the base model (adapter
-switched off) and of the adapter, then greedy answers of both for N held-out prompts next to the
-reference answer. Held-out rows are the run's own validation split (the same rows, by the same seed,
-that training evaluated on), or every row of --data. Writes eval.json and eval.md into the run directory.
+Loss and perplexity of the base model (adapter switched off) and of the adapter, token-weighted over
+the response tokens (tokenized as in training, from the same cache), then greedy answers of both for
+N held-out prompts next to the reference answer. Held-out rows are the run's own validation split
+(the same rows, by the same seed, that training evaluated on), or every row of --data. Writes eval.json
+and eval.md into the run directory.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -31,17 +30,6 @@ def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], s
     conversations, numbers, _ = load_conversations(cfg.data)
     _, val = split_indices(len(conversations), cfg.data.val_size, cfg.run.seed)
     return [conversations[i] for i in val], [numbers[i] for i in val], f"the run's validation split of {cfg.data.path}"
-
-
-def tokenized(cfg, conversations: list[list[dict]], numbers: list[int], tokenizer):
-    """Tokenized exactly as in training (template, truncation at data.max_length, prompt masking)."""
-    from .data.tokenize import tokenize_dataset
-
-    encoded = [json.dumps(c, ensure_ascii=False) for c in conversations]
-    with tempfile.TemporaryDirectory(prefix="hpclora-eval-") as tmp:
-        ds = tokenize_dataset(encoded, numbers, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.train_on_prompt,
-                              str(Path(tmp) / "eval.arrow"))
-        return [dict(row) for row in ds]  # in memory: the cache file goes with the directory
 
 
 def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
@@ -66,12 +54,13 @@ def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -
 
 
 def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
+    from .data import tokenized
     from .generate import Sampling, answer, load_run
 
     run = Path(run_dir)
     model, tokenizer, cfg = load_run(run)
     conversations, numbers, source = held_out(cfg, data_path)
-    examples = tokenized(cfg, conversations, numbers, tokenizer)
+    examples = [dict(row) for row in tokenized(cfg.data, conversations, numbers, tokenizer, "eval" if data_path else "val")[0]]
     if not examples:
         raise UserError(f"eval: no held-out row has a response left after truncation to data.max_length={cfg.data.max_length} ({source})")
     batch = cfg.train.micro_batch_size

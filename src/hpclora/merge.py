@@ -37,9 +37,9 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .model import _from_pretrained, load_tokenizer
+    from .model import from_pretrained, load_tokenizer
 
-    base = _from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, dtype=torch.float32)
+    base = from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter))
     try:
         merged = model.merge_and_unload(safe_merge=True)

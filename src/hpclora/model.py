@@ -21,7 +21,9 @@ def resolve_model_path(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def _from_pretrained(loader, name: str, model_cfg, **kwargs):
+def from_pretrained(loader, name: str, model_cfg, **kwargs):
+    """`loader.from_pretrained` on model.name (revision, remote code, offline), with a clear error when it
+    cannot be found."""
     path = resolve_model_path(name)
     try:
         return loader.from_pretrained(
@@ -48,7 +50,7 @@ def _from_pretrained(loader, name: str, model_cfg, **kwargs):
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, model_cfg.name, model_cfg)
+    tokenizer = from_pretrained(AutoTokenizer, model_cfg.name, model_cfg)
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.name: the tokenizer of '{model_cfg.name}' has no EOS token; responses could not be terminated")
     if tokenizer.pad_token_id is None:
@@ -79,7 +81,7 @@ def load_base(cfg, precision: str, device: str):
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    model = _from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, **kwargs)
     model.config.use_cache = False  # training: no KV cache (also required for packed rows)
     return model
 

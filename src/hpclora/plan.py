@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import RunConfig, looks_local, slurm_seconds
+from .config import RunConfig, looks_local, slurm_mem_gb, slurm_seconds, slurm_time
 from .errors import UserError
 from .models import EAGER_ONLY, KNOWN_DIMS, target_modules_for
 
@@ -107,12 +107,12 @@ def dims_from_config(config: dict) -> ModelDims:
 
 def find_dims(cfg: RunConfig) -> tuple[ModelDims, str]:
     """The model's dimensions and where they came from: local directory, HF cache, or the built-in table."""
-    from .staging import cached_snapshot, hf_home, hub_model_id
+    from .staging import cached_snapshot, hf_home, hub_model_id, local_model_path
 
     name = cfg.model.name
-    candidates = []
-    if hub_model_id(cfg) is None and Path(name).expanduser().is_dir():
-        candidates.append(Path(name).expanduser() / "config.json")
+    candidates, local = [], local_model_path(cfg)
+    if local is not None:
+        candidates.append(local / "config.json")
     elif hub_model_id(cfg):
         snapshot = cached_snapshot(hf_home(cfg), "model", name, cfg.model.revision, "config.json")
         if snapshot:
@@ -300,20 +300,13 @@ def planned_steps(cfg: RunConfig) -> int | None:
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
-def hms(seconds: float) -> str:
-    seconds = int(math.ceil(seconds))
-    days, rest = divmod(seconds, 86400)
-    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{clock}" if days else clock
-
-
 def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
     device = device_for(cfg, gpu)
     dims, source = find_dims(cfg)
     precision, why = precision_for(cfg, device)
     counts = parameter_counts(dims)
     trainable = lora_parameters(dims, cfg.lora.r, cfg.lora.target_modules)
-    capacity = _mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
+    capacity = slurm_mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
     parts = memory_gb(dims, cfg, device, precision, cfg.train.micro_batch_size)
     usable = capacity * 0.95
 
@@ -343,7 +336,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
         "gres": "none (CPU job)" if device.name == "cpu" else f"gpu:{device.name.split('-')[0]}:1",
         "mem": f"{max(8, math.ceil(weights_fp16 * 1.2 + 8 if device.name != 'cpu' else parts['peak_gb'] * 1.3))}G",
         "cpus_per_task": 8 if device.name != "cpu" else cfg.slurm.cpus_per_task,
-        "time": hms(seconds * 1.3) if seconds else None,
+        "time": slurm_time(seconds * 1.3) if seconds else None,
     }
     return Plan(
         model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
@@ -352,13 +345,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
         activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=capacity,
         fits=parts["peak_gb"] <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)",
-        time=hms(seconds) if seconds else None, recommended=recommended, breakdown=parts,
+        time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
     )
-
-
-def _mem_gb(mem: str) -> float:
-    units = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
-    return float(mem[:-1]) * units[mem[-1]] if mem[-1] in units else float(mem) * 1e-3  # plain numbers are MB
 
 
 def format_plan(p: Plan) -> str:

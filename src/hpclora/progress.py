@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .config import slurm_time
+
 
 def peak_memory_gb() -> float:
     """Peak GPU memory reserved by this process, or its peak resident memory on CPU."""
@@ -30,11 +32,6 @@ def peak_allocated_gb() -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
-
-
-def hms(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def emit(line: str) -> None:
@@ -103,7 +100,7 @@ class ProgressLog(TrainerCallback):
         lr = entry["lr"] if entry["lr"] is not None else float("nan")
         self._print(
             f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
-            f" | mem {mem:.1f} GB | eta {hms(eta)}"
+            f" | mem {mem:.1f} GB | eta {slurm_time(eta)}"
         )
         self.last_time, self.last_tokens = now, tokens
 

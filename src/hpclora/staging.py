@@ -36,14 +36,21 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARS)
 
 
+def local_model_path(cfg: RunConfig) -> Path | None:
+    """model.name as a directory when it names one (it exists, or is written as a path)."""
+    name = cfg.model.name
+    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+        return Path(name).expanduser().resolve()
+    return None
+
+
 def hub_model_id(cfg: RunConfig) -> str | None:
     """model.name when it names a hub repository (not a local directory, not the bundled model)."""
     from .bundled import BUNDLED_NAME
 
-    name = cfg.model.name
-    if name == BUNDLED_NAME or Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+    if cfg.model.name == BUNDLED_NAME or local_model_path(cfg):
         return None
-    return name
+    return cfg.model.name
 
 
 def hub_dataset_id(cfg: RunConfig) -> str | None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .config import RunConfig, to_yaml
+from .config import RunConfig, slurm_time, to_yaml
 from .errors import UserError
 from .preempt import StopRequest
-from .progress import ProgressLog, emit, hms, peak_allocated_gb, peak_memory_gb
+from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
 from .rundir import config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
@@ -60,7 +60,8 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 
     trackers = report_to(cfg)
     out = prepare_run_dir(cfg, run_dir, fresh)
-    resume = find_resume_point(out, config_hash(to_yaml(cfg)))  # before config.yaml is written: refuse, lose nothing
+    config_sha256 = config_hash(to_yaml(cfg))
+    resume = find_resume_point(out, config_sha256)  # before config.yaml is written: refuse, lose nothing
     if trackers:
         start_wandb(cfg, out)
     config_text = write_config(out, cfg)
@@ -99,7 +100,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
                 base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     trainer.checkpoint_state = lambda: {
         "step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
-        "base_val_loss": base_loss, "config_sha256": config_hash(config_text),
+        "base_val_loss": base_loss, "config_sha256": config_sha256,
     }
     tokens_before = trainer.tokens_seen
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -303,7 +304,7 @@ def describe_data(stats: dict) -> str:
 
 
 def describe_result(summary: dict, out: Path) -> str:
-    lines = [f"done: {summary['steps']} steps in {hms(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, peak mem {summary['peak_mem_gb']:.1f} GB"]
+    lines = [f"done: {summary['steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, peak mem {summary['peak_mem_gb']:.1f} GB"]
     if summary["base_val_loss"] is not None:
         change = summary["val_loss_change"]
         lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} "

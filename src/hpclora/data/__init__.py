@@ -18,7 +18,7 @@ from .read import read_rows
 from .templates import render
 from .tokenize import cache_key, encode, tokenize_dataset, tokenizer_fingerprint
 
-__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "load_conversations"]
+__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "load_conversations", "split_indices", "tokenized"]
 
 
 @dataclass
@@ -62,6 +62,19 @@ def default_cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
+def tokenized(data_cfg, conversations: list[list[dict]], numbers: list[int], tokenizer, split: str):
+    """(dataset, whether it came from the cache) for these conversations, tokenized as training does.
+    Cached in data.cache_dir by content: `hpclora eval` on a run's validation rows reuses training's."""
+    cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    encoded = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    key = cache_key(encoded, tokenizer_fingerprint(tokenizer), data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
+    cache_file = cache_dir / f"{key}-{split}.arrow"
+    cached = cache_file.exists()
+    ds = tokenize_dataset(encoded, numbers, tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, str(cache_file))
+    return ds, cached
+
+
 def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     conversations, numbers, fmt = load_conversations(data_cfg)
     if data_cfg.template == "chat":
@@ -70,22 +83,13 @@ def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         except ValueError as exc:
             raise UserError(f"data.template: {exc}") from None
     train_idx, val_idx = split_indices(len(conversations), data_cfg.val_size, seed)
-    cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     stats = {"rows": len(conversations), "format": fmt, "template": data_cfg.template}
     sets = {}
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
     for split, idx in (("train", train_idx), ("val", val_idx)):
         if not idx:
             sets[split] = None
             continue
-        encoded = [json.dumps(conversations[i], ensure_ascii=False) for i in idx]
-        key = cache_key(encoded, tokenizer_id, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
-        cache_file = cache_dir / f"{key}-{split}.arrow"
-        stats[f"{split}_cached"] = cache_file.exists()
-        ds = tokenize_dataset(
-            encoded, [numbers[i] for i in idx], tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, str(cache_file)
-        )
+        ds, stats[f"{split}_cached"] = tokenized(data_cfg, [conversations[i] for i in idx], [numbers[i] for i in idx], tokenizer, split)
         stats[f"{split}_rows"] = len(idx)
         stats[f"{split}_examples"] = len(ds)
         stats[f"{split}_dropped"] = len(idx) - len(ds)

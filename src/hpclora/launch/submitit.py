@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import RunConfig, slurm_seconds
 from .render import gpu_request, job_name
 
+
 def slurm_minutes(time: str) -> int:
     """Minutes in a Slurm time string, rounded up (submitit counts in minutes)."""
     return max(1, -(-slurm_seconds(time) // 60))
