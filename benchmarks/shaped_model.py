@@ -23,7 +23,7 @@ from hpclora.models import KNOWN_DIMS  # noqa: E402
 
 
 def hf_config(name: str) -> dict:
-    model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied = KNOWN_DIMS[name]
+    model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied, _context = KNOWN_DIMS[name]
     common = {"model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
               "intermediate_size": intermediate, "vocab_size": vocab, "tie_word_embeddings": tied, "max_position_embeddings": 4096,
               "bos_token_id": 1, "eos_token_id": 2}

@@ -156,3 +156,105 @@ def test_values_are_literal_text_without_interpolation(tmp_path, data_file):
     path.write_text(config.to_yaml(cfg))
     again = config.load(path)
     assert again.slurm.setup == setup and config.to_yaml(again) == config.to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, key, message",
+    [
+        ("slurm.extra=foo", "slurm.extra", "expected a list such as [a, b], got 'foo'"),
+        ("slurm.setup=[[1]]", "slurm.setup", "expected a list such as [a, b], got [[1]]"),
+        ("train.lr=null", "train.lr", "must be a number, not null"),
+        ("lora.r=null", "lora.r", "must be an integer, not null"),
+        ("train.gradient_checkpointing=2", "train.gradient_checkpointing", "expected true or false, got 2"),
+        ("data.columns.instruction=null", "data.columns.instruction", "expected text, got null"),
+        ("data.columns={instruction: [a]}", "data.columns.instruction", "expected text, got ['a']"),
+        ("data.columns=foo", "data.columns", "expected a mapping such as {name: value}, got 'foo'"),
+        ("container.env=3", "container.env", "expected a mapping such as {name: value}, got 3"),
+        ("lora.r=${x}", "lora.r", "expected an integer, got '${x}'"),
+    ],
+)
+def test_type_errors_are_in_our_words_with_the_full_key(data_file, override, key, message):
+    """OmegaConf's own words (AnyNode, ListConfig, 'Incompatible value', 'is not Optional') never reach users,
+    and values it would let through or crash on later (a list into a mapping of text) are caught here."""
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", override])
+    assert dict(err.value.problems) == {key: message}
+
+
+@pytest.mark.parametrize("override", ["lora.r=${x}", "data.columns={instruction: [a]}", "lora.r=`4`", "slurm.extra=foo"])
+def test_cli_never_shows_a_traceback_for_a_bad_value(tmp_path, data_file, override):
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), override],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {override.split('=')[0]}")  # the key the user typed
+    for words in ("AnyNode", "ListConfig", "Incompatible value", "is not Optional", "full_key", "object_type"):
+        assert words not in proc.stderr
+
+
+def test_non_finite_and_absurd_numbers_are_refused(data_file):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "train.lr=nan", "train.epochs=inf", "train.max_steps=1000000000000000000000",
+                           "data.max_length=1000000000", "train.micro_batch_size=100000", "train.preempt_grace_s=70000"])
+    found = dict(err.value.problems)
+    assert found["train.lr"] == "must be a finite number, got nan"
+    assert found["train.epochs"] == "must be a finite number, got inf"
+    assert found["train.max_steps"] == "must be <= 10000000, got 1000000000000000000000"
+    assert found["data.max_length"].startswith("must be <= ")
+    assert found["train.micro_batch_size"].startswith("must be <= ")
+    assert found["train.preempt_grace_s"] == "must be <= 65535, got 70000"  # Slurm keeps --signal's lead in 16 bits
+
+
+def test_overrides_that_cannot_be_read_name_their_key(data_file):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "lora.r=`4`", "slurm.partition=gpu\nrm -rf ~", "`lora.r`=4", "lora.alpha=8"])
+    found = dict(err.value.problems)
+    assert found["lora.r"].startswith("cannot read the value '`4`' (found character") and "put it in quotes" in found["lora.r"]
+    assert found["slurm.partition"].startswith("an override is one line")  # not silently cut at the line break
+    assert "not a key path" in found["`lora.r`"]
+    assert "lora.alpha" not in found  # the good override in the same call still applies
+
+
+def test_a_directory_given_as_config_says_so(tmp_path):
+    (tmp_path / "my.yaml").write_text("data:\n  path: x.jsonl\n")
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {tmp_path}: is a directory; give a config file such as {tmp_path / 'my.yaml'}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "option, problem",
+    [
+        ("--mail-type END", "expected one sbatch option as --name or --name=value"),
+        ('--comment="two words"', "expected one sbatch option"),
+        ("--comment=a\nb", "expected one sbatch option"),
+        ("-p gpu", "expected one sbatch option"),
+        ("--wrap=hostname", "--wrap cannot be used"),
+        ("--time=10:00", "--time is set by hpclora from slurm.time"),
+        ("--gres=gpu:2", "--gres is set by hpclora from slurm.gpus and slurm.gpu_type"),
+        ("--array=0-3", "--array is set by hpclora from `hpclora sweep`"),
+        ("--export=NONE", "only --export=ALL"),
+    ],
+)
+def test_slurm_extra_is_checked_as_the_sbatch_line_it_becomes(data_file, option, problem):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "slurm.extra=[--mail-type=END]"] + [f"slurm.extra=[--mail-type=END, {json.dumps(option)}]"])
+    found = dict(err.value.problems)
+    assert list(found) == ["slurm.extra[1]"] and problem in found["slurm.extra[1]"]
+
+
+def test_good_sbatch_extras_pass(data_file):
+    cfg = config.load(None, [f"data.path={data_file}", "slurm.extra=[--mail-type=END, --mail-user=me@uni.ac.jp, --exclusive, '--export=ALL,X=1']"])
+    assert cfg.slurm.extra == ["--mail-type=END", "--mail-user=me@uni.ac.jp", "--exclusive", "--export=ALL,X=1"]
+
+
+def test_the_preemption_signal_must_leave_time_to_train(data_file):
+    with pytest.raises(ConfigError) as err:  # the default 120 s in a 2-minute job: signalled at once, requeued forever
+        config.load(None, [f"data.path={data_file}", "slurm.time=2"])
+    assert dict(err.value.problems) == {"train.preempt_grace_s": (
+        "120 s before the limit of slurm.time=2 (120 s) leaves no time to train (Slurm may signal up to 60 s early): "
+        "use at most 30, or more slurm.time")}
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "slurm.time=1", "train.preempt_grace_s=10"])
+    assert "too short to train" in dict(err.value.problems)["train.preempt_grace_s"]
+    assert config.load(None, [f"data.path={data_file}", "slurm.time=2", "train.preempt_grace_s=20"]).slurm.time == "2"
+    assert config.load(None, [f"data.path={data_file}", "slurm.time=0"]).slurm.time == "0"  # no limit, no signal

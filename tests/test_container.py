@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import hpclora
-from hpclora import config, container, staging
+from hpclora import config, container, hub
 
 from conftest import ROOT, alpaca_rows, write_jsonl
 from hub_standin import HubStandIn
@@ -132,15 +132,15 @@ def test_jobs_are_rendered_offline_and_submit_warns_when_not_staged(tmp_path):
 def test_cache_layout_is_read_as_the_hub_client_writes_it(tmp_path):
     cfg = config.load(hub_config(tmp_path))
     home = tmp_path / "hf"
-    assert staging.missing_from_cache(cfg) == ["model lab/tiny-llama (revision main)"]
+    assert hub.missing_from_cache(cfg) == ["model lab/tiny-llama (revision main)"]
     snapshot = home / "hub" / "models--lab--tiny-llama" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     (home / "hub" / "models--lab--tiny-llama" / "refs").mkdir()
     (home / "hub" / "models--lab--tiny-llama" / "refs" / "main").write_text("abc123")
-    assert staging.missing_from_cache(cfg) == []
+    assert hub.missing_from_cache(cfg) == []
     cfg.model.revision = "v2"  # another revision is not staged
-    assert staging.missing_from_cache(cfg) == ["model lab/tiny-llama (revision v2)"]
+    assert hub.missing_from_cache(cfg) == ["model lab/tiny-llama (revision v2)"]
 
 
 def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, tiny_llama_dir):

@@ -218,3 +218,77 @@ def test_prepare_with_packing_fills_rows(tmp_path, tokenizer):
     assert len(rows) < 40 / 3
     assert all(len(r) <= 256 for r in rows["input_ids"])
     assert sum(p.count(0) for p in rows["position_ids"]) == 40  # every example starts once
+
+
+JA_ROWS = [{"instruction": "日本で一番高い山は何ですか？", "input": "", "output": "富士山です。標高は3776メートルです。"},
+           {"instruction": "猫について教えてください。", "input": "", "output": "猫は小型の肉食動物で、ペットとして人気があります。"}]
+
+
+def jsonl_text(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("encoding, named, iconv", [
+    ("shift_jis", "Shift_JIS (Windows CP932)", "CP932"),
+    ("euc_jp", "EUC-JP", "EUC-JP"),
+    ("utf_16", "UTF-16", "UTF-16"),
+])
+def test_a_file_in_another_encoding_names_it_and_how_to_convert(tmp_path, encoding, named, iconv):
+    path = tmp_path / "ja.jsonl"
+    path.write_bytes(jsonl_text(JA_ROWS).encode(encoding))
+    with pytest.raises(DataError) as err:
+        load_conversations(data_cfg(path, tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"{path}:1: byte 0x") and "is not UTF-8" in message
+    assert f"looks like {named}" in message and f"`iconv -f {iconv} -t UTF-8 {path} > {tmp_path / 'ja.utf8.jsonl'}`" in message
+
+
+def test_latin1_csv_is_refused_at_its_line_with_the_iconv_fix(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes("instruction,input,output\nSay hi,,hi\nDescribe a café,,Señor Müller's café.\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_conversations(data_cfg(path, tmp_path))
+    assert str(err.value).startswith(f"{path}:3: byte 0xe9 is not UTF-8") and "iconv -f " in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf8_byte_order_mark_is_read_as_utf8(tmp_path, suffix):
+    path = tmp_path / f"bom{suffix}"
+    if suffix == ".jsonl":
+        text = jsonl_text(JA_ROWS)
+    elif suffix == ".json":
+        text = json.dumps(JA_ROWS, ensure_ascii=False)
+    else:
+        text = "instruction,input,output\n" + "".join(f"{r['instruction']},,{r['output']}\n" for r in JA_ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Excel and Notepad write
+    convs, _, fmt = load_conversations(data_cfg(path, tmp_path))
+    assert fmt == "alpaca" and [c[0]["content"] for c in convs] == [r["instruction"] for r in JA_ROWS]
+
+
+def test_data_columns_naming_a_missing_column_lists_the_columns_there_are(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"act": "Linux Terminal", "prompt": "I want you to act as a terminal."}])
+    with pytest.raises(DataError) as err:
+        load_conversations(data_cfg(path, tmp_path, "data.columns={instruction: act, output: answer}"))
+    assert str(err.value) == (f"{path}:1: data.columns names columns the file does not have (output: answer); "
+                              "its columns are ['act', 'prompt']")
+
+
+def test_a_corrupt_parquet_file_is_a_data_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"instruction": ["a"] * 200, "output": ["b"] * 200}), path)
+    path.write_bytes(path.read_bytes()[:-40])  # a copy that stopped short: the footer is gone
+    with pytest.raises(DataError, match=r"p\.parquet: cannot read parquet at its start"):
+        load_conversations(data_cfg(path, tmp_path))
+
+
+def test_rows_are_streamed_and_checked_to_the_last(tmp_path):
+    """check_rows reads every row as training will (the login node's check), keeping none of them."""
+    from hpclora.data import check_rows
+
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(500) + ['{"instruction": "x"}'])
+    with pytest.raises(DataError, match=r"d\.jsonl:501: missing field 'output'"):
+        check_rows(data_cfg(path, tmp_path))
+    assert check_rows(data_cfg(path, tmp_path, "data.max_rows=500")) == {"rows": 500, "format": "alpaca"}

@@ -228,3 +228,37 @@ def test_submitit_without_slurm_trains_a_sweep(tmp_path, tiny_llama_dir, monkeyp
 def test_status_of_an_unknown_target_is_a_user_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hpclora", "status", str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a job id" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["validate"], ["plan", "--gpu", "cpu"], ["submit", "--dry-run"], ["submit"], ["submit", "--launcher", "local"],
+    ["sweep", "--grid", "lora.r=4,8", "--dry-run"], ["sweep", "--grid", "lora.r=4,8"],
+])
+def test_a_bad_row_fails_on_the_login_node_before_anything_is_written(tmp_path, command):
+    """Today's jobs would have been queued and failed at row 3; here every command stops with train's own error."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(2) + ['{"instruction": "no answer"}'] + alpaca_rows(5))
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps({"run": {"output_root": str(tmp_path / "runs")}, "data": {"path": str(data)},
+                                    "slurm": {"gpus": 0, "log_dir": str(tmp_path / "logs")}}))
+    proc = subprocess.run([sys.executable, "-m", "hpclora", command[0], str(cfg_path), *command[1:]], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {data}:3: missing field 'output'" in proc.stderr.splitlines()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_data_in_another_encoding_is_refused_by_submit_with_the_conversion(tmp_path):
+    data = tmp_path / "ja.jsonl"
+    data.write_bytes('{"instruction": "富士山の高さは？", "output": "3776メートルです。"}\n'.encode("shift_jis"))
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "submit", "--dry-run", str(ROOT / "configs" / "demo-cpu.yaml"),
+                           f"data.path={data}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "looks like Shift_JIS (Windows CP932); convert it with `iconv -f CP932 -t UTF-8" in proc.stderr
+
+
+def test_max_length_beyond_the_model_context_is_refused_before_the_queue(tmp_path):
+    for command in (["validate"], ["plan", "--gpu", "a100-80gb"], ["submit", "--dry-run"]):
+        proc = subprocess.run([sys.executable, "-m", "hpclora", command[0], str(ROOT / "configs" / "open-calm-7b-qlora-dolly-ja.yaml"),
+                               *command[1:], "data.max_length=4096"], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert ("error: data.max_length: 4096 tokens do not fit the context of cyberagent/open-calm-7b, 2048 tokens "
+                "(max_position_embeddings, from built-in table): use at most 2048") in proc.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hpclora import config, plan
+from hpclora import config, plan, slurm_syntax
 from hpclora.errors import UserError
 
 from conftest import ROOT, tiny_model
@@ -139,4 +139,4 @@ def test_submit_refuses_what_does_not_fit_unless_forced_and_fills_time_auto(tmp_
                             "--grid", "train.epochs=1,4", f"run.output_root={tmp_path}", "--dry-run"], capture_output=True, text=True)
     assert sweep.returncode == 0, sweep.stderr
     longest = next(l for l in sweep.stderr.splitlines() if "slurm.time auto ->" in l).split("-> ")[1].split()[0]
-    assert f"#SBATCH --time={longest}\n" in sweep.stdout and config.slurm_seconds(longest) > config.slurm_seconds(estimate)
+    assert f"#SBATCH --time={longest}\n" in sweep.stdout and slurm_syntax.slurm_seconds(longest) > slurm_syntax.slurm_seconds(estimate)

@@ -15,7 +15,7 @@ from .errors import USER_ERROR_EXIT, UserError
 
 
 def cmd_validate(args) -> int:
-    from . import config
+    from . import config, preflight
 
     if args.explain:
         print(config.explain())
@@ -23,20 +23,23 @@ def cmd_validate(args) -> int:
     if not args.config:
         raise UserError("validate: give a config file (or --explain to list every key)")
     cfg = config.load(args.config, args.overrides)
+    data = preflight.check(cfg)
     print(config.to_yaml(cfg), end="")
-    print(f"# {args.config}: valid", file=sys.stderr)
+    rows = f" ({data['rows']:,} rows of {data['format']} data read)" if data else ""
+    print(f"# {args.config}: valid{rows}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args) -> int:
-    from . import config, staging
+    from . import config, hub, preflight
     from .preempt import CHECKPOINTED_EXIT, StopRequest
     from .quiet import quiet_libraries
 
     with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
         cfg = config.load(args.config, args.overrides)
-        staging.use_cache(cfg)
-        staging.require_staged(cfg, args.config)  # offline and not staged: say so now, not after loading
+        hub.use_cache(cfg)  # before check_context asks the cache: the hub libraries read HF_HOME once
+        preflight.check_context(cfg)
+        hub.require_staged(cfg, args.config)  # offline and not staged: say so now, not after loading
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
         from .train import train
 
@@ -68,10 +71,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from . import config, plan
+    from . import config, plan, preflight
     from .launch import submit
 
     cfg = config.load(args.config, args.overrides)
+    preflight.check(cfg)  # every data row, before anything is queued
     _print_plan(plan.check_before_submit([cfg], args.force))
     job = submit.prepare_run(cfg)
     _warn_if_not_staged(cfg, args.config)
@@ -85,10 +89,15 @@ def cmd_submit(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from . import plan
+    from . import plan, preflight
     from .launch import submit
 
-    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=lambda cfgs: _print_plan(plan.check_before_submit(cfgs, args.force)))
+    def check(cfgs):  # every trial's data rows and model context, then the planner, before anything is written
+        for cfg in cfgs:
+            preflight.check(cfg)
+        _print_plan(plan.check_before_submit(cfgs, args.force))
+
+    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=check)
     _warn_if_not_staged(job.cfg, args.config)
     trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
     if args.dry_run:
@@ -107,21 +116,22 @@ def _print_plan(lines: list[str]) -> None:
 
 
 def _warn_if_not_staged(cfg, config_path) -> None:
-    from . import staging
+    from . import hub
 
-    missing = staging.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
+    missing = hub.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
     if missing:
         print(
-            f"warning: jobs run offline, and the Hugging Face cache at {staging.hf_home(cfg)} lacks {', '.join(missing)}: "
-            f"run `{staging.stage_command(config_path)}` on a node with internet first, or the job will stop at once",
+            f"warning: jobs run offline, and the Hugging Face cache at {hub.hf_home(cfg)} lacks {', '.join(missing)}: "
+            f"run `{hub.stage_command(config_path)}` on a node with internet first, or the job will stop at once",
             file=sys.stderr,
         )
 
 
 def cmd_plan(args) -> int:
-    from . import config, plan
+    from . import config, plan, preflight
 
     cfg = config.load(args.config, args.overrides, check_files=False)
+    preflight.check(cfg)  # the data only where the file is on this node
     result = plan.make_plan(cfg, args.gpu)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0
@@ -157,13 +167,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from . import config, staging
+    from . import config, hub, stage
     from .quiet import quiet_libraries
 
     cfg = config.load(args.config, args.overrides)
-    staging.use_cache(cfg)  # before any hub library is imported
+    hub.use_cache(cfg)  # before any hub library is imported
     quiet_libraries()
-    manifest = staging.stage(cfg, args.config)
+    manifest = stage.stage(cfg, args.config)
     for part in ("model", "dataset"):
         if part in manifest:
             print(f"{part}: {manifest[part]['id']} at commit {manifest[part]['commit']}")

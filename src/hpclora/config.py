@@ -15,11 +15,14 @@ import functools
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import ConfigError, UserError
+from .hub import local_data_path
+from .slurm_syntax import MAX_SIGNAL_LEAD_S, SLURM_MEM, SLURM_TIME, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, **bounds: float) -> Any:
@@ -40,7 +43,7 @@ REQUIRED = "???"  # OmegaConf's marker for a value that must be given
 class RunSection:
     name: str = opt("hpclora", "Run name; the run directory is <output_root>/<name>-<timestamp or job id>.")
     output_root: str = opt("runs", "Directory that holds run directories (shared storage on a cluster).")
-    seed: int = opt(42, "Seed for data shuffling, the validation split, LoRA init and dropout.", min=0)
+    seed: int = opt(42, "Seed for data shuffling, the validation split, LoRA init and dropout.", min=0, max=2**32 - 1)
     wandb_project: Optional[str] = opt(
         None,
         "Also log to Weights & Biases under this project (needs the wandb package; the key comes from WANDB_API_KEY "
@@ -79,7 +82,7 @@ class QuantSection:
 @dataclass
 class LoraSection:
     r: int = opt(8, "LoRA rank: trainable parameters and capacity grow linearly with it.", min=1, max=4096)
-    alpha: float = opt(16.0, "LoRA scaling numerator; the update is scaled by alpha / r.", gt=0)
+    alpha: float = opt(16.0, "LoRA scaling numerator; the update is scaled by alpha / r.", gt=0, max=1e6)
     dropout: float = opt(0.05, "Dropout on the LoRA input path.", min=0, lt=1)
     target_modules: Any = opt("auto", "`auto` (per-architecture choice, logged) or a list of module names such as [q_proj, v_proj].")
     bias: str = opt("none", "Which biases train: none, all, or lora_only.", choices=("none", "all", "lora_only"))
@@ -102,9 +105,9 @@ class DataSection:
         choices=("alpaca", "alpaca_ja", "calm", "chat", "none"),
     )
     columns: Dict[str, str] = opt({}, "Rename columns before reading, e.g. {instruction: act, output: prompt}.")
-    max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated.", min=16)
-    val_size: float = opt(0.1, "Held-out rows for validation: a fraction (< 1) or a row count (>= 1); 0 = none.", min=0)
-    max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1)
+    max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated; at most the model's context.", min=16, max=1_048_576)
+    val_size: float = opt(0.1, "Held-out rows for validation: a fraction (< 1) or a row count (>= 1); 0 = none.", min=0, max=1e9)
+    max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1, max=10**10)
     packing: bool = opt(False, "Pack several examples into each row of at most max_length tokens (fewer pad tokens).")
     train_on_prompt: bool = opt(False, "Also train on prompt tokens; by default only responses (assistant turns) train.")
     cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = <cache.hf_home>/hpclora/tokenized, or $HPCLORA_CACHE/tokenized, or ~/.cache/hpclora/tokenized.")
@@ -112,8 +115,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    epochs: float = opt(3.0, "Passes over the training rows (fractions allowed); ignored when max_steps is set.", gt=0)
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps; null = derive from epochs.", min=1)
+    epochs: float = opt(3.0, "Passes over the training rows (fractions allowed); ignored when max_steps is set.", gt=0, max=10_000)
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps; null = derive from epochs.", min=1, max=10_000_000)
     lr: float = opt(2e-4, "Peak learning rate of the LoRA parameters.", gt=0, lt=1)
     scheduler: str = opt(
         "cosine",
@@ -121,8 +124,8 @@ class TrainSection:
         choices=("cosine", "linear", "constant", "constant_with_warmup"),
     )
     warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up from 0.", min=0, lt=1)
-    micro_batch_size: int = opt(4, "Rows per forward/backward pass (per GPU); memory grows with it.", min=1)
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step; effective batch = micro_batch_size * grad_accum.", min=1)
+    micro_batch_size: int = opt(4, "Rows per forward/backward pass (per GPU); memory grows with it.", min=1, max=4096)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step; effective batch = micro_batch_size * grad_accum.", min=1, max=65_536)
     precision: str = opt(
         "auto",
         "auto = bf16 where the GPU has it, fp16 autocast with fp32 master weights on V100/T4, fp32 on CPU.",
@@ -134,15 +137,15 @@ class TrainSection:
         "Optimizer; paged_adamw_8bit (bitsandbytes, CUDA) saves memory for QLoRA runs.",
         choices=("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"),
     )
-    weight_decay: float = opt(0.0, "AdamW weight decay of the LoRA parameters.", min=0)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
-    eval_every: int = opt(100, "Validation loss every N optimizer steps (also before training and at the end); 0 = only those two.", min=0)
-    save_every: int = opt(200, "Checkpoint every N optimizer steps (0 = only when stopped by a signal); a restarted run resumes from the newest.", min=0)
-    keep_checkpoints: int = opt(2, "How many of the newest complete checkpoints to keep.", min=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay of the LoRA parameters.", min=0, max=10)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", min=0, max=1e6)
+    eval_every: int = opt(100, "Validation loss every N optimizer steps (also before training and at the end); 0 = only those two.", min=0, max=10_000_000)
+    save_every: int = opt(200, "Checkpoint every N optimizer steps (0 = only when stopped by a signal); a restarted run resumes from the newest.", min=0, max=10_000_000)
+    keep_checkpoints: int = opt(2, "How many of the newest complete checkpoints to keep.", min=1, max=1000)
     preempt_grace_s: int = opt(
-        120, "Seconds before the time limit at which Slurm asks the job to checkpoint and requeue (`--signal=B:USR1@N`).", min=10,
+        120, "Seconds before the time limit at which Slurm asks the job to checkpoint and requeue (`--signal=B:USR1@N`); must leave time to train within slurm.time.", min=10, max=MAX_SIGNAL_LEAD_S,
     )
-    log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1)
+    log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1, max=10_000_000)
 
 
 @dataclass
@@ -159,13 +162,13 @@ class SlurmSection:
         "How GPUs are requested: gres (`--gres=gpu:TYPE:N`, works everywhere) or gpus (`--gpus=TYPE:N`).",
         choices=("gres", "gpus"),
     )
-    cpus_per_task: int = opt(8, "CPU cores for the run (data loading, tokenization, CPU training).", min=1)
+    cpus_per_task: int = opt(8, "CPU cores for the run (data loading, tokenization, CPU training).", min=1, max=4096)
     mem: str = opt("32G", "Host memory for the job: a number with an optional K/M/G/T suffix (`--mem`).")
     constraint: Optional[str] = opt(None, "Node features required (`--constraint`), e.g. `v100&gpu32gb`.")
     exclude: Optional[str] = opt(None, "Nodes not to run on (`--exclude`), e.g. `node[01-03]`.")
     setup: List[str] = opt([], "Shell lines run before training, e.g. [`module load cuda/11.8`]. They are shell code: not quoted.")
     extra: List[str] = opt([], "Additional #SBATCH options, one per item, e.g. [`--mail-type=END`, `--mail-user=me@uni.ac.jp`].")
-    max_requeues: int = opt(3, "How often a preempted or timed-out job requeues itself before giving up.", min=0)
+    max_requeues: int = opt(3, "How often a preempted or timed-out job requeues itself before giving up.", min=0, max=1000)
     log_dir: str = opt("logs", "Directory for the Slurm job logs (`<job name>-<job id>.out`); relative = to where you submit.")
 
 
@@ -210,8 +213,6 @@ SECTIONS: dict[str, type] = {
     "cache": CacheSection,
 }
 
-# Files whose suffix says "this is meant to be a local file", so a missing one is an error, not a hub id.
-LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,18 +231,16 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     paths are made absolute so that a job never depends on where it was started.
     Raises ConfigError listing every problem.
     """
-    raw = _read_yaml(path) if path is not None else {}
-    raw = _literal(_deep_merge(raw, _parse_overrides(overrides)))
     problems: list[tuple[str, str]] = []
-    known = _drop_unknown(raw, problems)
-    try:  # one merge when all types are right (sweeps load many configs) ...
-        cfg, missing = _to_dataclasses(known)
-    except Exception:  # ... else value by value, to name every bad one
-        cfg, missing = _to_dataclasses(_drop_unmergeable(known, problems))
+    raw = _read_yaml(path) if path is not None else {}
+    raw = _deep_merge(raw, _parse_overrides(overrides, problems))
+    known = _drop_mistyped(_drop_unknown(raw, problems), problems)
+    cfg, missing = _to_dataclasses(_literal(known))
     problems.extend((key, "required, but not set") for key in missing)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
-    reported = {key for key, _ in problems}
-    problems.extend(p for p in check_values(cfg, check_files) if p[0] not in reported)
+    for key, message in check_values(cfg, check_files):  # one problem per key: the first is the one to fix
+        if key not in {k for k, _ in problems}:
+            problems.append((key, message))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -249,6 +248,10 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if p.is_dir():
+        configs = sorted(f.name for f in p.glob("*.yaml"))[:5]
+        hint = f" such as {p / configs[0]}" if configs else ""
+        raise UserError(f"{p}: is a directory; give a config file{hint} (`hpclora status` and `report` take run directories)")
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     stat = p.stat()
@@ -263,6 +266,8 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     p = Path(path)
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8") from None
     except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
         first = str(exc).strip().splitlines()
         raise UserError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:4])}") from None
@@ -273,16 +278,36 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     return loaded
 
 
-def _parse_overrides(overrides) -> dict:
+KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _parse_overrides(overrides, problems: list[tuple[str, str]]) -> dict:
+    """`section.key=value` items as one nested mapping; each item that cannot be read is a problem of its own."""
     from omegaconf import OmegaConf
 
-    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-    if bad:
-        raise ConfigError([(o, "an override must look like section.key=value") for o in bad])
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-    except Exception as exc:
-        raise ConfigError([("overrides", str(exc).splitlines()[0])]) from None
+    parsed: dict = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append((item, "an override must look like section.key=value"))
+        elif "\n" in item or "\r" in item:
+            problems.append((key, "an override is one line, but this one holds a line break: give each value on one line"))
+        elif not KEY_PATH.match(key):
+            problems.append((key, "not a key path such as lora.r (names of letters, digits and _, joined by dots)"))
+        else:
+            try:
+                parsed = _deep_merge(parsed, OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False))
+            except Exception as exc:
+                problems.append((key, f"cannot read the value {value!r} ({_parser_reason(exc)}); put it in quotes: {key}='{value}'"))
+    return parsed
+
+
+def _parser_reason(exc: Exception) -> str:
+    """The YAML scanner's own reason (`found character '`' that cannot start any token`), without its context."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("found ") or line.startswith("expected ")]
+    return (reasons or lines or [type(exc).__name__])[0]
 
 
 def _literal(value: Any) -> Any:
@@ -347,54 +372,107 @@ def _drop_unknown(raw: dict, problems: list[tuple[str, str]]) -> dict:
     return known
 
 
-def _drop_unmergeable(known: dict, problems: list[tuple[str, str]]) -> dict:
-    """Try every value against its field's type alone, so that every bad one is named."""
-    from omegaconf import OmegaConf
+@functools.lru_cache(maxsize=None)
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
 
+
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether OmegaConf turns `value` into a `tp` the way a user means it (stricter than OmegaConf itself,
+    which reads 2 as true and lets [[1]] into a list of strings)."""
+    if tp is Any:
+        return True
+    if tp is bool:
+        return isinstance(value, bool) or isinstance(value, str) and value.strip().lower() in BOOL_WORDS
+    if isinstance(value, bool):
+        return False
+    if tp is int:
+        return isinstance(value, int) or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value) is not None
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return True
+        try:
+            float(value)
+            return isinstance(value, str)
+        except (TypeError, ValueError):
+            return False
+    if tp is str:
+        return isinstance(value, (str, int, float))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_fits(v, str) for v in value)
+    return False
+
+
+def _describe(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(tp) or (
+        "a list such as [a, b]" if typing.get_origin(tp) is list else "a mapping such as {name: value}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML: null, true, 'text', [..]."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _type_problems(key: str, value: Any, tp: Any) -> list[tuple[str, str]]:
+    """Why `value` cannot be the field `key` of type `tp`, in the user's words (never OmegaConf's)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        if value is None:
+            return []
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if value is None:
+        return [] if tp is Any else [(key, f"must be {_describe(tp)}, not null")]
+    if typing.get_origin(tp) is dict:  # name each entry: data.columns.instruction
+        if not isinstance(value, dict):
+            return [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
+        return [(f"{key}.{name}", f"expected text, got {_shown(v)}") for name, v in value.items()
+                if not isinstance(name, str) or not _fits(v, str)]
+    return [] if _fits(value, tp) else [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
+
+
+def _drop_mistyped(known: dict, problems: list[tuple[str, str]]) -> dict:
+    """Keep the values their fields can hold; record each other one with its key path."""
     kept: dict = {}
     for section, values in known.items():
         kept[section] = {}
         for key, value in values.items():
-            try:
-                OmegaConf.merge(_schema(section), {key: value})
-            except Exception as exc:
-                problems.append((f"{section}.{key}", _omegaconf_message(exc, value)))
-                continue
-            kept[section][key] = value
+            found = _type_problems(f"{section}.{key}", value, _field_types(section)[key])
+            if found:
+                problems.extend(found)
+            else:
+                kept[section][key] = value
     return kept
 
 
 @functools.lru_cache(maxsize=None)
-def _schema(section: str | None):
-    """The OmegaConf schema of one section (or of the whole RunConfig for None), built once."""
+def _schema():
+    """The OmegaConf schema of RunConfig, built once."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.structured(SECTIONS[section] if section else RunConfig)
-
-
-def _omegaconf_message(exc: Exception, value: Any) -> str:
-    first = str(exc).strip().splitlines()[0]
-    m = re.search(r"could not be converted to (\w+)", first)
-    if m:
-        wanted = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}.get(m.group(1), m.group(1))
-        return f"expected {wanted}, got {value!r}"
-    if "Cannot assign" in first or "cannot" in first.lower():
-        return f"wrong type: {first}"
-    return first
+    return OmegaConf.structured(RunConfig)
 
 
 def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
     """The merged config, and the required keys nobody set (filled with "" so checks can go on)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.merge(_schema(None), cleaned)
-    missing = []
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            if OmegaConf.is_missing(merged[section], f.name):
-                missing.append(f"{section}.{f.name}")
-                merged[section][f.name] = ""
-    return OmegaConf.to_object(merged), missing
+    try:
+        merged = OmegaConf.merge(_schema(), cleaned)
+        missing = []
+        for section, cls in SECTIONS.items():
+            for f in dataclasses.fields(cls):
+                if OmegaConf.is_missing(merged[section], f.name):
+                    missing.append(f"{section}.{f.name}")
+                    merged[section][f.name] = ""
+        return OmegaConf.to_object(merged), missing
+    except OmegaConfBaseException as exc:  # a value _drop_mistyped let through: still the user's to fix
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError([(key, f"cannot be read: {str(exc).splitlines()[0]}")]) from None
 
 
 def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
@@ -413,11 +491,6 @@ def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
         if candidate.exists():
             cfg.data.path = str(candidate.resolve())
             break
-
-
-def looks_local(path: str) -> bool:
-    """True when a data path is clearly meant as a local file (not a hub dataset id)."""
-    return path.startswith(("/", "./", "../", "~")) or path.lower().endswith(LOCAL_DATA_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +514,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
     if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
-    if check_files and not os.path.exists(cfg.data.path) and looks_local(cfg.data.path):
+    if check_files and (data := local_data_path(cfg.data.path)) is not None and not data.exists():
         problems.append(("data.path", f"file not found: {cfg.data.path}"))
     if cfg.data.format == "text" and cfg.data.template != "none":
         problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
@@ -454,51 +527,12 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
     problems.extend(check_slurm(cfg.slurm))
+    if cfg.slurm.time != "auto" and SLURM_TIME.match(cfg.slurm.time):
+        grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
+        if grace:
+            problems.append(("train.preempt_grace_s", grace))
     problems.extend(check_container(cfg.container))
     return problems
-
-
-# Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
-SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
-
-
-def slurm_seconds(time: str) -> int:
-    """Seconds in a Slurm time string: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    days, _, clock = time.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:  # after a day count the clock reads HH[:MM[:SS]]
-        h, m, s = parts + [0] * (3 - len(parts))
-    else:
-        h, m, s = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
-    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
-
-
-def slurm_time(seconds: float) -> str:
-    """Seconds, rounded up, as HH:MM:SS (D-HH:MM:SS past a day): a Slurm time, and how logs show durations."""
-    seconds = max(0, math.ceil(seconds))
-    days, rest = divmod(seconds, 86400)
-    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{clock}" if days else clock
-
-
-def slurm_mem_gb(mem: str) -> float:
-    """GB in a Slurm memory size (SLURM_MEM): 32G, 64000M, ...; a plain number is MB."""
-    units = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
-    return float(mem[:-1]) * units[mem[-1]] if mem[-1] in units else float(mem) * 1e-3
-
-
-# What each Slurm value may hold: names, node lists and feature expressions, but nothing a shell or
-# an #SBATCH line could read as something else.
-SLURM_WORDS = {
-    "partition": re.compile(r"^[\w.-]+(,[\w.-]+)*$"),
-    "account": re.compile(r"^[\w.-]+$"),
-    "qos": re.compile(r"^[\w.-]+$"),
-    "gpu_type": re.compile(r"^[\w.-]+$"),
-    "constraint": re.compile(r"^[\w.\-&|,*\[\]()!:]+$"),
-    "exclude": re.compile(r"^[\w.\-,\[\]]+$"),
-}
-UNSAFE_IN_SBATCH_LINES = ('"', "\\", "\n", "\r")
 
 
 # Variables that hold credentials: they reach jobs through the environment, never through files.
@@ -539,8 +573,9 @@ def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
     if slurm.gpu_type and slurm.gpus == 0:
         problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0"))
     for i, line in enumerate(slurm.extra):
-        if not line.startswith("-") or any(c in line for c in UNSAFE_IN_SBATCH_LINES):
-            problems.append((f"slurm.extra[{i}]", f"expected one sbatch option such as --mail-type=END, got {line!r}"))
+        problem = sbatch_option_problem(line)
+        if problem:
+            problems.append((f"slurm.extra[{i}]", problem))
     for i, line in enumerate(slurm.setup):
         if "\n" in line or "\r" in line:
             problems.append((f"slurm.setup[{i}]", "one shell line per item: split it into several items"))
@@ -556,6 +591,8 @@ def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
         return [(key, f"must be one of {shown}; got {value!r}{hint}")]
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return []
+    if not math.isfinite(value):
+        return [(key, f"must be a finite number, got {value}")]
     if "min" in meta and value < meta["min"]:
         return [(key, f"must be >= {meta['min']}, got {value}")]
     if "max" in meta and value > meta["max"]:

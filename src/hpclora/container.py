@@ -10,9 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import RunConfig, looks_local
+from .config import RunConfig
 from .errors import UserError
-from .staging import local_model_path
+from .hub import local_data_path, local_model_path
 
 RUNTIMES = ("apptainer", "singularity")
 DEFAULT_DEF = Path("containers") / "hpclora.def"
@@ -51,12 +51,12 @@ def job_binds(cfg: RunConfig) -> list[str]:
     """What a job inside the image must see: output root (run directories), data, caches, a local model,
     and `container.binds`. Paths under another bound path are left out; order is kept."""
     wanted = [cfg.run.output_root]
-    if looks_local(cfg.data.path):
-        wanted.append(str(Path(cfg.data.path).parent))
+    if (data := local_data_path(cfg.data.path)) is not None:
+        wanted.append(str(data.parent))
     for path in (cfg.data.cache_dir, cfg.cache.hf_home):
         if path:
             wanted.append(path)
-    if (model := local_model_path(cfg)) is not None:
+    if (model := local_model_path(cfg.model.name)) is not None:
         wanted.append(str(model))
     def inside(path: str, other: str) -> bool:
         return path.startswith(other.rstrip("/") + "/")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError, UserError
 from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
-from .staging import is_offline
+from .hub import is_offline, local_model_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -18,7 +18,8 @@ def resolve_model_path(name: str) -> str:
 
     if name == BUNDLED_NAME:
         return str(bundled_model_dir())
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    local = local_model_path(name)
+    return str(local) if local is not None else name
 
 
 def from_pretrained(loader, name: str, model_cfg, **kwargs):

@@ -49,18 +49,19 @@ def target_modules_for(model_type: str) -> list[str] | None:
 
 
 # Dimensions of checkpoints users ask for, so that `hpclora plan` works on a login node without the
-# model on disk: (model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings).
+# model on disk: (model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings,
+# context in tokens: max_position_embeddings, 0 for ALiBi models, which have no fixed limit).
 # Taken from each repository's config.json; a local or cached config.json always wins over this table.
 _CALM = {"small": (768, 12, 12), "medium": (1024, 24, 16), "large": (1536, 24, 16), "1b": (2048, 24, 16),
          "3b": (2560, 32, 32), "7b": (4096, 32, 32)}
 KNOWN_DIMS: dict[str, tuple] = {
-    **{f"cyberagent/open-calm-{size}": ("gpt_neox", h, n, a, a, 4 * h, 52096, False) for size, (h, n, a) in _CALM.items()},
-    **{f"bigscience/{family}-{size}": ("bloom", h, n, a, a, 4 * h, 250880, True)
+    **{f"cyberagent/open-calm-{size}": ("gpt_neox", h, n, a, a, 4 * h, 52096, False, 2048) for size, (h, n, a) in _CALM.items()},
+    **{f"bigscience/{family}-{size}": ("bloom", h, n, a, a, 4 * h, 250880, True, 0)
        for family in ("bloom", "bloomz") for size, (h, n, a) in {"560m": (1024, 24, 16), "1b1": (1536, 24, 16), "7b1": (4096, 30, 32)}.items()},
-    "huggyllama/llama-7b": ("llama", 4096, 32, 32, 32, 11008, 32000, False),
-    "meta-llama/Llama-2-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 32000, False),
-    "tokyotech-llm/Swallow-7b-instruct-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False),
-    "tokyotech-llm/Swallow-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", 576, 30, 9, 3, 1536, 49152, True),
-    "smollm2-135m": ("llama", 576, 30, 9, 3, 1536, 49152, True),
+    "huggyllama/llama-7b": ("llama", 4096, 32, 32, 32, 11008, 32000, False, 2048),
+    "meta-llama/Llama-2-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 32000, False, 4096),
+    "tokyotech-llm/Swallow-7b-instruct-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False, 4096),
+    "tokyotech-llm/Swallow-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False, 4096),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", 576, 30, 9, 3, 1536, 49152, True, 8192),
+    "smollm2-135m": ("llama", 576, 30, 9, 3, 1536, 49152, True, 8192),
 }

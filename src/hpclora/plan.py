@@ -26,9 +26,11 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import RunConfig, looks_local, slurm_mem_gb, slurm_seconds, slurm_time
+from .config import RunConfig
 from .errors import UserError
+from .hub import cached_model_file, hf_home, hub_model_id, local_data_path, local_model_path
 from .models import EAGER_ONLY, KNOWN_DIMS, target_modules_for
+from .slurm_syntax import preempt_grace_problem, slurm_mem_gb, slurm_seconds, slurm_time
 
 GB = 1e9
 # Activation values kept per token and layer for the backward pass without dropout: inputs of the norms
@@ -54,6 +56,7 @@ class ModelDims:
     intermediate: int
     vocab: int
     tied: bool
+    context: int = 0  # longest sequence the model's positions cover (max_position_embeddings); 0 = no fixed limit (ALiBi)
     positions: int = 0  # learned absolute position embeddings (GPT-2); rotary and ALiBi models have none
 
 
@@ -101,22 +104,19 @@ def dims_from_config(config: dict) -> ModelDims:
         model_type=config.get("model_type", "llama"), hidden=hidden, layers=layers, heads=heads,
         kv_heads=get("num_key_value_heads", default=heads), intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
         vocab=get("vocab_size", default=32000), tied=bool(config.get("tie_word_embeddings", config.get("model_type") in ("bloom", "gpt2"))),
+        context=get("max_position_embeddings", "n_positions", "max_sequence_length", default=0),
         positions=get("n_positions", default=0) if config.get("model_type") == "gpt2" else 0,
     )
 
 
 def find_dims(cfg: RunConfig) -> tuple[ModelDims, str]:
     """The model's dimensions and where they came from: local directory, HF cache, or the built-in table."""
-    from .staging import cached_snapshot, hf_home, hub_model_id, local_model_path
-
     name = cfg.model.name
-    candidates, local = [], local_model_path(cfg)
+    candidates, local = [], local_model_path(name)
     if local is not None:
         candidates.append(local / "config.json")
-    elif hub_model_id(cfg):
-        snapshot = cached_snapshot(hf_home(cfg), "model", name, cfg.model.revision, "config.json")
-        if snapshot:
-            candidates.append(snapshot / "config.json")
+    elif hub_model_id(name) and (cached := cached_model_file(cfg, "config.json")) is not None:
+        candidates.append(cached)
     for path in candidates:
         if path.is_file():
             return dims_from_config(json.loads(path.read_text(encoding="utf-8"))), str(path)
@@ -268,7 +268,7 @@ def device_for(cfg: RunConfig, name: str | None) -> Device:
 def count_rows(path: str) -> int | None:
     """Rows of a local data file, cheaply (JSON Lines and CSV by lines); None when unknown."""
     p = Path(path)
-    if not (looks_local(path) and p.is_file()):
+    if not (local_data_path(path) and p.is_file()):
         return None
     stat = p.stat()
     return _count_rows(str(p), stat.st_mtime_ns, stat.st_size)
@@ -400,6 +400,9 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
         longest = max(times, key=slurm_seconds)
         for cfg in cfgs:
             cfg.slurm.time = longest
+            grace = preempt_grace_problem(cfg.train.preempt_grace_s, longest)
+            if grace:
+                raise UserError(f"train.preempt_grace_s: {grace}")
         lines.append(f"plan: slurm.time auto -> {longest} (estimate x 1.3)")
     return lines
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .config import slurm_time
+from .slurm_syntax import slurm_time
 
 
 def peak_memory_gb() -> float:

@@ -35,6 +35,6 @@ def report_to(cfg) -> list[str]:
 
 
 def start_wandb(cfg, run_dir: Path) -> None:
-    from .staging import is_offline
+    from .hub import is_offline
 
     os.environ.update(wandb_env(cfg.run.wandb_project, run_dir, is_offline()))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .config import RunConfig, slurm_time, to_yaml
+from .config import RunConfig, to_yaml
+from .slurm_syntax import slurm_time
 from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb

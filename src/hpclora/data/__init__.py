@@ -6,19 +6,21 @@ the numbers the job log prints about them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError, UserError
-from .normalize import detect_format, normalize, rename_columns
+from .normalize import check_columns, detect_format, normalize, rename_columns
 from .packing import Collator, pack
 from .read import read_rows
 from .templates import render
 from .tokenize import cache_key, encode, tokenize_dataset, tokenizer_fingerprint
 
-__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "load_conversations", "split_indices", "tokenized"]
+__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized"]
 
 
 @dataclass
@@ -29,19 +31,42 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def load_conversations(data_cfg) -> tuple[list[list[dict]], list[int], str]:
-    """Every row as a normalised message list, with its source row number and the detected format."""
+def conversations(data_cfg) -> Iterator[tuple[list[dict], int, str]]:
+    """Each row as a normalised message list, with its source row number and the data format, one at a time.
+    A bad row stops the iteration with a DataError naming its file and line."""
     rows = read_rows(data_cfg.path, data_cfg.split)
     if data_cfg.max_rows:
-        rows = rows[: data_cfg.max_rows]
-    if not rows:
+        rows = itertools.islice(rows, data_cfg.max_rows)
+    columns, fmt = dict(data_cfg.columns), None
+    for row in rows:
+        if fmt is None:  # the first row shows the file's columns
+            check_columns(row, columns, data_cfg.path)
+        rename_columns(row, columns)
+        if fmt is None:  # ... and, renamed, its format
+            fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(row, data_cfg.path)
+            if fmt == "text" and data_cfg.template != "none":
+                raise UserError(f"data.template: plain-text data has no prompt to template: use data.template=none (got {data_cfg.template!r})")
+        yield normalize(row, fmt, data_cfg.path), row.number, fmt
+    if fmt is None:
         raise DataError(data_cfg.path, "the dataset has no rows")
-    rename_columns(rows, dict(data_cfg.columns))
-    fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(rows[0], data_cfg.path)
-    if fmt == "text" and data_cfg.template != "none":
-        raise UserError(f"data.template: plain-text data has no prompt to template: use data.template=none (got {data_cfg.template!r})")
-    conversations = [normalize(row, fmt, data_cfg.path) for row in rows]
-    return conversations, [row.number for row in rows], fmt
+
+
+def load_conversations(data_cfg) -> tuple[list[list[dict]], list[int], str]:
+    """Every row as a normalised message list, with its source row number and the detected format."""
+    messages, numbers, fmt = [], [], ""
+    for conversation, number, fmt in conversations(data_cfg):
+        messages.append(conversation)
+        numbers.append(number)
+    return messages, numbers, fmt
+
+
+def check_rows(data_cfg) -> dict:
+    """Read and normalise every row as training will, keeping none of them: the login node's check that the
+    data will not fail in the job. Returns the row count and format."""
+    count, fmt = 0, ""
+    for _, _, fmt in conversations(data_cfg):
+        count += 1
+    return {"rows": count, "format": fmt}
 
 
 def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:

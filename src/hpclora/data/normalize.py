@@ -41,14 +41,20 @@ def detect_format(row: RawRow, path: str) -> str:
     )
 
 
-def rename_columns(rows: list[RawRow], columns: dict[str, str]) -> None:
-    """Apply `data.columns` ({wanted_name: name_in_file}) in place."""
-    if not columns:
-        return
-    for row in rows:
-        for wanted, present in columns.items():
-            if present in row.values:
-                row.values[wanted] = row.values.pop(present)
+def check_columns(row: RawRow, columns: dict[str, str], path: str) -> None:
+    """`data.columns` ({wanted_name: name_in_file}) must name columns the file has (as its first row shows)."""
+    absent = {wanted: present for wanted, present in columns.items() if present not in row.values}
+    if absent:
+        named = ", ".join(f"{wanted}: {present}" for wanted, present in absent.items())
+        raise DataError(path, f"data.columns names columns the file does not have ({named}); its columns are {sorted(row.values)}",
+                        row.number, row.unit)
+
+
+def rename_columns(row: RawRow, columns: dict[str, str]) -> None:
+    """Apply `data.columns` ({wanted_name: name_in_file}) to one row, in place."""
+    for wanted, present in columns.items():
+        if present in row.values:
+            row.values[wanted] = row.values.pop(present)
 
 
 def normalize(row: RawRow, fmt: str, path: str) -> list[dict[str, str]]:

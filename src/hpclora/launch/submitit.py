@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig, slurm_seconds
+from ..config import RunConfig
+from ..slurm_syntax import slurm_seconds
 from .render import gpu_request, job_name
 
 

@@ -1,0 +1,119 @@
+"""The Hugging Face hub as a run sees it, without downloading anything: whether this node is offline,
+whether a model or dataset name is a local path or a hub id (decided here, and only here), and whether
+the shared cache holds what an offline job will need.
+
+Light: no torch, and huggingface_hub only where the cache is asked (its own lookup functions, not a
+parse of its directory layout), so that `submit` warns on the login node and a job stops in its first
+second, not after loading half a model. `hpclora stage`, which fills the cache, is in stage.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from .errors import UserError
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Suffixes that say "this is meant to be a local file", so a missing one is an error, not a hub id.
+LOCAL_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
+PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARS)
+
+
+def hf_home(cfg) -> Path:
+    """cache.hf_home, else $HF_HOME, else ~/.cache/huggingface."""
+    return Path(cfg.cache.hf_home or os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+
+
+def use_cache(cfg) -> None:
+    """Point the hub libraries at cache.hf_home; they read HF_HOME when imported, so call this first."""
+    if cfg.cache.hf_home:
+        os.environ["HF_HOME"] = cfg.cache.hf_home
+
+
+def local_data_path(path: str) -> Path | None:
+    """data.path as a local file when it names one (it exists, or is written as a path), else None: a hub id."""
+    p = Path(path).expanduser()
+    if p.exists() or path.startswith(PATH_PREFIXES) or path.lower().endswith(LOCAL_DATA_SUFFIXES):
+        return p.resolve()
+    return None
+
+
+def local_model_path(name: str) -> Path | None:
+    """model.name as a directory when it names one (it exists, or is written as a path); None for a hub id
+    or the bundled model."""
+    from .bundled import BUNDLED_NAME
+
+    if name == BUNDLED_NAME:
+        return None
+    p = Path(name).expanduser()
+    if p.exists() or name.startswith(PATH_PREFIXES):
+        return p.resolve()
+    return None
+
+
+def hub_model_id(name: str) -> str | None:
+    """model.name when it names a hub repository (not a local directory, not the bundled model)."""
+    from .bundled import BUNDLED_NAME
+
+    return None if name == BUNDLED_NAME or local_model_path(name) else name
+
+
+def hub_dataset_id(path: str) -> str | None:
+    return None if local_data_path(path) else path
+
+
+def cached_model_file(cfg, filename: str) -> Path | None:
+    """A file of the run's hub model at model.revision in the shared cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    model = hub_model_id(cfg.model.name)
+    found = try_to_load_from_cache(model, filename, cache_dir=hf_home(cfg) / "hub", revision=cfg.model.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def dataset_cached(cfg, dataset_id: str) -> bool:
+    """Whether some revision of the dataset has files in the shared cache. `datasets` downloads by commit
+    and records no branch name, so this asks huggingface_hub's cache scan rather than a revision lookup."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        repos = scan_cache_dir(hf_home(cfg) / "hub").repos
+    except CacheNotFound:
+        return False
+    return any(r.repo_type == "dataset" and r.repo_id == dataset_id and any(v.nb_files for v in r.revisions) for r in repos)
+
+
+def missing_from_cache(cfg) -> list[str]:
+    """What the run would fetch from the hub but is not in the cache, in words."""
+    missing = []
+    model = hub_model_id(cfg.model.name)
+    if model and cached_model_file(cfg, "config.json") is None:
+        missing.append(f"model {model} (revision {cfg.model.revision or 'main'})")
+    dataset = hub_dataset_id(cfg.data.path)
+    if dataset and not dataset_cached(cfg, dataset):
+        missing.append(f"dataset {dataset}")
+    return missing
+
+
+def stage_command(config_path: str | None) -> str:
+    return f"hpclora stage {shlex.quote(str(config_path)) if config_path else 'CONFIG'}"
+
+
+def require_staged(cfg, config_path: str | None) -> None:
+    """On an offline node, stop at once when the cache lacks what the run needs, and say how to fix it."""
+    if not is_offline():
+        return
+    missing = missing_from_cache(cfg)
+    if missing:
+        raise UserError(
+            f"this node is offline ({'/'.join(v for v in OFFLINE_VARS if os.environ.get(v))} set) and the Hugging Face cache "
+            f"at {hf_home(cfg)} lacks: {', '.join(missing)}. On a node with internet, run `{stage_command(config_path)}` "
+            "(with the same cache.hf_home), then submit again"
+        )
