@@ -22,7 +22,7 @@ import hpclora
 from hpclora import config, container, hub
 
 from conftest import ROOT, alpaca_rows, write_jsonl
-from hub_standin import HubStandIn
+from hub_standin import HubStandIn, staged_offline_job
 
 PINNED = ("peft==", "bitsandbytes==", "accelerate==", "datasets==", "submitit==", "omegaconf==")
 
@@ -75,11 +75,11 @@ def test_job_binds_cover_run_data_and_caches_once(tmp_path):
         "container.binds=[/scratch, /shared/hf]", "container.env.OMP_PROC_BIND=close", "slurm.gpus=1",
     ])
     assert container.job_binds(cfg) == ["/shared/runs", str(tmp_path / "data"), "/shared/hf", "/scratch"]
-    words = container.exec_words(cfg)
-    assert words[:3] == ['"$CONTAINER_RUNTIME"', "exec", "--nv"] and words[-2:] == ["/img/h.sif", "hpclora"]
+    words = container.exec_argv(cfg, "apptainer")
+    assert words[:3] == ["apptainer", "exec", "--nv"] and words[-1] == "/img/h.sif"
     assert "--env" in words and "OMP_PROC_BIND=close" in words and "--cleanenv" not in words
     no_gpu = config.load(None, [f"data.path={data}", "container.image=/img/h.sif", "slurm.gpus=0"])
-    assert "--nv" not in container.exec_words(no_gpu)
+    assert "--nv" not in container.exec_argv(no_gpu, "apptainer")
 
 
 def test_secrets_and_odd_binds_are_refused_in_container_settings(tmp_path):
@@ -125,7 +125,8 @@ def test_jobs_are_rendered_offline_and_submit_warns_when_not_staged(tmp_path):
     done = run_cli("submit", cfg, "--dry-run")
     assert done.returncode == 0
     assert f"export HF_HOME={tmp_path / 'hf'}" in done.stdout
-    assert "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1" in done.stdout
+    for switch in hub.OFFLINE_VARS:
+        assert f"export {switch}=1\n" in done.stdout
     assert "warning: jobs run offline" in done.stderr and "lacks model lab/tiny-llama" in done.stderr
 
 
@@ -180,3 +181,19 @@ def test_stage_without_a_reachable_hub_is_a_clear_error(tmp_path):
     assert "model.name: lab/tiny-llama: the hub did not answer" in done.stderr
     offline = run_cli("stage", hub_config(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 2 and "this node is offline" in offline.stderr
+
+
+@pytest.mark.parametrize("launcher", [["local"], ["submitit", "--cluster", "local"]])
+def test_launchers_without_slurm_run_the_job_offline_from_the_shared_cache_in_the_image(tmp_path, tiny_llama_dir, launcher):
+    """The submitting shell has no HF_HOME and no offline switches: the job takes them, and the container,
+    from the config, as the sbatch script does (the sbatch and submitit-on-Slurm cases are in test_slurm.py).
+    The image is run by a fake apptainer (none installs here)."""
+    with staged_offline_job(tmp_path, tiny_llama_dir) as (cfg, hub, env):
+        done = run_cli("submit", cfg, "--launcher", *launcher, env={**env, "HPCLORA_STATE_DIR": str(tmp_path / "state")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert hub.requests == []  # offline: nothing asked of the hub, everything read from the staged cache
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    (call,) = (tmp_path / "fake-bin" / "calls.log").read_text().splitlines()
+    assert call.startswith("exec -B ") and f"-B {tmp_path / 'hf'}" in call and "--env HPCLORA_IN_IMAGE=yes" in call
+    assert f"{tmp_path / 'image.sif'} hpclora train {run_dir}/config.yaml --run-dir {run_dir}" in call

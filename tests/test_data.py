@@ -186,7 +186,7 @@ def test_prepare_splits_tokenizes_and_caches(tmp_path, tokenizer, monkeypatch):
     assert not first.stats["train_cached"]
     assert sorted(list(first.train["row"]) + list(first.val["row"])) == list(range(1, 31))  # line numbers, nothing lost
 
-    # A second run reads the cache and never renders or tokenizes again.
+    # A second run reads the cache and never tokenizes again.
     import hpclora.data.tokenize as tokenize_module
 
     def fail(*args, **kwargs):
@@ -201,6 +201,21 @@ def test_prepare_splits_tokenizes_and_caches(tmp_path, tokenizer, monkeypatch):
     monkeypatch.undo()
     third = prepare(cfg, tokenizer, seed=2)
     assert not third.stats["train_cached"]
+
+
+def test_a_changed_template_text_is_never_answered_from_the_token_cache(tmp_path, tokenizer, monkeypatch):
+    """The cache is keyed on the rendered text, not on the template's name: a reworded template (an
+    upgrade, or a shared cache used by another version) is tokenized anew."""
+    from hpclora.data import templates
+
+    cfg = data_cfg(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(10)), tmp_path, "data.val_size=0")
+    first = prepare(cfg, tokenizer, seed=1)
+    assert prepare(cfg, tokenizer, seed=1).stats["train_cached"]
+    monkeypatch.setitem(templates.ALPACA, "response", "### Answer:")
+    changed = prepare(cfg, tokenizer, seed=1)
+    assert not changed.stats["train_cached"]
+    assert "### Answer:" in tokenizer.decode(changed.train[0]["input_ids"])
+    assert list(changed.train["input_ids"]) != list(first.train["input_ids"])
 
 
 def test_truncation_and_dropping(tmp_path, tokenizer):

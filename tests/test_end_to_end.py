@@ -88,6 +88,28 @@ def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path):
     assert proc.returncode == 2 and "no finished adapter" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or more, got -1.0"),
+    (["--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
+    (["--top-p", "nan"], "--top-p must be above 0 and at most 1, got nan"),
+    (["--top-k", "-5", "--repetition-penalty", "0"], "--top-k must be 0 (no limit) or more, got -5; --repetition-penalty"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+])
+def test_bad_sampling_values_are_refused_before_anything_loads(tmp_path, flags, named):
+    """The run directory does not even exist: the flags are checked first."""
+    proc = subprocess.run([sys.executable, "-m", "hpclora", "generate", str(tmp_path / "nope"), "--prompt", "hi", *flags],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_temperature_zero_is_greedy():
+    from hpclora.generate import Sampling
+
+    assert Sampling.from_flags(16, False, 0.0) == Sampling(max_new_tokens=16, do_sample=False)
+    assert Sampling.from_flags(16, False, 1.3).do_sample and Sampling.from_flags(16, False, 1.3).temperature == 1.3
+    assert Sampling.from_flags(16, True, None).temperature == 0.7 and not Sampling.from_flags(16, False, None).do_sample
+
+
 def test_train_with_a_bad_data_row_exits_2_naming_the_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -95,3 +94,23 @@ def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Hi"}, "not json"])
     done = hpclora("eval", str(real_run), "--data", str(bad))
     assert done.returncode == 2 and "bad.jsonl" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_and_training_agree_on_validation_loss_over_several_batches(tmp_path, tiny_llama_dir, packing):
+    """One definition, token-weighted: answers of different lengths, 3 validation batches, packed or not."""
+    from conftest import tiny_run_yaml
+
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": " ".join(["word"] * (1 + 5 * (i % 4)))} for i in range(24)]
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 2, "micro_batch_size": 2, "lr": 1e-2},
+                           data={"val_size": 6, "packing": packing})
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    trained = hpclora("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr
+    evaluated = hpclora("eval", str(tmp_path / "run"), "--n", "0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert result["examples"] == 6 and summary["final_val_loss"] != summary["base_val_loss"]
+    assert result["adapter"]["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
+    assert result["base"]["loss"] == pytest.approx(summary["base_val_loss"], abs=1e-5)

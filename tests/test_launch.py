@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from hpclora import config
 from hpclora.errors import ConfigError
-from hpclora.launch import render, submit, sweep, watch
+from hpclora.launch import launchers, render, submit, sweep, watch
 from hpclora.launch.submitit import parameters, slurm_minutes
 
 from conftest import ROOT, alpaca_rows, tiny_run_yaml, write_jsonl
@@ -201,8 +200,8 @@ def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
     cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir))
     job = submit.prepare_run(cfg)
-    entry = submit.launch(job, "local")
-    assert entry["job_id"] is None and (job.directory / "adapter" / "adapter_config.json").exists()
+    entry, code = submit.launch(job, launchers.Local())
+    assert code == 0 and entry["job_id"] is None and (job.directory / "adapter" / "adapter_config.json").exists()
     assert (job.directory / "job.sbatch").exists() and json.loads((job.directory / "job.json").read_text())["launcher"] == "local"
     target = watch.resolve(str(job.directory))
     watch.fill_states(target)
@@ -215,7 +214,8 @@ def test_submitit_without_slurm_trains_a_sweep(tmp_path, tiny_llama_dir, monkeyp
     """submitit's debug (in-process) and local (child process) executors: the same payload, no Slurm."""
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
     job = submit.prepare_sweep(str(tiny_run_yaml(tmp_path, tiny_llama_dir)), [], ["lora.r=2,4"], None)
-    entry = submit.launch(job, "submitit", cluster)
+    entry, code = submit.launch(job, launchers.Submitit(cluster))
+    assert code == 0
     for i, run_dir in enumerate(job.run_dirs):
         adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         assert adapter["r"] == [2, 4][i]

@@ -200,3 +200,19 @@ def test_default_attention_loads_every_architecture(tmp_path):
     assert cfg.model.attn_implementation == "auto"
     model = load_base(cfg, "fp32", "cpu")
     assert model.config.model_type == "bloom" and model.config._attn_implementation == "eager"
+
+
+def test_the_bundled_conversion_accounts_for_every_weight():
+    """A renamed or dropped weight must stop the conversion, not leave part of the model random."""
+    import torch
+
+    from hpclora.bundled import copy_weights
+
+    source = tiny_model("llama")
+    weights = source.state_dict()
+    target = tiny_model("llama", seed=1)
+    copy_weights(target, weights)  # (the bundled model's own conversion covers a tied, absent head)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), weights.values()))
+    renamed = {k.replace("layers.0.mlp.up_proj", "layers.0.mlp.upper"): v for k, v in weights.items()}
+    with pytest.raises(RuntimeError, match=r"1 weights missing \(e.g. \['model.layers.0.mlp.up_proj.weight'\]\), 1 unexpected"):
+        copy_weights(tiny_model("llama"), renamed)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
 import pytest
 
 from conftest import tiny_run_yaml
@@ -67,11 +69,26 @@ def test_wandb_runs_offline_on_offline_nodes_and_keeps_its_files_in_the_run(tmp_
 
 
 def test_wandb_without_the_package_stops_before_any_work(tmp_path, tiny_llama_dir):
-    import importlib.util
-
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here: the missing-package error cannot happen")
+    """wandb is installed with the test extras; a `None` in sys.modules makes it unimportable, as on a
+    cluster without it."""
     config = tiny_run_yaml(tmp_path, tiny_llama_dir, run={"name": "wb", "output_root": str(tmp_path / "runs"), "wandb_project": "x"})
-    done = hpclora("train", str(config))
+    code = "import sys; sys.modules['wandb'] = None; from hpclora.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "train", str(config)], capture_output=True, text=True)
     assert done.returncode == 2 and "run.wandb_project" in done.stderr and "pip install wandb" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_real_offline_wandb_run_keeps_its_files_in_the_run_directory_and_no_secret(tmp_path, tiny_llama_dir):
+    secret = "wandb_v1_not_a_real_key_0123456789abcdef0123456789abcdef"
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, run={"name": "wb", "output_root": str(tmp_path / "runs"), "wandb_project": "lab-lora"})
+    env = {**os.environ, "WANDB_API_KEY": secret, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    done = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (offline_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("run-*.wandb"))  # what `wandb sync` uploads later, from a node with internet
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in done.stdout + done.stderr

@@ -161,3 +161,83 @@ def test_resuming_with_a_different_config_is_refused(tmp_path, tiny_llama_dir):
     assert other.returncode == 2 and "holds checkpoints of a different config" in other.stderr
     assert "Traceback" not in other.stderr
     assert (run_dir / "config.yaml").read_text() == before  # the run's own config is left as it was
+
+
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_it_resumes(tmp_path, tiny_llama_dir, reference):
+    config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
+    run_dir = tmp_path / "run"
+    assert interrupt_after(config, run_dir, 12).returncode == CHECKPOINTED_EXIT
+    newest = checkpoint.latest(run_dir / "checkpoints")
+    older = checkpoint.step_of(checkpoint.complete_checkpoints(run_dir / "checkpoints")[-2])
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated under its COMPLETE marker
+
+    resumed = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"{newest.name} is damaged (adapter_model.safetensors does not match its checksum" in resumed.stdout
+    assert f"resumed from step {older} (restart 1)" in resumed.stdout and "Traceback" not in resumed.stderr
+    assert (run_dir / "checkpoints" / f"damaged-{newest.name}").is_dir()  # kept for a look, never used
+    assert_same_adapter(run_dir, reference)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_second_training_in_the_same_run_directory_is_refused_until_the_first_dies(tmp_path, tiny_llama_dir):
+    config = resume_config(tmp_path, tiny_llama_dir, max_steps=2000, eval_every=0)
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(train_argv(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not logged_steps(run_dir):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is in use by another `hpclora train` (host {os.uname().nodename}, pid {first.pid}" in second.stderr
+        fresh = subprocess.run([*train_argv(config, run_dir), "--fresh"], capture_output=True, text=True)
+        assert fresh.returncode == 2 and (run_dir / "metrics.jsonl").exists()  # --fresh does not empty a run in use
+    finally:
+        first.kill()
+        first.wait()
+    third = subprocess.run([*train_argv(config, run_dir), "train.max_steps=2", "--fresh"], capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout + third.stderr  # the lock died with its holder
+
+
+def test_a_restart_before_any_checkpoint_logs_every_step_once_and_reuses_the_base_evaluation(tmp_path, tiny_llama_dir, reference):
+    """An OOM kill or a node failure before the first save: nothing to resume, but nothing logged twice."""
+    config = resume_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    killed = interrupt_after(config, run_dir, 3, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL and checkpoint.latest(run_dir / "checkpoints") is None
+    again = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "restart 1 from step 0 (no checkpoint yet)" in again.stdout
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    evals = lambda d: [(e["step"], e["eval"], e["val_loss"]) for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "eval" in e]  # noqa: E731
+    assert evals(run_dir) == evals(reference)  # one base evaluation, with the same number
+    assert_same_adapter(run_dir, reference)
+
+
+def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_a_checkpoint(tmp_path, tiny_llama_dir):
+    from hpclora import config as config_module
+    from hpclora.preempt import StopRequest
+    from hpclora.train import train
+
+    class SignalAfterTheLastStep(StopRequest):
+        """Sends this process a real SIGUSR1 just after the last step boundary was checked (step 3 of 3),
+        a moment no outside sender can hit reliably."""
+
+        reads = 0
+
+        @property
+        def requested(self):
+            self.reads += 1
+            if self.reads == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return self.signal_name is not None
+
+    cfg = config_module.load(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 0}))
+    with SignalAfterTheLastStep() as stop:
+        run = train(cfg, run_dir=str(tmp_path / "run"), stop=stop)
+    assert stop.signal_name == "SIGUSR1" and run.finished
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert run.summary["final_val_loss"] is not None and run.summary["steps"] == 3

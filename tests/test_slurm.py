@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_run_yaml
+from hub_standin import staged_offline_job
 
 SECRET = "hf_do_not_leak_0123456789"
 
@@ -330,3 +331,53 @@ def test_submitit_checkpoint_protocol_requeues_and_resumes(tmp_path, tiny_llama_
     assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
     assert metrics_steps(run_dir) == list(range(1, 31))
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
+def test_slurm_launchers_run_the_job_offline_from_the_shared_cache_in_the_image(tmp_path, tiny_llama_dir, env, launcher):
+    """As test_container.py's launchers without Slurm: the job's cache, offline switches and image come
+    from the config, not from the submitting shell (a fake apptainer runs the image: none installs here)."""
+    with staged_offline_job(tmp_path, tiny_llama_dir) as (cfg, hub, staged_env):
+        job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env={**env, **staged_env}, cwd=tmp_path).stdout)
+        assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    assert hub.requests == []
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    (call,) = (tmp_path / "fake-bin" / "calls.log").read_text().splitlines()
+    assert f"-B {tmp_path / 'hf'}" in call and f"{tmp_path / 'image.sif'} hpclora train {run_dir}/config.yaml" in call
+
+
+@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
+def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, env, launcher):
+    """scancel sends TERM: training checkpoints and exits 75 as on preemption, but the job is not requeued."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 2000, "eval_every": 0, "log_every": 1})
+    job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    wait_until(lambda: any(s >= 5 for s in metrics_steps(run_dir)), "step 5")
+    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    assert wait_for(job_id)[job_id][0] == "CANCELLED"
+    def left_queue():  # the batch shell has ended (COMPLETING until then): a requeue would have happened by now
+        return not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+    wait_until(left_queue, "the job to leave the queue")
+    assert requeue_records(job_id) == ["CANCELLED"]
+    assert (run_dir / "attempts.jsonl").read_text().count("\n") == 1
+    assert "already ended (CANCELLED" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    if launcher == "sbatch":
+        log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+        assert "TERM received" in log and "(cancelled): not requeueing" in log
+
+
+def test_term_to_the_batch_shell_as_on_preemption_still_requeues(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    signal_when(job_id, run_dir, 0, 5, ["--signal=TERM", "--batch"])
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
+    assert metrics_steps(run_dir) == list(range(1, 31))
+
+
+def test_status_and_cancel_of_a_job_slurm_never_had_are_user_errors(tmp_path, env):
+    for command in ("status", "cancel"):
+        done = hpclora(command, "987654", env=env, cwd=tmp_path, check=False)
+        assert done.returncode == 2 and "job 987654 is unknown to Slurm" in done.stderr and "Traceback" not in done.stderr

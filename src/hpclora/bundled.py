@@ -64,6 +64,22 @@ def bundled_model_dir() -> Path:
     return target
 
 
+def copy_weights(model, weights: dict) -> None:
+    """Load `weights` into a freshly built `model`, every parameter accounted for: a name the GGUF mapping
+    left out would otherwise stay randomly initialised. Only a tied output head may be absent (it is the
+    embedding matrix, tied again here)."""
+    result = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing, unexpected = set(result.missing_keys) - tied, set(result.unexpected_keys)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"converting the bundled model: {len(missing)} weights missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}): the GGUF names no longer map onto "
+            "the model; pin the transformers version this release was tested with"
+        )
+    model.tie_weights()
+
+
 def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -78,8 +94,7 @@ def _convert(gguf: Path, out: Path) -> None:
         del config.quantization_config
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=False)
-    plain.tie_weights()
+    copy_weights(plain, loaded.state_dict())
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -3,8 +3,10 @@
 A checkpoint is the Trainer's own checkpoint directory (adapter, optimizer, scheduler, grad scaler,
 RNG states, trainer state with the global step; the data position follows from the step) plus
 hpclora_state.json (tokens seen, base validation loss, config hash). It is written into
-<run dir>/checkpoints/.staging/, flushed to disk, marked COMPLETE, and only then renamed to
-checkpoints/checkpoint-<step>: a checkpoint directory without the marker is never used.
+<run dir>/checkpoints/.staging/, its files' sha256 recorded in SHA256SUMS (`sha256sum -c` reads it),
+flushed to disk, marked COMPLETE, and only then renamed to checkpoints/checkpoint-<step>: a checkpoint
+directory without the marker is never used, and one whose files no longer match their sums (a disk or
+copy gone wrong) is moved aside for the previous one.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import re
 import shutil
 from pathlib import Path
 
+from .rundir import sha256_file
+
 COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
 STATE = "hpclora_state.json"
 STAGING = ".staging"  # Trainer writes here first
+SUMS = "SHA256SUMS"
+DAMAGED_PREFIX = "damaged-"  # a checkpoint that failed verification is renamed to damaged-checkpoint-<step>
 NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -42,6 +48,26 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
 
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (SUMS, COMPLETE))
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None when every one matches SHA256SUMS.
+    (Checkpoints written before sums were kept have none: nothing to check.)"""
+    sums = checkpoint / SUMS
+    if not sums.is_file():
+        return None
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if sha256_file(file) != digest:
+            return f"{name} does not match its checksum (truncated or changed after it was written)"
+    return None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -51,8 +77,11 @@ def _fsync(path: Path) -> None:
 
 
 def publish(staged: Path, root: Path, state: dict, keep: int) -> Path:
-    """Make a staged checkpoint whole and visible: state file, fsync, marker, rename; then prune old ones."""
+    """Make a staged checkpoint whole and visible: state file, checksums, fsync, marker, rename; then prune
+    old ones."""
     (staged / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    sums = "".join(f"{sha256_file(f)}  {f.relative_to(staged)}\n" for f in _files(staged))
+    (staged / SUMS).write_text(sums, encoding="utf-8")
     for file in staged.rglob("*"):
         if file.is_file():
             _fsync(file)
@@ -81,3 +110,18 @@ def discard_partial(root: Path) -> None:
         for p in root.iterdir():
             if NAME.match(p.name) and not (p / COMPLETE).is_file():
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def newest_sound(root: Path, say) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums. A damaged one is renamed to
+    damaged-checkpoint-<step> (kept for inspection, never used) and the previous one is taken; `say`
+    tells the log which and why."""
+    for found in reversed(complete_checkpoints(root)):
+        problem = damage(found)
+        if problem is None:
+            return found
+        aside = found.with_name(DAMAGED_PREFIX + found.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(found, aside)
+        say(f"warning: {found.name} is damaged ({problem}): moved to {aside.name}; using the checkpoint before it")
+    return None

@@ -54,9 +54,8 @@ def cmd_generate(args) -> int:
         raise UserError("generate: give at least one --prompt TEXT")
     if args.compare and args.no_adapter:
         raise UserError("generate: --compare and --no-adapter exclude each other")
-    sampling = Sampling(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample or args.temperature is not None,
-        temperature=args.temperature or 0.7, top_p=args.top_p, top_k=args.top_k,
+    sampling = Sampling.from_flags(  # checked here, before anything is loaded
+        args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
     mode = "compare" if args.compare else "base" if args.no_adapter else "adapter"
@@ -72,42 +71,40 @@ def cmd_generate(args) -> int:
 
 def cmd_submit(args) -> int:
     from . import config, plan, preflight
-    from .launch import submit
+    from .launch import launchers, submit
 
     cfg = config.load(args.config, args.overrides)
     preflight.check(cfg)  # every data row, before anything is queued
     _print_plan(plan.check_before_submit([cfg], args.force))
     job = submit.prepare_run(cfg)
     _warn_if_not_staged(cfg, args.config)
+    launcher = launchers.launcher(args.launcher, args.cluster)
     if args.dry_run:
         print(job.script)
-        print(f"# dry run: would write {job.directory}/{{config.yaml,{submit.SCRIPT}}} and run: {_launch_words(job, args)}")
+        print(f"# dry run: would write {job.directory}/{{config.yaml,{submit.SCRIPT}}} and run: {launcher.describe(job)}")
         return 0
-    entry = submit.launch(job, args.launcher, args.cluster)
-    _print_launched(entry, job)
-    return 0
+    return _launch(job, launcher)
 
 
 def cmd_sweep(args) -> int:
     from . import plan, preflight
-    from .launch import submit
+    from .launch import launchers, submit
 
     def check(cfgs):  # every trial's data rows and model context, then the planner, before anything is written
         for cfg in cfgs:
             preflight.check(cfg)
         _print_plan(plan.check_before_submit(cfgs, args.force))
 
+    launcher = launchers.launcher(args.launcher, args.cluster)
     job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=check)
     _warn_if_not_staged(job.cfg, args.config)
     trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
     if args.dry_run:
         print(job.script)
         print(f"# dry run: {len(job.trial_cfgs)} trials as one job array in {job.directory}:\n{trials}")
-        print(f"# would run: {_launch_words(job, args)}")
+        print(f"# would run: {launcher.describe(job)}")
         return 0
-    entry = submit.launch(job, args.launcher, args.cluster)
-    _print_launched(entry, job)
-    return 0
+    return _launch(job, launcher)
 
 
 def _print_plan(lines: list[str]) -> None:
@@ -161,8 +158,16 @@ def cmd_merge(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import report
+    from .rundir import SWEEP_FILE
 
-    print(f"wrote {report(args.target)}")
+    states = None
+    if (Path(args.target).expanduser() / SWEEP_FILE).is_file():  # the trials' job states, from Slurm
+        from .launch import watch
+
+        target = watch.resolve(args.target)
+        watch.fill_states(target)
+        states = {row.run_dir: row.state for row in target.rows}
+    print(f"wrote {report(args.target, states)}")
     return 0
 
 
@@ -184,14 +189,12 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def _launch_words(job, args) -> str:
-    import shlex
+def _launch(job, launcher) -> int:
+    from .launch import submit
 
-    if args.launcher == "sbatch":
-        return f"sbatch {shlex.quote(str(job.script_path))}"
-    if args.launcher == "submitit":
-        return f"submitit AutoExecutor(cluster={args.cluster or 'auto'}) in {job.directory / 'submitit'}"
-    return "the job's payload in this process"
+    entry, code = submit.launch(job, launcher)
+    _print_launched(entry, job)
+    return code
 
 
 def _print_launched(entry: dict, job) -> None:
@@ -213,6 +216,7 @@ def cmd_status(args) -> int:
 
     target = watch.resolve(args.target)
     watch.fill_states(target)
+    watch.require_known(target)
     print(watch.format_status(target))
     return 0
 
@@ -234,9 +238,15 @@ def cmd_logs(args) -> int:
 def cmd_cancel(args) -> int:
     from .launch import slurm, watch
 
-    ids = watch.cancel_ids(watch.resolve(args.target))
+    target = watch.resolve(args.target)
+    ids = watch.cancel_ids(target)
     if not ids:
         raise UserError(f"{args.target}: no Slurm job to cancel (it ran in-process)")
+    watch.fill_states(target)
+    watch.require_known(target)
+    if watch.ended(target):
+        print(f"{args.target}: already ended ({', '.join(sorted({r.state for r in target.rows}))}): nothing to cancel")
+        return 0
     for job_id in ids:
         slurm.cancel(job_id)
         print(f"cancelled {job_id}")
@@ -293,17 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adapter", action="store_true", help="answer with the base model only")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; 0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 
+    from .launch.launchers import LAUNCHERS
+
     def with_launcher(p):
         p.add_argument("--dry-run", action="store_true", help="print the job script and what would be run; submit nothing")
-        p.add_argument("--launcher", choices=("sbatch", "submitit", "local"), default="sbatch",
-                       help="sbatch (default): the rendered script; submitit: its AutoExecutor; local: in this process")
+        p.add_argument("--launcher", choices=tuple(LAUNCHERS), default="sbatch",
+                       help="sbatch (default): the rendered script; submitit: its AutoExecutor; local: the job's command here, now")
         p.add_argument("--force", action="store_true", help="submit even when the planner predicts that it does not fit")
         p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                        help="submitit's backend (default: Slurm when srun is on PATH); local and debug need no Slurm")

@@ -65,16 +65,13 @@ def job_binds(cfg: RunConfig) -> list[str]:
     return binds + [b for b in cfg.container.binds if b not in binds]
 
 
-def exec_words(cfg: RunConfig, runtime_word: str = '"$CONTAINER_RUNTIME"') -> list[str]:
-    """`<runtime> exec [--nv] -B PATH ... [--env K=V ...] IMAGE hpclora`, each word shell-quoted but the
-    runtime (a variable resolved on the compute node)."""
-    import shlex
-
+def exec_argv(cfg: RunConfig, runtime: str) -> list[str]:
+    """`<runtime> exec [--nv] -B PATH ... [--env K=V ...] IMAGE`: what runs a command inside the job's image."""
     c = cfg.container
     nv = c.nv if c.nv is not None else cfg.slurm.gpus > 0
-    words = [runtime_word, "exec", *(["--nv"] if nv else [])]
+    words = [runtime, "exec", *(["--nv"] if nv else [])]
     for bind in job_binds(cfg):
-        words += ["-B", shlex.quote(bind)]
+        words += ["-B", bind]
     for name, value in c.env.items():
-        words += ["--env", shlex.quote(f"{name}={value}")]
-    return [*words, shlex.quote(c.image), "hpclora"]
+        words += ["--env", f"{name}={value}"]
+    return [*words, c.image]

@@ -33,23 +33,16 @@ def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], s
 
 
 def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
-    """Token-weighted cross-entropy over the trained (response) tokens, and how many tokens that is."""
-    import torch
-
+    """Token-weighted cross-entropy over the trained (response) tokens (loss.py), and how many tokens that is."""
     from .data import Collator
+    from .loss import summed_loss
 
     collate = Collator(pad_token_id)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size])
-            batch.pop("num_tokens")
-            labels = batch.pop("labels").to(model.device)
-            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
-            targets = labels[:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-            total += losses.item()
-            count += int((targets != -100).sum())
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[start : start + batch_size]).items()}
+        batch_total, batch_count = summed_loss(model, batch)
+        total, count = total + batch_total, count + batch_count
     return total / count, count
 
 

@@ -16,6 +16,8 @@ from .errors import UserError
 
 @dataclass
 class Sampling:
+    """How answers are decoded: greedy unless `do_sample`. Checked when made, before any model loads."""
+
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 0.7
@@ -23,6 +25,29 @@ class Sampling:
     top_k: int = 50
     repetition_penalty: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        import math
+
+        rules = [
+            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
+            ("--temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
+            ("--top-p", self.top_p, 0 < self.top_p <= 1, "above 0 and at most 1"),
+            ("--top-k", self.top_k, self.top_k >= 0, "0 (no limit) or more"),
+            ("--repetition-penalty", self.repetition_penalty, self.repetition_penalty > 0, "above 0 (1.0: none)"),
+        ]
+        problems = [f"{flag} must be {rule}, got {value}" for flag, value, ok, rule in rules
+                    if not ok or (isinstance(value, float) and not math.isfinite(value))]
+        if problems:
+            raise UserError("generate: " + "; ".join(problems))
+
+    @classmethod
+    def from_flags(cls, max_new_tokens: int, sample: bool, temperature: float | None, **rest) -> "Sampling":
+        """The command-line meaning: --temperature T samples at T (T = 0: greedy), --sample alone at 0.7."""
+        if temperature == 0:
+            return cls(max_new_tokens=max_new_tokens, do_sample=False, **rest)
+        return cls(max_new_tokens=max_new_tokens, do_sample=sample or temperature is not None,
+                   temperature=0.7 if temperature is None else temperature, **rest)
 
 
 def load_run(run_dir: str | Path):

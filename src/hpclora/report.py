@@ -1,7 +1,8 @@
 """`hpclora report`: did it learn? Loss curves as PNG and a markdown summary, for a run or a whole sweep.
 
 Reads only what training leaves in the run directory (metrics.jsonl, summary.json, config.yaml) and, for
-a sweep, sweep.json and the job states: no torch import, so it runs on a login node.
+a sweep, sweep.json and the trials' job states (given by the caller, who asked Slurm): no torch import,
+so it runs on a login node.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .launch import registry
-from .rundir import verdict, write_text_atomic
+from .rundir import SWEEP_FILE, read_json, verdict, write_text_atomic
 
 
 @dataclass
@@ -63,7 +63,7 @@ def plot_run(curves: Curves, title: str, out: Path) -> Path:
 def run_report(run_dir: Path) -> Path:
     """report.md and loss.png in the run directory; returns report.md's path."""
     curves = read_curves(run_dir)
-    summary = registry.read_json(run_dir / "summary.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
     png = plot_run(curves, run_dir.name, run_dir / "loss.png")
     lines = [f"# {run_dir.name}", ""]
     base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
@@ -88,17 +88,14 @@ def run_report(run_dir: Path) -> Path:
     return out
 
 
-def sweep_report(sweep_dir: Path) -> Path:
-    """report.md and val_loss.png in the sweep directory: one row per trial, best first."""
-    from .launch import watch
-
-    target = watch.resolve(str(sweep_dir))
-    watch.fill_states(target)
+def sweep_report(sweep_dir: Path, states: dict[str, str] | None = None) -> Path:
+    """report.md and val_loss.png in the sweep directory: one row per trial, best first. `states`: each
+    trial's job state by run directory, where the caller knows them."""
     trials = []
-    for row in target.rows:
-        run_dir = Path(row.run_dir)
-        summary = registry.read_json(run_dir / "summary.json") or {}
-        trials.append({"trial": run_dir.name, "overrides": row.label, "state": row.state or "unknown",
+    for trial in (read_json(sweep_dir / SWEEP_FILE) or {}).get("trials", []):
+        run_dir = Path(trial["run_dir"])
+        summary = read_json(run_dir / "summary.json") or {}
+        trials.append({"trial": run_dir.name, "overrides": " ".join(trial["overrides"]), "state": (states or {}).get(str(run_dir)) or "unknown",
                        "val_loss": summary.get("final_val_loss"), "base_val_loss": summary.get("base_val_loss"),
                        "tokens_per_s": summary.get("tokens_per_s"), "peak_mem_gb": summary.get("peak_mem_gb")})
         if (run_dir / "metrics.jsonl").is_file():
@@ -158,12 +155,13 @@ def _plot_sweep(trials: list[dict], sweep_dir: Path, out: Path) -> Path:
     return out
 
 
-def report(path: str) -> Path:
+def report(path: str, states: dict[str, str] | None = None) -> Path:
+    """The report of a run or a sweep directory; `states` as for sweep_report."""
     target = Path(path).expanduser().resolve()
     if not target.is_dir():
         raise UserError(f"{path}: not a directory (give a run or sweep directory)")
-    if (target / registry.SWEEP_FILE).is_file():
-        return sweep_report(target)
+    if (target / SWEEP_FILE).is_file():
+        return sweep_report(target, states)
     if (target / "config.yaml").is_file():
         return run_report(target)
     raise UserError(f"{path}: not a run or sweep directory (no config.yaml or sweep.json)")

@@ -8,11 +8,13 @@
     adapter/        PEFT adapter and tokenizer, written atomically at the end
     checkpoints/    complete checkpoints to resume from (checkpoint.py)
     attempts.jsonl  one line per start of training in this directory (restarts)
+    .lock           held by the training that uses the directory (host, pid): one at a time
     job.sbatch, job.json   the job script and the submission record (launch/submit.py)
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +29,8 @@ from pathlib import Path
 from .config import RunConfig, run_dir_slug, to_yaml
 from .errors import UserError
 
+JOB_FILE = "job.json"  # the submission record of a run (launch/submit.py)
+SWEEP_FILE = "sweep.json"  # a sweep directory's record: its trials and their overrides
 SLURM_VARS = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION",
     "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES",
@@ -44,16 +48,67 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run.output_root) / f"{run_dir_slug(cfg.run.name)}-{stamp}"
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bool) -> Path:
-    """Create the run directory (config.yaml is the caller's to write); refuse to reuse one that holds a
-    finished adapter unless `fresh`."""
+LOCK_FILE = ".lock"
+# flock(2) answers these where the file system has no locks (Lustre mounted without -o flock, old NFS).
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bool):
+    """Create the run directory and take its lock (config.yaml is the caller's to write); refuse to reuse
+    one that holds a finished adapter unless `fresh`, which empties it. Returns (path, lock): the run
+    directory is this process's until `lock.close()` or its death."""
     path = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir(cfg)
-    if path.exists() and fresh:
-        shutil.rmtree(path)
-    if (path / "adapter").exists():
-        raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    lock = lock_run_dir(path)
+    try:
+        if fresh:  # under the lock: never empty a directory another training is using
+            for entry in path.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if (path / "adapter").exists():
+            raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
+    except BaseException:
+        lock.close()
+        raise
+    return path, lock
+
+
+def lock_run_dir(path: Path):
+    """An exclusive flock on <run dir>/.lock, which the OS releases when this process ends however it ends;
+    the holder's host and pid are written into it for the next one to name. Where the file system has no
+    locks, a warning, and the run goes on unprotected."""
+    import fcntl
+
+    handle = open(path / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"{path} is in use by another `hpclora train` ({holder}): wait for it to end (or cancel its job), "
+            "or train into another --run-dir"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        print(f"warning: cannot lock {path} ({exc.strerror}: this file system has no flock; Lustre needs the "
+              "`flock` mount option): nothing stops a second training in this run directory", file=sys.stderr, flush=True)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 + (f", Slurm job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "") + "\n")
+    handle.flush()
+    return handle
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON record of a run or sweep directory, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> str:
@@ -61,6 +116,15 @@ def write_config(run_dir: Path, cfg: RunConfig) -> str:
     text = to_yaml(cfg)
     write_text_atomic(run_dir / "config.yaml", text)
     return text
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (checkpoints and staged models are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_hash(config_text: str) -> str:

@@ -6,22 +6,14 @@ are in hub.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 from .errors import UserError
+from .rundir import sha256_file
 from .hub import OFFLINE_VARS, hf_home, hub_dataset_id, hub_model_id, is_offline
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _ask_hub(call, what: str):
@@ -46,7 +38,7 @@ def _ask_hub(call, what: str):
 
 def _hashes(snapshot: Path) -> dict[str, str]:
     """sha256 of every file of a cached snapshot, by its path in the repository."""
-    return {str(p.relative_to(snapshot)): _sha256(p) for p in sorted(snapshot.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(snapshot)): sha256_file(p) for p in sorted(snapshot.rglob("*")) if p.is_file()}
 
 
 def _weights_patterns(files: list[str]) -> list[str]:

@@ -28,7 +28,11 @@ def report_to(cfg) -> list[str]:
     """The Trainer's `report_to` beyond TensorBoard: ["wandb"] when configured (checked before any work)."""
     if not cfg.run.wandb_project:
         return []
-    if importlib.util.find_spec("wandb") is None:
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # imported before and found unusable
+        found = False
+    if not found:
         raise UserError("run.wandb_project: logging to Weights & Biases needs the wandb package in the job's environment "
                         "(pip install wandb), or leave it unset: TensorBoard events are written in any case")
     return ["wandb"]

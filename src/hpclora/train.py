@@ -50,8 +50,6 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False, stop:
 def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) -> TrainedRun:
     import transformers
 
-    from .data import prepare
-    from .model import attach_lora, load_base, load_tokenizer
     from .precision import choose_precision, detect_device
 
     quiet_libraries()
@@ -60,9 +58,20 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
 
     trackers = report_to(cfg)
-    out = prepare_run_dir(cfg, run_dir, fresh)
+    out, lock = prepare_run_dir(cfg, run_dir, fresh)
+    try:
+        return _train_in(out, cfg, trackers, device, precision, why, stop)
+    finally:
+        lock.close()  # the run directory is free for the next training
+
+
+def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, precision: str, why: str, stop: StopRequest) -> TrainedRun:
+    from .data import prepare
+    from .model import attach_lora, load_base, load_tokenizer
+
     config_sha256 = config_hash(to_yaml(cfg))
     resume = find_resume_point(out, config_sha256)  # before config.yaml is written: refuse, lose nothing
+    base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
     if trackers:
         start_wandb(cfg, out)
     config_text = write_config(out, cfg)
@@ -86,7 +95,9 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
         f" | {steps} steps | up to {cfg.data.max_length} tokens/row"
     )
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
-    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers)
+    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers,
+                            checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
+                                                      "base_val_loss": base_loss, "config_sha256": config_sha256})
 
     restart = record_attempt(out, resume)
     if resume is not None:
@@ -94,21 +105,25 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
         base_loss, trainer.tokens_seen = state["base_val_loss"], state["tokens_seen"]
         keep_metrics_up_to(out / "metrics.jsonl", state["step"])
         emit(f"resumed from step {state['step']} (restart {restart})")
-    else:
-        base_loss = None
-        if data.val is not None:
+    else:  # a first start, or a restart before any checkpoint: from step 0, with no step logged twice
+        keep_metrics_up_to(out / "metrics.jsonl", 0 if base_loss is not None else -1)
+        if base_loss is not None:
+            emit(f"restart {restart} from step 0 (no checkpoint yet) | val_loss base {base_loss:.4f} (measured by the first start)")
+        elif data.val is not None:
             with model.disable_adapter():
                 base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-    trainer.checkpoint_state = lambda: {
-        "step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
-        "base_val_loss": base_loss, "config_sha256": config_sha256,
-    }
     tokens_before = trainer.tokens_seen
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.requested:
-        step = trainer.state.global_step
-        emit(f"stopped by {stop.signal_name} at step {step}/{steps}: checkpoint saved; the same command resumes from it")
+    step = trainer.state.global_step
+    if stop.requested and step < steps:  # StopAtStepBoundary has published this step's checkpoint
+        saved = checkpoint.latest(out / "checkpoints")
+        at = checkpoint.step_of(saved) if saved else 0
+        what = ("checkpoint saved; the same command resumes from it" if at == step
+                else f"the newest checkpoint is of step {at}; the same command resumes from there")
+        emit(f"stopped by {stop.signal_name} at step {step}/{steps}: {what}")
         return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": stop.signal_name}, finished=False)
+    if stop.requested:  # every step is done: finishing costs less than a requeue would
+        emit(f"{stop.signal_name} received after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
     final_loss = None
     if data.val is not None:
@@ -144,16 +159,30 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 
 
 def find_resume_point(run_dir: Path, config_sha256: str) -> Path | None:
-    """The newest complete checkpoint of this very config, after clearing what a killed save left."""
+    """The newest sound checkpoint of this very config, after clearing what a killed save left and moving
+    damaged ones aside."""
     root = run_dir / "checkpoints"
     checkpoint.discard_partial(root)
-    latest = checkpoint.latest(root)
+    latest = checkpoint.newest_sound(root, emit)
     if latest is not None and checkpoint.read_state(latest)["config_sha256"] != config_sha256:
         raise UserError(
             f"{run_dir} holds checkpoints of a different config: resume with the config.yaml in it, "
             "or pass --fresh (or another --run-dir) to start over"
         )
     return latest
+
+
+def reusable_base_loss(run_dir: Path, config_sha256: str) -> float | None:
+    """The base model's validation loss measured by an earlier start of this very config that died before
+    its first checkpoint (an OOM kill, a node failure): measuring it again would give the same number."""
+    old_config, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not (old_config.is_file() and metrics.is_file()) or config_hash(old_config.read_text(encoding="utf-8")) != config_sha256:
+        return None
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry.get("eval") == "base":
+            return entry["val_loss"]
+    return None
 
 
 def record_attempt(run_dir: Path, resume: Path | None) -> int:
@@ -170,7 +199,7 @@ def record_attempt(run_dir: Path, resume: Path | None) -> int:
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint: the resumed run logs those steps again."""
+    """Drop metrics logged after the checkpoint (step -1: all of them): the resumed run logs those steps again."""
     if path.exists():
         kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
@@ -185,7 +214,8 @@ def total_steps(train_rows: int, cfg: RunConfig) -> int:
 
 
 def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest,
-                  trackers: list[str]):
+                  trackers: list[str], checkpoint_state):
+    """The Trainer, through its public API: `checkpoint_state()` is what hpclora adds to each checkpoint."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
@@ -193,35 +223,50 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
 
     class HpcloraTrainer(Trainer):
         """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and
-        writes checkpoints atomically: Trainer saves into the staging area, checkpoint.publish renames."""
+        evaluates with the one token-weighted loss of loss.py."""
 
         tokens_seen = 0
-        checkpoint_state = staticmethod(dict)  # what hpclora adds to each checkpoint; set by the caller
-        _saving = False
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.tokens_seen += int(inputs.pop("num_tokens", 0))
             return super().training_step(model, inputs, num_items_in_batch)
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs.pop("num_tokens", None)
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            import torch
 
-        def _get_output_dir(self, trial):
-            if self._saving:
-                return str(Path(self.args.output_dir) / checkpoint.STAGING)
-            return super()._get_output_dir(trial)
+            from .loss import summed_loss
 
-        def _save_checkpoint(self, model, trial):
-            root = Path(self.args.output_dir)
-            staged = root / checkpoint.STAGING / f"checkpoint-{self.state.global_step}"
-            shutil.rmtree(staged, ignore_errors=True)
-            self._saving = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._saving = False
-            checkpoint.publish(staged, root, self.checkpoint_state(), cfg.train.keep_checkpoints)
+            model, started = self.model, time.time()
+            was_training = model.training
+            model.eval()
+            totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # loss sum, token count
+            # Evaluating must not move training's random numbers (a DataLoader draws its seed from them), so
+            # that a restart that reuses the base evaluation, or another eval_every, trains the same steps.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                for batch in self.get_eval_dataloader(eval_dataset):
+                    with self.autocast_smart_context_manager():
+                        total, count = summed_loss(model, {k: v.to(self.args.device) for k, v in batch.items()})
+                    totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank held a shard
+                torch.distributed.all_reduce(totals)
+            model.train(was_training)
+            metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item(), f"{metric_key_prefix}_tokens": int(totals[1]),
+                       f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    class PublishCheckpoint(TrainerCallback):
+        """Trainer writes each checkpoint into the staging area (its output_dir); once it is whole, it is
+        checksummed, marked and renamed into checkpoints/ (checkpoint.publish)."""
+
+        def __init__(self, state: callable):
+            self.state = state  # what hpclora adds to each checkpoint
+
+        def on_save(self, args, state, control, **kwargs):
+            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint.publish(staged, out / "checkpoints", self.state(), cfg.train.keep_checkpoints)
 
     class StopAtStepBoundary(TrainerCallback):
         """After a stop signal: save a checkpoint at the end of the current optimizer step, then stop."""
@@ -234,7 +279,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
     has_val = data.val is not None
     t = cfg.train
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(out / "checkpoints" / checkpoint.STAGING),
         max_steps=steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
@@ -253,7 +298,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         eval_steps=t.eval_every or None,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or None,
-        save_total_limit=None,  # checkpoint.publish keeps train.keep_checkpoints
+        save_total_limit=1,  # in the staging area, emptied by each publish; checkpoint.publish keeps train.keep_checkpoints
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
         report_to=trackers or "none",
@@ -268,16 +313,15 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         train_dataset=data.train,
         eval_dataset=data.val,
         data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if _cuda() else 1),
-        callbacks=[progress, StopAtStepBoundary()],
+        callbacks=[progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead
-    # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).
-    # Set here rather than by report_to, which would write under the checkpoints and, after training,
-    # under ./runs.
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(out / TENSORBOARD_DIR)
-    trainer.add_callback(tensorboard)
+    # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`),
+    # in the run directory: the callback's documented TENSORBOARD_LOGGING_DIR, which also holds for the
+    # writer it opens again after training (for the final evaluation).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)
+    trainer.add_callback(TensorBoardCallback())
     return trainer
 
 

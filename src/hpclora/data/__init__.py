@@ -7,7 +7,6 @@ the numbers the job log prints about them.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from .normalize import check_columns, detect_format, normalize, rename_columns
 from .packing import Collator, pack
 from .read import read_rows
 from .templates import render
-from .tokenize import cache_key, encode, tokenize_dataset, tokenizer_fingerprint
+from .tokenize import cache_key, encode, rendered_pieces, tokenize_dataset, tokenizer_fingerprint
 
 __all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized"]
 
@@ -92,11 +91,11 @@ def tokenized(data_cfg, conversations: list[list[dict]], numbers: list[int], tok
     Cached in data.cache_dir by content: `hpclora eval` on a run's validation rows reuses training's."""
     cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    encoded = [json.dumps(c, ensure_ascii=False) for c in conversations]
-    key = cache_key(encoded, tokenizer_fingerprint(tokenizer), data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
+    rendered = rendered_pieces(data_cfg.template, conversations, tokenizer)
+    key = cache_key(rendered, tokenizer_fingerprint(tokenizer), data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt)
     cache_file = cache_dir / f"{key}-{split}.arrow"
     cached = cache_file.exists()
-    ds = tokenize_dataset(encoded, numbers, tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, str(cache_file))
+    ds = tokenize_dataset(rendered, numbers, tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, str(cache_file))
     return ds, cached
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from .templates import EOS, render
 
 IGNORE = -100
-# Bump when tokenization output changes for the same inputs, so old caches are not reused.
-PIPELINE_VERSION = 1
+# This file turns rendered pieces into tokens: its own text is part of every cache key, so that a change
+# to it is never answered with tokens it made before.
+CODE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def leading_special_ids(tokenizer) -> list[int]:
@@ -71,26 +73,33 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(conversations: list[str], tokenizer_id: str, template: str, max_length: int, train_on_prompt: bool) -> str:
-    """`tokenizer_id` is tokenizer_fingerprint(tokenizer), computed once per run (it hashes tokenizer.json)."""
+def cache_key(rendered: list[str], tokenizer_id: str, template: str, max_length: int, train_on_prompt: bool) -> str:
+    """A key for what produces the tokens: the rendered pieces (template text and normalisation included),
+    the tokenizer (`tokenizer_id`: tokenizer_fingerprint, computed once per run), the settings, and this
+    file's code."""
     h = hashlib.sha256()
-    h.update(json.dumps([PIPELINE_VERSION, template, max_length, train_on_prompt, tokenizer_id]).encode())
-    for conv in conversations:
-        h.update(conv.encode())
+    h.update(json.dumps([CODE_FINGERPRINT, template, max_length, train_on_prompt, tokenizer_id]).encode())
+    for pieces in rendered:
+        h.update(pieces.encode())
         h.update(b"\x00")
     return h.hexdigest()[:24]
 
 
-def tokenize_dataset(conversations: list[str], rows: list[int], tokenizer, template: str, max_length: int, train_on_prompt: bool, cache_file: str):
+def rendered_pieces(template: str, conversations: list[list[dict]], tokenizer) -> list[str]:
+    """Each conversation rendered by its template, JSON-encoded: the exact text that is tokenized."""
+    return [json.dumps(render(template, c, tokenizer), ensure_ascii=False) for c in conversations]
+
+
+def tokenize_dataset(rendered: list[str], rows: list[int], tokenizer, template: str, max_length: int, train_on_prompt: bool, cache_file: str):
     """A `datasets.Dataset` with input_ids, labels, row and truncated, cached at `cache_file`.
 
-    `conversations` are JSON-encoded message lists; `rows` their source row numbers. Examples left with
-    no trained token after truncation are dropped (the caller reports how many).
+    `rendered` are rendered_pieces; `rows` their source row numbers. Examples left with no trained token
+    after truncation are dropped (the caller reports how many).
     """
     import datasets
 
     def tokenize_batch(batch):
-        pieces = [render(template, json.loads(c), tokenizer) for c in batch["conversation"]]
+        pieces = [[tuple(p) for p in json.loads(c)] for c in batch["pieces"]]
         encoded = encode_many(pieces, tokenizer, template, train_on_prompt)
         out = {"input_ids": [], "labels": [], "row": [], "truncated": []}
         for (ids, labels), row in zip(encoded, batch["row"]):
@@ -104,12 +113,12 @@ def tokenize_dataset(conversations: list[str], rows: list[int], tokenizer, templ
             out["truncated"].append(truncated)
         return out
 
-    source = datasets.Dataset.from_dict({"conversation": conversations, "row": rows})
+    source = datasets.Dataset.from_dict({"pieces": rendered, "row": rows})
     return source.map(
         tokenize_batch,
         batched=True,
         batch_size=256,
-        remove_columns=["conversation", "row"],
+        remove_columns=["pieces", "row"],
         cache_file_name=cache_file,
         load_from_cache_file=True,
         new_fingerprint=hashlib.sha256(cache_file.encode()).hexdigest()[:16],

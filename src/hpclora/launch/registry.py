@@ -11,9 +11,6 @@ import json
 import os
 from pathlib import Path
 
-JOB_FILE = "job.json"
-SWEEP_FILE = "sweep.json"
-
 
 def index_path() -> Path:
     """$HPCLORA_STATE_DIR/jobs.jsonl, else $XDG_STATE_HOME/hpclora/jobs.jsonl (~/.local/state by default)."""
@@ -53,10 +50,3 @@ def find(job_id: str) -> dict | None:
         if str(entry.get("job_id")) in (job_id, array_id):
             return entry
     return None
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from .. import container
 from ..config import RunConfig, SlurmSection, run_dir_slug
+from . import job
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,18 @@ def array_spec(trials: int, max_parallel: int | None) -> str:
     return f"0-{trials - 1}" + (f"%{max_parallel}" if max_parallel else "")
 
 
-def hpclora_command(cfg: RunConfig, python: str) -> str:
-    """Shell words that start hpclora: the submitting interpreter on the host, or `hpclora` in the image."""
-    if not cfg.container.image:
-        return f"{shlex.quote(python)} -m hpclora"
-    return " ".join(container.exec_words(cfg))
+def job_command(cfg: RunConfig, python: str) -> str:
+    """The training command of job.py as shell words, every one quoted but the container runtime (found
+    on the node) and the run directory (a variable set above it)."""
+    words = [shlex.quote(w) for w in job.hpclora_argv(cfg, python, "CONTAINER_RUNTIME")]
+    if cfg.container.image:
+        words[0] = '"$CONTAINER_RUNTIME"'
+    return " ".join([*words, *(f'"{w}"' if "$RUN_DIR" in w else w for w in job.train_argv("$RUN_DIR"))])
 
 
-def hub_environment_lines(cfg: RunConfig) -> list[str]:
-    """The shared Hugging Face cache, and no network for the hub: `hpclora stage` fetched everything."""
-    lines = []
-    if cfg.cache.hf_home:
-        lines.append(f"export HF_HOME={shlex.quote(cfg.cache.hf_home)}")
-    if cfg.cache.offline_jobs:
-        lines.append("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # see `hpclora stage`")
-    return lines
+def environment_lines(cfg: RunConfig) -> list[str]:
+    """job.py's environment as exports (the shared cache, offline switches: see `hpclora stage`)."""
+    return [f"export {name}={shlex.quote(value)}" for name, value in job.job_environment(cfg).items()]
 
 
 def container_runtime_lines(cfg: RunConfig) -> list[str]:
@@ -135,14 +132,19 @@ def run_and_requeue_lines(command: str, max_requeues: str) -> list[str]:
         "status=0",
         'wait "$child" || status=$?',
         'if [ "$status" -eq 75 ]; then',
-        "    # On the host, not in the container (which has no scontrol). The requeued job runs this script",
-        "    # again and training resumes from its newest checkpoint in $RUN_DIR.",
-        f'    if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
+        "    # On the host, not in the container (which has no scontrol). A job that scancel cancelled is",
+        "    # COMPLETING by now and stays cancelled; a running one (time limit ahead, preemption) is requeued,",
+        "    # runs this script again, and training resumes from its newest checkpoint in $RUN_DIR.",
+        '    state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)',
+        '    if [ -n "$state" ] && [ "$state" != RUNNING ]; then',
+        '        echo "hpclora: checkpoint saved; job ${SLURM_JOB_ID} is ${state} (cancelled): not requeueing; submit this script again to resume"',
+        f'    elif [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
         f'        echo "hpclora: checkpoint saved; requeueing job ${{SLURM_JOB_ID}} (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of at most {max_requeues})"',
         '        scontrol requeue "$SLURM_JOB_ID"',
         "        exit 0",
+        "    else",
+        f'        echo "hpclora: checkpoint saved, but the job was requeued {max_requeues} times already (slurm.max_requeues): not requeueing; submit this script again to resume" >&2',
         "    fi",
-        f'    echo "hpclora: checkpoint saved, but the job was requeued {max_requeues} times already (slurm.max_requeues): not requeueing; submit this script again to resume" >&2',
         "fi",
         'echo "hpclora: job ${SLURM_JOB_ID} ended $(date \'+%F %T\') with exit code $status"',
         'exit "$status"',
@@ -168,8 +170,7 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         "# Slurm 22.05+: srun does not inherit --cpus-per-task; torch threads follow the allocation.",
         'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"',
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
-        "export PYTHONUNBUFFERED=1",
-        *hub_environment_lines(cfg),
+        *environment_lines(cfg),
         *container_runtime_lines(cfg),
         "",
     ]
@@ -181,5 +182,5 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         ]
     else:
         lines.append(f"RUN_DIR={shlex.quote(payload.run_dir)}")
-    lines += ["", *run_and_requeue_lines(f'{hpclora_command(cfg, payload.python)} train "$RUN_DIR/config.yaml" --run-dir "$RUN_DIR"', str(cfg.slurm.max_requeues)), ""]
+    lines += ["", *run_and_requeue_lines(job_command(cfg, payload.python), str(cfg.slurm.max_requeues)), ""]
     return "\n".join(lines)

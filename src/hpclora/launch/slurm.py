@@ -5,6 +5,7 @@ never shell strings. States come from squeue while a job is known to the control
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -55,6 +56,18 @@ def cancel(job_id: str) -> None:
     done = run(["scancel", job_id])
     if done.returncode != 0:
         raise UserError(f"scancel {job_id}: {done.stderr.strip()}")
+
+
+def own_job_cancelled() -> bool:
+    """Inside a job: whether scancel has cancelled it. Its state is then COMPLETING, not RUNNING, while its
+    processes finish; a job signalled before its time limit or on preemption is still RUNNING. Where the
+    queue cannot be asked, False (as before: requeue)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or shutil.which("squeue") is None:
+        return False
+    done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = done.stdout.strip() if done.returncode == 0 else ""
+    return bool(state) and state != "RUNNING"
 
 
 def queue_states(job_ids: list[str]) -> dict[str, JobState]:

@@ -3,8 +3,7 @@
 A run directory is created before submission and holds everything the job needs: the resolved
 config.yaml and the job.sbatch that runs it. A sweep directory holds one trial-NNN run directory per
 trial, sweep.json (array task id -> overrides), and one job.sbatch submitted as a single job array.
-Launchers: sbatch (the rendered script), submitit (AutoExecutor; local and debug work without Slurm),
-local (the same payload in this process).
+How the written job starts (sbatch, submitit, here) is launchers.py's.
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ from pathlib import Path
 from .. import config
 from ..config import RunConfig, run_dir_slug
 from ..errors import ConfigError, UserError
-from ..rundir import config_hash, write_config, write_json, write_text_atomic
-from . import registry, render, slurm
+from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, write_config, write_json, write_text_atomic
+from . import registry, render
 from .sweep import parse_grid, trials
 
-LAUNCHERS = ("sbatch", "submitit", "local")
 SCRIPT = "job.sbatch"
 
 
@@ -113,74 +111,42 @@ def write(job: PreparedJob) -> None:
     job.script_path.chmod(0o755)
 
 
-def launch(job: PreparedJob, launcher: str, cluster: str | None = None) -> dict:
+def launch(job: PreparedJob, launcher) -> tuple[dict, int]:
     """Write, submit, record; for launchers without a scheduler, also run to the end.
 
-    Returns the record kept in job.json / sweep.json and in the user's job index.
+    Returns the record kept in job.json / sweep.json and in the user's job index, and the exit code of
+    what ran here (0 where a scheduler runs it).
     """
-    if launcher not in LAUNCHERS:
-        raise UserError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
-    if cluster and launcher != "submitit":
-        raise UserError("--cluster picks submitit's backend: use it with --launcher submitit")
     write(job)
     try:
-        entry, submitted = _submit(job, launcher, cluster)
+        started = launcher.start(job)
     except BaseException:
         shutil.rmtree(job.directory, ignore_errors=True)  # nothing was submitted: leave no half-made run behind
         raise
-    _record(job, entry)
-    if launcher == "local":  # the payload, here and now
-        from .payload import run_job
-
-        for run_dir in job.run_dirs:
-            run_job(str(run_dir))
-    elif cluster in ("local", "debug"):  # submitit without a scheduler: nothing keeps these going but us
-        for submitit_job in submitted:
-            submitit_job.result()
-    return entry
-
-
-def _submit(job: PreparedJob, launcher: str, cluster: str | None):
-    """Hand the job to sbatch or submitit (local runs start later): its record, and submitit's Jobs."""
     entry = {
-        "kind": job.kind, "launcher": launcher, "job_id": None, "name": job.cfg.run.name,
+        "kind": job.kind, "launcher": launcher.name, "job_id": started.job_id, "name": job.cfg.run.name,
         "dir": str(job.directory), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config_sha256": config_hash(config.to_yaml(job.cfg)),
+        "config_sha256": config_hash(config.to_yaml(job.cfg)), **started.details,
     }
-    task_logs: list[str | None] = [None] * len(job.run_dirs)
-    submitted = []
-    if launcher == "sbatch":
-        entry["job_id"] = slurm.sbatch(str(job.script_path))
-        task_logs = [job.log_path(entry["job_id"])] if job.kind == "run" else [
-            job.log_path(entry["job_id"], i) for i in range(len(job.run_dirs))
-        ]
-    elif launcher == "submitit":
-        from . import submitit as via_submitit
-
-        if job.kind == "run":
-            submitted = [via_submitit.submit(job.cfg, job.directory, cluster)]
-        else:
-            submitted = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, cluster, job.max_parallel)
-        entry.update(cluster=cluster or "auto", job_id=str(submitted[0].job_id).split("_")[0])
-        task_logs = [str(j.paths.stdout) for j in submitted]
     if job.kind == "run":
-        entry["log"] = task_logs[0]
+        entry["log"] = started.logs[0]
     else:
         entry["trials"] = [
             {"task": i, "overrides": extra, "run_dir": str(d), "log": log}
-            for i, (extra, d, log) in enumerate(zip(job.trial_overrides, job.run_dirs, task_logs))
+            for i, (extra, d, log) in enumerate(zip(job.trial_overrides, job.run_dirs, started.logs))
         ]
-    return entry, submitted
+    _record(job, entry)
+    return entry, launcher.finish(job, started)
 
 
 def _record(job: PreparedJob, entry: dict) -> None:
     """job.json (run) or sweep.json + one job.json per trial (sweep), and the user's job index."""
     if job.kind == "run":
-        write_json(job.directory / registry.JOB_FILE, entry)
+        write_json(job.directory / JOB_FILE, entry)
     else:
-        write_json(job.directory / registry.SWEEP_FILE, entry)
+        write_json(job.directory / SWEEP_FILE, entry)
         for trial in entry["trials"]:
             trial_record = {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"]}
-            write_json(Path(trial["run_dir"]) / registry.JOB_FILE, trial_record)
+            write_json(Path(trial["run_dir"]) / JOB_FILE, trial_record)
     if entry["job_id"] is not None:
         registry.record(entry)

@@ -1,4 +1,4 @@
-"""The submitit launcher: the same payload and resources through submitit's AutoExecutor.
+"""The submitit launcher: the same job (job.py) and resources through submitit's AutoExecutor.
 
 `cluster` picks submitit's backend: None (auto: Slurm when `srun` is on PATH), `slurm`, `local`
 (a child process on this machine) or `debug` (in this process). Its files (pickled call, sbatch
@@ -65,24 +65,31 @@ def executor(cfg: RunConfig, folder: Path, cluster: str | None, array_parallelis
 
 
 class ResumableTraining:
-    """submitit's payload, with its checkpoint protocol.
+    """submitit's payload: job.py's training command, with submitit's checkpoint protocol.
 
-    Before a time limit or on preemption submitit signals USR2. Training (which takes over the signal)
-    saves a checkpoint at the next step boundary and returns unfinished; then submitit's own handler is
-    called, which asks `checkpoint()` for the call to make after the requeue (the same one: training
-    resumes from its newest checkpoint), requeues the job and exits.
+    Before a time limit or on preemption submitit signals USR2. Training (a child process, which gets the
+    signal from Slurm and from here) saves a checkpoint at the next step boundary and exits with 75; then
+    submitit's own handler is called, which asks `checkpoint()` for the call to make after the requeue
+    (the same one: training resumes from its newest checkpoint), requeues the job and exits.
     """
 
     def __call__(self, run_dir: str) -> dict:
+        import json
         import signal
 
-        from .payload import run_job
+        from ..preempt import CHECKPOINTED_EXIT
+        from .job import run_job
+        from .slurm import own_job_cancelled
 
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        result = run_job(run_dir)
-        if not result["finished"] and callable(submitit_handler):
+        code = run_job(run_dir)
+        if code == CHECKPOINTED_EXIT and own_job_cancelled():  # scancel: stay cancelled
+            raise RuntimeError(f"job cancelled; training in {run_dir} saved a checkpoint: submit again to resume")
+        if code == CHECKPOINTED_EXIT and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # requeues and exits; not installed by the debug executor
-        return result
+        if code != 0:
+            raise RuntimeError(f"training in {run_dir} exited with code {code}; its log above says why")
+        return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
 
     def checkpoint(self, run_dir: str):
         import submitit

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..rundir import JOB_FILE, SWEEP_FILE, read_json
 from . import registry, slurm
 
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -39,6 +40,7 @@ class Target:
     title: str  # what was asked about, in words
     notes: list[str]
     table: bool = False  # one row per job or trial, even when there is only one
+    recorded: bool = True  # False: a bare job id that hpclora's job index does not have
 
 
 def resolve(target: str | None) -> Target:
@@ -55,7 +57,7 @@ def resolve(target: str | None) -> Target:
     if JOB_ID.match(target):
         entry = registry.find(target)
         if entry is None:  # submitted some other way: ask Slurm
-            return Target([Row(target, "", None, slurm.log_from_controller(target))], f"job {target}", [])
+            return Target([Row(target, "", None, slurm.log_from_controller(target))], f"job {target}", [], recorded=False)
         rows = _entry_rows(entry)
         if "_" in target:
             rows = [r for r in rows if r.job_id == target] or [Row(target, "", None, None)]
@@ -64,10 +66,10 @@ def resolve(target: str | None) -> Target:
 
 
 def _directory_target(path: Path) -> Target:
-    sweep = registry.read_json(path / registry.SWEEP_FILE)
+    sweep = read_json(path / SWEEP_FILE)
     if sweep:
         return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [], table=True)
-    job = registry.read_json(path / registry.JOB_FILE)
+    job = read_json(path / JOB_FILE)
     if job and "sweep_dir" in job:  # one trial of a sweep
         return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
     if job:
@@ -86,7 +88,7 @@ def _entry_rows(entry: dict, overview: bool = False) -> list[Row]:
     if entry["kind"] == "sweep":
         if overview:  # one line per sweep; its trials are one `hpclora status SWEEP_DIR` away
             return [Row(str(entry["job_id"]), f"{entry['name']} (sweep, {len(entry.get('trials', []))} trials)", entry["dir"], None)]
-        sweep = registry.read_json(Path(entry["dir"]) / registry.SWEEP_FILE) or entry
+        sweep = read_json(Path(entry["dir"]) / SWEEP_FILE) or entry
         return [_trial_row(sweep["job_id"], t) for t in sweep.get("trials", [])]
     job_id = str(entry["job_id"]) if entry.get("job_id") else None
     return [Row(job_id, entry.get("name", ""), entry.get("dir"), entry.get("log"))]
@@ -178,6 +180,21 @@ def format_status(target: Target) -> str:
         lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in table]
     lines += [f"note: {n}" for n in target.notes]
     return "\n".join(lines)
+
+
+def require_known(target: Target) -> None:
+    """After fill_states: a bare job id that neither Slurm nor hpclora's job index has is a mistake."""
+    if not target.recorded and target.rows[0].state == "unknown to Slurm":
+        raise UserError(
+            f"job {target.rows[0].job_id} is unknown to Slurm (neither squeue nor sacct has it) and to hpclora's job "
+            f"index {registry.index_path()}: check the id (`hpclora status` lists recent jobs)"
+        )
+
+
+def ended(target: Target) -> bool:
+    """After fill_states: whether every job of the target has ended or is ending (nothing left to cancel)."""
+    states = [r.state.split()[0] for r in target.rows if r.job_id and r.state]
+    return bool(states) and all(s in slurm.FINAL_STATES or s in ("COMPLETING", "finished") for s in states)
 
 
 def cancel_ids(target: Target) -> list[str]:

@@ -1,0 +1,97 @@
+"""The job itself, decided once for every launcher: its environment and the command that trains.
+
+The sbatch script writes these out as shell lines (render.py); the submitit and local launchers run the
+same command as a child process with the same environment (`run_job`). So the shared Hugging Face
+cache, the offline switches and the container image apply whichever launcher started the job, and the
+model's staging is checked by the job's own `hpclora train`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import container
+from ..config import RunConfig
+from ..hub import OFFLINE_VARS
+from ..preempt import STOP_SIGNALS
+
+# How often a stop signal is passed on again until training has ended: one that arrives while the
+# child is still starting (its handlers not yet installed, the signal ignored) would otherwise be lost.
+RESEND_STOP_S = 5
+
+
+def job_environment(cfg: RunConfig) -> dict[str, str]:
+    """Variables every job sets, in a fixed order: unbuffered output for `tail -f`, the shared cache, and
+    no hub network (`hpclora stage` fetched everything) when cache.offline_jobs."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if cfg.cache.hf_home:
+        env["HF_HOME"] = cfg.cache.hf_home
+    if cfg.cache.offline_jobs:
+        env.update(dict.fromkeys(OFFLINE_VARS, "1"))
+    return env
+
+
+def hpclora_argv(cfg: RunConfig, python: str, runtime: str) -> list[str]:
+    """The words that start hpclora: `python -m hpclora` on the host, or `hpclora` inside the image run by
+    `runtime` (the sbatch script passes a shell variable it resolves on the node)."""
+    if not cfg.container.image:
+        return [python, "-m", "hpclora"]
+    return [*container.exec_argv(cfg, runtime), "hpclora"]
+
+
+def train_argv(run_dir: str) -> list[str]:
+    """`train <run dir>/config.yaml --run-dir <run dir>`: the job never reads the user's own YAML."""
+    return ["train", f"{run_dir}/config.yaml", "--run-dir", run_dir]
+
+
+def run_job(run_dir: str) -> int:
+    """Run the job's training command on this node as a child process and return its exit code (75:
+    checkpointed, not finished). Used by the submitit and local launchers.
+
+    Stop signals sent to this process are passed on to training (Slurm sends them to the job step, but a
+    user's `kill` or a launcher may reach only this process), like the sbatch script does."""
+    from .. import config
+
+    cfg = config.load(Path(run_dir) / "config.yaml")
+    runtime = container.require_runtime(cfg.container.runtime) if cfg.container.image else ""
+    env = {**os.environ, **job_environment(cfg)}
+    if "SLURM_CPUS_PER_TASK" in os.environ:  # in an allocation: torch threads follow it, as in the sbatch script
+        env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+    argv = [*hpclora_argv(cfg, sys.executable, runtime), *train_argv(run_dir)]
+    return _run_forwarding_stops(argv, env)
+
+
+def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return subprocess.call(argv, env=env)
+    stop: list[int] = []
+    # The child starts with the stop signals ignored (inherited through exec) until training installs its
+    # own handlers, so that an early one cannot kill it; meanwhile they are resent every RESEND_STOP_S.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        child = subprocess.Popen(argv, env=env)
+
+        def forward(signum, frame):
+            stop.append(signum)
+            child.send_signal(signum)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, forward)
+        resent = 0.0
+        while True:
+            try:
+                return child.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                if stop and time.monotonic() - resent >= RESEND_STOP_S:
+                    child.send_signal(stop[0])
+                    resent = time.monotonic()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,104 @@
+"""How a written run or sweep starts: sbatch, submitit, or here. One small interface, as submitit has
+executors: `describe` (for --dry-run), `start` (submit; returns the job id and each task's log) and
+`finish` (what happens after the submission is recorded: nothing for a scheduler, the training itself for
+launchers without one). Every launcher runs the same job: job.py's command and environment.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..preempt import CHECKPOINTED_EXIT
+from . import slurm
+
+
+@dataclass
+class Started:
+    job_id: str | None  # None where no scheduler was involved
+    logs: list[str | None]  # one per run directory (a sweep's trials in order)
+    handles: list = field(default_factory=list)  # submitit's Job objects
+    details: dict = field(default_factory=dict)  # more fields for the job record
+
+
+class Sbatch:
+    """The rendered job.sbatch, submitted with `sbatch --parsable`."""
+
+    name = "sbatch"
+
+    def describe(self, job) -> str:
+        return f"sbatch {shlex.quote(str(job.script_path))}"
+
+    def start(self, job) -> Started:
+        job_id = slurm.sbatch(str(job.script_path))
+        if job.kind == "run":
+            return Started(job_id, [job.log_path(job_id)])
+        return Started(job_id, [job.log_path(job_id, i) for i in range(len(job.run_dirs))])
+
+    def finish(self, job, started: Started) -> int:
+        return 0
+
+
+class Submitit:
+    """submitit's AutoExecutor with the same resources; `cluster` picks its backend (None: Slurm when
+    `srun` is on PATH; `local`: child processes here; `debug`: in this process)."""
+
+    name = "submitit"
+
+    def __init__(self, cluster: str | None = None):
+        self.cluster = cluster
+
+    def describe(self, job) -> str:
+        return f"submitit AutoExecutor(cluster={self.cluster or 'auto'}) in {job.directory / 'submitit'}"
+
+    def start(self, job) -> Started:
+        from . import submitit as via_submitit
+
+        if job.kind == "run":
+            handles = [via_submitit.submit(job.cfg, job.directory, self.cluster)]
+        else:
+            handles = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, self.cluster, job.max_parallel)
+        job_id = str(handles[0].job_id).split("_")[0]
+        return Started(job_id, [str(h.paths.stdout) for h in handles], handles, {"cluster": self.cluster or "auto"})
+
+    def finish(self, job, started: Started) -> int:
+        if self.cluster in ("local", "debug"):  # without a scheduler nothing keeps these going but us
+            for handle in started.handles:
+                handle.result()
+        return 0
+
+
+class Local:
+    """The job's command on this machine, now, one run after the other; Ctrl-C checkpoints."""
+
+    name = "local"
+
+    def describe(self, job) -> str:
+        return "the job's command on this machine, now"
+
+    def start(self, job) -> Started:
+        return Started(None, [None] * len(job.run_dirs))
+
+    def finish(self, job, started: Started) -> int:
+        from .job import run_job
+
+        for run_dir in job.run_dirs:
+            code = run_job(str(run_dir))
+            if code == CHECKPOINTED_EXIT:
+                resume = f"hpclora train {shlex.quote(f'{run_dir}/config.yaml')} --run-dir {shlex.quote(str(run_dir))}"
+                print(f"checkpointed, not finished: resume with `{resume}`")
+            if code != 0:
+                return code
+        return 0
+
+
+LAUNCHERS = {"sbatch": Sbatch, "submitit": Submitit, "local": Local}
+
+
+def launcher(name: str, cluster: str | None = None):
+    if name not in LAUNCHERS:
+        raise UserError(f"unknown launcher {name!r}: use one of {', '.join(LAUNCHERS)}")
+    if cluster and name != "submitit":
+        raise UserError("--cluster picks submitit's backend: use it with --launcher submitit")
+    return Submitit(cluster) if name == "submitit" else LAUNCHERS[name]()
