@@ -70,7 +70,7 @@ class Submitit:
 
 
 class Local:
-    """The job's command on this machine, now, one run after the other; Ctrl-C checkpoints."""
+    """The job's command on this machine, now, one run after the other; USR1 or TERM checkpoints."""
 
     name = "local"
 
