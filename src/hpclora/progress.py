@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -34,8 +35,15 @@ def peak_allocated_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
+def speaks() -> bool:
+    """Whether this process writes the log and metrics: rank 0 of several (torchrun sets RANK), or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def emit(line: str) -> None:
-    print(line, flush=True)
+    """One line of the job log, from rank 0 only: several ranks speak with one voice."""
+    if speaks():
+        print(line, flush=True)
 
 
 class ProgressLog(TrainerCallback):
@@ -47,7 +55,7 @@ class ProgressLog(TrainerCallback):
     def __init__(self, metrics_path: Path, tokens_seen, tty: bool | None = None):
         self.metrics_path = metrics_path
         self.tokens_seen = tokens_seen
-        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.tty = (sys.stdout.isatty() if tty is None else tty) and speaks()
         self.bar = None
         self.started = self.last_time = time.time()
         self.first_step = 0
@@ -55,6 +63,8 @@ class ProgressLog(TrainerCallback):
         self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest periodic evaluation
 
     def record(self, entry: dict) -> None:
+        if not speaks():
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
@@ -77,6 +87,8 @@ class ProgressLog(TrainerCallback):
             self.bar = None
 
     def _print(self, line: str) -> None:
+        if not speaks():
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:

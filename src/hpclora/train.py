@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig, to_yaml
 from .slurm_syntax import slurm_time
 from .errors import UserError
@@ -58,29 +58,39 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
 
     trackers = report_to(cfg)
-    out, lock = prepare_run_dir(cfg, run_dir, fresh)
+    world = distributed.world()
+    distributed.start(world, cuda=device == "cuda")
+    out, lock = prepare_run_dir(cfg, run_dir, fresh) if world.main else (None, None)  # rank 0's, shared below
     try:
-        return _train_in(out, cfg, trackers, device, precision, why, stop)
+        return _train_in(Path(distributed.share(str(out))), cfg, world, trackers, device, precision, why, stop)
     finally:
-        lock.close()  # the run directory is free for the next training
+        if lock is not None:
+            lock.close()  # the run directory is free for the next training
 
 
-def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, precision: str, why: str, stop: StopRequest) -> TrainedRun:
+def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: list[str], device: str, precision: str, why: str,
+              stop: StopRequest) -> TrainedRun:
     from .data import prepare
     from .model import attach_lora, load_base, load_tokenizer
 
     config_sha256 = config_hash(to_yaml(cfg))
-    resume = find_resume_point(out, config_sha256)  # before config.yaml is written: refuse, lose nothing
-    base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
-    if trackers:
-        start_wandb(cfg, out)
-    config_text = write_config(out, cfg)
-    write_json(out / "env.json", environment(device, precision, why))
-    emit(job_header(out, config_text))
+    resume, base_loss = None, None
+    if world.main:  # rank 0 decides about the run directory; every rank resumes from what it chose
+        resume = find_resume_point(out, config_sha256)  # before config.yaml is written: refuse, lose nothing
+        base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
+        if trackers:
+            start_wandb(cfg, out)
+        config_text = write_config(out, cfg)
+        write_json(out / "env.json", environment(device, precision, why))
+        emit(job_header(out, config_text))
+    resume, base_loss = distributed.share((resume, base_loss))
     emit(f"device {device} | precision {precision} ({why})")
+    if world.size > 1:
+        emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), DDP: every rank trains on its share of each step's rows")
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.run.seed)
+    with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
+        data = prepare(cfg.data, tokenizer, cfg.run.seed)
     emit(describe_data(data.stats))
 
     model = load_base(cfg, precision, device)
@@ -89,24 +99,27 @@ def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, preci
     emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
-    steps = total_steps(len(data.train), cfg)
+    steps = total_steps(len(data.train), cfg, world.size)
+    ranks = f" x {world.size} ranks" if world.size > 1 else ""
     emit(
-        f"batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation = {cfg.train.micro_batch_size * cfg.train.grad_accum} rows/step"
-        f" | {steps} steps | up to {cfg.data.max_length} tokens/row"
+        f"batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation{ranks} = "
+        f"{cfg.train.micro_batch_size * cfg.train.grad_accum * world.size} rows/step | {steps} steps | up to {cfg.data.max_length} tokens/row"
     )
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
                                                       "base_val_loss": base_loss, "config_sha256": config_sha256})
 
-    restart = record_attempt(out, resume)
+    restart = distributed.share(record_attempt(out, resume) if world.main else None)
     if resume is not None:
         state = checkpoint.read_state(resume)
         base_loss, trainer.tokens_seen = state["base_val_loss"], state["tokens_seen"]
-        keep_metrics_up_to(out / "metrics.jsonl", state["step"])
+        if world.main:
+            keep_metrics_up_to(out / "metrics.jsonl", state["step"])
         emit(f"resumed from step {state['step']} (restart {restart})")
     else:  # a first start, or a restart before any checkpoint: from step 0, with no step logged twice
-        keep_metrics_up_to(out / "metrics.jsonl", 0 if base_loss is not None else -1)
+        if world.main:
+            keep_metrics_up_to(out / "metrics.jsonl", 0 if base_loss is not None else -1)
         if base_loss is not None:
             emit(f"restart {restart} from step 0 (no checkpoint yet) | val_loss base {base_loss:.4f} (measured by the first start)")
         elif data.val is not None:
@@ -115,13 +128,14 @@ def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, preci
     tokens_before = trainer.tokens_seen
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step
-    if stop.requested and step < steps:  # StopAtStepBoundary has published this step's checkpoint
+    if step < steps:  # the ranks agreed on a stop (StopAtStepBoundary), which published this step's checkpoint
         saved = checkpoint.latest(out / "checkpoints")
         at = checkpoint.step_of(saved) if saved else 0
         what = ("checkpoint saved; the same command resumes from it" if at == step
                 else f"the newest checkpoint is of step {at}; the same command resumes from there")
-        emit(f"stopped by {stop.signal_name} at step {step}/{steps}: {what}")
-        return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": stop.signal_name}, finished=False)
+        by = stop.signal_name or "a stop signal to another rank"
+        emit(f"stopped by {by} at step {step}/{steps}: {what}")
+        return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
     if stop.requested:  # every step is done: finishing costs less than a requeue would
         emit(f"{stop.signal_name} received after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
@@ -134,7 +148,8 @@ def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, preci
         else:
             final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"]
 
-    save_adapter(model, tokenizer, out)
+    if world.main:
+        save_adapter(model, tokenizer, out)
     runtime = result.metrics.get("train_runtime", 0.0)
     summary = {
         "base_val_loss": base_loss,
@@ -153,7 +168,8 @@ def _train_in(out: Path, cfg: RunConfig, trackers: list[str], device: str, preci
         "trainable_params": trainable,
         "data": data.stats,
     }
-    write_json(out / "summary.json", summary)
+    if world.main:
+        write_json(out / "summary.json", summary)
     emit(describe_result(summary, out))
     return TrainedRun(out, model, tokenizer, summary)
 
@@ -205,11 +221,12 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def total_steps(train_rows: int, cfg: RunConfig) -> int:
-    """Optimizer steps for the run: max_steps if set, else epochs over the (packed) training rows."""
+def total_steps(train_rows: int, cfg: RunConfig, world_size: int = 1) -> int:
+    """Optimizer steps for the run: max_steps if set, else epochs over the (packed) training rows, of which
+    each step takes micro_batch_size x grad_accum x world_size."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = math.ceil(train_rows / cfg.train.micro_batch_size / cfg.train.grad_accum)
+    per_epoch = math.ceil(train_rows / cfg.train.micro_batch_size / cfg.train.grad_accum / world_size)
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
@@ -225,10 +242,11 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and
         evaluates with the one token-weighted loss of loss.py."""
 
-        tokens_seen = 0
+        tokens_seen = 0  # real tokens trained by all ranks (summed at each step's end)
+        local_tokens = 0  # this rank's, since the last step's end
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self.tokens_seen += int(inputs.pop("num_tokens", 0))
+            self.local_tokens += int(inputs.pop("num_tokens", 0))
             return super().training_step(model, inputs, num_items_in_batch)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -265,14 +283,21 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
             self.state = state  # what hpclora adds to each checkpoint
 
         def on_save(self, args, state, control, **kwargs):
-            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            checkpoint.publish(staged, out / "checkpoints", self.state(), cfg.train.keep_checkpoints)
+            distributed.barrier()  # every rank has written its part (its RNG state)
+            if state.is_world_process_zero:
+                staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                checkpoint.publish(staged, out / "checkpoints", self.state(), cfg.train.keep_checkpoints)
+            distributed.barrier()
 
     class StopAtStepBoundary(TrainerCallback):
-        """After a stop signal: save a checkpoint at the end of the current optimizer step, then stop."""
+        """At each step's end the ranks sum (stop asked, tokens trained) in one small collective: after a stop
+        signal to any of them all save a checkpoint of this step and stop, and tokens_seen counts the world."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.requested:
+            stops, tokens = distributed.sum_over_ranks([float(stop.requested), float(trainer.local_tokens)])
+            trainer.tokens_seen += int(tokens)
+            trainer.local_tokens = 0
+            if stops:
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -306,6 +331,10 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
+        # Several ranks (torchrun): DDP on NCCL or gloo, through the process group distributed.start joined.
+        ddp_backend=("nccl" if _cuda() else "gloo") if distributed.world().size > 1 else None,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
+        ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
     )
     trainer = HpcloraTrainer(
         model=model,

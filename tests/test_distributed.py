@@ -1,0 +1,158 @@
+"""Several ranks for real: gloo on this CPU under torchrun (no mock of torch.distributed). Each rank runs
+hpclora's own training; a small harness then saves that rank's LoRA weights, so that the ranks can be
+compared with each other and with one process over the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import alpaca_rows, tiny_run_yaml, write_jsonl
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+HARNESS = """
+import json, os, sys
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+from hpclora import config
+from hpclora.train import train
+
+config_path, run_dir, out = sys.argv[1:4]
+rank = os.environ.get("RANK", "0")
+with open(f"{out}/pid{rank}", "w") as fh:
+    fh.write(str(os.getpid()))
+run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir)
+weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
+save_file(weights, f"{out}/rank{rank}.safetensors")
+with open(f"{out}/result{rank}.json", "w") as fh:
+    json.dump({"finished": run.finished, "steps": run.summary["steps"]}, fh)
+"""
+
+
+def ddp_config(tmp_path: Path, model_dir: Path, **train) -> Path:
+    config = tiny_run_yaml(tmp_path, model_dir, lora={"dropout": 0.0},
+                           train={"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "eval_every": 2, **train},
+                           data={"val_size": 8})
+    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(40))
+    return config
+
+
+def harness(tmp_path: Path, config: Path, run_dir: Path, name: str, launcher: list[str], *overrides: str, wait: bool = True):
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS)
+    argv = [*launcher, str(script), str(config), str(run_dir), str(out), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return out, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
+
+
+def two_ranks(*extra: str) -> list[str]:
+    return [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *extra]
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_llama_dir):
+    """One process, 4 rows x 2 accumulation = the 2-rank runs' global batch of 8."""
+    tmp = tmp_path_factory.mktemp("one-rank")
+    config = ddp_config(tmp, tiny_llama_dir)
+    out, _ = harness(tmp, config, tmp / "run", "out", [sys.executable], "train.grad_accum=2")
+    return weights(out / "rank0.safetensors")
+
+
+def test_two_gloo_ranks_train_one_adapter_equal_to_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir, one_rank):
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    out, done = harness(tmp_path, config, run_dir, "out", two_ranks())
+    rank0, rank1 = weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")
+    assert max_difference(rank0, rank1) == 0.0  # DDP: one model, not two copies trained apart
+    assert max_difference(rank0, one_rank) <= 1e-6
+    assert max_difference(weights(run_dir / "adapter" / "adapter_model.safetensors"), rank0) == 0.0
+    # One voice: rank 0 alone logged, wrote metrics and attempts, and printed.
+    assert logged_steps(run_dir) == [1, 2, 3, 4]
+    assert len((run_dir / "attempts.jsonl").read_text().splitlines()) == 1
+    assert done.stdout.count("adapter saved to") == 1 and done.stdout.count("eval base @ step 0") == 1
+    assert "world 2 ranks (gloo)" in done.stdout and "batch 4 x 1 accumulation x 2 ranks = 8 rows/step" in done.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tokens"] > 0 and summary["steps"] == 4
+
+
+def test_gradient_checkpointing_under_ddp_trains_the_same_adapter(tmp_path, tiny_llama_dir, one_rank):
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    out, _ = harness(tmp_path, config, tmp_path / "run", "out", two_ranks(), "train.gradient_checkpointing=true")
+    assert max_difference(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")) == 0.0
+    assert max_difference(weights(out / "rank0.safetensors"), one_rank) <= 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_llama_dir, one_rank):
+    """Two torchrun processes with --nnodes 2, one rank each, as on two nodes of a job."""
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node in (0, 1):
+        launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", endpoint, "--rdzv-id", "hpclora-test"]
+        nodes.append(harness(tmp_path, config, tmp_path / "run", f"node{node}", launcher, wait=False))
+    for out, proc in nodes:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+    ranks = {p.name: weights(p) for out, _ in nodes for p in out.glob("rank*.safetensors")}
+    assert sorted(ranks) == ["rank0.safetensors", "rank1.safetensors"]
+    assert max_difference(ranks["rank0.safetensors"], ranks["rank1.safetensors"]) == 0.0
+    assert max_difference(ranks["rank0.safetensors"], one_rank) <= 1e-6
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_exact(tmp_path, tiny_llama_dir):
+    config = ddp_config(tmp_path, tiny_llama_dir, max_steps=30, eval_every=0, log_every=1)
+    reference, _ = harness(tmp_path, config, tmp_path / "reference", "reference", two_ranks())
+    run_dir = tmp_path / "run"
+    out, proc = harness(tmp_path, config, run_dir, "stopped", two_ranks(), wait=False)
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and any(s >= 3 for s in logged_steps(run_dir))):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.kill(int((out / "pid1").read_text()), signal.SIGUSR1)  # rank 1 only
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    results = [json.loads((out / f"result{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == results[1] and not results[0]["finished"] and results[0]["steps"] < 30
+    saved = run_dir / "checkpoints" / f"checkpoint-{results[0]['steps']}"
+    assert (saved / "COMPLETE").is_file() and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+    assert "stopped by a stop signal to another rank" in output
+
+    resumed, _ = harness(tmp_path, config, run_dir, "resumed", two_ranks())
+    assert max_difference(weights(resumed / "rank0.safetensors"), weights(reference / "rank0.safetensors")) == 0.0
+    assert logged_steps(run_dir) == list(range(1, 31))
