@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .distributed import world
 from .errors import ModelNotFoundError, UserError
 from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
 from .hub import is_offline, local_model_path
@@ -81,7 +82,9 @@ def load_base(cfg, precision: str, device: str):
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # Each rank loads its own quantized copy onto its node's GPU: LOCAL_RANK, never the global rank
+        # (which names no GPU on a second node: "invalid device ordinal").
+        kwargs["device_map"] = {"": world().local_rank} if device == "cuda" else {"": "cpu"}
     model = from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, **kwargs)
     model.config.use_cache = False  # training: no KV cache (also required for packed rows)
     return model
