@@ -156,3 +156,13 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_res
     resumed, _ = harness(tmp_path, config, run_dir, "resumed", two_ranks())
     assert max_difference(weights(resumed / "rank0.safetensors"), weights(reference / "rank0.safetensors")) == 0.0
     assert logged_steps(run_dir) == list(range(1, 31))
+
+
+def test_resuming_with_another_world_size_is_refused_with_the_one_to_use(tmp_path, tiny_llama_dir):
+    config = ddp_config(tmp_path, tiny_llama_dir, max_steps=2, save_every=2, eval_every=0)
+    run_dir = tmp_path / "run"
+    harness(tmp_path, config, run_dir, "two", two_ranks())  # ends with a checkpoint of step 2
+    (run_dir / "adapter").rename(tmp_path / "adapter-of-2-steps")  # as if stopped there
+    one = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
+    assert one.returncode == 2 and "Traceback" not in one.stderr
+    assert "was written by 2 rank(s) and this training has 1: resume with 2" in one.stderr

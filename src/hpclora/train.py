@@ -76,7 +76,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     config_sha256 = config_hash(to_yaml(cfg))
     resume, base_loss = None, None
     if world.main:  # rank 0 decides about the run directory; every rank resumes from what it chose
-        resume = find_resume_point(out, config_sha256)  # before config.yaml is written: refuse, lose nothing
+        resume = find_resume_point(out, config_sha256, world.size)  # before config.yaml is written: refuse, lose nothing
         base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
         if trackers:
             start_wandb(cfg, out)
@@ -108,7 +108,8 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
-                                                      "base_val_loss": base_loss, "config_sha256": config_sha256})
+                                                      "base_val_loss": base_loss, "config_sha256": config_sha256,
+                                                      "world_size": world.size})
 
     restart = distributed.share(record_attempt(out, resume) if world.main else None)
     if resume is not None:
@@ -174,16 +175,25 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     return TrainedRun(out, model, tokenizer, summary)
 
 
-def find_resume_point(run_dir: Path, config_sha256: str) -> Path | None:
-    """The newest sound checkpoint of this very config, after clearing what a killed save left and moving
-    damaged ones aside."""
+def find_resume_point(run_dir: Path, config_sha256: str, world_size: int = 1) -> Path | None:
+    """The newest sound checkpoint of this very config and world size, after clearing what a killed save
+    left and moving damaged ones aside."""
     root = run_dir / "checkpoints"
     checkpoint.discard_partial(root)
     latest = checkpoint.newest_sound(root, emit)
-    if latest is not None and checkpoint.read_state(latest)["config_sha256"] != config_sha256:
+    if latest is None:
+        return None
+    state = checkpoint.read_state(latest)
+    if state["config_sha256"] != config_sha256:
         raise UserError(
             f"{run_dir} holds checkpoints of a different config: resume with the config.yaml in it, "
             "or pass --fresh (or another --run-dir) to start over"
+        )
+    saved_by = state.get("world_size", 1)
+    if saved_by != world_size:  # each rank's random state and data share belong to that world
+        raise UserError(
+            f"{run_dir}: its newest checkpoint ({latest.name}) was written by {saved_by} rank(s) and this training has "
+            f"{world_size}: resume with {saved_by} (the same nodes x GPUs), or pass --fresh to start over"
         )
     return latest
 
