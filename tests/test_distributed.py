@@ -166,3 +166,36 @@ def test_resuming_with_another_world_size_is_refused_with_the_one_to_use(tmp_pat
     one = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
     assert one.returncode == 2 and "Traceback" not in one.stderr
     assert "was written by 2 rank(s) and this training has 1: resume with 2" in one.stderr
+
+
+def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_rank(tmp_path, tiny_llama_dir):
+    """`submit --launcher local` with train.cpu_ranks=2: torchrun on this machine; USR1 to hpclora (as a
+    user's kill would send it) reaches both ranks through their process group."""
+    config = ddp_config(tmp_path, tiny_llama_dir, max_steps=2000, eval_every=0, log_every=1, cpu_ranks=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCLORA_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen([sys.executable, "-m", "hpclora", "submit", str(config), "--launcher", "local"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not any(
+            s >= 3 for s in logged_steps(next((tmp_path / "runs").iterdir()))):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, output[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "world 2 ranks (gloo)" in output and "checkpointed, not finished: resume with" in output and "Traceback" not in output
+    (saved,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+
+
+@pytest.mark.parametrize("launcher, keys, message", [
+    (["submitit", "--cluster", "local"], ["train.cpu_ranks=2"], "the submitit launcher runs one rank per job for now"),
+    (["local"], ["slurm.nodes=2"], "slurm.nodes: 2 nodes need a Slurm job: use --launcher sbatch"),
+])
+def test_launchers_that_cannot_start_a_world_say_so_before_writing_anything(tmp_path, tiny_llama_dir, launcher, keys, message):
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    done = subprocess.run([sys.executable, "-m", "hpclora", "submit", str(config), *keys, "--launcher", *launcher],
+                          capture_output=True, text=True, env={**os.environ, "HPCLORA_STATE_DIR": str(tmp_path / "state")})
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not any((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else True

@@ -59,6 +59,21 @@ def test_rendered_scripts_match_golden_files(kind, image):
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
+@pytest.mark.parametrize("name, keys", [
+    ("run-1node-4gpu", ["slurm.gpus=4"]),
+    ("run-2node-4gpu", ["slurm.nodes=2", "slurm.gpus=4"]),
+    ("run-2node-4gpu-container", ["slurm.nodes=2", "slurm.gpus=4", *CONTAINER_KEYS]),
+])
+def test_rendered_multi_rank_scripts_match_golden_files(name, keys):
+    """One srun task per node runs torchrun; one node meets on localhost, several at the first node."""
+    cfg = cluster_config(*keys)
+    text = render.render_script(cfg, render.Payload(python=PYTHON, run_dir="/cluster/runs/ja-instruct-20261122-093000"))
+    check_golden(f"{name}.sbatch", text)
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "--ntasks-per-node=1" in text and "--ntasks=1" not in text
+    assert ("--standalone" in text) == ("nodes=2" not in " ".join(keys))
+
+
 def test_gpu_request_forms():
     assert render.gpu_request(cluster_config().slurm) == "--gres=gpu:v100:1"
     assert render.gpu_request(cluster_config("slurm.gpus=2", "slurm.gpu_type=null").slurm) == "--gres=gpu:2"
@@ -86,7 +101,7 @@ def test_slurm_values_that_could_break_the_script_are_config_errors():
     with pytest.raises(ConfigError) as err:
         cluster_config(
             "slurm.time=2 days", "slurm.mem=lots", "slurm.partition=gpu;rm -rf ~", 'slurm.extra=["--comment=a\\nrm x"]',
-            "slurm.log_dir=/cluster/\"logs\"", "slurm.nodes=2", "slurm.gpus=0", 'slurm.setup=["a\\nb"]',
+            "slurm.log_dir=/cluster/\"logs\"", "slurm.nodes=0", "slurm.gpus=0", 'slurm.setup=["a\\nb"]',
         )
     problems = dict(err.value.problems)
     for key in ("slurm.time", "slurm.mem", "slurm.partition", "slurm.extra[0]", "slurm.log_dir", "slurm.nodes", "slurm.gpu_type", "slurm.setup[0]"):

@@ -381,3 +381,29 @@ def test_status_and_cancel_of_a_job_slurm_never_had_are_user_errors(tmp_path, en
     for command in ("status", "cancel"):
         done = hpclora(command, "987654", env=env, cwd=tmp_path, check=False)
         assert done.returncode == 2 and "job 987654 is unknown to Slurm" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_two_rank_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, env):
+    """train.cpu_ranks=2: one srun task runs torchrun with two gloo ranks. USR1 to the batch shell reaches
+    both ranks (scancel --signal), they stop at the same step, the job requeues and resumes exactly."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0, "cpu_ranks": 2},
+                        lora={"dropout": 0.0}, slurm={"cpus_per_task": 2, "mem": "4G"})
+    reference = hpclora("submit", cfg, "--launcher", "local", "run.name=reference", env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert "world 2 ranks (gloo)" in reference.stdout
+    (reference_dir,) = (tmp_path / "runs").glob("reference-*")
+
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").glob("tiny-*")
+    assert "--ntasks-per-node=1" in (run_dir / "job.sbatch").read_text()
+    signal_when(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
+    assert metrics_steps(run_dir) == list(range(1, 41))
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and "resumed from step" in log
+    assert "Traceback" not in log and "FAILED" not in log  # a stop is no failure, for torchrun either
+    a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference_dir / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

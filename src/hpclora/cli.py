@@ -44,7 +44,13 @@ def cmd_train(args) -> int:
         from .train import train
 
         run = train(cfg, run_dir=args.run_dir, fresh=args.fresh, stop=stop)
-    return 0 if run.finished else CHECKPOINTED_EXIT
+    if run.finished:
+        return 0
+    from .distributed import world
+
+    # Under torchrun an exit code 75 reads as a failed rank (a traceback in the log): the ranks end with 0,
+    # and the .stopped marker rank 0 left says "checkpointed, not finished" to the job script.
+    return 0 if world().size > 1 else CHECKPOINTED_EXIT
 
 
 def cmd_generate(args) -> int:

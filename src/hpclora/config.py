@@ -146,6 +146,7 @@ class TrainSection:
         120, "Seconds before the time limit at which Slurm asks the job to checkpoint and requeue (`--signal=B:USR1@N`); must leave time to train within slurm.time.", min=10, max=MAX_SIGNAL_LEAD_S,
     )
     log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1, max=10_000_000)
+    cpu_ranks: int = opt(1, "CPU jobs (slurm.gpus: 0): training processes (gloo ranks) per node, sharing its cpus_per_task.", min=1, max=256)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class SlurmSection:
     account: Optional[str] = opt(None, "Account to charge (`--account`); null = your default account.")
     qos: Optional[str] = opt(None, "Quality of service (`--qos`); null = the default.")
     time: str = opt("04:00:00", "Wall-clock limit in a Slurm time format (MM, HH:MM:SS, D-HH:MM:SS), or auto: the planner's estimate with a margin.")
-    nodes: int = opt(1, "Nodes per run. hpclora trains one process on one node, so this must be 1.", min=1)
+    nodes: int = opt(1, "Nodes per run; each runs slurm.gpus training ranks (train.cpu_ranks on CPU jobs) under torchrun.", min=1, max=1024)
     gpus: int = opt(1, "GPUs per run (0 = a CPU-only job).", min=0, max=16)
     gpu_type: Optional[str] = opt(None, "GPU type as the cluster names it in its gres (v100, a100, ...); null = any.")
     gpu_flag: str = opt(
@@ -568,8 +569,6 @@ def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
             problems.append((f"slurm.{key}", f"unexpected characters in {value!r}"))
     if any(c in slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
         problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
-    if slurm.nodes != 1:
-        problems.append(("slurm.nodes", f"hpclora trains one process on one node: must be 1, got {slurm.nodes}"))
     if slurm.gpu_type and slurm.gpus == 0:
         problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0"))
     for i, line in enumerate(slurm.extra):

@@ -21,7 +21,7 @@ from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .rundir import config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
+from .rundir import STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
@@ -76,6 +76,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     config_sha256 = config_hash(to_yaml(cfg))
     resume, base_loss = None, None
     if world.main:  # rank 0 decides about the run directory; every rank resumes from what it chose
+        (out / STOPPED_MARKER).unlink(missing_ok=True)
         resume = find_resume_point(out, config_sha256, world.size)  # before config.yaml is written: refuse, lose nothing
         base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
         if trackers:
@@ -136,6 +137,8 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
                 else f"the newest checkpoint is of step {at}; the same command resumes from there")
         by = stop.signal_name or "a stop signal to another rank"
         emit(f"stopped by {by} at step {step}/{steps}: {what}")
+        if world.main:
+            (out / STOPPED_MARKER).write_text(f"{step}\n", encoding="utf-8")
         return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
     if stop.requested:  # every step is done: finishing costs less than a requeue would
         emit(f"{stop.signal_name} received after the last step: finishing (final evaluation, adapter) instead of checkpointing")

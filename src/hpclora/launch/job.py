@@ -17,8 +17,10 @@ from pathlib import Path
 
 from .. import container
 from ..config import RunConfig
+from ..errors import UserError
 from ..hub import OFFLINE_VARS
-from ..preempt import STOP_SIGNALS
+from ..preempt import CHECKPOINTED_EXIT, STOP_SIGNALS
+from ..rundir import STOPPED_MARKER
 
 # How often a stop signal is passed on again until training has ended: one that arrives while the
 # child is still starting (its handlers not yet installed, the signal ignored) would otherwise be lost.
@@ -44,6 +46,23 @@ def hpclora_argv(cfg: RunConfig, python: str, runtime: str) -> list[str]:
     return [*container.exec_argv(cfg, runtime), "hpclora"]
 
 
+def ranks_per_node(cfg: RunConfig) -> int:
+    return cfg.slurm.gpus or cfg.train.cpu_ranks
+
+
+def world_size(cfg: RunConfig) -> int:
+    """Training processes of the job: slurm.gpus (or train.cpu_ranks on CPU jobs) on each of slurm.nodes."""
+    return cfg.slurm.nodes * ranks_per_node(cfg)
+
+
+def torchrun_argv(cfg: RunConfig, python: str, runtime: str, rendezvous: list[str]) -> list[str]:
+    """The words that start ranks_per_node ranks of hpclora on this node through torchrun (the interpreter's
+    own `torch.distributed.run`), inside the image when there is one; `rendezvous` tells them how to meet."""
+    start = [*container.exec_argv(cfg, runtime), "python"] if cfg.container.image else [python]
+    return [*start, "-m", "torch.distributed.run", f"--nnodes={cfg.slurm.nodes}", f"--nproc-per-node={ranks_per_node(cfg)}",
+            *rendezvous, "-m", "hpclora"]
+
+
 def train_argv(run_dir: str) -> list[str]:
     """`train <run dir>/config.yaml --run-dir <run dir>`: the job never reads the user's own YAML."""
     return ["train", f"{run_dir}/config.yaml", "--run-dir", run_dir]
@@ -62,27 +81,48 @@ def run_job(run_dir: str) -> int:
     env = {**os.environ, **job_environment(cfg)}
     if "SLURM_CPUS_PER_TASK" in os.environ:  # in an allocation: torch threads follow it, as in the sbatch script
         env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
-    argv = [*hpclora_argv(cfg, sys.executable, runtime), *train_argv(run_dir)]
-    return _run_forwarding_stops(argv, env)
+    if world_size(cfg) == 1:
+        start = hpclora_argv(cfg, sys.executable, runtime)
+    elif cfg.slurm.nodes == 1:  # several ranks on this machine
+        start = torchrun_argv(cfg, sys.executable, runtime, ["--standalone"])
+    else:
+        raise UserError(f"slurm.nodes: {cfg.slurm.nodes} nodes need a Slurm job: submit with --launcher sbatch")
+    (Path(run_dir) / STOPPED_MARKER).unlink(missing_ok=True)
+    code = _run_forwarding_stops([*start, *train_argv(run_dir)], env, ranks=world_size(cfg) > 1)
+    return CHECKPOINTED_EXIT if (Path(run_dir) / STOPPED_MARKER).exists() else code
 
 
-def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
+def _run_forwarding_stops(argv: list[str], env: dict[str, str], ranks: bool = False) -> int:
+    """Run `argv`, passing stop signals on. With several `ranks` the child is torchrun, in a process group
+    of its own (so that Ctrl-C reaches only this process), and a stop reaches each of its ranks as USR1;
+    Ctrl-C then checkpoints too."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         return subprocess.call(argv, env=env)
     stop: list[int] = []
+    forwarded = (*STOP_SIGNALS, signal.SIGINT) if ranks else STOP_SIGNALS
     # The child starts with the stop signals ignored (inherited through exec) until training installs its
     # own handlers, so that an early one cannot kill it; meanwhile they are resent every RESEND_STOP_S.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in forwarded}
     try:
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(argv, env=env, process_group=0 if ranks else None)
+
+        def pass_on(signum):
+            if not ranks:
+                child.send_signal(signum)
+                return
+            for pid in _children(child.pid):  # torchrun starts each rank in a session of its own
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
 
         def forward(signum, frame):
             stop.append(signum)
-            child.send_signal(signum)
+            pass_on(signum)
 
-        for sig in STOP_SIGNALS:
+        for sig in forwarded:
             signal.signal(sig, forward)
         resent = 0.0
         while True:
@@ -90,8 +130,21 @@ def _run_forwarding_stops(argv: list[str], env: dict[str, str]) -> int:
                 return child.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 if stop and time.monotonic() - resent >= RESEND_STOP_S:
-                    child.send_signal(stop[0])
+                    pass_on(stop[0])
                     resent = time.monotonic()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

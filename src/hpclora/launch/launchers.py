@@ -54,6 +54,13 @@ class Submitit:
 
     def start(self, job) -> Started:
         from . import submitit as via_submitit
+        from .job import world_size
+
+        if world_size(job.cfg) > 1:
+            raise UserError(
+                f"the submitit launcher runs one rank per job for now; this config has {world_size(job.cfg)} "
+                "(slurm.nodes x slurm.gpus, or train.cpu_ranks): use --launcher sbatch"
+            )
 
         if job.kind == "run":
             handles = [via_submitit.submit(job.cfg, job.directory, self.cluster)]
@@ -78,6 +85,8 @@ class Local:
         return "the job's command on this machine, now"
 
     def start(self, job) -> Started:
+        if job.cfg.slurm.nodes > 1:
+            raise UserError(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job: use --launcher sbatch")
         return Started(None, [None] * len(job.run_dirs))
 
     def finish(self, job, started: Started) -> int:

@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 
 from ..config import RunConfig, SlurmSection, run_dir_slug
+from ..rundir import STOPPED_MARKER
 from . import job
 
 
@@ -57,7 +58,7 @@ def sbatch_options(cfg: RunConfig, array: str | None = None) -> list[str]:
         f'--output="{log_pattern(cfg, array is not None)}"',
         "--open-mode=append",
         f"--nodes={s.nodes}",
-        "--ntasks=1",
+        "--ntasks-per-node=1" if job.world_size(cfg) > 1 else "--ntasks=1",  # one torchrun per node starts the ranks
         f"--cpus-per-task={s.cpus_per_task}",
         f"--mem={s.mem}",
         f"--time={s.time}",
@@ -83,11 +84,39 @@ def array_spec(trials: int, max_parallel: int | None) -> str:
 
 def job_command(cfg: RunConfig, python: str) -> str:
     """The training command of job.py as shell words, every one quoted but the container runtime (found
-    on the node) and the run directory (a variable set above it)."""
-    words = [shlex.quote(w) for w in job.hpclora_argv(cfg, python, "CONTAINER_RUNTIME")]
+    on the node), the run directory and the rendezvous (variables set above it).
+
+    Several ranks: one srun task per node runs torchrun, which starts the node's ranks; they meet at the
+    first node (HEAD, PORT: see rank_lines), or on localhost with a free port when there is one node. The
+    task ignores USR1/USR2 (torchrun would die of them); the ranks install their own handlers and get the
+    stop signals from `scancel --signal` (run_and_requeue_lines)."""
+    if job.world_size(cfg) == 1:
+        words = [shlex.quote(w) for w in job.hpclora_argv(cfg, python, "CONTAINER_RUNTIME")]
+    else:
+        rendezvous = (["--standalone"] if cfg.slurm.nodes == 1 else
+                      ["--rdzv-backend=c10d", "--rdzv-endpoint=$HEAD:$PORT", "--rdzv-id=$SLURM_JOB_ID"])
+        words = [f'"{w}"' if "$" in w else shlex.quote(w) for w in job.torchrun_argv(cfg, python, "CONTAINER_RUNTIME", rendezvous)]
+        words = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", shlex.quote('trap "" USR1 USR2; exec "$@"'),
+                 "hpclora-ranks", *words]
     if cfg.container.image:
-        words[0] = '"$CONTAINER_RUNTIME"'
+        words[words.index("CONTAINER_RUNTIME")] = '"$CONTAINER_RUNTIME"'
     return " ".join([*words, *(f'"{w}"' if "$RUN_DIR" in w else w for w in job.train_argv("$RUN_DIR"))])
+
+
+def rank_lines(cfg: RunConfig) -> list[str]:
+    """For several ranks: their threads, and where they meet (the first node, resolved here on the host)."""
+    per_node = job.ranks_per_node(cfg)
+    lines = [
+        "",
+        f"# {job.world_size(cfg)} training ranks: {per_node} per node on {cfg.slurm.nodes} node(s), started by torchrun.",
+        f"export OMP_NUM_THREADS=$(( ${{SLURM_CPUS_PER_TASK:-1}} / {per_node} > 0 ? ${{SLURM_CPUS_PER_TASK:-1}} / {per_node} : 1 ))",
+    ]
+    if cfg.slurm.nodes > 1:
+        lines += [
+            'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+            "PORT=$((20000 + SLURM_JOB_ID % 10000))  # from the job id: below the ephemeral ports, apart from other jobs",
+        ]
+    return lines
 
 
 def environment_lines(cfg: RunConfig) -> list[str]:
@@ -109,10 +138,12 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     ]
 
 
-def run_and_requeue_lines(command: str, max_requeues: str) -> list[str]:
+def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False) -> list[str]:
     """Run training in the background, pass Slurm's signals on to it, and requeue the job when it
-    answers with CHECKPOINTED_EXIT (75). The same text is in jobs/*.sbatch, written out by hand."""
-    return [
+    answers with CHECKPOINTED_EXIT (75). The same text is in jobs/*.sbatch, written out by hand.
+    With several `ranks` the signal goes to every process of the job's steps (scancel), and a stop is
+    known by the marker rank 0 leaves (the ranks end with 0: torchrun would report 75 as a failure)."""
+    lines = [
         'echo "hpclora: job ${SLURM_JOB_ID} on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
         "# Slurm signals this shell: USR1 before the time limit (--signal=B:USR1@...), TERM on preemption.",
         "# Training runs in the background so that the signal can be passed on; it then saves a checkpoint",
@@ -131,6 +162,14 @@ def run_and_requeue_lines(command: str, max_requeues: str) -> list[str]:
         "done",
         "status=0",
         'wait "$child" || status=$?',
+    ]
+    if ranks:
+        pass_on = 'scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true'
+        lines = [line.replace('kill -s "$1" "$child" 2>/dev/null || true', pass_on).replace('kill -s "$stop" "$child" 2>/dev/null || true', pass_on)
+                 for line in lines]
+        lines.insert(lines.index("child=$!") - 2, f'rm -f "$RUN_DIR/{STOPPED_MARKER}"')
+        lines.append(f'if [ -f "$RUN_DIR/{STOPPED_MARKER}" ]; then status=75; fi  # checkpointed, not finished')
+    return lines + [
         'if [ "$status" -eq 75 ]; then',
         "    # On the host, not in the container (which has no scontrol). A job that scancel cancelled is",
         "    # COMPLETING by now and stays cancelled; a running one (time limit ahead, preemption) is requeued,",
@@ -172,6 +211,7 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         *environment_lines(cfg),
         *container_runtime_lines(cfg),
+        *(rank_lines(cfg) if job.world_size(cfg) > 1 else []),
         "",
     ]
     if sweep:
@@ -182,5 +222,5 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         ]
     else:
         lines.append(f"RUN_DIR={shlex.quote(payload.run_dir)}")
-    lines += ["", *run_and_requeue_lines(job_command(cfg, payload.python), str(cfg.slurm.max_requeues)), ""]
+    lines += ["", *run_and_requeue_lines(job_command(cfg, payload.python), str(cfg.slurm.max_requeues), job.world_size(cfg) > 1), ""]
     return "\n".join(lines)
