@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import tiny_run_yaml
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

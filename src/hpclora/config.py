@@ -239,9 +239,11 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     cfg, missing = _to_dataclasses(_literal(known))
     problems.extend((key, "required, but not set") for key in missing)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
+    reported = {key for key, _ in problems}
     for key, message in check_values(cfg, check_files):  # one problem per key: the first is the one to fix
-        if key not in {k for k, _ in problems}:
+        if key not in reported:
             problems.append((key, message))
+            reported.add(key)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -21,8 +21,13 @@ LOCAL_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
 PATH_PREFIXES = ("/", "./", "../", "~")
 
 
+def offline_switches() -> list[str]:
+    """The offline variables set on in this environment."""
+    return [v for v in OFFLINE_VARS if os.environ.get(v, "").lower() in ("1", "true", "yes")]
+
+
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARS)
+    return bool(offline_switches())
 
 
 def hf_home(cfg) -> Path:
@@ -113,7 +118,7 @@ def require_staged(cfg, config_path: str | None) -> None:
     missing = missing_from_cache(cfg)
     if missing:
         raise UserError(
-            f"this node is offline ({'/'.join(v for v in OFFLINE_VARS if os.environ.get(v))} set) and the Hugging Face cache "
+            f"this node is offline ({'/'.join(offline_switches())} set) and the Hugging Face cache "
             f"at {hf_home(cfg)} lacks: {', '.join(missing)}. On a node with internet, run `{stage_command(config_path)}` "
             "(with the same cache.hf_home), then submit again"
         )

@@ -20,15 +20,13 @@ results in benchmarks/results/):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .hub import cached_model_file, hf_home, hub_model_id, local_data_path, local_model_path
+from .hub import cached_model_file, hf_home, hub_model_id, local_model_path
 from .models import EAGER_ONLY, KNOWN_DIMS, target_modules_for
 from .slurm_syntax import preempt_grace_problem, slurm_mem_gb, slurm_seconds, slurm_time
 
@@ -265,36 +263,15 @@ def device_for(cfg: RunConfig, name: str | None) -> Device:
     return DEVICES[name]
 
 
-def count_rows(path: str) -> int | None:
-    """Rows of a local data file, cheaply (JSON Lines and CSV by lines); None when unknown."""
-    p = Path(path)
-    if not (local_data_path(path) and p.is_file()):
-        return None
-    stat = p.stat()
-    return _count_rows(str(p), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _count_rows(path: str, mtime_ns: int, size: int) -> int | None:
-    """Counted once per file version: a sweep plans every trial on the same data."""
-    p = Path(path)
-    if p.suffix in (".jsonl", ".csv"):
-        with open(p, "rb") as fh:
-            lines = sum(1 for line in fh if line.strip())
-        return lines - (1 if p.suffix == ".csv" else 0)
-    if p.suffix == ".json" and p.stat().st_size < 200_000_000:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        return len(data) if isinstance(data, list) else None
-    return None
-
-
 def planned_steps(cfg: RunConfig) -> int | None:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    rows = count_rows(cfg.data.path)
-    if rows is None:
+    from .preflight import check_data
+
+    checked = check_data(cfg)  # every row read once per file version, by the login node's data check
+    if checked is None:
         return None
-    rows = min(rows, cfg.data.max_rows or rows)
+    rows = checked["rows"]  # (data.max_rows already applied)
     val = int(cfg.data.val_size) if cfg.data.val_size >= 1 else int(rows * cfg.data.val_size)
     per_epoch = math.ceil(max(rows - val, 1) / (cfg.train.micro_batch_size * cfg.train.grad_accum))
     return max(1, math.ceil(per_epoch * cfg.train.epochs))

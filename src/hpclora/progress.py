@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .distributed import world
 from .slurm_syntax import slurm_time
 
 
@@ -36,8 +36,8 @@ def peak_allocated_gb() -> float | None:
 
 
 def speaks() -> bool:
-    """Whether this process writes the log and metrics: rank 0 of several (torchrun sets RANK), or the only one."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process writes the log and metrics: rank 0 of several, or the only one."""
+    return world().main
 
 
 def emit(line: str) -> None:

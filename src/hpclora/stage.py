@@ -7,13 +7,12 @@ are in hub.py.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from .errors import UserError
 from .rundir import sha256_file
-from .hub import OFFLINE_VARS, hf_home, hub_dataset_id, hub_model_id, is_offline
+from .hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches
 
 
 def _ask_hub(call, what: str):
@@ -52,7 +51,7 @@ def stage(cfg, config_path: str | None) -> dict:
     """Download model (at model.revision) and dataset into the shared cache, tokenize the data into its
     cache, and write a manifest; returns the manifest. Call use_cache(cfg) before any hub library is imported."""
     if is_offline():
-        raise UserError(f"stage downloads from the hub, but this node is offline ({', '.join(v for v in OFFLINE_VARS if os.environ.get(v))} set): run it where there is internet")
+        raise UserError(f"stage downloads from the hub, but this node is offline ({', '.join(offline_switches())} set): run it where there is internet")
     home = hf_home(cfg)  # the hub libraries write there when use_cache(cfg) ran before they were imported
     from huggingface_hub import HfApi, snapshot_download
 

@@ -62,7 +62,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     distributed.start(world, cuda=device == "cuda")
     out, lock = prepare_run_dir(cfg, run_dir, fresh) if world.main else (None, None)  # rank 0's, shared below
     try:
-        return _train_in(Path(distributed.share(str(out))), cfg, world, trackers, device, precision, why, stop)
+        return _train_in(distributed.share(out), cfg, world, trackers, device, precision, why, stop)
     finally:
         if lock is not None:
             lock.close()  # the run directory is free for the next training

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 from ..errors import DataError, UserError
 from ..hub import is_offline, local_data_path
 
-SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 # Python's codec names -> (what users call the encoding, iconv's name for it).
 ENCODINGS = {
     "cp932": ("Shift_JIS (Windows CP932)", "CP932"), "shift_jis": ("Shift_JIS", "SHIFT_JIS"),

@@ -143,32 +143,32 @@ def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False) 
     answers with CHECKPOINTED_EXIT (75). The same text is in jobs/*.sbatch, written out by hand.
     With several `ranks` the signal goes to every process of the job's steps (scancel), and a stop is
     known by the marker rank 0 leaves (the ranks end with 0: torchrun would report 75 as a failure)."""
+    if ranks:  # every process of the job's steps; torchrun itself ignores USR1 (job_command)
+        on_signal = on_repeat = 'scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true'
+    else:
+        on_signal, on_repeat = 'kill -s "$1" "$child" 2>/dev/null || true', 'kill -s "$stop" "$child" 2>/dev/null || true'
     lines = [
         'echo "hpclora: job ${SLURM_JOB_ID} on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
         "# Slurm signals this shell: USR1 before the time limit (--signal=B:USR1@...), TERM on preemption.",
         "# Training runs in the background so that the signal can be passed on; it then saves a checkpoint",
         "# at the next step boundary and exits with 75, meaning \"checkpointed, not finished\".",
         'child="" stop=""',
-        'forward() { stop=$1; if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }',
+        f'forward() {{ stop=$1; if [ -n "$child" ]; then {on_signal}; fi; }}',
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",
+        *([f'rm -f "$RUN_DIR/{STOPPED_MARKER}"'] if ranks else []),
         "# Training starts with these signals ignored, so that one arriving before it is ready cannot kill it.",
         f"(trap '' USR1 TERM; exec {command}) &",
         "child=$!",
         "# Wait for training. Once a stop is asked for, repeat it every 5 s until training has taken note.",
         'while kill -0 "$child" 2>/dev/null; do',
-        '    if [ -n "$stop" ]; then kill -s "$stop" "$child" 2>/dev/null || true; sleep 5 & wait $! || true',
+        f'    if [ -n "$stop" ]; then {on_repeat}; sleep 5 & wait $! || true',
         '    else wait "$child" || true; fi  # a trapped signal ends `wait` early',
         "done",
         "status=0",
         'wait "$child" || status=$?',
+        *([f'if [ -f "$RUN_DIR/{STOPPED_MARKER}" ]; then status=75; fi  # checkpointed, not finished'] if ranks else []),
     ]
-    if ranks:
-        pass_on = 'scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true'
-        lines = [line.replace('kill -s "$1" "$child" 2>/dev/null || true', pass_on).replace('kill -s "$stop" "$child" 2>/dev/null || true', pass_on)
-                 for line in lines]
-        lines.insert(lines.index("child=$!") - 2, f'rm -f "$RUN_DIR/{STOPPED_MARKER}"')
-        lines.append(f'if [ -f "$RUN_DIR/{STOPPED_MARKER}" ]; then status=75; fi  # checkpointed, not finished')
     return lines + [
         'if [ "$status" -eq 75 ]; then',
         "    # On the host, not in the container (which has no scontrol). A job that scancel cancelled is",
