@@ -173,7 +173,7 @@ def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_r
     user's kill would send it) reaches both ranks through their process group."""
     config = ddp_config(tmp_path, tiny_llama_dir, max_steps=2000, eval_every=0, log_every=1, cpu_ranks=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCLORA_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.Popen([sys.executable, "-m", "hpclora", "submit", str(config), "--launcher", "local"],
+    proc = subprocess.Popen([sys.executable, "-m", "hpclora", "submit", str(config), "slurm.mem=4G", "--launcher", "local"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not any(
@@ -190,7 +190,7 @@ def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_r
 
 
 @pytest.mark.parametrize("launcher, keys, message", [
-    (["submitit", "--cluster", "local"], ["train.cpu_ranks=2"], "the submitit launcher runs one rank per job for now"),
+    (["submitit", "--cluster", "local"], ["slurm.nodes=2"], "slurm.nodes: 2 nodes need a Slurm job, not submitit's local executor"),
     (["local"], ["slurm.nodes=2"], "slurm.nodes: 2 nodes need a Slurm job: use --launcher sbatch"),
 ])
 def test_launchers_that_cannot_start_a_world_say_so_before_writing_anything(tmp_path, tiny_llama_dir, launcher, keys, message):
@@ -199,3 +199,32 @@ def test_launchers_that_cannot_start_a_world_say_so_before_writing_anything(tmp_
                           capture_output=True, text=True, env={**os.environ, "HPCLORA_STATE_DIR": str(tmp_path / "state")})
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not any((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else True
+
+
+def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin(tiny_llama_dir, tmp_path):
+    """FSDP runs only on GPUs (accelerate trains CPU ranks with DDP), and there is none here: this checks that
+    the settings train.py passes reach accelerate's FSDP2 plugin as meant: full shard per decoder layer,
+    checkpoints gathered whole (for a PEFT model: the adapter), FSDP's own activation checkpointing."""
+    from transformers import TrainingArguments
+
+    from hpclora import config
+    from hpclora.train import fsdp_arguments
+
+    for checkpointing in (False, True):
+        cfg = config.load(ddp_config(tmp_path, tiny_llama_dir), [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **fsdp_arguments(cfg))
+        plugin = args.fsdp_plugin_args
+        assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert plugin["reshard_after_forward"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+        assert plugin["activation_checkpointing"] is checkpointing
+
+
+def test_fsdp_is_refused_for_cpu_ranks_at_training_time_too(tmp_path, tiny_llama_dir):
+    """A config that reaches `hpclora train` under torchrun with train.distributed=fsdp and no GPU (say, edited
+    after validation) stops with the reason and the alternative, on every rank, before any training."""
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    done = subprocess.run([*two_ranks(), "-m", "hpclora", "train", str(config), "--run-dir", str(tmp_path / "run"),
+                           "train.distributed=fsdp", "slurm.gpus=1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "FSDP trains in bf16 on GPUs, not with CPU ranks" in done.stdout + done.stderr
+    assert "train.distributed=ddp" in done.stdout + done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -59,6 +59,17 @@ def test_rendered_scripts_match_golden_files(kind, image):
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
+def test_a_sweep_with_trials_per_node_matches_its_golden_file():
+    """Five one-GPU trials, two per array task: three tasks of two GPUs each, the last with one trial."""
+    cfg = cluster_config("slurm.gpus=1")
+    payload = render.Payload(python=PYTHON, sweep_dir="/cluster/runs/ja-instruct-sweep-20261122-093000", trials=5, trials_per_task=2)
+    text = render.render_script(cfg, payload, submitted_by="hpclora sweep")
+    check_golden("sweep-2-per-node.sbatch", text)
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "#SBATCH --array=0-2\n" in text and "#SBATCH --gres=gpu:v100:2\n" in text and "#SBATCH --cpus-per-task=12\n" in text
+    assert "#SBATCH --mem=96000M\n" in text and "%x-%A_task%a.out" in text
+
+
 @pytest.mark.parametrize("name, keys", [
     ("run-1node-4gpu", ["slurm.gpus=4"]),
     ("run-2node-4gpu", ["slurm.nodes=2", "slurm.gpus=4"]),

@@ -140,3 +140,52 @@ def test_submit_refuses_what_does_not_fit_unless_forced_and_fills_time_auto(tmp_
     assert sweep.returncode == 0, sweep.stderr
     longest = next(l for l in sweep.stderr.splitlines() if "slurm.time auto ->" in l).split("-> ")[1].split()[0]
     assert f"#SBATCH --time={longest}\n" in sweep.stdout and slurm_syntax.slurm_seconds(longest) > slurm_syntax.slurm_seconds(estimate)
+
+
+def test_fsdp_memory_per_gpu_falls_with_the_world_size_and_ddp_does_not(tmp_path):
+    base = ["model.name=meta-llama/Llama-2-13b-hf", "data.max_length=1024", "train.gradient_checkpointing=true", "slurm.gpu_type=a100"]
+    plans = {(n, g): plan.make_plan(cfg_for(tmp_path, *base, f"slurm.nodes={n}", f"slurm.gpus={g}"), "a100-80gb")
+             for n, g in ((1, 2), (1, 4), (1, 8), (2, 8))}
+    fsdp = [plans[k].peak_by_strategy_gb["fsdp"] for k in ((1, 2), (1, 4), (1, 8), (2, 8))]
+    ddp = [plans[k].peak_by_strategy_gb["ddp"] for k in ((1, 2), (1, 4), (1, 8), (2, 8))]
+    assert fsdp[0] > fsdp[1] > fsdp[2] > fsdp[3]
+    assert len(set(ddp)) == 1  # a replica per GPU, whatever the world
+    single = plan.make_plan(cfg_for(tmp_path, *base, "slurm.gpus=1"), "a100-80gb")
+    assert single.strategy == "single" and ddp[0] == single.peak_gb and fsdp[0] < single.peak_gb
+    # 26 GB of bf16 weights over 16 ranks, plus what is gathered at a time: two of the 40 layers and the head.
+    cfg = cfg_for(tmp_path, *base, "slurm.nodes=2", "slurm.gpus=8")
+    dims, _ = plan.find_dims(cfg)
+    shard = plan.memory_gb(dims, cfg, plan.DEVICES["a100-80gb"], "bf16", 1, "fsdp", 16)
+    assert 26.0 / 16 + 2 * 26.0 / 40 < shard["weights_gb"] < 26.0 / 16 + 2 * 26.0 / 40 + 0.4
+    # World throughput: ranks x one GPU's x the stated scaling, which is lower across nodes.
+    p4, p16 = plans[(1, 4)], plans[(2, 8)]
+    assert p4.world_size == 4 and p16.world_size == 16 and p16.scaling_efficiency < p4.scaling_efficiency < 1
+    per_rank = single.tokens_per_s
+    assert p4.tokens_per_s == pytest.approx(per_rank * 4 * p4.scaling_efficiency, rel=0.01)
+    assert p16.recommended["nodes"] == 2 and p16.recommended["gres"] == "gpu:a100:8" and p16.recommended["cpus_per_task"] == 64
+
+
+def test_auto_picks_ddp_when_a_replica_fits_and_fsdp_only_on_bf16_gpus_when_it_does_not(tmp_path):
+    lora_13b = ["model.name=meta-llama/Llama-2-13b-hf", "data.max_length=1024", "train.gradient_checkpointing=true", "slurm.gpus=4"]
+    assert plan.make_plan(cfg_for(tmp_path, *lora_13b), "a100-80gb").strategy == "ddp"  # 26 GB of weights fit 80 GB
+    sharded = plan.make_plan(cfg_for(tmp_path, *lora_13b), "l4-24gb")  # bf16, but 26 GB of weights do not fit its 22.5 GB
+    assert sharded.strategy == "fsdp" and sharded.fits and sharded.peak_by_strategy_gb["ddp"] > 26
+    v100 = plan.make_plan(cfg_for(tmp_path, *lora_13b), "v100-16gb")  # no bf16: FSDP is not chosen; the advice says what is
+    assert v100.strategy == "ddp" and not v100.fits and "quant.bits=4" in v100.strategy_reason
+    text = plan.format_plan(sharded)
+    assert "world         4 ranks: 1 node(s) x 4 GPUs" in text and "strategy      FSDP" in text and "per GPU       DDP" in text
+
+
+def test_submit_writes_the_chosen_strategy_into_the_job_and_refuses_fsdp_where_it_cannot_run(tmp_path):
+    common = [str(ROOT / "configs" / "open-calm-7b-qlora-dolly-ja.yaml"), "quant.bits=null", "train.gradient_checkpointing=true",
+              "slurm.gpus=4", "data.max_length=512", "train.max_steps=100", f"run.output_root={tmp_path}", "--dry-run"]
+    chosen = subprocess.run([sys.executable, "-m", "hpclora", "submit", *common, "slurm.gpu_type=a100"], capture_output=True, text=True)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "4 ranks with DDP" in chosen.stderr or "4 ranks with FSDP" in chosen.stderr
+    v100 = subprocess.run([sys.executable, "-m", "hpclora", "submit", *common, "slurm.gpu_type=v100", "train.distributed=fsdp"],
+                          capture_output=True, text=True)
+    assert v100.returncode == 2 and "train.distributed" in v100.stderr and "train.distributed=ddp" in v100.stderr
+    assert "Traceback" not in v100.stderr
+    cpu = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), "train.cpu_ranks=2",
+                          "train.distributed=fsdp"], capture_output=True, text=True)
+    assert cpu.returncode == 2 and "train.distributed" in cpu.stderr and "CPU ranks" in cpu.stderr

@@ -156,8 +156,9 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
     assert ambiguous.returncode == 2 and f"{job_id}_0, {job_id}_1, {job_id}_2" in ambiguous.stderr
 
 
-def test_submitit_launcher_on_slurm(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+def test_submitit_launcher_on_slurm_runs_a_two_rank_world(tmp_path, tiny_llama_dir, env):
+    """submitit starts one task per node, which runs torchrun for the node's ranks (here two gloo ranks)."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"cpu_ranks": 2}, slurm={"cpus_per_task": 2, "mem": "4G"})
     out = hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
@@ -166,8 +167,41 @@ def test_submitit_launcher_on_slurm(tmp_path, tiny_llama_dir, env):
     record = json.loads((run_dir / "job.json").read_text())
     assert record["launcher"] == "submitit" and Path(record["log"]).parent == run_dir / "submitit"
     assert "SRUN_CPUS_PER_TASK" in next((run_dir / "submitit").glob("*_submission.sh")).read_text()
-    assert "adapter saved to" in hpclora("logs", job_id, env=env, cwd=tmp_path).stdout
+    log = hpclora("logs", job_id, env=env, cwd=tmp_path).stdout
+    assert "adapter saved to" in log and "world 2 ranks (gloo)" in log and log.count("adapter saved to") == 1
     assert "COMPLETED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+
+
+def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path, tiny_llama_dir, env):
+    """`sweep --trials-per-node 2` on one-GPU trials: one array task asks for 2 GPUs (the test cluster's fake
+    ones: their device files exist, the tiny model trains on the CPU) and runs both trials at once, one GPU
+    each, each with its own run directory, log and adapter."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30}, slurm={"gpus": 1, "gpu_type": "v100"})
+    out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=env, cwd=tmp_path).stdout
+    job_id = job_id_from(out)
+    assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("COMPLETED", "0:0")}  # one task for two trials
+
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    script = (sweep_dir / "job.sbatch").read_text()
+    assert "#SBATCH --array=0-0" in script and "#SBATCH --gres=gpu:v100:2" in script and "#SBATCH --mem=4000M" in script
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    spans, gpus = [], set()
+    for trial in manifest["trials"]:
+        run_dir = Path(trial["run_dir"])
+        assert trial["task"] == 0 and json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 2 * (trial["trial"] + 1)
+        log = Path(trial["log"]).read_text()
+        assert Path(trial["log"]) == tmp_path / "logs" / f"tiny-{job_id}_{trial['trial']}.out"
+        assert "adapter saved to" in log and str(run_dir) in log and "Traceback" not in log
+        gpus.add(log.split(", GPU ")[1].split()[0])
+        started = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])["started"]
+        spans.append((time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S%z")), (run_dir / "summary.json").stat().st_mtime))
+    assert gpus == {"0", "1"}  # one GPU each
+    (a_start, a_end), (b_start, b_end) = spans
+    assert a_start < b_end and b_start < a_end  # side by side, not one after the other
+    task_log = (tmp_path / "logs" / f"tiny-{job_id}_task0.out").read_text()
+    assert "trial 0 in" in task_log and "trial 1 in" in task_log
+    status = hpclora("status", sweep_dir, env=env, cwd=tmp_path).stdout
+    assert [l.split()[:2] for l in status.splitlines() if l.startswith(job_id)] == [[f"{job_id}_0", "COMPLETED"]] * 2
 
 
 def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_log(tmp_path, tiny_llama_dir, env):
@@ -208,6 +242,27 @@ def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env)
         run_dir = tmp_path / "runs" / f"hand-{array}_{task}"
         assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == r
         assert f"(array {array}_{task})" in (tmp_path / "logs" / f"hpclora-sweep-{array}_{task}.out").read_text()
+
+
+def test_the_hand_written_template_starts_a_rank_per_gpu_and_requeues_a_stopped_world(tmp_path, tiny_llama_dir, env):
+    """`sbatch --gres=gpu:v100:2 jobs/train.sbatch`: two ranks through srun and torchrun (the test cluster's
+    GPUs are fake, so the ranks train on the CPU with gloo). USR1 to the batch shell stops both at one step,
+    rank 0 leaves the marker, the template requeues and the job resumes to the end."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0})
+    (tmp_path / "logs").mkdir(exist_ok=True)  # the template logs to logs/ where it is submitted
+    done = subprocess.run(["sbatch", "--parsable", "--gres=gpu:v100:2", "--cpus-per-task=2", "--mem=4G", "--time=10:00",
+                           str(ROOT / "jobs" / "train.sbatch"), str(cfg), "run.name=two"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    run_dir = tmp_path / "runs" / f"two-{job_id}"
+    signal_when(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
+    assert metrics_steps(run_dir) == list(range(1, 41)) and (run_dir / "adapter").is_dir()
+    log = (tmp_path / "logs" / f"hpclora-{job_id}.out").read_text()
+    assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and "resumed from step" in log
+    assert "Traceback" not in log and not list((tmp_path / "logs").glob(".hpclora-stopped-*"))
 
 
 def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):

@@ -102,9 +102,9 @@ def cmd_sweep(args) -> int:
         _print_plan(plan.check_before_submit(cfgs, args.force))
 
     launcher = launchers.launcher(args.launcher, args.cluster)
-    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=check)
+    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=check, trials_per_node=args.trials_per_node)
     _warn_if_not_staged(job.cfg, args.config)
-    trials = "\n".join(f"#   task {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
+    trials = "\n".join(f"#   task {job.array_task(i)}: trial {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
     if args.dry_run:
         print(job.script)
         print(f"# dry run: {len(job.trial_cfgs)} trials as one job array in {job.directory}:\n{trials}")
@@ -133,7 +133,8 @@ def _warn_if_not_staged(cfg, config_path) -> None:
 def cmd_plan(args) -> int:
     from . import config, plan, preflight
 
-    cfg = config.load(args.config, args.overrides, check_files=False)
+    world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
+    cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
     result = plan.make_plan(cfg, args.gpu)
     print(result.to_json() if args.json else plan.format_plan(result))
@@ -211,7 +212,7 @@ def _print_launched(entry: dict, job) -> None:
     if entry.get("log"):
         print(f"log: {entry['log']}")
     for trial in entry.get("trials", []):
-        print(f"  task {trial['task']}: {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
+        print(f"  task {trial['task']}" + (f", trial {trial['trial']}" if job.trials_per_task > 1 else "") + f": {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
     if entry["job_id"] is not None and entry["launcher"] == "sbatch":
         first = entry["job_id"] if job.kind == "run" else f"{entry['job_id']}_0"
         print(f"watch it: hpclora status {entry['job_id']}   |   hpclora logs {first} -f")
@@ -334,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="submit the cartesian product of --grid values as ONE job array")
     with_config(p)
     p.add_argument("--grid", action="append", default=[], metavar="key=v1,v2", help="a key and its values; repeat for more keys")
-    p.add_argument("--max-parallel", type=int, default=None, metavar="P", help="run at most P trials at once (--array=...%%P)")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="P", help="run at most P array tasks at once (--array=...%%P)")
+    p.add_argument("--trials-per-node", type=int, default=1, metavar="K",
+                   help="pack K one-GPU trials into each array task, side by side, one GPU each (for clusters that hand out whole nodes)")
     with_launcher(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -351,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--gpu", help="v100-16gb, v100-32gb, t4-16gb, a100-40gb, a100-80gb, h100-80gb, l4-24gb, rtx3060-12gb or cpu "
                                  "(default: from slurm.gpu_type / slurm.gpus)")
+    p.add_argument("--nodes", type=int, metavar="N", help="plan for N nodes (slurm.nodes=N)")
+    p.add_argument("--gpus", type=int, metavar="G", help="plan for G GPUs per node (slurm.gpus=G): per-GPU memory under DDP and FSDP")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -147,6 +147,12 @@ class TrainSection:
     )
     log_every: int = opt(10, "One progress line (loss, lr, tokens/s, memory, ETA) every N optimizer steps.", min=1, max=10_000_000)
     cpu_ranks: int = opt(1, "CPU jobs (slurm.gpus: 0): training processes (gloo ranks) per node, sharing its cpus_per_task.", min=1, max=256)
+    distributed: str = opt(
+        "auto",
+        "Several ranks: ddp (a replica per GPU), fsdp (weights, gradients and optimizer sharded over the GPUs; bf16 GPUs), "
+        "or auto: ddp when one replica fits a GPU (the planner decides), else fsdp.",
+        choices=("auto", "ddp", "fsdp"),
+    )
 
 
 @dataclass
@@ -530,12 +536,27 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
     problems.extend(check_slurm(cfg.slurm))
+    problems.extend(check_strategy(cfg))
     if cfg.slurm.time != "auto" and SLURM_TIME.match(cfg.slurm.time):
         grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
         if grace:
             problems.append(("train.preempt_grace_s", grace))
     problems.extend(check_container(cfg.container))
     return problems
+
+
+def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:
+    """What FSDP cannot do, known from the config alone (the GPU's bf16 is the planner's and the job's to check)."""
+    if cfg.train.distributed != "fsdp":
+        return []
+    if cfg.slurm.gpus == 0:
+        return [("train.distributed", "fsdp shards over GPUs; CPU ranks (train.cpu_ranks) train with ddp: use train.distributed=ddp")]
+    if cfg.train.precision in ("fp16", "fp32"):
+        return [("train.distributed", f"fsdp trains in bf16 here, not {cfg.train.precision}: use train.precision=bf16 (A100/H100), "
+                                      "or train.distributed=ddp with quant.bits=4 so that each GPU holds a 4-bit copy")]
+    if cfg.quant.bits == 8:
+        return [("quant.bits", "8-bit weights cannot be sharded by fsdp: use quant.bits=4 (stored in bf16 for fsdp) or train.distributed=ddp")]
+    return []
 
 
 # Variables that hold credentials: they reach jobs through the environment, never through files.

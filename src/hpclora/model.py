@@ -60,8 +60,10 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def load_base(cfg, precision: str, device: str):
-    """The frozen base model in the run's precision, quantized with bitsandbytes when quant.bits is set."""
+def load_base(cfg, precision: str, device: str, sharded: bool = False):
+    """The frozen base model in the run's precision, quantized with bitsandbytes when quant.bits is set.
+    `sharded` (FSDP): the model stays on the host until FSDP moves each rank's shard to its GPU, and 4-bit
+    weights are stored in the compute dtype, which FSDP can shard (it cannot shard integers)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -79,7 +81,10 @@ def load_base(cfg, precision: str, device: str):
                 bnb_4bit_quant_type=cfg.quant.type,
                 bnb_4bit_use_double_quant=cfg.quant.double_quant,
                 bnb_4bit_compute_dtype=compute,
+                **({"bnb_4bit_quant_storage": compute} if sharded else {}),
             )
+            if sharded:
+                kwargs["dtype"] = compute
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Each rank loads its own quantized copy onto its node's GPU: LOCAL_RANK, never the global rank
@@ -120,8 +125,9 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, cfg):
-    """Wrap the base in a PEFT LoRA model; returns (model, target module names)."""
+def attach_lora(model, cfg, sharded: bool = False):
+    """Wrap the base in a PEFT LoRA model; returns (model, target module names). Under FSDP (`sharded`)
+    FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.data.packing and model.config.model_type not in PACKING_SUPPORTED:
@@ -129,12 +135,14 @@ def attach_lora(model, cfg):
             f"data.packing: not supported for {model.config.model_type} models (their attention ignores the per-example "
             "positions, so packed examples would see each other); set data.packing=false"
         )
+    checkpointing = cfg.train.gradient_checkpointing and not sharded
+    non_reentrant = {"use_reentrant": False}  # works with DDP and frozen inputs; the reentrant kind does neither well
     if cfg.quant.bits:
         keep_4bit_layers_differentiable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    elif cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=non_reentrant)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+    if checkpointing:
         model.enable_input_require_grads()
     targets = choose_targets(model, cfg.lora)
     lora = LoraConfig(

@@ -60,6 +60,7 @@ KNOWN_DIMS: dict[str, tuple] = {
        for family in ("bloom", "bloomz") for size, (h, n, a) in {"560m": (1024, 24, 16), "1b1": (1536, 24, 16), "7b1": (4096, 30, 32)}.items()},
     "huggyllama/llama-7b": ("llama", 4096, 32, 32, 32, 11008, 32000, False, 2048),
     "meta-llama/Llama-2-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 32000, False, 4096),
+    "meta-llama/Llama-2-13b-hf": ("llama", 5120, 40, 40, 40, 13824, 32000, False, 4096),
     "tokyotech-llm/Swallow-7b-instruct-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False, 4096),
     "tokyotech-llm/Swallow-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False, 4096),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", 576, 30, 9, 3, 1536, 49152, True, 8192),

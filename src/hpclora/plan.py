@@ -16,13 +16,19 @@ results in benchmarks/results/):
 - eager attention (BLOOM, or model.attn_implementation=eager): scores and probabilities per head;
 - logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss (more on CPU);
 - GPUs: the caching allocator's slack (fixed part plus the blocks of the fp32 logits it keeps) and the
-  CUDA context; CPU: the interpreter and libraries."""
+  CUDA context; CPU: the interpreter and libraries.
+
+Several ranks (slurm.nodes x slurm.gpus): under DDP every GPU holds the whole of the above (a replica)
+for its own micro-batch. Under FSDP (full shard, per decoder layer, as accelerate wraps it) the weights,
+LoRA gradients and optimizer states are divided by the world size; what is gathered at a time is added
+back: two decoder layers (the one computing and the one prefetched) and the output head, which stays
+gathered for the whole step."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .config import RunConfig
 from .errors import UserError
@@ -88,6 +94,11 @@ DEVICES = {
 # activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
 # OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
 EFFICIENCY = {"gpu": 0.25, "cpu": 0.34, "qlora": 0.75, "eager": 0.5}
+# Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
+# measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
+# per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
+# again in the backward pass, which inter-node links (InfiniBand, Ethernet) hide less well than NVLink.
+SCALING = {"ddp": (0.95, 0.85), "fsdp": (0.85, 0.7)}
 
 
 def dims_from_config(config: dict) -> ModelDims:
@@ -171,8 +182,10 @@ def precision_for(cfg: RunConfig, device: Device) -> tuple[str, str]:
     return choose_precision(cfg.train.precision, "cpu" if device.name == "cpu" else "cuda", device.bf16)
 
 
-def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micro_batch: int) -> dict[str, float]:
-    """Peak memory by component, in GB, for one micro-batch of full-length rows."""
+def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micro_batch: int,
+              strategy: str = "ddp", world: int = 1) -> dict[str, float]:
+    """Peak memory of one rank by component, in GB, for one micro-batch of full-length rows; `strategy`
+    fsdp shards weights, LoRA gradients and optimizer states over `world` ranks (ddp: a replica on each)."""
     e = 4 if precision == "fp32" else 2
     counts = parameter_counts(d)
     bits = cfg.quant.bits
@@ -189,6 +202,11 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     optimizer_bytes = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[cfg.train.optimizer]
     lora_bytes = lora * (4 + 4)  # fp32 weights and gradients
     optimizer = lora * optimizer_bytes
+    if strategy == "fsdp" and world > 1:
+        per_layer_weights = (weights - frozen_rest) / d.layers + 4 * d.hidden * (4 if bits else e)
+        head = d.vocab * d.hidden * (4 if bits else e)  # gathered for the whole step (tied: it is the embedding)
+        weights = weights / world + 2 * per_layer_weights + head
+        lora_bytes, optimizer = lora_bytes / world, optimizer / world
 
     tokens = micro_batch * cfg.data.max_length
     gated = "gate_proj" in projections(d)  # SwiGLU keeps gate, up, their activation and product; GELU MLPs two
@@ -227,21 +245,28 @@ class Plan:
     params_trainable: int
     precision: str
     precision_reason: str
-    micro_batch: int  # what the config asks for
+    micro_batch: int  # what the config asks for (per rank)
     weights_gb: float
     optimizer_gb: float  # LoRA weights, gradients and optimizer states
     activations_gb: float  # activations and logits at the configured micro-batch
-    peak_gb: float
+    peak_gb: float  # per GPU (per rank), with the chosen strategy
     capacity_gb: float
     fits: bool
     max_micro_batch: int  # the largest that fits (0: not even one row)
     grad_accum: int  # keeps micro_batch x grad_accum when the micro-batch has to shrink
     steps: int | None
-    tokens_per_s: float
+    tokens_per_s: float  # the whole world's
     tokens_per_s_note: str
     time: str | None  # estimated wall time of the training, HH:MM:SS
     recommended: dict
     breakdown: dict
+    nodes: int = 1
+    ranks_per_node: int = 1
+    world_size: int = 1
+    strategy: str = "single"  # single (one rank), ddp or fsdp
+    strategy_reason: str = ""
+    peak_by_strategy_gb: dict = field(default_factory=dict)  # per-GPU peak under ddp and fsdp (several ranks)
+    scaling_efficiency: float = 1.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -273,8 +298,39 @@ def planned_steps(cfg: RunConfig) -> int | None:
         return None
     rows = checked["rows"]  # (data.max_rows already applied)
     val = int(cfg.data.val_size) if cfg.data.val_size >= 1 else int(rows * cfg.data.val_size)
-    per_epoch = math.ceil(max(rows - val, 1) / (cfg.train.micro_batch_size * cfg.train.grad_accum))
+    per_epoch = math.ceil(max(rows - val, 1) / (cfg.train.micro_batch_size * cfg.train.grad_accum * world_size(cfg)))
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
+
+
+def world_size(cfg: RunConfig) -> int:
+    """Training ranks: slurm.gpus (train.cpu_ranks on CPU jobs) on each of slurm.nodes."""
+    return cfg.slurm.nodes * (cfg.slurm.gpus or cfg.train.cpu_ranks)
+
+
+def choose_strategy(cfg: RunConfig, device: Device, smallest: dict[str, float], usable: float) -> tuple[str, str]:
+    """How several ranks share the work: the configured strategy, or for `auto` DDP when a replica fits a
+    GPU (at micro-batch 1 at least: `smallest` peaks), else FSDP where a shard fits (bf16 GPUs)."""
+    if world_size(cfg) == 1:
+        return "single", "one rank"
+    if cfg.train.distributed != "auto":
+        return cfg.train.distributed, "train.distributed"
+    if device.name == "cpu":
+        return "ddp", "CPU ranks train with DDP"
+    if smallest["ddp"] <= usable:
+        return "ddp", "a replica fits each GPU"
+    if smallest["fsdp"] <= usable and device.bf16:
+        return "fsdp", f"a replica does not fit a GPU; sharded over {world_size(cfg)} GPUs it does"
+    if smallest["fsdp"] <= usable:
+        return "ddp", f"a shard would fit, but FSDP trains in bf16, which {device.name} lacks: try quant.bits=4"
+    return "ddp", "neither a replica nor a shard fits a GPU: see the advice below"
+
+
+def strategy_problem(strategy: str, device: Device, precision: str) -> str | None:
+    """Why FSDP cannot run on this device, with the alternative; None when it can."""
+    if strategy == "fsdp" and (device.name == "cpu" or precision != "bf16"):
+        return (f"FSDP trains in bf16 on GPUs, and {device.name} " + ("is a CPU" if device.name == "cpu" else f"would train in {precision}")
+                + ": use train.distributed=ddp (with quant.bits=4 where a replica does not fit)")
+    return None
 
 
 def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
@@ -284,12 +340,23 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
     counts = parameter_counts(dims)
     trainable = lora_parameters(dims, cfg.lora.r, cfg.lora.target_modules)
     capacity = slurm_mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
-    parts = memory_gb(dims, cfg, device, precision, cfg.train.micro_batch_size)
     usable = capacity * 0.95
+    world = world_size(cfg)
+    per_node = cfg.slurm.gpus or cfg.train.cpu_ranks
+    if device.name == "cpu" and world > 1:
+        capacity = usable = capacity / per_node  # the ranks of a node share the job's memory
+
+    def peak(strategy: str, micro: int) -> dict[str, float]:
+        return memory_gb(dims, cfg, device, precision, micro, strategy, world)
+
+    peaks = {s: peak(s, cfg.train.micro_batch_size)["peak_gb"] for s in ("ddp", "fsdp")} if world > 1 else {}
+    smallest = {s: peak(s, 1)["peak_gb"] for s in peaks}
+    strategy, strategy_why = choose_strategy(cfg, device, smallest, usable)
+    parts = peak(strategy, cfg.train.micro_batch_size)
 
     max_micro = 0
     for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        if memory_gb(dims, cfg, device, precision, b)["peak_gb"] <= usable:
+        if peak(strategy, b)["peak_gb"] <= usable:
             max_micro = b
     micro = min(cfg.train.micro_batch_size, max_micro) if max_micro else 0
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum
@@ -302,34 +369,58 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":
         efficiency *= min(1.0, dims.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(dims, cfg) else 1)
-    tokens_per_s = device.tflops * 1e12 * efficiency / per_token
+    rank_tokens_per_s = device.tflops * 1e12 * efficiency / per_token
+    if device.name == "cpu" and world > 1:
+        rank_tokens_per_s /= per_node  # the ranks of a node share its cores
+    scaling = 1.0 if world == 1 else SCALING[strategy][0 if cfg.slurm.nodes == 1 else 1]
+    tokens_per_s = rank_tokens_per_s * world * scaling
     steps = planned_steps(cfg)
     seconds = None
     if steps is not None:
-        tokens = steps * effective * cfg.data.max_length  # full rows: an upper bound
+        tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
-    weights_fp16 = counts["total"] * 2 / GB
-    recommended = {
-        "gres": "none (CPU job)" if device.name == "cpu" else f"gpu:{device.name.split('-')[0]}:1",
-        "mem": f"{max(8, math.ceil(weights_fp16 * 1.2 + 8 if device.name != 'cpu' else parts['peak_gb'] * 1.3))}G",
-        "cpus_per_task": 8 if device.name != "cpu" else cfg.slurm.cpus_per_task,
-        "time": slurm_time(seconds * 1.3) if seconds else None,
-    }
+    note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
+    if world > 1:
+        note += f"; {world} ranks x {scaling:.2f} scaling ({strategy.upper()} {'within a node' if cfg.slurm.nodes == 1 else 'across nodes'}: assumed, not measured)"
     return Plan(
         model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
         precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
         weights_gb=parts["weights_gb"], optimizer_gb=round(parts["lora_gb"] + parts["optimizer_gb"], 3),
-        activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=capacity,
+        activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=round(capacity, 3),
         fits=parts["peak_gb"] <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
-        tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)",
-        time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
+        tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
+        time=slurm_time(seconds) if seconds else None, recommended=resources(cfg, device, counts, parts, seconds), breakdown=parts,
+        nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
+        peak_by_strategy_gb=peaks, scaling_efficiency=scaling,
     )
+
+
+def resources(cfg: RunConfig, device: Device, counts: dict, parts: dict, seconds: float | None) -> dict:
+    """The sbatch resources the plan suggests: per node, for its ranks (each loads the model into host RAM first)."""
+    per_node = (cfg.slurm.gpus or 1) if device.name != "cpu" else cfg.train.cpu_ranks
+    weights_fp16 = counts["total"] * 2 / GB
+    if device.name == "cpu":
+        mem = math.ceil(parts["peak_gb"] * 1.3 * per_node)
+    else:
+        mem = math.ceil(per_node * weights_fp16 * 1.2 + 8)
+    recommended = {
+        "nodes": cfg.slurm.nodes,
+        "ntasks_per_node": 1,  # one torchrun (or one training process) per node
+        "gres": "none (CPU job)" if device.name == "cpu" else f"gpu:{device.name.split('-')[0]}:{per_node}",
+        "mem": f"{max(8, mem)}G",
+        "cpus_per_task": 8 * per_node if device.name != "cpu" else cfg.slurm.cpus_per_task,
+        "time": slurm_time(seconds * 1.3) if seconds else None,
+    }
+    return recommended
 
 
 def format_plan(p: Plan) -> str:
     rows = [
         ("model", f"{p.model} ({p.dims_source})"),
         ("device", p.device),
+        *([("world", f"{p.world_size} ranks: {p.nodes} node(s) x {p.ranks_per_node} {'GPUs' if p.device != 'cpu' else 'CPU ranks'}"),
+           ("per GPU" if p.device != "cpu" else "per rank", " | ".join(f"{s.upper()} {gb:.2f} GB" for s, gb in p.peak_by_strategy_gb.items())),
+           ("strategy", f"{p.strategy.upper()}: {p.strategy_reason}")] if p.world_size > 1 else []),
         ("parameters", f"{p.params_total / 1e9:.2f} B total, {p.params_trainable / 1e6:.1f} M trainable (LoRA)"),
         ("precision", f"{p.precision}: {p.precision_reason}"),
         ("weights", f"{p.weights_gb:.2f} GB"),
@@ -337,7 +428,7 @@ def format_plan(p: Plan) -> str:
         ("activations", f"{p.activations_gb:.2f} GB at micro-batch {p.micro_batch} (incl. logits)"),
         ("overhead", f"{p.breakdown['runtime_gb'] + p.breakdown.get('allocator_gb', 0):.2f} GB "
                      + ("(Python, torch and libraries)" if p.device == "cpu" else "(CUDA context, allocator slack)")),
-        ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB: {'fits' if p.fits else 'DOES NOT FIT'}"),
+        ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB{' per rank' if p.world_size > 1 else ''}: {'fits' if p.fits else 'DOES NOT FIT'}"),
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
                         if p.max_micro_batch else "not even 1 row fits: use quant.bits=4, gradient checkpointing, shorter rows or a larger GPU"),
         ("speed", f"~{p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s_note})"),
@@ -349,7 +440,8 @@ def format_plan(p: Plan) -> str:
 
 def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
     """What `submit` and `sweep` learn from the planner: refuse a run that does not fit (unless forced),
-    fill `slurm.time: auto` (the longest trial's estimate), and return lines to print."""
+    fill `slurm.time: auto` (the longest trial's estimate) and `train.distributed: auto` (the strategy it
+    chose), and return lines to print."""
     lines, times = [], []
     for i, cfg in enumerate(cfgs):
         label = f"trial {i}: " if len(cfgs) > 1 else ""
@@ -360,6 +452,9 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
                 raise UserError(f"slurm.time: auto needs a plan, and there is none: {exc}") from None
             lines.append(f"warning: {label}no memory check ({exc})")
             continue
+        device = DEVICES[p.device]
+        if (problem := strategy_problem(p.strategy, device, p.precision)) is not None:
+            raise UserError(f"train.distributed: {label}{problem}")
         if not p.fits and not force:
             fix = (f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch
                    else "quant.bits=4, train.gradient_checkpointing=true, a shorter data.max_length or a larger GPU")
@@ -371,7 +466,10 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
             if p.recommended["time"] is None:
                 raise UserError("slurm.time: auto needs the number of steps: set train.max_steps, or use a local data file")
             times.append(p.recommended["time"])
-        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}, {p.precision}"
+        if cfg.train.distributed == "auto" and p.world_size > 1:  # the job trains with what the planner chose
+            cfg.train.distributed = p.strategy
+        world = f" per rank, {p.world_size} ranks with {p.strategy.upper()} ({p.strategy_reason})" if p.world_size > 1 else ""
+        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}{world}, {p.precision}"
                      + ("" if p.fits else " (DOES NOT FIT: forced)"))
     if times:
         longest = max(times, key=slurm_seconds)

@@ -32,6 +32,7 @@ from .errors import UserError
 # Left by rank 0 when training stopped at a checkpoint before its end: under torchrun the ranks end with
 # 0 (torchrun reports other codes as failures), and this says "checkpointed, not finished".
 STOPPED_MARKER = ".stopped"
+STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 JOB_FILE = "job.json"  # the submission record of a run (launch/submit.py)
 SWEEP_FILE = "sweep.json"  # a sweep directory's record: its trials and their overrides
 SLURM_VARS = (

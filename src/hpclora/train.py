@@ -6,6 +6,7 @@ the base model, train, measure the adapter, save. Everything it needs is in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .rundir import STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
+from .rundir import STOP_MARKER_VAR, STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
@@ -86,16 +87,19 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(job_header(out, config_text))
     resume, base_loss = distributed.share((resume, base_loss))
     emit(f"device {device} | precision {precision} ({why})")
+    strategy = choose_strategy(cfg, world, device, precision)
     if world.size > 1:
-        emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), DDP: every rank trains on its share of each step's rows")
+        emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), {strategy.upper()}: every rank trains on its share "
+             "of each step's rows" + ("; weights, gradients and optimizer states are sharded over the ranks" if strategy == "fsdp" else ""))
 
     tokenizer = load_tokenizer(cfg.model)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
         data = prepare(cfg.data, tokenizer, cfg.run.seed)
     emit(describe_data(data.stats))
 
-    model = load_base(cfg, precision, device)
-    model, targets = attach_lora(model, cfg)
+    sharded = strategy == "fsdp"
+    model = load_base(cfg, precision, device, sharded)
+    model, targets = attach_lora(model, cfg, sharded)
     trainable, total = model.get_nb_trainable_parameters()
     emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
@@ -107,7 +111,14 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum * world.size} rows/step | {steps} steps | up to {cfg.data.max_length} tokens/row"
     )
     progress = ProgressLog(out / "metrics.jsonl", tokens_seen=lambda: trainer.tokens_seen)
-    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, steps, progress, stop, trackers,
+
+    def measure_base():  # when training begins: the Trainer has placed (under FSDP: sharded) the model by then
+        nonlocal base_loss
+        if resume is None and base_loss is None and data.val is not None:
+            with model.disable_adapter():
+                base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+
+    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
                                                       "base_val_loss": base_loss, "config_sha256": config_sha256,
                                                       "world_size": world.size})
@@ -124,9 +135,6 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             keep_metrics_up_to(out / "metrics.jsonl", 0 if base_loss is not None else -1)
         if base_loss is not None:
             emit(f"restart {restart} from step 0 (no checkpoint yet) | val_loss base {base_loss:.4f} (measured by the first start)")
-        elif data.val is not None:
-            with model.disable_adapter():
-                base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     tokens_before = trainer.tokens_seen
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step
@@ -137,8 +145,9 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
                 else f"the newest checkpoint is of step {at}; the same command resumes from there")
         by = stop.signal_name or "a stop signal to another rank"
         emit(f"stopped by {by} at step {step}/{steps}: {what}")
-        if world.main:
-            (out / STOPPED_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        if world.main:  # the job script's sign that the ranks stopped (torchrun would take exit 75 for a failure)
+            for marker in (out / STOPPED_MARKER, *([Path(os.environ[STOP_MARKER_VAR])] if os.environ.get(STOP_MARKER_VAR) else [])):
+                marker.write_text(f"{step}\n", encoding="utf-8")
         return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
     if stop.requested:  # every step is done: finishing costs less than a requeue would
         emit(f"{stop.signal_name} received after the last step: finishing (final evaluation, adapter) instead of checkpointing")
@@ -152,8 +161,10 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         else:
             final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"]
 
+    # Under FSDP every rank holds a shard of the adapter: they all take part in gathering it.
+    weights = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if world.main:
-        save_adapter(model, tokenizer, out)
+        save_adapter(model, tokenizer, out, weights)
     runtime = result.metrics.get("train_runtime", 0.0)
     summary = {
         "base_val_loss": base_loss,
@@ -176,6 +187,28 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         write_json(out / "summary.json", summary)
     emit(describe_result(summary, out))
     return TrainedRun(out, model, tokenizer, summary)
+
+
+def choose_strategy(cfg: RunConfig, world: distributed.World, device: str, precision: str) -> str:
+    """single, ddp or fsdp: train.distributed as `hpclora submit` resolved it, or for `auto` the planner's choice
+    (DDP when it cannot tell); FSDP only where it can work (bf16 GPUs)."""
+    from . import plan
+
+    if world.size == 1:
+        return "single"
+    strategy = cfg.train.distributed
+    if strategy == "auto":  # planned for the world torchrun started, which a hand-written job may not have in its config
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        slurm = dataclasses.replace(cfg.slurm, nodes=world.size // per_node, gpus=per_node if device == "cuda" else 0)
+        try:
+            strategy = plan.make_plan(dataclasses.replace(cfg, slurm=slurm, train=dataclasses.replace(cfg.train, cpu_ranks=per_node))).strategy
+        except UserError:
+            strategy = "ddp"
+    if strategy == "fsdp" and (device != "cuda" or precision != "bf16"):
+        what = "CPU ranks" if device != "cuda" else f"{precision} on this GPU"
+        raise UserError(f"train.distributed: FSDP trains in bf16 on GPUs, not with {what}: use train.distributed=ddp "
+                        "(with quant.bits=4 where a replica does not fit a GPU)")
+    return strategy
 
 
 def find_resume_point(run_dir: Path, config_sha256: str, world_size: int = 1) -> Path | None:
@@ -243,9 +276,10 @@ def total_steps(train_rows: int, cfg: RunConfig, world_size: int = 1) -> int:
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
-def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps: int, progress: ProgressLog, stop: StopRequest,
-                  trackers: list[str], checkpoint_state):
-    """The Trainer, through its public API: `checkpoint_state()` is what hpclora adds to each checkpoint."""
+def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharded: bool, steps: int, progress: ProgressLog,
+                  stop: StopRequest, trackers: list[str], at_train_begin, checkpoint_state):
+    """The Trainer, through its public API: `at_train_begin()` runs before the first step (the base model's
+    evaluation), `checkpoint_state()` is what hpclora adds to each checkpoint."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
@@ -302,6 +336,10 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
                 checkpoint.publish(staged, out / "checkpoints", self.state(), cfg.train.keep_checkpoints)
             distributed.barrier()
 
+    class AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            at_train_begin()
+
     class StopAtStepBoundary(TrainerCallback):
         """At each step's end the ranks sum (stop asked, tokens trained) in one small collective: after a stop
         signal to any of them all save a checkpoint of this step and stop, and tokens_seen counts the world."""
@@ -348,6 +386,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         ddp_backend=("nccl" if _cuda() else "gloo") if distributed.world().size > 1 else None,
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
         ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
+        **(fsdp_arguments(cfg) if sharded else {}),
     )
     trainer = HpcloraTrainer(
         model=model,
@@ -355,7 +394,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
         train_dataset=data.train,
         eval_dataset=data.val,
         data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if _cuda() else 1),
-        callbacks=[progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
+        callbacks=[AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead
@@ -367,12 +406,29 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, steps:
     return trainer
 
 
-def save_adapter(model, tokenizer, out: Path) -> Path:
-    """Write adapter/ (PEFT weights + tokenizer) atomically: a partial adapter is never left in place."""
+def fsdp_arguments(cfg: RunConfig) -> dict:
+    """TrainingArguments for FSDP through accelerate (FSDP2): full shard of every decoder layer (the model's
+    own no-split modules), the activations recomputed by FSDP where gradient checkpointing is on, and
+    checkpoints gathered whole, which for a PEFT model holds the adapter and its optimizer state only."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": cfg.train.gradient_checkpointing,
+        },
+    }
+
+
+def save_adapter(model, tokenizer, out: Path, weights: dict | None = None) -> Path:
+    """Write adapter/ (PEFT weights + tokenizer) atomically: a partial adapter is never left in place.
+    `weights`: the model's full state dict where it is sharded (FSDP), gathered by every rank."""
     target = out / "adapter"
     tmp = out / ".adapter.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
     return target

@@ -25,6 +25,9 @@ from ..rundir import STOPPED_MARKER
 # How often a stop signal is passed on again until training has ended: one that arrives while the
 # child is still starting (its handlers not yet installed, the signal ignored) would otherwise be lost.
 RESEND_STOP_S = 5
+# The rendezvous port of a multi-node job: from its id, below Linux's ephemeral ports (32768+), so that
+# jobs sharing a node do not pick the same one. The sbatch script computes the same in shell.
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 10000
 
 
 def job_environment(cfg: RunConfig) -> dict[str, str]:
@@ -63,6 +66,14 @@ def torchrun_argv(cfg: RunConfig, python: str, runtime: str, rendezvous: list[st
             *rendezvous, "-m", "hpclora"]
 
 
+def slurm_rendezvous() -> list[str]:
+    """torchrun's c10d rendezvous at the first node of this Slurm job, on the job's port."""
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True)
+    job_id = os.environ["SLURM_JOB_ID"]
+    port = RDZV_PORT_BASE + int(job_id) % RDZV_PORT_SPAN
+    return ["--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.stdout.split()[0]}:{port}", f"--rdzv-id={job_id}"]
+
+
 def train_argv(run_dir: str) -> list[str]:
     """`train <run dir>/config.yaml --run-dir <run dir>`: the job never reads the user's own YAML."""
     return ["train", f"{run_dir}/config.yaml", "--run-dir", run_dir]
@@ -85,8 +96,10 @@ def run_job(run_dir: str) -> int:
         start = hpclora_argv(cfg, sys.executable, runtime)
     elif cfg.slurm.nodes == 1:  # several ranks on this machine
         start = torchrun_argv(cfg, sys.executable, runtime, ["--standalone"])
+    elif "SLURM_JOB_NODELIST" in os.environ:  # one task per node of a Slurm job (submitit): meet at its first node
+        start = torchrun_argv(cfg, sys.executable, runtime, slurm_rendezvous())
     else:
-        raise UserError(f"slurm.nodes: {cfg.slurm.nodes} nodes need a Slurm job: submit with --launcher sbatch")
+        raise UserError(f"slurm.nodes: {cfg.slurm.nodes} nodes need a Slurm job: submit with --launcher sbatch or submitit")
     (Path(run_dir) / STOPPED_MARKER).unlink(missing_ok=True)
     code = _run_forwarding_stops([*start, *train_argv(run_dir)], env, ranks=world_size(cfg) > 1)
     return CHECKPOINTED_EXIT if (Path(run_dir) / STOPPED_MARKER).exists() else code

@@ -22,6 +22,11 @@ class Started:
     details: dict = field(default_factory=dict)  # more fields for the job record
 
 
+def refuse_packed_trials(job, launcher: str) -> None:
+    if job.kind == "sweep" and job.trials_per_task > 1:
+        raise UserError(f"--trials-per-node packs trials into the tasks of a Slurm job array: use --launcher sbatch, not {launcher}")
+
+
 class Sbatch:
     """The rendered job.sbatch, submitted with `sbatch --parsable`."""
 
@@ -54,14 +59,10 @@ class Submitit:
 
     def start(self, job) -> Started:
         from . import submitit as via_submitit
-        from .job import world_size
 
-        if world_size(job.cfg) > 1:
-            raise UserError(
-                f"the submitit launcher runs one rank per job for now; this config has {world_size(job.cfg)} "
-                "(slurm.nodes x slurm.gpus, or train.cpu_ranks): use --launcher sbatch"
-            )
-
+        refuse_packed_trials(job, "submitit")
+        if self.cluster in ("local", "debug") and job.cfg.slurm.nodes > 1:
+            raise UserError(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job, not submitit's {self.cluster} executor")
         if job.kind == "run":
             handles = [via_submitit.submit(job.cfg, job.directory, self.cluster)]
         else:
@@ -85,6 +86,7 @@ class Local:
         return "the job's command on this machine, now"
 
     def start(self, job) -> Started:
+        refuse_packed_trials(job, "local")
         if job.cfg.slurm.nodes > 1:
             raise UserError(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job: use --launcher sbatch")
         return Started(None, [None] * len(job.run_dirs))

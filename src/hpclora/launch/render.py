@@ -8,10 +8,13 @@ The job runs `hpclora train <run dir>/config.yaml --run-dir <run dir>`: it never
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
 from dataclasses import dataclass
 
 from ..config import RunConfig, SlurmSection, run_dir_slug
+from ..slurm_syntax import slurm_mem_gb
 from ..rundir import STOPPED_MARKER
 from . import job
 
@@ -24,17 +27,19 @@ class Payload:
     run_dir: str = ""  # one run: its directory
     sweep_dir: str = ""  # a sweep: trial directories are <sweep_dir>/trial-NNN, NNN = array task id
     trials: int = 0
-    max_parallel: int | None = None
+    max_parallel: int | None = None  # array tasks at once
+    trials_per_task: int = 1  # >1: each array task takes a node's share and runs that many trials side by side
 
 
 def job_name(cfg: RunConfig) -> str:
     return run_dir_slug(cfg.run.name)
 
 
-def log_pattern(cfg: RunConfig, array: bool) -> str:
-    """Slurm's --output pattern: <log_dir>/<job name>-<job id>.out, or -<array id>_<task>.out."""
+def log_pattern(cfg: RunConfig, array: bool, packed: bool = False) -> str:
+    """Slurm's --output pattern: <log_dir>/<job name>-<job id>.out, or -<array id>_<task>.out. Packed
+    array tasks log as -<array id>_task<task>.out: each trial writes its own -<array id>_<trial>.out."""
     log_dir = cfg.slurm.log_dir.replace("%", "%%")  # a literal % in a path must not read as a pattern
-    return f"{log_dir}/%x-{'%A_%a' if array else '%j'}.out"
+    return f"{log_dir}/%x-{('%A_task%a' if packed else '%A_%a') if array else '%j'}.out"
 
 
 def log_path(cfg: RunConfig, job_id: str, task: int | None = None) -> str:
@@ -50,12 +55,19 @@ def gpu_request(slurm: SlurmSection) -> str | None:
     return f"--gres=gpu:{count}" if slurm.gpu_flag == "gres" else f"--gpus={count}"
 
 
-def sbatch_options(cfg: RunConfig, array: str | None = None) -> list[str]:
-    """The #SBATCH options for one run (or an array of them), in a fixed order."""
-    s = cfg.slurm
+def times_mem(mem: str, k: int) -> str:
+    """A Slurm memory size k times over: 32G x 2 = 64000M."""
+    return mem if k == 1 else f"{math.ceil(slurm_mem_gb(mem) * 1000 * k)}M"
+
+
+def sbatch_options(cfg: RunConfig, array: str | None = None, trials_per_task: int = 1) -> list[str]:
+    """The #SBATCH options for one run (or an array of them), in a fixed order. An array task that runs
+    `trials_per_task` trials asks for that many times one trial's GPUs, cores and memory."""
+    k = trials_per_task
+    s = dataclasses.replace(cfg.slurm, gpus=cfg.slurm.gpus * k, cpus_per_task=cfg.slurm.cpus_per_task * k, mem=times_mem(cfg.slurm.mem, k))
     options = [
         f"--job-name={job_name(cfg)}",
-        f'--output="{log_pattern(cfg, array is not None)}"',
+        f'--output="{log_pattern(cfg, array is not None, k > 1)}"',
         "--open-mode=append",
         f"--nodes={s.nodes}",
         "--ntasks-per-node=1" if job.world_size(cfg) > 1 else "--ntasks=1",  # one torchrun per node starts the ranks
@@ -78,8 +90,8 @@ def sbatch_options(cfg: RunConfig, array: str | None = None) -> list[str]:
     return options
 
 
-def array_spec(trials: int, max_parallel: int | None) -> str:
-    return f"0-{trials - 1}" + (f"%{max_parallel}" if max_parallel else "")
+def array_spec(trials: int, max_parallel: int | None, trials_per_task: int = 1) -> str:
+    return f"0-{math.ceil(trials / trials_per_task) - 1}" + (f"%{max_parallel}" if max_parallel else "")
 
 
 def job_command(cfg: RunConfig, python: str) -> str:
@@ -114,7 +126,7 @@ def rank_lines(cfg: RunConfig) -> list[str]:
     if cfg.slurm.nodes > 1:
         lines += [
             'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-            "PORT=$((20000 + SLURM_JOB_ID % 10000))  # from the job id: below the ephemeral ports, apart from other jobs",
+            f"PORT=$(({job.RDZV_PORT_BASE} + SLURM_JOB_ID % {job.RDZV_PORT_SPAN}))  # from the job id: below the ephemeral ports, apart from other jobs",
         ]
     return lines
 
@@ -138,11 +150,12 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     ]
 
 
-def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False) -> list[str]:
+def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False, start: str | None = None) -> list[str]:
     """Run training in the background, pass Slurm's signals on to it, and requeue the job when it
     answers with CHECKPOINTED_EXIT (75). The same text is in jobs/*.sbatch, written out by hand.
     With several `ranks` the signal goes to every process of the job's steps (scancel), and a stop is
-    known by the marker rank 0 leaves (the ranks end with 0: torchrun would report 75 as a failure)."""
+    known by the marker rank 0 leaves (the ranks end with 0: torchrun would report 75 as a failure).
+    `start` replaces the line that starts `command` (packed trials: their function, which passes signals on)."""
     if ranks:  # every process of the job's steps; torchrun itself ignores USR1 (job_command)
         on_signal = on_repeat = 'scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true'
     else:
@@ -158,7 +171,7 @@ def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False) 
         "trap 'forward TERM' TERM",
         *([f'rm -f "$RUN_DIR/{STOPPED_MARKER}"'] if ranks else []),
         "# Training starts with these signals ignored, so that one arriving before it is ready cannot kill it.",
-        f"(trap '' USR1 TERM; exec {command}) &",
+        start or f"(trap '' USR1 TERM; exec {command}) &",
         "child=$!",
         "# Wait for training. Once a stop is asked for, repeat it every 5 s until training has taken note.",
         'while kill -0 "$child" 2>/dev/null; do',
@@ -190,16 +203,55 @@ def run_and_requeue_lines(command: str, max_requeues: str, ranks: bool = False) 
     ]
 
 
+def packed_trial_lines(cfg: RunConfig, payload: Payload, command: str) -> list[str]:
+    """An array task that runs `payload.trials_per_task` single-GPU trials side by side, one GPU each (of the
+    task's CUDA_VISIBLE_DEVICES), each with its own run directory and log (the one an unpacked array task
+    would have). `run_trials` passes stop signals on to every trial; each checkpoints, and if any did, it
+    answers 75, the task requeues (run_and_requeue_lines) and runs again the trials not yet finished."""
+    k, cpus = payload.trials_per_task, cfg.slurm.cpus_per_task
+    log = shlex.quote(f"{cfg.slurm.log_dir}/{job_name(cfg)}-") + '"${SLURM_ARRAY_JOB_ID}_${trial}.out"'
+    return [
+        f"# This array task runs up to {k} trials side by side (ids task x {k} and on), one GPU and {cpus} core(s) each.",
+        "run_trials() (",
+        "    pids=() slot=0 status=0",
+        '    pass_on() { for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done; }',
+        "    trap 'pass_on USR1' USR1",
+        "    trap 'pass_on TERM' TERM",
+        "    # The task's GPUs as Slurm's cgroup shows them; where it sets no CUDA_VISIBLE_DEVICES, the first ones of the node.",
+        '    IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((${SLURM_GPUS_ON_NODE:-0} - 1)))}"',
+        f"    for trial in $(seq $((SLURM_ARRAY_TASK_ID * {k})) $((SLURM_ARRAY_TASK_ID * {k} + {k - 1}))); do",
+        f'        [ "$trial" -lt {payload.trials} ] || break',
+        '        RUN_DIR="$SWEEP_DIR/trial-$(printf %03d "$trial")"',
+        f"        LOG={log}",
+        '        gpu="${gpus[$slot]:-}" slot=$((slot + 1))',
+        '        if [ -d "$RUN_DIR/adapter" ]; then echo "hpclora: trial $trial finished already"; continue; fi',
+        '        echo "hpclora: trial $trial in $RUN_DIR${gpu:+ on GPU $gpu}, log $LOG"',
+        '        echo "hpclora: trial $trial of job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname -s)${gpu:+, GPU $gpu}" >> "$LOG"',
+        f'        (trap \'\' USR1 TERM; export OMP_NUM_THREADS={cpus}; if [ -n "$gpu" ]; then export CUDA_VISIBLE_DEVICES="$gpu"; fi',
+        f'         exec {command}) >> "$LOG" 2>&1 &',
+        '        pids+=("$!")',
+        "    done",
+        '    for pid in "${pids[@]}"; do  # 75 (checkpointed: run again) over 0, a failure over both',
+        '        while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done',
+        '        code=0; wait "$pid" || code=$?',
+        '        if [ "$code" -ne 0 ] && { [ "$status" -eq 0 ] || [ "$status" -eq 75 ]; }; then status=$code; fi',
+        "    done",
+        '    exit "$status"',
+        ")",
+    ]
+
+
 def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora submit") -> str:
     """The whole sbatch script for one run, or for a sweep's job array when `payload.sweep_dir` is set."""
     sweep = bool(payload.sweep_dir)
-    array = array_spec(payload.trials, payload.max_parallel) if sweep else None
+    packed = sweep and payload.trials_per_task > 1
+    array = array_spec(payload.trials, payload.max_parallel, payload.trials_per_task) if sweep else None
     lines = [
         "#!/bin/bash",
         f"# Written by `{submitted_by}` for run {job_name(cfg)}. Resubmit by hand with: sbatch <this file>",
-        f"# Logs: {log_pattern(cfg, sweep)}   (follow with `tail -f` or `hpclora logs JOB -f`)",
+        f"# Logs: {log_pattern(cfg, sweep, packed)}   (follow with `tail -f` or `hpclora logs JOB -f`)",
     ]
-    lines += [f"#SBATCH {option}" for option in sbatch_options(cfg, array)]
+    lines += [f"#SBATCH {option}" for option in sbatch_options(cfg, array, payload.trials_per_task if packed else 1)]
     lines += ["", "set -eo pipefail"]
     if cfg.slurm.setup:
         lines += ["", "# slurm.setup, as written in the config:"] + list(cfg.slurm.setup)
@@ -214,7 +266,12 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         *(rank_lines(cfg) if job.world_size(cfg) > 1 else []),
         "",
     ]
-    if sweep:
+    command = job_command(cfg, payload.python)
+    start = None
+    if packed:
+        lines += [f"SWEEP_DIR={shlex.quote(payload.sweep_dir)}", *packed_trial_lines(cfg, payload, command)]
+        start = "run_trials &"
+    elif sweep:
         lines += [
             f"SWEEP_DIR={shlex.quote(payload.sweep_dir)}",
             "# sweep.json in SWEEP_DIR maps each array task id to its trial's overrides.",
@@ -222,5 +279,5 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         ]
     else:
         lines.append(f"RUN_DIR={shlex.quote(payload.run_dir)}")
-    lines += ["", *run_and_requeue_lines(job_command(cfg, payload.python), str(cfg.slurm.max_requeues), job.world_size(cfg) > 1), ""]
+    lines += ["", *run_and_requeue_lines(command, str(cfg.slurm.max_requeues), job.world_size(cfg) > 1, start), ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from ..config import RunConfig, run_dir_slug
 from ..errors import ConfigError, UserError
 from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, write_config, write_json, write_text_atomic
 from . import registry, render
+from .job import world_size
 from .sweep import parse_grid, trials
 
 SCRIPT = "job.sbatch"
@@ -35,6 +36,11 @@ class PreparedJob:
     trial_cfgs: list[RunConfig] = field(default_factory=list)
     trial_overrides: list[list[str]] = field(default_factory=list)
     max_parallel: int | None = None
+    trials_per_task: int = 1  # sweep --trials-per-node
+
+    def array_task(self, trial: int) -> int:
+        """The array task that runs `trial`."""
+        return trial // self.trials_per_task
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -71,14 +77,17 @@ def prepare_run(cfg: RunConfig, python: str = sys.executable) -> PreparedJob:
 
 def prepare_sweep(
     config_path: str, overrides: list[str], grid_specs: list[str], max_parallel: int | None,
-    python: str = sys.executable, check=None,
+    python: str = sys.executable, check=None, trials_per_node: int = 1,
 ) -> PreparedJob:
     """Resolve every trial's config first: a bad value in any trial stops the sweep before submission.
-    `check(cfgs)` runs on the resolved trial configs before the script is rendered."""
+    `check(cfgs)` runs on the resolved trial configs before the script is rendered. `trials_per_node` > 1
+    packs that many one-GPU (or one-process CPU) trials into each array task."""
     if not grid_specs:
         raise UserError("sweep: give at least one --grid key=value1,value2")
     if max_parallel is not None and max_parallel < 1:
         raise UserError(f"sweep: --max-parallel must be at least 1, got {max_parallel}")
+    if trials_per_node < 1:
+        raise UserError(f"sweep: --trials-per-node must be at least 1, got {trials_per_node}")
     trial_overrides = trials(parse_grid(grid_specs))
     cfgs, problems = [], []
     for i, extra in enumerate(trial_overrides):
@@ -91,10 +100,16 @@ def prepare_sweep(
     if check is not None:  # the planner: may refuse, and fills slurm.time: auto, before anything is rendered
         check(cfgs)
     first = cfgs[0]
+    if trials_per_node > 1 and (first.slurm.gpus > 1 or world_size(first) > 1):
+        raise UserError(
+            f"sweep: --trials-per-node packs trials of one GPU each (or one CPU process), and each of these trials has "
+            f"{world_size(first)} ranks (slurm.nodes x slurm.gpus): set slurm.gpus=1, or drop --trials-per-node"
+        )
     directory = new_directory(first.run.output_root, f"{first.run.name}-sweep")
-    payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel)
+    payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel,
+                             trials_per_task=trials_per_node)
     script = render.render_script(first, payload, submitted_by="hpclora sweep")
-    return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel)
+    return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel, trials_per_node)
 
 
 def write(job: PreparedJob) -> None:
@@ -132,7 +147,7 @@ def launch(job: PreparedJob, launcher) -> tuple[dict, int]:
         entry["log"] = started.logs[0]
     else:
         entry["trials"] = [
-            {"task": i, "overrides": extra, "run_dir": str(d), "log": log}
+            {"task": job.array_task(i), "trial": i, "overrides": extra, "run_dir": str(d), "log": log}
             for i, (extra, d, log) in enumerate(zip(job.trial_overrides, job.run_dirs, started.logs))
         ]
     _record(job, entry)

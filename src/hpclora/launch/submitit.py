@@ -67,6 +67,10 @@ def executor(cfg: RunConfig, folder: Path, cluster: str | None, array_parallelis
 class ResumableTraining:
     """submitit's payload: job.py's training command, with submitit's checkpoint protocol.
 
+    Several ranks: submitit starts one task per node (tasks_per_node=1), and each runs torchrun for the
+    node's ranks, as the sbatch script does, rather than one submitit task per GPU: so the ranks are
+    started, signalled and rendezvous the same way whichever launcher submitted the job.
+
     Before a time limit or on preemption submitit signals USR2. Training (a child process, which gets the
     signal from Slurm and from here) saves a checkpoint at the next step boundary and exits with 75; then
     submitit's own handler is called, which asks `checkpoint()` for the call to make after the requeue
@@ -86,7 +90,8 @@ class ResumableTraining:
         if code == CHECKPOINTED_EXIT and own_job_cancelled():  # scancel: stay cancelled
             raise RuntimeError(f"job cancelled; training in {run_dir} saved a checkpoint: submit again to resume")
         if code == CHECKPOINTED_EXIT and callable(submitit_handler):
-            submitit_handler(signal.SIGUSR2, None)  # requeues and exits; not installed by the debug executor
+            submitit_handler(signal.SIGUSR2, None)  # the first task requeues and exits; not installed by the debug executor
+            return {"checkpointed": run_dir}  # another node's task: the requeue ends it
         if code != 0:
             raise RuntimeError(f"training in {run_dir} exited with code {code}; its log above says why")
         return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))

@@ -71,7 +71,7 @@ def _directory_target(path: Path) -> Target:
         return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [], table=True)
     job = read_json(path / JOB_FILE)
     if job and "sweep_dir" in job:  # one trial of a sweep
-        return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
+        return Target([_trial_row(job["job_id"], job)], f"trial {job.get('trial', job['task'])} of sweep {job['sweep_dir']}", [])
     if job:
         return Target(_entry_rows(job), f"run {path}", [])
     if (path / "config.yaml").exists():
