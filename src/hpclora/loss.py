@@ -16,9 +16,111 @@ def summed_loss(model, batch: dict) -> tuple[float, int]:
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
     with torch.no_grad():
-        logits = model(**inputs).logits
-        targets = batch["labels"][:, 1:]
-        total = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
-        )
-    return total.item(), int((targets != IGNORE).sum())
+        head = output_head(model)
+        if head is None:
+            logits = model(**inputs).logits
+            targets = batch["labels"][:, 1:]
+            total = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+            )
+            return total.item(), int((targets != IGNORE).sum())
+        with HeadInputs(head) as seen:
+            model(**inputs)
+        total, count = labelled_loss(seen.hidden, batch["labels"], head)
+    return float(total), count
+
+
+def output_head(model):
+    """The output head of a (PEFT-wrapped) causal LM whose logits are the head's output and nothing more, or
+    None for other architectures (their loss goes through the full logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in HEAD_ONLY_LOGITS:
+        return None
+    return base.get_output_embeddings()
+
+
+# Architectures whose logits are exactly the output head applied to the last hidden state (no soft-capping or
+# logit scale after it): for them the loss is computed from the hidden states of labelled positions only.
+HEAD_ONLY_LOGITS = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom"}
+# Rows of the (labelled positions x vocabulary) fp32 logits computed at once: bounds the loss's memory to
+# CHUNK_ROWS x vocab x 4 bytes x ~3 (logits, softmax, its gradient), ~1.2 GB for a 100k vocabulary.
+CHUNK_ROWS = 1024
+
+
+class _LabelledCrossEntropy:
+    """Summed next-token cross-entropy of `hidden` rows (labelled positions only) through a frozen `head`, in
+    chunks; the gradient with respect to `hidden` is computed chunk by chunk in the forward pass, so neither the
+    logits nor their softmax outlive a chunk (the fused linear cross-entropy of the Liger kernels, in plain
+    PyTorch). Made on first use so that importing this module does not import torch."""
+
+    function = None
+
+    @classmethod
+    def apply(cls, hidden, targets, head):
+        if cls.function is None:
+            import torch
+
+            class Function(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, targets, head):
+                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+                    with torch.enable_grad():
+                        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                            piece = hidden[start:start + CHUNK_ROWS].detach().requires_grad_(ctx.needs_input_grad[0])
+                            logits = head(piece).float()
+                            loss = torch.nn.functional.cross_entropy(logits, targets[start:start + CHUNK_ROWS], reduction="sum")
+                            if ctx.needs_input_grad[0]:
+                                (grad,) = torch.autograd.grad(loss, piece)
+                                grads[start:start + CHUNK_ROWS] = grad
+                            total += loss.detach()
+                    ctx.save_for_backward(grads)
+                    return total
+
+                @staticmethod
+                def backward(ctx, grad_total):
+                    (grads,) = ctx.saved_tensors
+                    return grads * grad_total.to(grads.dtype), None, None
+
+            cls.function = Function
+        return cls.function.apply(hidden, targets, head)
+
+
+def labelled_loss(hidden, labels, head):
+    """(summed cross-entropy over labelled next tokens, their count) from the last hidden states of a batch
+    (rows x positions x hidden) and the labels the collator made; equal to the cross-entropy of the full
+    logits, without them."""
+    import torch
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows = hidden[:, :-1][keep]
+    if rows.shape[0] == 0:
+        return hidden.sum() * 0.0, 0  # no response token in this batch: a zero that keeps the graph
+    if head.weight.requires_grad:  # a trained head (not LoRA's case): autograd through plain chunks
+        total = sum(torch.nn.functional.cross_entropy(head(rows[s:s + CHUNK_ROWS]).float(), targets[keep][s:s + CHUNK_ROWS], reduction="sum")
+                    for s in range(0, rows.shape[0], CHUNK_ROWS))
+        return total, int(keep.sum())
+    return _LabelledCrossEntropy.apply(rows, targets[keep], head), int(keep.sum())
+
+
+class HeadInputs:
+    """While active, the model's output head is run on no position at all and its input, the last hidden
+    states, is kept in `.hidden`: the loss then needs the head only where a label is (labelled_loss). A
+    forward pre-hook, the public way to see and change a module's input; the model is called as it is (with
+    its DDP wrapper), so gradients flow and synchronise as usual."""
+
+    def __init__(self, head):
+        self.head, self.hidden, self.handle = head, None, None
+
+    def _keep(self, module, args):
+        (hidden,) = args
+        self.hidden = hidden
+        return (hidden[:, :0],)
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -296,6 +296,24 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             self.local_tokens += int(inputs.pop("num_tokens", 0))
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The model's own loss, computed from the hidden states of labelled positions only (loss.py): the
+            same number and gradients without the (tokens x vocabulary) logits. Normalised as the Trainer does
+            for a model's loss: over the accumulated batch's labelled tokens, on every rank."""
+            from .loss import HeadInputs, labelled_loss, output_head
+
+            head = None if sharded else output_head(self.accelerator.unwrap_model(model))
+            if head is None:  # other architectures, and FSDP (its head is a shard): the model's own loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            with HeadInputs(head) as seen:
+                outputs = model(**inputs)
+            total, count = labelled_loss(seen.hidden, labels, head)
+            loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over the ranks
+            return (loss, outputs) if return_outputs else loss
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             import torch
 
