@@ -8,6 +8,7 @@ Without a reachable Slurm they skip; with HPCLORA_REQUIRE_SLURM=1 (as .ci/run se
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -360,19 +361,34 @@ def test_a_job_out_of_requeues_stops_with_its_checkpoint_and_says_so(tmp_path, t
     assert (run_dir / "checkpoints").is_dir() and not (run_dir / "adapter").exists()
 
 
-def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):
-    """--time=2 (minutes), the signal 20 s before it (Slurm may send it up to 60 s earlier still), and about
-    two minutes of training: more than one allocation can hold."""
-    cfg = tiny_run_yaml(
-        tmp_path, tiny_llama_dir, train={"max_steps": 900, "eval_every": 0, "log_every": 10, "preempt_grace_s": 20},
-        slurm={"time": "2", "max_requeues": 6},
+def steps_lasting(seconds: float, cfg: Path, tmp_path: Path, env: dict) -> int:
+    """How many steps of `cfg` take `seconds` of training on this machine (one thread, as the job has),
+    measured on a short local run, rounded up to the log interval of 10."""
+    probe = tmp_path / "speed-probe"
+    done = subprocess.run(
+        [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(probe), "train.max_steps=60"],
+        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
     )
+    assert done.returncode == 0, done.stderr
+    logged = {e["step"]: e["elapsed_s"] for e in map(json.loads, (probe / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+    per_step = (logged[60] - logged[10]) / 50
+    shutil.rmtree(probe)
+    return 10 * math.ceil(seconds / per_step / 10)
+
+
+def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):
+    """--time=2 (minutes), the signal 20 s before it (Slurm may send it up to 60 s earlier still), and
+    training that lasts about three minutes on this machine: more than one allocation can hold."""
+    train = {"eval_every": 0, "log_every": 10, "preempt_grace_s": 20}
+    probe_cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=train)
+    steps = steps_lasting(180, probe_cfg, tmp_path, env)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**train, "max_steps": steps}, slurm={"time": "2", "max_requeues": 8})
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    assert wait_for(job_id, timeout=600) == {job_id: ("COMPLETED", "0:0")}
+    assert wait_for(job_id, timeout=900) == {job_id: ("COMPLETED", "0:0")}
     (run_dir,) = (tmp_path / "runs").iterdir()
     restarts = requeue_records(job_id).count("REQUEUED")
     assert restarts >= 1 and "TIMEOUT" not in requeue_records(job_id)
-    assert metrics_steps(run_dir) == list(range(10, 901, 10))
+    assert metrics_steps(run_dir) == list(range(10, steps + 1, 10))
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     assert f"restarts   {restarts}" in hpclora("status", run_dir, env=env, cwd=tmp_path).stdout
 
