@@ -228,7 +228,7 @@ def test_truncation_and_dropping(tmp_path, tokenizer):
 
 def test_prepare_with_packing_fills_rows(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(40))
-    prepared = prepare(data_cfg(path, tmp_path, "data.val_size=0", "data.packing=true", "data.max_length=256", "data.template=none"), tokenizer, seed=0)
+    prepared = prepare(data_cfg(path, tmp_path, "data.val_size=0", "data.max_length=256", "data.template=none"), tokenizer, seed=0, packed=True)
     rows = prepared.train
     assert len(rows) < 40 / 3
     assert all(len(r) <= 256 for r in rows["input_ids"])

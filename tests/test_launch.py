@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpclora import config
+from hpclora import config, plan
 from hpclora.errors import ConfigError
 from hpclora.launch import launchers, render, submit, sweep, watch
 from hpclora.launch.submitit import parameters, slurm_minutes
@@ -162,13 +162,16 @@ def test_a_64_trial_sweep_is_one_array_script(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"run: {{output_root: {tmp_path / 'runs'}}}\ndata: {{path: {data}}}\n")
     grid = ["lora.r=4,8,16,32", "train.lr=1e-4,2e-4,3e-4,4e-4", "lora.dropout=0,0.05,0.1,0.2"]
-    job = submit.prepare_sweep(str(cfg_path), ["train.max_steps=10"], grid, 8, python=PYTHON)
+    job = submit.prepare_sweep(str(cfg_path), ["train.max_steps=10", "slurm.gpus=0"], grid, 8, python=PYTHON,
+                               check=lambda cfgs: plan.check_before_submit(cfgs, force=False))
     assert len(job.trial_cfgs) == 64 and len(job.run_dirs) == 64
     assert job.script.count("#SBATCH --array=0-63%8\n") == 1
     submit.write(job)
     assert {p.name for p in job.directory.iterdir()} >= {"job.sbatch", "trial-000", "trial-063"}
     trial = config.load(job.run_dirs[63] / "config.yaml")
     assert (trial.lora.r, trial.train.lr, trial.lora.dropout, trial.train.max_steps) == (32, 4e-4, 0.2, 10)
+    # the planner's choices, made on the login node, are what the job trains with
+    assert (trial.data.packing, trial.train.gradient_checkpointing) == (True, False)
 
 
 def test_slurm_time_in_minutes():

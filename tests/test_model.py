@@ -191,6 +191,33 @@ def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
     assert summary["steps"] == 2 and summary["train_loss"] > 0
 
 
+def test_by_default_bloom_trains_unpacked_and_llama_packed_and_the_log_says_why(tmp_path, tiny_llama_dir, capsys):
+    from transformers import AutoTokenizer
+
+    bloom = tmp_path / "bloom"
+    tiny_model("bloom", vocab_size=len(AutoTokenizer.from_pretrained(tiny_llama_dir))).save_pretrained(bloom)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(bloom)
+    out = train_tiny(tmp_path, bloom, "train.max_steps=2")
+    log = capsys.readouterr().out
+    assert "data: not packed: bloom attention ignores the per-example positions" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "train_packed_rows" not in summary["data"]
+    (tmp_path / "llama").mkdir()
+    llama = train_tiny(tmp_path / "llama", tiny_llama_dir, "train.max_steps=2")
+    assert "data: packed: several examples per row" in capsys.readouterr().out
+    assert json.loads((llama / "summary.json").read_text())["data"]["train_packed_rows"] < 8
+
+
+@pytest.mark.parametrize("job_memory, expected", [("64G", "off: auto: the run fits in 64.0 GB without it"),
+                                                  ("100M", "on: auto: the run needs")])
+def test_gradient_checkpointing_auto_follows_the_memory_of_the_job(tmp_path, tiny_llama_dir, capsys, monkeypatch, job_memory, expected):
+    """On CPU the job's memory is Slurm's --mem (SLURM_MEM_PER_NODE in the job's environment)."""
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", job_memory)
+    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=2")
+    assert f"gradient checkpointing {expected}" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
 def test_default_attention_loads_every_architecture(tmp_path):
     """transformers has no sdpa for BLOOM: the default `auto` must load it (a fixed `sdpa` refused it)."""
     from hpclora.model import load_base

@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from hpclora.data.packing import Collator, pack
+from hpclora.data.packing import Collator, length_grouped, pack
 from hpclora.data.tokenize import IGNORE
-from hpclora.models import PACKING_SUPPORTED
+from hpclora.errors import ConfigError
+from hpclora.models import PACKING_SUPPORTED, packing_choice
 
 from conftest import tiny_model
 
@@ -78,3 +79,36 @@ def test_bloom_is_refused_because_packed_examples_would_see_each_other():
     """Bloom (ALiBi) ignores position_ids, so packing would leak attention across examples."""
     assert "bloom" not in PACKING_SUPPORTED
     assert packed_vs_unpacked_max_diff("bloom") > 1e-3
+
+
+def test_packing_auto_is_on_where_exact_and_off_with_a_reason_elsewhere():
+    assert packing_choice("auto", "llama", 512)[0] is True
+    off, why = packing_choice("auto", "bloom", 512)
+    assert off is False and "bloom attention ignores the per-example positions" in why and "similar length" in why
+    assert packing_choice("auto", "llama", 32) == (False, "not packed: rows of data.max_length=32 < 64 tokens; rows of similar length batched together")
+    assert packing_choice(False, "llama", 512)[0] is False
+    with pytest.raises(ConfigError, match="data.packing: not supported for bloom"):
+        packing_choice(True, "bloom", 512)
+
+
+def padded_tokens(batches, lengths):
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_hold_every_row_once_and_far_less_padding_than_random_ones():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 1000) for _ in range(2000)]
+    batches = length_grouped(lengths, 8, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(2000)) and all(1 <= len(b) <= 8 for b in batches)
+    order = list(range(2000))
+    random.Random(1).shuffle(order)
+    at_random = [order[i:i + 8] for i in range(0, 2000, 8)]
+    assert padded_tokens(batches, lengths) < 0.1 * padded_tokens(at_random, lengths)
+    assert length_grouped(lengths, 8, seed=1) == batches and length_grouped(lengths, 8, seed=2) != batches
+
+
+def test_an_item_that_is_a_batch_collates_as_its_rows():
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in examples(5, 3, 20)]
+    as_rows = Collator(pad_token_id=0)(rows)
+    as_batch = Collator(pad_token_id=0)([{"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}])
+    assert as_rows.keys() == as_batch.keys() and all(torch.equal(as_rows[k], as_batch[k]) for k in as_rows)

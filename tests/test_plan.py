@@ -126,7 +126,10 @@ def test_submit_refuses_what_does_not_fit_unless_forced_and_fills_time_auto(tmp_
            f"run.output_root={tmp_path}", "--dry-run"]
     refused = subprocess.run([sys.executable, "-m", "hpclora", "submit", *big], capture_output=True, text=True)
     assert refused.returncode == 2 and "does not fit in 16.0 GB on v100-16gb" in refused.stderr
-    assert "train.micro_batch_size=16" in refused.stderr and "Traceback" not in refused.stderr
+    fitting = plan.make_plan(config.load(big[0], big[1:3]))
+    assert 1 <= fitting.max_micro_batch < 64 and fitting.max_micro_batch * fitting.grad_accum >= 64
+    assert f"train.micro_batch_size={fitting.max_micro_batch} train.grad_accum={fitting.grad_accum}" in refused.stderr
+    assert "Traceback" not in refused.stderr
     forced = subprocess.run([sys.executable, "-m", "hpclora", "submit", *big, "--force"], capture_output=True, text=True)
     assert forced.returncode == 0 and "DOES NOT FIT: forced" in forced.stderr
 

@@ -21,9 +21,9 @@ from conftest import tiny_run_yaml
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
 
 
-def resume_config(tmp_path: Path, model_dir: Path, **train) -> Path:
+def resume_config(tmp_path: Path, model_dir: Path, data: dict | None = None, **train) -> Path:
     return tiny_run_yaml(
-        tmp_path, model_dir, run={"name": "resume"},
+        tmp_path, model_dir, run={"name": "resume"}, data=data or {},
         lora={"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
         train={"max_steps": STEPS, "eval_every": 7, **train},
     )
@@ -102,6 +102,22 @@ def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_l
     assert summary["restarts"] == 3 and summary["base_val_loss"] == json.loads((reference / "summary.json").read_text())["base_val_loss"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["restart"] for a in attempts] == [0, 1, 2, 3]
+
+
+def test_an_unpacked_run_batched_by_length_resumes_exactly(tmp_path, tiny_llama_dir):
+    """Unpacked rows are drawn in batches of similar lengths, a shuffle of its own: a run stopped mid-epoch and
+    in a later epoch still trains the batches of the uninterrupted one."""
+    unpacked = {"packing": False}
+    (tmp_path / "ref").mkdir()
+    reference = subprocess.run(train_argv(resume_config(tmp_path / "ref", tiny_llama_dir, unpacked), tmp_path / "ref" / "run"),
+                               capture_output=True, text=True)
+    assert reference.returncode == 0 and "not packed (data.packing=false)" in reference.stdout, reference.stdout + reference.stderr
+    config = resume_config(tmp_path, tiny_llama_dir, unpacked)
+    for step in (3, 11):
+        assert interrupt_after(config, tmp_path / "run", step).returncode == CHECKPOINTED_EXIT
+    final = subprocess.run(train_argv(config, tmp_path / "run"), capture_output=True, text=True)
+    assert final.returncode == 0 and "(restart 2)" in final.stdout, final.stdout + final.stderr
+    assert_same_adapter(tmp_path / "run", tmp_path / "ref" / "run")
 
 
 KILL_MID_WRITE = """

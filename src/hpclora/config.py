@@ -108,7 +108,13 @@ class DataSection:
     max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated; at most the model's context.", min=16, max=1_048_576)
     val_size: float = opt(0.1, "Held-out rows for validation: a fraction (< 1) or a row count (>= 1); 0 = none.", min=0, max=1e9)
     max_rows: Optional[int] = opt(None, "Use only the first N rows of the data (quick trials); null = all.", min=1, max=10**10)
-    packing: bool = opt(False, "Pack several examples into each row of at most max_length tokens (fewer pad tokens).")
+    packing: Any = opt(
+        "auto",
+        "Pack several examples into each row of at most max_length tokens (fewer pad tokens, each example still attends "
+        "only to itself). auto = on where the architecture keeps packed examples apart (not BLOOM) and rows hold at "
+        "least 64 tokens; unpacked rows are batched with rows of similar length.",
+        choices=("auto", True, False),
+    )
     train_on_prompt: bool = opt(False, "Also train on prompt tokens; by default only responses (assistant turns) train.")
     cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = <cache.hf_home>/hpclora/tokenized, or $HPCLORA_CACHE/tokenized, or ~/.cache/hpclora/tokenized.")
 
@@ -131,7 +137,12 @@ class TrainSection:
         "auto = bf16 where the GPU has it, fp16 autocast with fp32 master weights on V100/T4, fp32 on CPU.",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    gradient_checkpointing: Any = opt(
+        "auto",
+        "Recompute activations in the backward pass: much less memory, ~30% slower. auto = on only where the planner "
+        "finds that the run does not fit without it (slurm.mem for CPU jobs, the GPU's memory otherwise); the log says which.",
+        choices=("auto", True, False),
+    )
     optimizer: str = opt(
         "adamw_torch",
         "Optimizer; paged_adamw_8bit (bitsandbytes, CUDA) saves memory for QLoRA runs.",
@@ -527,7 +538,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("data.path", f"file not found: {cfg.data.path}"))
     if cfg.data.format == "text" and cfg.data.template != "none":
         problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
-    if cfg.data.packing and cfg.data.max_length < 64:
+    if cfg.data.packing is True and cfg.data.max_length < 64:
         problems.append(("data.max_length", "packing needs rows of at least 64 tokens"))
     if cfg.quant.bits is None and (cfg.quant.type != "nf4" or cfg.quant.compute_dtype != "auto"):
         problems.append(("quant.bits", "quant.type / quant.compute_dtype are set but quant.bits is null: set quant.bits=4 or 8"))
@@ -604,10 +615,15 @@ def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
     return problems
 
 
+def _choice(value: Any) -> str:
+    """A choice as YAML spells it: null, true, auto."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        shown = ", ".join(map(_choice, choices))
         near = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         return [(key, f"must be one of {shown}; got {value!r}{hint}")]
@@ -648,7 +664,7 @@ def explain() -> str:
             lines.append(f"  {f.name}: {shown}")
             lines.append(f"      {f.metadata.get('help', '')}")
             if choices:
-                lines.append("      one of: " + ", ".join("null" if c is None else str(c) for c in choices))
+                lines.append("      one of: " + ", ".join(map(_choice, choices)))
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .distributed import world
 from .errors import ModelNotFoundError, UserError
-from .models import FAN_IN_FAN_OUT, PACKING_SUPPORTED, target_modules_for
+from .models import FAN_IN_FAN_OUT, packing_choice, target_modules_for
 from .hub import is_offline, local_model_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -130,12 +130,8 @@ def attach_lora(model, cfg, sharded: bool = False):
     FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.data.packing and model.config.model_type not in PACKING_SUPPORTED:
-        raise UserError(
-            f"data.packing: not supported for {model.config.model_type} models (their attention ignores the per-example "
-            "positions, so packed examples would see each other); set data.packing=false"
-        )
-    checkpointing = cfg.train.gradient_checkpointing and not sharded
+    packing_choice(cfg.data.packing, model.config.model_type, cfg.data.max_length)  # refuses packing where examples would mix
+    checkpointing = cfg.train.gradient_checkpointing is True and not sharded
     non_reentrant = {"use_reentrant": False}  # works with DDP and frozen inputs; the reentrant kind does neither well
     if cfg.quant.bits:
         keep_4bit_layers_differentiable(model)

@@ -7,6 +7,8 @@ dimensions of known checkpoints.
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TARGET_MODULES: dict[str, list[str]] = {
@@ -36,6 +38,22 @@ FAN_IN_FAN_OUT = {"gpt2"}
 # Models that ignore `position_ids` (ALiBi: bloom) or that do not build the packed-sequence mask
 # would let packed examples see each other.
 PACKING_SUPPORTED = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}
+PACKING_MIN_LENGTH = 64  # shorter rows hold too few examples to gain from packing
+
+
+def packing_choice(setting, model_type: str, max_length: int) -> tuple[bool, str]:
+    """Whether training packs its rows, and why, for data.packing `auto`, true or false. Refuses `true`
+    for an architecture whose packed examples would see each other."""
+    if setting is not True and setting != "auto":
+        return False, "not packed (data.packing=false): rows of similar length batched together"
+    if model_type not in PACKING_SUPPORTED:
+        why = f"{model_type} attention ignores the per-example positions, so packed examples would see each other"
+        if setting is True:
+            raise ConfigError([("data.packing", f"not supported for {model_type} models ({why}); set data.packing=false or auto")])
+        return False, f"not packed: {why}; rows of similar length batched together"
+    if setting == "auto" and max_length < PACKING_MIN_LENGTH:
+        return False, f"not packed: rows of data.max_length={max_length} < {PACKING_MIN_LENGTH} tokens; rows of similar length batched together"
+    return True, f"packed: several examples per row, each attending only to itself ({model_type})"
 
 
 # Architectures transformers runs only with eager attention (no sdpa): `attn_implementation: auto` picks

@@ -14,7 +14,8 @@ results in benchmarks/results/):
   residual stream (QUANT_EXTRA_H); with gradient checkpointing only each layer's input is kept, and
   one layer is recomputed at a time;
 - eager attention (BLOOM, or model.attn_implementation=eager): scores and probabilities per head;
-- logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss (more on CPU);
+- logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss (more on CPU),
+  where T is at most loss.CHUNK_ROWS labelled positions on the default loss path;
 - GPUs: the caching allocator's slack (fixed part plus the blocks of the fp32 logits it keeps) and the
   CUDA context; CPU: the interpreter and libraries.
 
@@ -26,14 +27,16 @@ gathered for the whole step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 from .config import RunConfig
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .hub import cached_model_file, hf_home, hub_model_id, local_model_path
-from .models import EAGER_ONLY, KNOWN_DIMS, target_modules_for
+from .loss import CHUNK_ROWS, HEAD_ONLY_LOGITS
+from .models import EAGER_ONLY, KNOWN_DIMS, packing_choice, target_modules_for
 from .slurm_syntax import preempt_grace_problem, slurm_mem_gb, slurm_seconds, slurm_time
 
 GB = 1e9
@@ -217,20 +220,25 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     residual = 4 if bits else e
     if bits and e == 2:
         per_layer += QUANT_EXTRA_H * d.hidden * e
-    if cfg.train.gradient_checkpointing:  # layer inputs kept, one layer's activations recomputed at a time
+    checkpointing = cfg.train.gradient_checkpointing is True
+    if checkpointing:  # layer inputs kept, one layer's activations recomputed at a time
         activations = tokens * (d.layers * d.hidden * residual + per_layer)
     else:
         activations = tokens * d.layers * per_layer
     if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
         attention = micro_batch * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
-        activations += attention * (1 if cfg.train.gradient_checkpointing else d.layers)
-    logits = tokens * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
+        activations += attention * (1 if checkpointing else d.layers)
+    # The loss sees the logits of at most CHUNK_ROWS labelled positions at a time (loss.py), except where the
+    # model's own loss runs on the full logits: architectures outside HEAD_ONLY_LOGITS, and FSDP's sharded head.
+    full_logits = d.model_type not in HEAD_ONLY_LOGITS or (strategy == "fsdp" and world > 1)
+    loss_rows = tokens if full_logits else min(tokens, CHUNK_ROWS)
+    logits = loss_rows * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
     parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
              "activations_gb": activations / GB, "logits_gb": logits / GB}
     if device.name == "cpu":
         parts["runtime_gb"] = CPU_BASELINE_GB
     else:
-        parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * tokens * d.vocab * 4 / GB
+        parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * loss_rows * d.vocab * 4 / GB
         parts["runtime_gb"] = device.context_gb
     parts["peak_gb"] = sum(parts.values())
     return {k: round(v, 3) for k, v in parts.items()}
@@ -267,6 +275,11 @@ class Plan:
     strategy_reason: str = ""
     peak_by_strategy_gb: dict = field(default_factory=dict)  # per-GPU peak under ddp and fsdp (several ranks)
     scaling_efficiency: float = 1.0
+    quantized_4bit: bool = False
+    gradient_checkpointing: bool = False  # train.gradient_checkpointing, `auto` resolved
+    checkpointing_reason: str = ""
+    packing: bool = False  # data.packing, `auto` resolved for the architecture
+    packing_reason: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -333,26 +346,49 @@ def strategy_problem(strategy: str, device: Device, precision: str) -> str | Non
     return None
 
 
-def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
-    device = device_for(cfg, gpu)
+def with_checkpointing(cfg: RunConfig, on: bool) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on))
+
+
+def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = None, capacity_gb: float | None = None) -> Plan:
+    """The plan for `cfg` on the GPU named `gpu` (or slurm.gpu_type, or the CPU for slurm.gpus: 0); a training
+    process passes the `device` it runs on and the memory it has (`capacity_gb`) instead."""
+    device = device or device_for(cfg, gpu)
     dims, source = find_dims(cfg)
+    packing, packing_why = packing_choice(cfg.data.packing, dims.model_type, cfg.data.max_length)
     precision, why = precision_for(cfg, device)
     counts = parameter_counts(dims)
     trainable = lora_parameters(dims, cfg.lora.r, cfg.lora.target_modules)
-    capacity = slurm_mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
+    if capacity_gb is not None:
+        capacity = capacity_gb
+    else:
+        capacity = slurm_mem_gb(cfg.slurm.mem) if device.name == "cpu" else device.memory_gb  # CPU: the job's RAM
     usable = capacity * 0.95
     world = world_size(cfg)
     per_node = cfg.slurm.gpus or cfg.train.cpu_ranks
     if device.name == "cpu" and world > 1:
         capacity = usable = capacity / per_node  # the ranks of a node share the job's memory
 
+    def layout(c: RunConfig) -> tuple[str, str, dict, dict]:
+        """(strategy, why, its parts at the configured micro-batch, per-strategy peaks) for config `c`."""
+        peaks = {s: memory_gb(dims, c, device, precision, c.train.micro_batch_size, s, world)["peak_gb"] for s in ("ddp", "fsdp")} if world > 1 else {}
+        smallest = {s: memory_gb(dims, c, device, precision, 1, s, world)["peak_gb"] for s in peaks}
+        strategy, strategy_why = choose_strategy(c, device, smallest, usable)
+        return strategy, strategy_why, memory_gb(dims, c, device, precision, c.train.micro_batch_size, strategy, world), peaks
+
+    setting = cfg.train.gradient_checkpointing
+    if setting == "auto":  # off wherever the run fits without it: recomputing costs a third more compute
+        plain = layout(with_checkpointing(cfg, False))
+        checkpointing = plain[2]["peak_gb"] > usable
+        checkpointing_why = (f"auto: the run needs {plain[2]['peak_gb']:.1f} GB without it, more than {capacity:.1f} GB" if checkpointing
+                             else f"auto: the run fits in {capacity:.1f} GB without it ({plain[2]['peak_gb']:.1f} GB)")
+    else:
+        checkpointing, checkpointing_why = bool(setting), f"train.gradient_checkpointing={str(bool(setting)).lower()}"
+    cfg = with_checkpointing(cfg, checkpointing)
+    strategy, strategy_why, parts, peaks = layout(cfg)
+
     def peak(strategy: str, micro: int) -> dict[str, float]:
         return memory_gb(dims, cfg, device, precision, micro, strategy, world)
-
-    peaks = {s: peak(s, cfg.train.micro_batch_size)["peak_gb"] for s in ("ddp", "fsdp")} if world > 1 else {}
-    smallest = {s: peak(s, 1)["peak_gb"] for s in peaks}
-    strategy, strategy_why = choose_strategy(cfg, device, smallest, usable)
-    parts = peak(strategy, cfg.train.micro_batch_size)
 
     max_micro = 0
     for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
@@ -364,7 +400,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
 
     # Tokens/s from the device's peak FLOPs: forward 2N, backward (input gradients only: the base is
     # frozen) 2N, recomputation 2N more with gradient checkpointing; causal attention on top.
-    per_token = (4 + (2 if cfg.train.gradient_checkpointing else 0)) * counts["total"]
+    per_token = (4 + (2 if checkpointing else 0)) * counts["total"]
     per_token += 3 * 2 * dims.layers * dims.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":
@@ -391,7 +427,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None) -> Plan:
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
         time=slurm_time(seconds) if seconds else None, recommended=resources(cfg, device, counts, parts, seconds), breakdown=parts,
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
-        peak_by_strategy_gb=peaks, scaling_efficiency=scaling,
+        peak_by_strategy_gb=peaks, scaling_efficiency=scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
+        checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why,
     )
 
 
@@ -428,14 +465,29 @@ def format_plan(p: Plan) -> str:
         ("activations", f"{p.activations_gb:.2f} GB at micro-batch {p.micro_batch} (incl. logits)"),
         ("overhead", f"{p.breakdown['runtime_gb'] + p.breakdown.get('allocator_gb', 0):.2f} GB "
                      + ("(Python, torch and libraries)" if p.device == "cpu" else "(CUDA context, allocator slack)")),
+        ("checkpointing", f"{'on' if p.gradient_checkpointing else 'off'} ({p.checkpointing_reason})"),
+        ("packing", p.packing_reason),
         ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB{' per rank' if p.world_size > 1 else ''}: {'fits' if p.fits else 'DOES NOT FIT'}"),
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
-                        if p.max_micro_batch else "not even 1 row fits: use quant.bits=4, gradient checkpointing, shorter rows or a larger GPU"),
+                        if p.max_micro_batch else f"not even 1 row fits: try {shrink_advice(p)}"),
         ("speed", f"~{p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s_note})"),
         ("time", f"{p.time} for {p.steps} steps (full-length rows: an upper bound)" if p.time else "unknown (row count not known: set train.max_steps)"),
         ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v)),
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def shrink_advice(p: Plan) -> str:
+    """What can still make a run fit that does not fit at micro-batch 1: only what it does not do already."""
+    options = []
+    if not p.quantized_4bit:
+        options.append("quant.bits=4")
+    if not p.gradient_checkpointing:
+        options.append("train.gradient_checkpointing=true")
+    options.append("a shorter data.max_length")
+    options.append("more GPUs (slurm.gpus, FSDP on bf16 GPUs)" if p.device != "cpu" and p.world_size == 1 else
+                   "more memory (slurm.mem)" if p.device == "cpu" else "a larger GPU")
+    return ", ".join(options[:-1]) + " or " + options[-1]
 
 
 def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
@@ -447,6 +499,8 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
         label = f"trial {i}: " if len(cfgs) > 1 else ""
         try:
             p = make_plan(cfg)
+        except ConfigError:  # the config cannot train this model (data.packing on BLOOM)
+            raise
         except UserError as exc:
             if cfg.slurm.time == "auto":
                 raise UserError(f"slurm.time: auto needs a plan, and there is none: {exc}") from None
@@ -456,8 +510,7 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
         if (problem := strategy_problem(p.strategy, device, p.precision)) is not None:
             raise UserError(f"train.distributed: {label}{problem}")
         if not p.fits and not force:
-            fix = (f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch
-                   else "quant.bits=4, train.gradient_checkpointing=true, a shorter data.max_length or a larger GPU")
+            fix = f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch else shrink_advice(p)
             raise UserError(
                 f"{label}predicted peak {p.peak_gb:.1f} GB does not fit in {p.capacity_gb:.1f} GB on {p.device} "
                 f"(`hpclora plan` shows the breakdown): try {fix}, or pass --force"
@@ -466,11 +519,16 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
             if p.recommended["time"] is None:
                 raise UserError("slurm.time: auto needs the number of steps: set train.max_steps, or use a local data file")
             times.append(p.recommended["time"])
-        if cfg.train.distributed == "auto" and p.world_size > 1:  # the job trains with what the planner chose
+        # The job trains with what the planner chose, which its config.yaml records.
+        if cfg.train.distributed == "auto" and p.world_size > 1:
             cfg.train.distributed = p.strategy
+        if cfg.train.gradient_checkpointing == "auto":
+            cfg.train.gradient_checkpointing = p.gradient_checkpointing
+        if cfg.data.packing == "auto":
+            cfg.data.packing = p.packing
         world = f" per rank, {p.world_size} ranks with {p.strategy.upper()} ({p.strategy_reason})" if p.world_size > 1 else ""
-        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}{world}, {p.precision}"
-                     + ("" if p.fits else " (DOES NOT FIT: forced)"))
+        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}{world}, {p.precision}, "
+                     f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}" + ("" if p.fits else " (DOES NOT FIT: forced)"))
     if times:
         longest = max(times, key=slurm_seconds)
         for cfg in cfgs:

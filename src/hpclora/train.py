@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import checkpoint, distributed
 from .config import RunConfig, to_yaml
-from .slurm_syntax import slurm_time
+from .slurm_syntax import slurm_mem_gb, slurm_time
 from .errors import UserError
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
@@ -71,7 +71,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 
 def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: list[str], device: str, precision: str, why: str,
               stop: StopRequest) -> TrainedRun:
-    from .data import prepare
+    from .data import batched_by_length, prepare
     from .model import attach_lora, load_base, load_tokenizer
 
     config_sha256 = config_hash(to_yaml(cfg))
@@ -92,9 +92,13 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), {strategy.upper()}: every rank trains on its share "
              "of each step's rows" + ("; weights, gradients and optimizer states are sharded over the ranks" if strategy == "fsdp" else ""))
 
+    cfg, choices = resolve_auto(cfg, device)
+    for line in choices:
+        emit(line)
+
     tokenizer = load_tokenizer(cfg.model)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
-        data = prepare(cfg.data, tokenizer, cfg.run.seed)
+        data = prepare(cfg.data, tokenizer, cfg.run.seed, packed=cfg.data.packing)
     emit(describe_data(data.stats))
 
     sharded = strategy == "fsdp"
@@ -104,7 +108,9 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
-    steps = total_steps(len(data.train), cfg, world.size)
+    if not cfg.data.packing:  # items of the training set become whole micro-batches of similar-length rows
+        data.train = batched_by_length(data.train, cfg.train.micro_batch_size, cfg.run.seed)
+    steps = total_steps(len(data.train) if not cfg.data.packing else math.ceil(len(data.train) / cfg.train.micro_batch_size), cfg, world.size)
     ranks = f" x {world.size} ranks" if world.size > 1 else ""
     emit(
         f"batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation{ranks} = "
@@ -211,6 +217,58 @@ def choose_strategy(cfg: RunConfig, world: distributed.World, device: str, preci
     return strategy
 
 
+def resolve_auto(cfg: RunConfig, device: str) -> tuple[RunConfig, list[str]]:
+    """The config with data.packing and train.gradient_checkpointing decided (`hpclora submit` has already
+    decided them for its jobs; a run started by hand decides here, for the memory it really has), and a log
+    line for each decision."""
+    from . import plan
+    from .models import packing_choice
+
+    try:
+        model_type = plan.find_dims(cfg)[0].model_type
+    except UserError:  # no config.json the planner can read: the model's own config tells
+        from transformers import AutoConfig
+
+        from .model import from_pretrained
+
+        model_type = from_pretrained(AutoConfig, cfg.model.name, cfg.model).model_type
+    packing, packing_why = packing_choice(cfg.data.packing, model_type, cfg.data.max_length)
+    checkpointing = cfg.train.gradient_checkpointing
+    if checkpointing == "auto":
+        try:
+            p = plan.make_plan(cfg, device=this_device(device), capacity_gb=memory_here_gb(device))
+            checkpointing, checkpointing_why = p.gradient_checkpointing, p.checkpointing_reason
+        except UserError as exc:
+            checkpointing, checkpointing_why = False, f"auto, without a plan ({exc})"
+    else:
+        checkpointing_why = f"train.gradient_checkpointing={str(checkpointing).lower()}"
+    resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=packing),
+                                   train=dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing))
+    return resolved, [f"data: {packing_why}", f"gradient checkpointing {'on' if checkpointing else 'off'}: {checkpointing_why}"]
+
+
+def this_device(device: str):
+    """The planner's description of the device this process trains on."""
+    import torch
+
+    from .plan import DEVICES, Device
+
+    if device != "cuda":
+        return DEVICES["cpu"]
+    index = distributed.world().local_rank
+    props = torch.cuda.get_device_properties(index)
+    return Device(props.name, props.total_memory / 1e9, torch.cuda.is_bf16_supported(), 0.0, 0.6)
+
+
+def memory_here_gb(device: str) -> float:
+    """Memory this training has: its GPU's, or on CPU the job's (Slurm's --mem) or else the machine's."""
+    if device == "cuda":
+        return this_device(device).memory_gb
+    if os.environ.get("SLURM_MEM_PER_NODE"):
+        return slurm_mem_gb(os.environ["SLURM_MEM_PER_NODE"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
 def find_resume_point(run_dir: Path, config_sha256: str, world_size: int = 1) -> Path | None:
     """The newest sound checkpoint of this very config and world size, after clearing what a killed save
     left and moving damaged ones aside."""
@@ -267,12 +325,12 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def total_steps(train_rows: int, cfg: RunConfig, world_size: int = 1) -> int:
-    """Optimizer steps for the run: max_steps if set, else epochs over the (packed) training rows, of which
-    each step takes micro_batch_size x grad_accum x world_size."""
+def total_steps(micro_batches: int, cfg: RunConfig, world_size: int = 1) -> int:
+    """Optimizer steps for the run: max_steps if set, else epochs over the training set's micro-batches, of
+    which each step takes grad_accum x world_size."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = math.ceil(train_rows / cfg.train.micro_batch_size / cfg.train.grad_accum / world_size)
+    per_epoch = math.ceil(micro_batches / cfg.train.grad_accum / world_size)
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
@@ -378,7 +436,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=int(t.warmup_ratio * steps),
-        per_device_train_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=t.micro_batch_size if cfg.data.packing else 1,  # unpacked: each item is a micro-batch
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         optim=t.optimizer,
@@ -435,7 +493,7 @@ def fsdp_arguments(cfg: RunConfig) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "reshard_after_forward": True,
             "state_dict_type": "FULL_STATE_DICT",
-            "activation_checkpointing": cfg.train.gradient_checkpointing,
+            "activation_checkpointing": cfg.train.gradient_checkpointing is True,
         },
     }
 

@@ -1,6 +1,6 @@
 """Data for a run: read -> normalise -> split -> template + tokenize (cached) -> pack.
 
-`prepare(cfg.data, tokenizer, seed)` returns the train and validation sets ready for the Trainer, and
+`prepare(cfg.data, tokenizer, seed, packed)` returns the train and validation sets ready for the Trainer, and
 the numbers the job log prints about them.
 """
 
@@ -14,12 +14,12 @@ from typing import Iterator
 
 from ..errors import DataError, UserError
 from .normalize import check_columns, detect_format, normalize, rename_columns
-from .packing import Collator, pack
+from .packing import Collator, length_grouped, pack
 from .read import read_rows
 from .templates import render
 from .tokenize import cache_key, encode, rendered_pieces, tokenize_dataset, tokenizer_fingerprint
 
-__all__ = ["prepare", "PreparedData", "Collator", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized"]
+__all__ = ["prepare", "PreparedData", "Collator", "batched_by_length", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized"]
 
 
 @dataclass
@@ -99,7 +99,8 @@ def tokenized(data_cfg, conversations: list[list[dict]], numbers: list[int], tok
     return ds, cached
 
 
-def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
+def prepare(data_cfg, tokenizer, seed: int, packed: bool = False) -> PreparedData:
+    """`packed`: data.packing as resolved for the model (models.packing_choice)."""
     conversations, numbers, fmt = load_conversations(data_cfg)
     if data_cfg.template == "chat":
         try:
@@ -122,7 +123,7 @@ def prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         sets[split] = ds
     if sets["train"] is None or len(sets["train"]) == 0:
         raise DataError(data_cfg.path, "no training example is left: every response was cut off by data.max_length")
-    if data_cfg.packing:
+    if packed:
         for split in ("train", "val"):
             if sets[split] is not None and len(sets[split]):
                 sets[split] = _packed(sets[split], data_cfg.max_length)
@@ -134,3 +135,13 @@ def _packed(ds, max_length: int):
     import datasets
 
     return datasets.Dataset.from_dict(pack(list(zip(ds["input_ids"], ds["labels"])), max_length))
+
+
+def batched_by_length(ds, rows_per_batch: int, seed: int):
+    """The unpacked training rows as a dataset of micro-batches, each of rows of similar length (less padding);
+    the Trainer shuffles these batches every epoch as it would shuffle rows."""
+    import datasets
+
+    batches = length_grouped(list(map(len, ds["input_ids"])), rows_per_batch, seed)
+    ids, labels = ds["input_ids"], ds["labels"]
+    return datasets.Dataset.from_dict({"input_ids": [[ids[i] for i in b] for b in batches], "labels": [[labels[i] for i in b] for b in batches]})

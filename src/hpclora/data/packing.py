@@ -10,6 +10,7 @@ batch's total length on kernels without variable-length support (CPU, V100).
 from __future__ import annotations
 
 import bisect
+import random
 
 from .tokenize import IGNORE
 
@@ -43,11 +44,29 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> dict[s
     return packed
 
 
+MEGABATCH = 50  # batches whose rows are drawn together at random, then sorted by length
+
+
+def length_grouped(lengths: list[int], rows_per_batch: int, seed: int) -> list[list[int]]:
+    """Row indices in batches of similar lengths, made once (as fairseq's batch_by_size does): rows are shuffled
+    with `seed`, cut into groups of MEGABATCH batches, each group sorted by length and cut into batches. A
+    batch's rows stay random but alike in length; the batches themselves are shuffled every epoch."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    group = MEGABATCH * rows_per_batch
+    batches = []
+    for start in range(0, len(order), group):
+        members = sorted(order[start:start + group], key=lambda i: lengths[i])
+        batches.extend(members[b:b + rows_per_batch] for b in range(0, len(members), rows_per_batch))
+    return batches
+
+
 class Collator:
     """Right-pads a list of rows into tensors.
 
     Unpacked rows get an attention mask. Packed rows get `position_ids` and no mask; their padding is
-    given positions of its own, starting at 0, so it forms a separate (ignored) sequence.
+    given positions of its own, starting at 0, so it forms a separate (ignored) sequence. An item that is a
+    whole micro-batch (data.batched_by_length) gives its rows.
     `num_tokens` counts real tokens for throughput; the trainer removes it before the forward pass.
     """
 
@@ -58,6 +77,8 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
+        if rows and rows[0]["input_ids"] and isinstance(rows[0]["input_ids"][0], list):  # items that are batches
+            rows = [{"input_ids": ids, "labels": labels} for r in rows for ids, labels in zip(r["input_ids"], r["labels"])]
         longest = max(len(r["input_ids"]) for r in rows)
         width = -(-longest // self.multiple) * self.multiple
         packed = "position_ids" in rows[0]
