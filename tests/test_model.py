@@ -183,6 +183,44 @@ def test_qlora_gradients_are_unchanged_by_an_evaluation_pass_on_cpu(tiny_llama_d
     assert all(torch.allclose(b, a, atol=1e-6) for b, a in zip(before, after))
 
 
+def test_qlora_keeps_embeddings_and_head_in_the_compute_dtype_with_the_loss_and_gradients_of_peft_upcasting(tiny_llama_dir):
+    """bf16 compute under autocast, as on an A100 (here on CPU): PEFT's prepare_model_for_kbit_training holds the
+    embeddings and head in fp32, hpclora keeps them in bf16 (norms in fp32). Same adapter weights: the loss and
+    the LoRA gradients agree to bf16 rounding."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
+
+    from hpclora.model import load_base
+
+    cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4", "lora.dropout=0", "train.precision=bf16")
+    ours, _ = attach_lora(load_base(cfg, "bf16", "cpu"), cfg)
+    base = ours.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16 and base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in base.named_parameters() if "norm" in n)
+    theirs = prepare_model_for_kbit_training(load_base(cfg, "bf16", "cpu"), use_gradient_checkpointing=False)
+    assert theirs.get_input_embeddings().weight.dtype == torch.float32
+    theirs = get_peft_model(theirs, ours.peft_config["default"])
+    torch.manual_seed(0)
+    for name, param in ours.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.02)  # a trained adapter: gradients reach lora_A too
+    set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    ids = torch.randint(5, 1000, (2, 24))
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_ours, grads_ours), (loss_theirs, grads_theirs) = results
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) > 0
+    assert abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs)
+    for name in grads_ours:
+        scale = grads_theirs[name].abs().max().item()
+        assert scale > 0 and (grads_ours[name] - grads_theirs[name]).abs().max().item() <= 0.03 * scale, name  # bf16 has 8 bits of mantissa
+
+
 @pytest.mark.parametrize("overrides", [["train.gradient_checkpointing=true"], ["quant.bits=8"], ["quant.bits=4", "train.gradient_checkpointing=true"]],
                          ids=["lora-checkpointing", "8bit", "qlora-checkpointing"])
 def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
@@ -209,7 +247,7 @@ def test_by_default_bloom_trains_unpacked_and_llama_packed_and_the_log_says_why(
 
 
 @pytest.mark.parametrize("job_memory, expected", [("64G", "off: auto: the run fits in 64.0 GB without it"),
-                                                  ("100M", "on: auto: the run needs")])
+                                                  ("100M", "on: auto: without it the run needs")])
 def test_gradient_checkpointing_auto_follows_the_memory_of_the_job(tmp_path, tiny_llama_dir, capsys, monkeypatch, job_memory, expected):
     """On CPU the job's memory is Slurm's --mem (SLURM_MEM_PER_NODE in the job's environment)."""
     monkeypatch.setenv("SLURM_MEM_PER_NODE", job_memory)

@@ -323,7 +323,9 @@ def requeue_records(job_id: str) -> list[str]:
 
 
 def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0}, lora={"dropout": 0.1})
+    # Steps of the tiny model take tens of milliseconds: the last signal leaves ~90 steps, more than its way
+    # through scancel, slurmd and the batch shell takes, so that it never arrives after the last step.
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 120, "eval_every": 0}, lora={"dropout": 0.1})
     reference = subprocess.run(  # uninterrupted, with the job's one thread, so that sums round the same way
         [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(tmp_path / "reference")],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -332,14 +334,14 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_pa
 
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-")]
-    for restart, step in enumerate((5, 17, 28)):  # mid-epoch, and later ones (5 steps per epoch)
+    for restart, step in enumerate((3, 17, 28)):  # mid-epoch, and in later epochs
         signal_when(job_id, run_dir, restart, step, ["--signal=USR1", "--batch"])
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
 
     assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "REQUEUED", "COMPLETED"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2", "3"]
-    assert metrics_steps(run_dir) == list(range(1, 41))
+    assert metrics_steps(run_dir) == list(range(1, 121))
     log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
     assert log.count("checkpoint saved; requeueing job") == 3 and "resumed from step" in log and "(restart 3)" in log
     from safetensors.torch import load_file

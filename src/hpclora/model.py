@@ -125,20 +125,32 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def prepare_quantized(model) -> None:
+    """PEFT's prepare_model_for_kbit_training upcasts every 16-bit weight of a quantized model to fp32. Here
+    only the 1-D ones go (norms and biases: a few MB, where 16-bit rounding would hurt); the embeddings and the
+    output head stay in the compute dtype. The embedding's values are the checkpoint's 16-bit ones either way,
+    and under autocast the head's matmul runs in the compute dtype whatever its weight's dtype, so the loss
+    changes only by rounding (tests/test_model.py), while the fp32 copies are gone: BLOOM-7b1's 250k x 4096
+    embedding, which is also its head, takes 2 GB instead of 4 GB of a 16 GB T4."""
+    import torch
+
+    for param in model.parameters():
+        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
 def attach_lora(model, cfg, sharded: bool = False):
     """Wrap the base in a PEFT LoRA model; returns (model, target module names). Under FSDP (`sharded`)
     FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     packing_choice(cfg.data.packing, model.config.model_type, cfg.data.max_length)  # refuses packing where examples would mix
     checkpointing = cfg.train.gradient_checkpointing is True and not sharded
-    non_reentrant = {"use_reentrant": False}  # works with DDP and frozen inputs; the reentrant kind does neither well
     if cfg.quant.bits:
         keep_4bit_layers_differentiable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=non_reentrant)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
-    if checkpointing:
+        prepare_quantized(model)
+    if checkpointing:  # non-reentrant: works with DDP and frozen inputs; the reentrant kind does neither well
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = choose_targets(model, cfg.lora)
     lora = LoraConfig(

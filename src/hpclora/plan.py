@@ -7,7 +7,7 @@ Memory model (bytes; T = micro_batch x sequence tokens, e = bytes per element of
 calibrated against hpclora's own training path on a GPU and on CPU (benchmarks/plan_vs_measured.py,
 results in benchmarks/results/):
 - frozen weights: e per parameter; under quantization nf4 (0.5 B + constants) or int8 for the linear
-  layers, and fp32 for the rest (PEFT's prepare_model_for_kbit_training upcasts embeddings, norms, head);
+  layers, e for the embeddings and head, fp32 for the norms (model.prepare_quantized);
 - LoRA: r x (in + out) per adapted projection; fp32 weights, fp32 gradients, optimizer states;
 - activations kept per token and layer: ACT_H x hidden + ACT_I x intermediate values; LoRA dropout keeps
   a dropped copy (e bytes) and a mask (1 byte) of each adapted input; quantized models carry an fp32
@@ -192,7 +192,8 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     e = 4 if precision == "fp32" else 2
     counts = parameter_counts(d)
     bits = cfg.quant.bits
-    frozen_rest = (counts["total"] - counts["linear"]) * (4 if bits else e)  # kbit preparation upcasts to fp32
+    # Embeddings and head stay in the compute dtype, also when quantized (model.prepare_quantized); norms are fp32.
+    frozen_rest = (counts["total"] - counts["linear"] - counts["other"]) * e + counts["other"] * (4 if bits else e)
     if bits == 4:
         constants = (1 + 4 / 256) / 64 if cfg.quant.double_quant else 4 / 64  # absmax per 64 weights (itself quantized)
         weights = counts["linear"] * (0.5 + constants) + frozen_rest
@@ -207,7 +208,7 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     optimizer = lora * optimizer_bytes
     if strategy == "fsdp" and world > 1:
         per_layer_weights = (weights - frozen_rest) / d.layers + 4 * d.hidden * (4 if bits else e)
-        head = d.vocab * d.hidden * (4 if bits else e)  # gathered for the whole step (tied: it is the embedding)
+        head = d.vocab * d.hidden * e  # gathered for the whole step (tied: it is the embedding)
         weights = weights / world + 2 * per_layer_weights + head
         lora_bytes, optimizer = lora_bytes / world, optimizer / world
 
@@ -380,7 +381,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     if setting == "auto":  # off wherever the run fits without it: recomputing costs a third more compute
         plain = layout(with_checkpointing(cfg, False))
         checkpointing = plain[2]["peak_gb"] > usable
-        checkpointing_why = (f"auto: the run needs {plain[2]['peak_gb']:.1f} GB without it, more than {capacity:.1f} GB" if checkpointing
+        checkpointing_why = (f"auto: without it the run needs {plain[2]['peak_gb']:.1f} GB, more than the {usable:.1f} GB it may use "
+                             f"(95% of {capacity:.1f} GB)" if checkpointing
                              else f"auto: the run fits in {capacity:.1f} GB without it ({plain[2]['peak_gb']:.1f} GB)")
     else:
         checkpointing, checkpointing_why = bool(setting), f"train.gradient_checkpointing={str(bool(setting)).lower()}"
