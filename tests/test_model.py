@@ -281,3 +281,21 @@ def test_the_bundled_conversion_accounts_for_every_weight():
     renamed = {k.replace("layers.0.mlp.up_proj", "layers.0.mlp.upper"): v for k, v in weights.items()}
     with pytest.raises(RuntimeError, match=r"1 weights missing \(e.g. \['model.layers.0.mlp.up_proj.weight'\]\), 1 unexpected"):
         copy_weights(tiny_model("llama"), renamed)
+
+
+def test_fast_kernels_are_chosen_only_where_installed_and_usable():
+    """FlashAttention and the Liger kernels need CUDA, which this machine lacks: the choice is tested on described
+    devices (compute capability, installed packages); a CPU run's choice is tested for real."""
+    from hpclora.kernels import choose_kernels, kernels_here
+
+    a100 = choose_kernels("auto", "llama", "bf16", (8, 0), has_flash_attn=True, has_liger=True)
+    assert a100.attention == "flash_attention_2" and a100.liger and "variable-length" in a100.lines[0]
+    v100 = choose_kernels("auto", "llama", "fp16", (7, 0), has_flash_attn=True, has_liger=False)
+    assert v100.attention == "auto" and not v100.liger and "sm_70, FlashAttention needs sm_80+" in v100.lines[0]
+    assert choose_kernels("auto", "llama", "bf16", (9, 0), has_flash_attn=False, has_liger=False).lines == (
+        "attention: PyTorch sdpa (flash-attn is not installed)",)
+    bloom = choose_kernels("auto", "bloom", "bf16", (8, 0), has_flash_attn=True, has_liger=True)
+    assert bloom.attention == "auto" and not bloom.liger  # eager-only, and not a Liger architecture
+    assert choose_kernels("sdpa", "llama", "bf16", (8, 0), True, False).attention == "sdpa"  # the user's choice stands
+    cpu = kernels_here("auto", "llama", "fp32", "cpu")
+    assert cpu.attention == "auto" and not cpu.liger and cpu.lines == ()

@@ -51,6 +51,12 @@ CPU_BASELINE_GB = 0.9  # python + torch + transformers + datasets, resident befo
 # nll, log-softmax and the head), and peak RSS counts them together: 4 copies on top of the 3 above,
 # measured on SmolLM2-135M, whose 49k vocabulary makes this the larger part of a small model's peak.
 CPU_LOGITS_EXTRA = 4
+# Peak RSS on CPU holds more per token and layer than the GPU fit: about 1.2 copies of every LoRA-adapted
+# projection's input, even with gradient checkpointing, and a quarter more of the other activations without
+# it. Fitted on SmolLM2-135M (fp32, 256 to 8,192 tokens per micro-batch, q/v and all seven projections, with
+# and without checkpointing): within 7% of the measured peak RSS from 2,048 tokens up, and above it below
+# (benchmarks/results/plan_vs_measured.txt, throughput.txt).
+CPU_LORA_INPUT_COPIES, CPU_ACT_EXTRA = 1.2, 0.25
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ DEVICES = {
 # SmolLM2-135M). Smaller GPU models use the card less well (kernel launches, element-wise work on
 # activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
 # OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
-EFFICIENCY = {"gpu": 0.25, "cpu": 0.34, "qlora": 0.75, "eager": 0.5}
+EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5}
 # Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
 # measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
 # per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
@@ -226,6 +232,9 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
         activations = tokens * (d.layers * d.hidden * residual + per_layer)
     else:
         activations = tokens * d.layers * per_layer
+    if device.name == "cpu":  # what CPU kernels keep beyond the GPU fit, per token and layer (fitted: see CPU_LORA_INPUT_COPIES)
+        adapted_inputs = sum(projections(d)[n][0] for n in names)
+        activations += tokens * d.layers * (CPU_LORA_INPUT_COPIES * e * adapted_inputs + (0 if checkpointing else CPU_ACT_EXTRA * per_layer))
     if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
         attention = micro_batch * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
         activations += attention * (1 if checkpointing else d.layers)

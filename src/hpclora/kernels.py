@@ -1,0 +1,62 @@
+"""Optional fast GPU kernels, used where they are installed and fit the run; neither is a dependency.
+
+- FlashAttention 2 (`flash-attn`, Ampere or newer, fp16/bf16): transformers runs it variable-length on packed
+  rows (their `position_ids` mark the examples), so attention costs the sum of each example's square
+  instead of the row's. Elsewhere (CPU, V100, T4) PyTorch's sdpa runs with the packed rows' block mask.
+- The Liger kernels (`liger-kernel`): fused RMSNorm, SwiGLU and rotary embeddings for Llama-family models,
+  through the Trainer's own `use_liger_kernel` switch. Their cross-entropy is left off: hpclora's loss
+  already runs the output head on labelled positions only, in chunks (loss.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+# Model types the Liger kernels patch (liger_kernel.transformers.monkey_patch), that hpclora trains.
+LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
+# Liger's loss kernels stay off: the loss is hpclora's own.
+LIGER_CONFIG = {"rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: str  # model.attn_implementation to load with ("auto": transformers' default, sdpa or eager)
+    liger: bool
+    lines: tuple[str, ...]  # what the job log says about them
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def choose_kernels(attention: str, model_type: str, precision: str, gpu_capability: tuple[int, int] | None,
+                   has_flash_attn: bool, has_liger: bool) -> Kernels:
+    """The kernels for a run: `attention` is model.attn_implementation; `gpu_capability` None means a CPU."""
+    from .models import EAGER_ONLY
+
+    lines = []
+    on_gpu = gpu_capability is not None
+    if attention == "auto" and on_gpu and model_type not in EAGER_ONLY:
+        if has_flash_attn and gpu_capability >= (8, 0) and precision in ("bf16", "fp16"):
+            attention = "flash_attention_2"
+            lines.append("attention: FlashAttention 2 (installed; packed rows run variable-length)")
+        else:
+            why = ("flash-attn is not installed" if not has_flash_attn else
+                   f"this GPU is sm_{gpu_capability[0]}{gpu_capability[1]}, FlashAttention needs sm_80+" if gpu_capability < (8, 0)
+                   else f"FlashAttention needs fp16/bf16, not {precision}")
+            lines.append(f"attention: PyTorch sdpa ({why})")
+    liger = on_gpu and has_liger and model_type in LIGER_MODEL_TYPES
+    if liger:
+        lines.append("kernels: Liger RMSNorm, SwiGLU and rotary embeddings (installed)")
+    return Kernels(attention, liger, tuple(lines))
+
+
+def kernels_here(attention: str, model_type: str, precision: str, device: str) -> Kernels:
+    """choose_kernels for this process's device and installed packages."""
+    capability = None
+    if device == "cuda":
+        import torch
+
+        capability = torch.cuda.get_device_capability()
+    return choose_kernels(attention, model_type, precision, capability, installed("flash_attn"), installed("liger_kernel"))
