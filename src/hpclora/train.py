@@ -109,9 +109,12 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
-    if not cfg.data.packing:  # items of the training set become whole micro-batches of similar-length rows
+    if cfg.data.packing:
+        micro_batches = math.ceil(len(data.train) / cfg.train.micro_batch_size)
+    else:  # items of the training set become whole micro-batches of similar-length rows
         data.train = batched_by_length(data.train, cfg.train.micro_batch_size, cfg.run.seed)
-    steps = total_steps(len(data.train) if not cfg.data.packing else math.ceil(len(data.train) / cfg.train.micro_batch_size), cfg, world.size)
+        micro_batches = len(data.train)
+    steps = total_steps(micro_batches, cfg, world.size)
     ranks = f" x {world.size} ranks" if world.size > 1 else ""
     emit(
         f"batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation{ranks} = "
@@ -262,7 +265,7 @@ def this_device(device: str):
         return DEVICES["cpu"]
     index = distributed.world().local_rank
     props = torch.cuda.get_device_properties(index)
-    return Device(props.name, props.total_memory / 1e9, torch.cuda.is_bf16_supported(), 0.0, 0.6)
+    return Device(props.name, props.total_memory / 1e9, torch.cuda.is_bf16_supported(including_emulation=False), 0.0, 0.6)
 
 
 def memory_here_gb(device: str) -> float:
