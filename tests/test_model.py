@@ -229,6 +229,35 @@ def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
     assert summary["steps"] == 2 and summary["train_loss"] > 0
 
 
+@pytest.mark.parametrize("layers", [None, 1])
+def test_checkpointing_all_or_only_the_first_layers_gives_the_gradients_of_no_checkpointing(tiny_llama_dir, layers):
+    import torch
+
+    from hpclora.model import load_base
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), "labels": torch.tensor([[-100, -100, 7, 8, 9, 10, 11]])}
+
+    def loss_and_grads(*overrides):
+        cfg = lora_cfg(f"model.name={tiny_llama_dir}", "lora.dropout=0", *overrides)
+        torch.manual_seed(0)
+        model, _ = attach_lora(load_base(cfg, "fp32", "cpu"), cfg)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, flags
+
+    plain_loss, plain_grads, plain_flags = loss_and_grads("train.gradient_checkpointing=false")
+    selective = ["train.gradient_checkpointing=true"] + ([f"train.checkpointed_layers={layers}"] if layers else [])
+    loss, grads, flags = loss_and_grads(*selective)
+    assert plain_flags == [False, False] and flags == ([True, False] if layers == 1 else [True, True])
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert any(g.abs().max() > 0 for g in plain_grads.values())
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-7), name
+
+
 def test_by_default_bloom_trains_unpacked_and_llama_packed_and_the_log_says_why(tmp_path, tiny_llama_dir, capsys):
     from transformers import AutoTokenizer
 
@@ -284,7 +313,7 @@ def test_the_bundled_conversion_accounts_for_every_weight():
 
 
 def test_fast_kernels_are_chosen_only_where_installed_and_usable():
-    """FlashAttention and the Liger kernels need CUDA, which this machine lacks: the choice is tested on described
+    """Packed rows run variable-length attention everywhere. FlashAttention and the Liger kernels need CUDA, which this machine lacks: the choice is tested on described
     devices (compute capability, installed packages); a CPU run's choice is tested for real."""
     from hpclora.kernels import choose_kernels, kernels_here
 
@@ -292,6 +321,8 @@ def test_fast_kernels_are_chosen_only_where_installed_and_usable():
     assert a100.attention == "flash_attention_2" and a100.liger and "variable-length" in a100.lines[0]
     v100 = choose_kernels("auto", "llama", "fp16", (7, 0), has_flash_attn=True, has_liger=False)
     assert v100.attention == "auto" and not v100.liger and "sm_70, FlashAttention needs sm_80+" in v100.lines[0]
+    v100_packed = choose_kernels("auto", "llama", "fp16", (7, 0), has_flash_attn=True, has_liger=False, packed=True)
+    assert v100_packed.attention == "sdpa_varlen" and v100_packed.lines[0].startswith("attention: PyTorch sdpa once per packed example")
     assert choose_kernels("auto", "llama", "bf16", (9, 0), has_flash_attn=False, has_liger=False).lines == (
         "attention: PyTorch sdpa (flash-attn is not installed)",)
     bloom = choose_kernels("auto", "bloom", "bf16", (8, 0), has_flash_attn=True, has_liger=True)
@@ -299,3 +330,6 @@ def test_fast_kernels_are_chosen_only_where_installed_and_usable():
     assert choose_kernels("sdpa", "llama", "bf16", (8, 0), True, False).attention == "sdpa"  # the user's choice stands
     cpu = kernels_here("auto", "llama", "fp32", "cpu")
     assert cpu.attention == "auto" and not cpu.liger and cpu.lines == ()
+    cpu_packed = kernels_here("auto", "llama", "fp32", "cpu", packed=True)
+    assert cpu_packed.attention == "sdpa_varlen" and cpu_packed.lines == ("attention: PyTorch sdpa once per packed example (no FlashAttention on a CPU)",)
+    assert kernels_here("auto", "bloom", "fp32", "cpu", packed=True).attention == "auto"  # eager-only: never split

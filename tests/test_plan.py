@@ -60,6 +60,26 @@ def test_memory_grows_with_batch_and_length_and_qlora_needs_less(tmp_path):
     assert peak("train.gradient_checkpointing=true", b=8) < peak(b=8)
 
 
+def test_auto_checkpointing_recomputes_the_fewest_layers_with_which_the_run_fits(tmp_path):
+    """Between the memory a run needs without checkpointing and with every layer recomputing, `auto` picks the
+    fewest recomputing layers that fit with the planner's headroom; one fewer would not, and fewer cost less
+    compute."""
+    base = ["model.name=meta-llama/Llama-2-7b-hf", "data.max_length=2048", "train.micro_batch_size=4"]
+    make = lambda *o: plan.make_plan(cfg_for(tmp_path, *base, *o), "a100-80gb")  # noqa: E731
+    none, every = make("train.gradient_checkpointing=false"), make("train.gradient_checkpointing=true")
+    assert every.peak_gb < 0.95 * every.capacity_gb < none.peak_gb  # fits only with (some) checkpointing
+    auto = make()
+    layers = auto.checkpointed_layers
+    assert auto.gradient_checkpointing and auto.fits and 0 < layers < 32
+    assert f"{layers} of 32 layers recompute" in auto.checkpointing_reason
+    fewer = make("train.gradient_checkpointing=true", f"train.checkpointed_layers={layers - 1}")
+    headroom = 0.95 * auto.capacity_gb * plan.SELECTIVE_HEADROOM
+    assert auto.peak_gb <= headroom < fewer.peak_gb and every.peak_gb < auto.peak_gb < fewer.peak_gb < none.peak_gb
+    assert every.tokens_per_s < auto.tokens_per_s < none.tokens_per_s
+    small = make("train.micro_batch_size=1")
+    assert not small.gradient_checkpointing and small.checkpointed_layers is None  # fits without: off
+
+
 def test_eager_attention_grows_with_the_square_of_the_length(tmp_path):
     def activations(model, length, *extra):
         cfg = cfg_for(tmp_path, f"model.name={model}", f"data.max_length={length}", "train.micro_batch_size=1", *extra)

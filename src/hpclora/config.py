@@ -61,9 +61,10 @@ class ModelSection:
     trust_remote_code: bool = opt(False, "Allow the model repository's own Python code to run (some Japanese models need it).")
     attn_implementation: str = opt(
         "auto",
-        "Attention kernel: auto (PyTorch's sdpa where the architecture has it, else eager; BLOOM has only eager), "
-        "sdpa, eager, or flash_attention_2 (Ampere+ with flash-attn installed).",
-        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+        "Attention kernel: auto (FlashAttention 2 where installed and usable, else PyTorch's sdpa, once per example on "
+        "packed rows; eager where the architecture has nothing else, as BLOOM), sdpa (packed rows with a block mask), "
+        "sdpa_varlen (sdpa once per packed example), eager, or flash_attention_2 (Ampere+ with flash-attn installed).",
+        choices=("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"),
     )
 
 
@@ -142,6 +143,12 @@ class TrainSection:
         "Recompute activations in the backward pass: much less memory, ~30% slower. auto = on only where the planner "
         "finds that the run does not fit without it (slurm.mem for CPU jobs, the GPU's memory otherwise); the log says which.",
         choices=("auto", True, False),
+    )
+    checkpointed_layers: Optional[int] = opt(
+        None,
+        "With gradient checkpointing on: how many decoder layers (the first N) recompute their activations; the others "
+        "keep theirs and cost no recompute. null = all; under auto, the fewest with which the run fits.",
+        min=1, max=1000,
     )
     optimizer: str = opt(
         "adamw_torch",

@@ -1,8 +1,8 @@
 """Optional fast GPU kernels, used where they are installed and fit the run; neither is a dependency.
 
-- FlashAttention 2 (`flash-attn`, Ampere or newer, fp16/bf16): transformers runs it variable-length on packed
-  rows (their `position_ids` mark the examples), so attention costs the sum of each example's square
-  instead of the row's. Elsewhere (CPU, V100, T4) PyTorch's sdpa runs with the packed rows' block mask.
+- FlashAttention 2 (`flash-attn`, Ampere or newer, fp16/bf16): it runs variable-length on packed rows (the
+  collator passes the examples' bounds), so attention costs the sum of each example's triangle instead of
+  the row's square. Elsewhere (CPU, V100, T4) packed rows run sdpa once per example (varlen.py).
 - The Liger kernels (`liger-kernel`): fused RMSNorm, SwiGLU and rotary embeddings for Llama-family models,
   through the Trainer's own `use_liger_kernel` switch. Their cross-entropy is left off: hpclora's loss
   already runs the output head on labelled positions only, in chunks (loss.py).
@@ -31,20 +31,32 @@ def installed(package: str) -> bool:
 
 
 def choose_kernels(attention: str, model_type: str, precision: str, gpu_capability: tuple[int, int] | None,
-                   has_flash_attn: bool, has_liger: bool) -> Kernels:
-    """The kernels for a run: `attention` is model.attn_implementation; `gpu_capability` None means a CPU."""
+                   has_flash_attn: bool, has_liger: bool, packed: bool = False) -> Kernels:
+    """The kernels for a run: `attention` is model.attn_implementation; `gpu_capability` None means a CPU;
+    `packed`: the run's rows are packed (data.packing resolved)."""
     from .models import EAGER_ONLY
+    from .varlen import NAME as SDPA_VARLEN
 
     lines = []
     on_gpu = gpu_capability is not None
-    if attention == "auto" and on_gpu and model_type not in EAGER_ONLY:
-        if has_flash_attn and gpu_capability >= (8, 0) and precision in ("bf16", "fp16"):
+    if attention == "auto" and model_type not in EAGER_ONLY:
+        if not on_gpu:
+            why = "no FlashAttention on a CPU"
+        elif not has_flash_attn:
+            why = "flash-attn is not installed"
+        elif gpu_capability < (8, 0):
+            why = f"this GPU is sm_{gpu_capability[0]}{gpu_capability[1]}, FlashAttention needs sm_80+"
+        elif precision not in ("bf16", "fp16"):
+            why = f"FlashAttention needs fp16/bf16, not {precision}"
+        else:
+            why = None
+        if why is None:
             attention = "flash_attention_2"
             lines.append("attention: FlashAttention 2 (installed; packed rows run variable-length)")
-        else:
-            why = ("flash-attn is not installed" if not has_flash_attn else
-                   f"this GPU is sm_{gpu_capability[0]}{gpu_capability[1]}, FlashAttention needs sm_80+" if gpu_capability < (8, 0)
-                   else f"FlashAttention needs fp16/bf16, not {precision}")
+        elif packed:
+            attention = SDPA_VARLEN
+            lines.append(f"attention: PyTorch sdpa once per packed example ({why})")
+        elif on_gpu:
             lines.append(f"attention: PyTorch sdpa ({why})")
     liger = on_gpu and has_liger and model_type in LIGER_MODEL_TYPES
     if liger:
@@ -52,11 +64,18 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
     return Kernels(attention, liger, tuple(lines))
 
 
-def kernels_here(attention: str, model_type: str, precision: str, device: str) -> Kernels:
+def reads_varlen_bounds(attention: str) -> bool:
+    """Whether this attention kernel reads packed examples' bounds from the batch (the collator's `varlen`)."""
+    from .varlen import NAME as SDPA_VARLEN
+
+    return attention in ("flash_attention_2", SDPA_VARLEN)
+
+
+def kernels_here(attention: str, model_type: str, precision: str, device: str, packed: bool = False) -> Kernels:
     """choose_kernels for this process's device and installed packages."""
     capability = None
     if device == "cuda":
         import torch
 
         capability = torch.cuda.get_device_capability()
-    return choose_kernels(attention, model_type, precision, capability, installed("flash_attn"), installed("liger_kernel"))
+    return choose_kernels(attention, model_type, precision, capability, installed("flash_attn"), installed("liger_kernel"), packed)

@@ -67,12 +67,15 @@ def load_base(cfg, precision: str, device: str, sharded: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from . import varlen
     from .precision import choose_compute_dtype
 
     dtype = getattr(torch, DTYPES[precision])
     kwargs = {"dtype": dtype}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.attn_implementation == varlen.NAME:
+        varlen.register()
     if cfg.quant.bits:
         compute = getattr(torch, DTYPES[choose_compute_dtype(cfg.quant.compute_dtype, precision)])
         if cfg.quant.bits == 4:
@@ -139,6 +142,16 @@ def prepare_quantized(model) -> None:
             param.data = param.data.float()
 
 
+def recompute_only_first_layers(model, count: int | None) -> None:
+    """Selective checkpointing: only the first `count` decoder layers recompute their activations (None: all).
+    transformers' decoder layers recompute where their documented `gradient_checkpointing` flag is set."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[count:] if count is not None else []:
+        layer.gradient_checkpointing = False
+
+
 def attach_lora(model, cfg, sharded: bool = False):
     """Wrap the base in a PEFT LoRA model; returns (model, target module names). Under FSDP (`sharded`)
     FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
@@ -152,6 +165,7 @@ def attach_lora(model, cfg, sharded: bool = False):
     if checkpointing:  # non-reentrant: works with DDP and frozen inputs; the reentrant kind does neither well
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        recompute_only_first_layers(model, cfg.train.checkpointed_layers)
     targets = choose_targets(model, cfg.lora)
     lora = LoraConfig(
         r=cfg.lora.r,

@@ -11,8 +11,8 @@ results in benchmarks/results/):
 - LoRA: r x (in + out) per adapted projection; fp32 weights, fp32 gradients, optimizer states;
 - activations kept per token and layer: ACT_H x hidden + ACT_I x intermediate values; LoRA dropout keeps
   a dropped copy (e bytes) and a mask (1 byte) of each adapted input; quantized models carry an fp32
-  residual stream (QUANT_EXTRA_H); with gradient checkpointing only each layer's input is kept, and
-  one layer is recomputed at a time;
+  residual stream (QUANT_EXTRA_H); with gradient checkpointing a recomputing layer keeps only its input,
+  and one layer is recomputed at a time (train.checkpointed_layers: the others keep everything);
 - eager attention (BLOOM, or model.attn_implementation=eager): scores and probabilities per head;
 - logits: T x vocab, in the compute dtype plus the fp32 upcast and its gradient for the loss (more on CPU),
   where T is at most loss.CHUNK_ROWS labelled positions on the default loss path;
@@ -103,6 +103,10 @@ DEVICES = {
 # activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
 # OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
 EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5}
+# Selective checkpointing (auto) recomputes as few layers as keep the peak within this share of the usable
+# memory: the planner's peaks are within ~10% of measured ones, and a job that runs out of memory has waited
+# in the queue for nothing. Where no partial count fits that, every layer recomputes.
+SELECTIVE_HEADROOM = 0.9
 # Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
 # measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
 # per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
@@ -227,17 +231,17 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     residual = 4 if bits else e
     if bits and e == 2:
         per_layer += QUANT_EXTRA_H * d.hidden * e
-    checkpointing = cfg.train.gradient_checkpointing is True
-    if checkpointing:  # layer inputs kept, one layer's activations recomputed at a time
-        activations = tokens * (d.layers * d.hidden * residual + per_layer)
-    else:
-        activations = tokens * d.layers * per_layer
+    # Checkpointed layers keep only their input, and one of them at a time has its activations recomputed;
+    # the other layers keep all of theirs.
+    recomputed = recomputed_layers(cfg, d)
+    kept = d.layers - recomputed + (1 if recomputed else 0)
+    activations = tokens * (kept * per_layer + recomputed * d.hidden * residual)
     if device.name == "cpu":  # what CPU kernels keep beyond the GPU fit, per token and layer (fitted: see CPU_LORA_INPUT_COPIES)
         adapted_inputs = sum(projections(d)[n][0] for n in names)
-        activations += tokens * d.layers * (CPU_LORA_INPUT_COPIES * e * adapted_inputs + (0 if checkpointing else CPU_ACT_EXTRA * per_layer))
+        activations += tokens * (d.layers * CPU_LORA_INPUT_COPIES * e * adapted_inputs + (d.layers - recomputed) * CPU_ACT_EXTRA * per_layer)
     if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
         attention = micro_batch * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
-        activations += attention * (1 if checkpointing else d.layers)
+        activations += attention * kept
     # The loss sees the logits of at most CHUNK_ROWS labelled positions at a time (loss.py), except where the
     # model's own loss runs on the full logits: architectures outside HEAD_ONLY_LOGITS, and FSDP's sharded head.
     full_logits = d.model_type not in HEAD_ONLY_LOGITS or (strategy == "fsdp" and world > 1)
@@ -287,6 +291,7 @@ class Plan:
     scaling_efficiency: float = 1.0
     quantized_4bit: bool = False
     gradient_checkpointing: bool = False  # train.gradient_checkpointing, `auto` resolved
+    checkpointed_layers: int | None = None  # train.checkpointed_layers, `auto` resolved (None: all)
     checkpointing_reason: str = ""
     packing: bool = False  # data.packing, `auto` resolved for the architecture
     packing_reason: str = ""
@@ -356,8 +361,15 @@ def strategy_problem(strategy: str, device: Device, precision: str) -> str | Non
     return None
 
 
-def with_checkpointing(cfg: RunConfig, on: bool) -> RunConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on))
+def recomputed_layers(cfg: RunConfig, d: ModelDims) -> int:
+    """How many decoder layers recompute their activations (train.checkpointed_layers, all by default)."""
+    if cfg.train.gradient_checkpointing is not True:
+        return 0
+    return min(cfg.train.checkpointed_layers or d.layers, d.layers)
+
+
+def with_checkpointing(cfg: RunConfig, on: bool, layers: int | None = None) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on, checkpointed_layers=layers))
 
 
 def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = None, capacity_gb: float | None = None) -> Plan:
@@ -387,15 +399,21 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         return strategy, strategy_why, memory_gb(dims, c, device, precision, c.train.micro_batch_size, strategy, world), peaks
 
     setting = cfg.train.gradient_checkpointing
-    if setting == "auto":  # off wherever the run fits without it: recomputing costs a third more compute
+    if setting == "auto":  # off wherever the run fits without it: recomputing a layer costs a third more of its compute
         plain = layout(with_checkpointing(cfg, False))
-        checkpointing = plain[2]["peak_gb"] > usable
-        checkpointing_why = (f"auto: without it the run needs {plain[2]['peak_gb']:.1f} GB, more than the {usable:.1f} GB it may use "
-                             f"(95% of {capacity:.1f} GB)" if checkpointing
-                             else f"auto: the run fits in {capacity:.1f} GB without it ({plain[2]['peak_gb']:.1f} GB)")
+        checkpointing, layers = plain[2]["peak_gb"] > usable, None
+        checkpointing_why = f"auto: the run fits in {capacity:.1f} GB without it ({plain[2]['peak_gb']:.1f} GB)"
+        if checkpointing:  # as few recomputing layers as fit with headroom: each one more saves a layer's activations
+            target = usable * SELECTIVE_HEADROOM
+            layers = next((n for n in range(1, dims.layers) if layout(with_checkpointing(cfg, True, n))[2]["peak_gb"] <= target), None)
+            checkpointing_why = (f"auto: without it the run needs {plain[2]['peak_gb']:.1f} GB, more than the {usable:.1f} GB it may use "
+                                 f"(95% of {capacity:.1f} GB); {layers or dims.layers} of {dims.layers} layers recompute")
+        cfg = with_checkpointing(cfg, checkpointing, layers)
     else:
-        checkpointing, checkpointing_why = bool(setting), f"train.gradient_checkpointing={str(bool(setting)).lower()}"
-    cfg = with_checkpointing(cfg, checkpointing)
+        checkpointing_why = f"train.gradient_checkpointing={str(bool(setting)).lower()}"
+        if setting and cfg.train.checkpointed_layers:
+            checkpointing_why += f", {recomputed_layers(cfg, dims)} of {dims.layers} layers recompute"
+    checkpointing = cfg.train.gradient_checkpointing is True
     strategy, strategy_why, parts, peaks = layout(cfg)
 
     def peak(strategy: str, micro: int) -> dict[str, float]:
@@ -410,8 +428,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     accum = math.ceil(effective / micro) if micro else cfg.train.grad_accum
 
     # Tokens/s from the device's peak FLOPs: forward 2N, backward (input gradients only: the base is
-    # frozen) 2N, recomputation 2N more with gradient checkpointing; causal attention on top.
-    per_token = (4 + (2 if checkpointing else 0)) * counts["total"]
+    # frozen) 2N, recomputation 2N more for the share of layers that recompute; causal attention on top.
+    per_token = (4 + 2 * recomputed_layers(cfg, dims) / dims.layers) * counts["total"]
     per_token += 3 * 2 * dims.layers * dims.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":
@@ -439,7 +457,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         time=slurm_time(seconds) if seconds else None, recommended=resources(cfg, device, counts, parts, seconds), breakdown=parts,
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
         peak_by_strategy_gb=peaks, scaling_efficiency=scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
-        checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why,
+        checkpointed_layers=cfg.train.checkpointed_layers if checkpointing else None, checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why,
     )
 
 
@@ -495,6 +513,8 @@ def shrink_advice(p: Plan) -> str:
         options.append("quant.bits=4")
     if not p.gradient_checkpointing:
         options.append("train.gradient_checkpointing=true")
+    elif p.checkpointed_layers:
+        options.append("train.checkpointed_layers=null (every layer recomputes)")
     options.append("a shorter data.max_length")
     options.append("more GPUs (slurm.gpus, FSDP on bf16 GPUs)" if p.device != "cpu" and p.world_size == 1 else
                    "more memory (slurm.mem)" if p.device == "cpu" else "a larger GPU")
@@ -534,7 +554,7 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
         if cfg.train.distributed == "auto" and p.world_size > 1:
             cfg.train.distributed = p.strategy
         if cfg.train.gradient_checkpointing == "auto":
-            cfg.train.gradient_checkpointing = p.gradient_checkpointing
+            cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers = p.gradient_checkpointing, p.checkpointed_layers
         if cfg.data.packing == "auto":
             cfg.data.packing = p.packing
         world = f" per rank, {p.world_size} ranks with {p.strategy.upper()} ({p.strategy_reason})" if p.world_size > 1 else ""

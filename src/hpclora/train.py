@@ -19,7 +19,7 @@ from . import checkpoint, distributed
 from .config import RunConfig, to_yaml
 from .slurm_syntax import slurm_mem_gb, slurm_time
 from .errors import UserError
-from .kernels import LIGER_CONFIG
+from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
@@ -238,18 +238,20 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
 
         model_type = from_pretrained(AutoConfig, cfg.model.name, cfg.model).model_type
     packing, packing_why = packing_choice(cfg.data.packing, model_type, cfg.data.max_length)
-    checkpointing = cfg.train.gradient_checkpointing
+    checkpointing, layers = cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers
     if checkpointing == "auto":
         try:
             p = plan.make_plan(cfg, device=this_device(device), capacity_gb=memory_here_gb(device))
-            checkpointing, checkpointing_why = p.gradient_checkpointing, p.checkpointing_reason
+            checkpointing, layers, checkpointing_why = p.gradient_checkpointing, p.checkpointed_layers, p.checkpointing_reason
         except UserError as exc:
             checkpointing, checkpointing_why = False, f"auto, without a plan ({exc})"
     else:
         checkpointing_why = f"train.gradient_checkpointing={str(checkpointing).lower()}"
-    kernels = kernels_here(cfg.model.attn_implementation, model_type, precision, device)
+        if checkpointing and layers:
+            checkpointing_why += f", train.checkpointed_layers={layers}"
+    kernels = kernels_here(cfg.model.attn_implementation, model_type, precision, device, packed=packing)
     resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=packing),
-                                   train=dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing),
+                                   train=dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing, checkpointed_layers=layers),
                                    model=dataclasses.replace(cfg.model, attn_implementation=kernels.attention))
     lines = [f"data: {packing_why}", f"gradient checkpointing {'on' if checkpointing else 'off'}: {checkpointing_why}", *kernels.lines]
     return resolved, kernels.liger, lines
@@ -395,7 +397,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             with torch.random.fork_rng(devices=devices):
                 for batch in self.get_eval_dataloader(eval_dataset):
                     with self.autocast_smart_context_manager():
-                        total, count = summed_loss(model, {k: v.to(self.args.device) for k, v in batch.items()})
+                        total, count = summed_loss(model, {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()})
                     totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank held a shard
                 torch.distributed.all_reduce(totals)
@@ -478,7 +480,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         args=args,
         train_dataset=data.train,
         eval_dataset=data.val,
-        data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if _cuda() else 1),
+        data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if _cuda() else 1,
+                               varlen=reads_varlen_bounds(cfg.model.attn_implementation)),
         callbacks=[AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
     )
     for callback in (PrinterCallback, ProgressCallback):

@@ -2,9 +2,8 @@
 
 A packed row holds whole examples back to back, at most `max_length` tokens, with `position_ids`
 restarting at 0 for each example. With no attention mask and no KV cache, transformers builds a mask
-that keeps each example attending only to itself, so packed logits equal unpacked ones. Rows keep the
-batch dimension: flattening a whole batch into one row would make attention cost quadratic in the
-batch's total length on kernels without variable-length support (CPU, V100).
+that keeps each example attending only to itself, so packed logits equal unpacked ones; variable-length
+kernels (FlashAttention 2, sdpa_varlen in varlen.py) skip the mask and attend within each example.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import bisect
 import random
 
+from ..varlen import varlen_bounds
 from .tokenize import IGNORE
 
 
@@ -65,14 +65,17 @@ class Collator:
     """Right-pads a list of rows into tensors.
 
     Unpacked rows get an attention mask. Packed rows get `position_ids` and no mask; their padding is
-    given positions of its own, starting at 0, so it forms a separate (ignored) sequence. An item that is a
-    whole micro-batch (data.batched_by_length) gives its rows.
+    given positions of its own, starting at 0, so it forms a separate (ignored) sequence. With `varlen`,
+    packed batches also carry their examples' bounds for variable-length attention (FlashAttention 2,
+    sdpa_varlen), under the keywords transformers passes to the attention kernel. An item that is a whole
+    micro-batch (data.batched_by_length) gives its rows.
     `num_tokens` counts real tokens for throughput; the trainer removes it before the forward pass.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, varlen: bool = False):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.varlen = varlen
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -96,5 +99,9 @@ class Collator:
             else:
                 batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
         tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if packed and self.varlen:
+            bounds, longest = varlen_bounds(batch["position_ids"])
+            tensors["cu_seq_lens_q"] = tensors["cu_seq_lens_k"] = torch.tensor(bounds, dtype=torch.int32)
+            tensors["max_length_q"] = tensors["max_length_k"] = longest
         tensors["num_tokens"] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
         return tensors
