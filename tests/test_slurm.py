@@ -176,8 +176,9 @@ def test_submitit_launcher_on_slurm_runs_a_two_rank_world(tmp_path, tiny_llama_d
 def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path, tiny_llama_dir, env):
     """`sweep --trials-per-node 2` on one-GPU trials: one array task asks for 2 GPUs (the test cluster's fake
     ones: their device files exist, the tiny model trains on the CPU) and runs both trials at once, one GPU
-    each, each with its own run directory, log and adapter."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30}, slurm={"gpus": 1, "gpu_type": "v100"})
+    each, each with its own run directory, log and adapter. Each trial trains long enough (300 steps) to outlast
+    the other's start-up, which two processes loading at once on two cores can delay by seconds."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 300}, slurm={"gpus": 1, "gpu_type": "v100"})
     out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("COMPLETED", "0:0")}  # one task for two trials
