@@ -125,6 +125,13 @@ def half_precision() -> str | None:
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
+def train_dtype():
+    """The torch dtype of half_precision() (fp32 on CPU)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(half_precision(), torch.float32)
+
+
 def common_arguments(out: str, steps: int | None) -> dict:
     """`steps` None: one epoch."""
     half = half_precision()  # set both ways: TRL's SFTConfig turns bf16 on by default, also on a CPU
@@ -157,7 +164,7 @@ def shaped_model(shape: str, out: Path) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **SHAPES[shape])
     torch.manual_seed(SEED)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(half_precision(), torch.float32)
+    dtype = train_dtype()
     with torch.device("cuda" if _cuda() else "cpu"):  # initialised where it is fastest
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(out)
@@ -166,12 +173,10 @@ def shaped_model(shape: str, out: Path) -> Path:
 
 
 def lora_model():
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(half_precision(), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=train_dtype())
     model.config.use_cache = False
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
 
@@ -248,7 +253,7 @@ def matmul_gflops() -> float:
     import torch
 
     n = 8192 if _cuda() else 2048
-    options = {"device": "cuda", "dtype": torch.bfloat16 if half_precision() == "bf16" else torch.float16} if _cuda() else {}
+    options = {"device": "cuda", "dtype": train_dtype()} if _cuda() else {}
     a, b = torch.randn(n, n, **options), torch.randn(n, n, **options)
     for _ in range(3):
         a @ b

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from .varlen import NAME as SDPA_VARLEN
+
 # Model types the Liger kernels patch (liger_kernel.transformers.monkey_patch), that hpclora trains.
 LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
 # Liger's loss kernels stay off: the loss is hpclora's own.
@@ -35,7 +37,6 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
     """The kernels for a run: `attention` is model.attn_implementation; `gpu_capability` None means a CPU;
     `packed`: the run's rows are packed (data.packing resolved)."""
     from .models import EAGER_ONLY
-    from .varlen import NAME as SDPA_VARLEN
 
     lines = []
     on_gpu = gpu_capability is not None
@@ -66,8 +67,6 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
 
 def reads_varlen_bounds(attention: str) -> bool:
     """Whether this attention kernel reads packed examples' bounds from the batch (the collator's `varlen`)."""
-    from .varlen import NAME as SDPA_VARLEN
-
     return attention in ("flash_attention_2", SDPA_VARLEN)
 
 
