@@ -4,6 +4,8 @@ and small data files written per test."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,25 @@ def real_run(tmp_path_factory, bundled_dir) -> Path:
     done = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return run_dir
+
+
+def slurm_missing() -> str | None:
+    """Why no Slurm can be used here, or None."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH"
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    if "UP" not in ping.stdout:
+        return "slurmctld does not answer `scontrol ping`"
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split()
+    if not any(state in ("idle", "mix", "alloc") for state in nodes):
+        return f"no usable node (sinfo states: {nodes})"
+    return None
+
+
+def require_slurm() -> None:
+    """Skip (or, with HPCLORA_REQUIRE_SLURM=1 as .ci/run sets, fail) where no Slurm answers."""
+    reason = slurm_missing()
+    if reason:
+        if os.environ.get("HPCLORA_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HPCLORA_REQUIRE_SLURM=1 but {reason}; start one with `bash tests/slurm/up.sh`")
+        pytest.skip(f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")

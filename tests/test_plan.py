@@ -213,3 +213,13 @@ def test_submit_writes_the_chosen_strategy_into_the_job_and_refuses_fsdp_where_i
     cpu = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), "train.cpu_ranks=2",
                           "train.distributed=fsdp"], capture_output=True, text=True)
     assert cpu.returncode == 2 and "train.distributed" in cpu.stderr and "CPU ranks" in cpu.stderr
+
+
+def test_cpu_speed_scales_with_the_jobs_cores_and_is_shared_by_its_ranks(tmp_path):
+    base = ["model.name=tokyotech-llm/Swallow-7b-instruct-hf", "slurm.gpus=0", "slurm.mem=64G", "train.max_steps=100",
+            "train.gradient_checkpointing=true"]
+    speed = lambda *o: plan.make_plan(cfg_for(tmp_path, *base, *o)).tokens_per_s  # noqa: E731
+    two, sixteen = speed("slurm.cpus_per_task=2"), speed("slurm.cpus_per_task=16")
+    assert 2 * two < sixteen < 8 * two  # more cores are faster, and less than linearly
+    assert speed("slurm.cpus_per_task=16", "train.cpu_ranks=2") == pytest.approx(sixteen * plan.SCALING["ddp"][0], rel=0.01)
+    assert "16 cores" in plan.make_plan(cfg_for(tmp_path, *base, "slurm.cpus_per_task=16")).tokens_per_s_note

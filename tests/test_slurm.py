@@ -18,32 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_run_yaml
+from conftest import ROOT, require_slurm, tiny_run_yaml
 from hub_standin import staged_offline_job
 
 SECRET = "hf_do_not_leak_0123456789"
 
 
-def slurm_missing() -> str | None:
-    """Why no Slurm can be used here, or None."""
-    if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH"
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    if "UP" not in ping.stdout:
-        return "slurmctld does not answer `scontrol ping`"
-    nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split()
-    if not any(state in ("idle", "mix", "alloc") for state in nodes):
-        return f"no usable node (sinfo states: {nodes})"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    reason = slurm_missing()
-    if reason:
-        if os.environ.get("HPCLORA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"HPCLORA_REQUIRE_SLURM=1 but {reason}; start one with `bash tests/slurm/up.sh`")
-        pytest.skip(f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")
+    require_slurm()
 
 
 @pytest.fixture

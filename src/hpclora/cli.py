@@ -284,6 +284,14 @@ def cmd_container(args) -> int:
     return subprocess.run(argv, cwd=root).returncode
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import diagnose
+
+    report = diagnose(args.config, args.overrides, args.partition, args.probe)
+    print(report.json() if args.json else report.text())
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclora", description="LoRA/QLoRA fine-tuning as batch jobs on HPC clusters, and on CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -387,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="hpclora.sif", help="build: image to write (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the command only")
     p.set_defaults(func=cmd_container)
+
+    p = sub.add_parser("doctor", help="check this cluster (Slurm, GPUs, container, storage, network) and a config before the queue")
+    with_config(p, required=False)
+    p.add_argument("--partition", help="the partition to check the run against (default: slurm.partition, else the default one)")
+    p.add_argument("--probe", action="store_true", help="also run a one-minute srun job there: network, GPUs and runtime of a compute node")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("cancel", help="cancel a job (or a whole sweep) with scancel")
     p.add_argument("target", help="a job id (123 or 123_4), run directory or sweep directory")

@@ -112,6 +112,12 @@ SELECTIVE_HEADROOM = 0.9
 # per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
 # again in the backward pass, which inter-node links (InfiniBand, Ethernet) hide less well than NVLink.
 SCALING = {"ddp": (0.95, 0.85), "fsdp": (0.85, 0.7)}
+# CPU jobs: the `cpu` device's peak is this project's 2-core reference machine; a job with C cores
+# (slurm.cpus_per_task) reaches (C / 2) ** CPU_CORE_EXPONENT of that, not C / 2: matmuls share the memory
+# bandwidth and the element-wise work scales worse. Fitted on one report: Swallow-7B LoRA (q/v, 256
+# tokens, fp32, checkpointing) on 16 cores took about 5 days for an epoch of dolly-15k-ja, where 2 cores
+# plan 22 days (22 / 8 ** 0.7 = 5.1). `hpclora probe` replaces this with a measurement.
+CPU_REFERENCE_CORES, CPU_CORE_EXPONENT = 2, 0.7
 
 
 def dims_from_config(config: dict) -> ModelDims:
@@ -368,6 +374,11 @@ def recomputed_layers(cfg: RunConfig, d: ModelDims) -> int:
     return min(cfg.train.checkpointed_layers or d.layers, d.layers)
 
 
+def cpu_speedup(cores: int) -> float:
+    """How many times the 2-core reference a CPU job with `cores` cores trains (CPU_CORE_EXPONENT)."""
+    return (cores / CPU_REFERENCE_CORES) ** CPU_CORE_EXPONENT
+
+
 def with_checkpointing(cfg: RunConfig, on: bool, layers: int | None = None) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on, checkpointed_layers=layers))
 
@@ -434,9 +445,10 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":
         efficiency *= min(1.0, dims.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(dims, cfg) else 1)
-    rank_tokens_per_s = device.tflops * 1e12 * efficiency / per_token
-    if device.name == "cpu" and world > 1:
-        rank_tokens_per_s /= per_node  # the ranks of a node share its cores
+    peak_flops = device.tflops * 1e12
+    if device.name == "cpu":  # the node's cores, shared by its ranks
+        peak_flops *= cpu_speedup(cfg.slurm.cpus_per_task) / per_node
+    rank_tokens_per_s = peak_flops * efficiency / per_token
     scaling = 1.0 if world == 1 else SCALING[strategy][0 if cfg.slurm.nodes == 1 else 1]
     tokens_per_s = rank_tokens_per_s * world * scaling
     steps = planned_steps(cfg)
@@ -445,6 +457,9 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
+    if device.name == "cpu":
+        note = (f"estimate: {device.tflops} TFLOP/s of 2 cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
+                f"{cfg.slurm.cpus_per_task} cores x {efficiency:.2f} efficiency (cores scaling fitted on one report; `hpclora probe` measures)")
     if world > 1:
         note += f"; {world} ranks x {scaling:.2f} scaling ({strategy.upper()} {'within a node' if cfg.slurm.nodes == 1 else 'across nodes'}: assumed, not measured)"
     return Plan(

@@ -16,7 +16,7 @@ STATE=/var/lib/hpclora-slurm
 SLURM_CONF=/etc/slurm/slurm.conf
 OURS="# Written by hpclora's tests/slurm/up.sh"
 # Bump the version when the configuration below changes, so that a running cluster picks it up.
-MARKER="$OURS (configuration 4): a throwaway single-node test cluster."
+MARKER="$OURS (configuration 5): a throwaway single-node test cluster."
 
 log() { echo "slurm-up: $*"; }
 
@@ -95,6 +95,8 @@ KillWait=10
 InactiveLimit=0
 NodeName=$HOST CPUs=$(nproc) RealMemory=16000 Gres=gpu:v100:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# A second partition with a time limit, as clusters have (a short queue): doctor's tests check against it.
+PartitionName=short Nodes=ALL MaxTime=00:30:00 State=UP
 EOF
 if ! cmp -s "$SLURM_CONF.new" "$SLURM_CONF"; then
     mv "$SLURM_CONF.new" "$SLURM_CONF"

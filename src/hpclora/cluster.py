@@ -1,0 +1,134 @@
+"""What a Slurm cluster offers, as `sinfo` tells it: partitions, their GPU types and counts, time limits,
+and which of the planner's GPU names each `sinfo` type means. No torch: `hpclora doctor` runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from .slurm_syntax import slurm_seconds
+
+# Planner GPU families by how sinfo types usually spell them (`v100`, `tesla_v100-sxm2-32gb`, `a100_80g`, `nvidia_h100_80gb_hbm3`).
+FAMILIES = ("v100", "a100", "h100", "t4", "l4", "rtx3060")
+
+
+@dataclass
+class Gres:
+    """One generic resource of a node, e.g. `gpu:v100:4(S:0-1)` -> name gpu, type v100, count 4."""
+
+    name: str
+    type: str | None
+    count: int
+
+
+@dataclass
+class Partition:
+    name: str
+    default: bool
+    available: bool
+    time_limit: str  # sinfo's spelling: `infinite`, `2-00:00:00`, `30:00`
+    nodes: int
+    cpus: int  # per node (the smallest where nodes differ)
+    memory_mb: int  # per node (the smallest)
+    gpus: list[Gres] = field(default_factory=list)  # per node
+
+    @property
+    def time_limit_s(self) -> int | None:
+        """The limit in seconds; None for no limit."""
+        if self.time_limit in ("infinite", "UNLIMITED", "n/a", ""):
+            return None
+        return slurm_seconds(self.time_limit)
+
+
+def parse_gres(text: str) -> list[Gres]:
+    """sinfo's %G: `gpu:v100:4(S:0-1),gpu:a100:2`, `gpu:4`, `(null)`. Socket affinities are dropped."""
+    found = []
+    for item in re.sub(r"\([^)]*\)", "", text).split(","):
+        parts = item.strip().split(":")
+        if len(parts) < 2 or parts[0] in ("", "(null)"):
+            continue
+        count = parts[-1]
+        if not count.isdigit():  # `gpu:v100` with no count means one
+            parts, count = [*parts, "1"], "1"
+        found.append(Gres(parts[0], parts[1] if len(parts) > 2 else None, int(count)))
+    return found
+
+
+def parse_sinfo(text: str) -> list[Partition]:
+    """Lines of `sinfo -h -o '%P|%a|%l|%D|%c|%m|%G'` (one per partition and node group) merged per partition."""
+    partitions: dict[str, Partition] = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 7:
+            continue
+        name, avail, limit, nodes, cpus, memory, gres = fields
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        memory_mb = int(re.sub(r"\D", "", memory) or 0)
+        cpus_n = int(re.sub(r"\D", "", cpus) or 0)
+        p = partitions.get(name)
+        if p is None:
+            partitions[name] = Partition(name, default, avail == "up", limit, int(nodes), cpus_n, memory_mb, parse_gres(gres))
+            continue
+        p.nodes += int(nodes)
+        p.cpus, p.memory_mb = min(p.cpus, cpus_n), min(p.memory_mb, memory_mb)
+        known = {(g.name, g.type) for g in p.gpus}
+        p.gpus += [g for g in parse_gres(gres) if (g.name, g.type) not in known]
+    for p in partitions.values():
+        p.gpus = [g for g in p.gpus if g.name == "gpu"]
+    return list(partitions.values())
+
+
+def planner_names(gres_type: str | None, devices: dict) -> list[str]:
+    """The planner's device names a sinfo GPU type may mean: one when the type says the memory (`32gb`,
+    `80g`) or the family has one size, all sizes of the family otherwise, none when unknown."""
+    if not gres_type:
+        return []
+    spelled = gres_type.lower()
+    family = next((f for f in FAMILIES if f in spelled.replace("-", "").replace("_", "")), None)
+    if family is None:
+        return []
+    sizes = sorted((n for n in devices if n.split("-")[0] == family), key=lambda n: devices[n].memory_gb)
+    memory = re.search(r"(\d+)\s*g", spelled.replace(family, ""))
+    if memory:
+        exact = [n for n in sizes if n.endswith(f"-{memory.group(1)}gb")]
+        if exact:
+            return exact
+    return sizes
+
+
+def run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
+    """A command's result, or None where it is not installed or does not answer in time."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+
+
+def version() -> str | None:
+    done = run(["sinfo", "--version"])
+    return done.stdout.strip() if done and done.returncode == 0 else None
+
+
+def partitions() -> list[Partition] | None:
+    """Every partition this user may see; None when sinfo does not answer."""
+    done = run(["sinfo", "-h", "-o", "%P|%a|%l|%D|%c|%m|%G"])
+    if done is None or done.returncode != 0:
+        return None
+    return parse_sinfo(done.stdout)
+
+
+def accounting_answers() -> bool:
+    done = run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID"])
+    return bool(done and done.returncode == 0)
+
+
+def node_count() -> int | None:
+    """Distinct nodes (a node in several partitions counts once)."""
+    done = run(["sinfo", "-h", "-N", "-o", "%N"])
+    return len(set(done.stdout.split())) if done and done.returncode == 0 else None

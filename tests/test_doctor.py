@@ -1,0 +1,136 @@
+"""`hpclora doctor`: the parsers of what sinfo, /proc/mounts and quota print, and the whole command against
+the real test Slurm (tests/slurm/up.sh: partitions `debug`, no time limit, and `short`, 30 minutes; two
+fake v100 GPUs, which are empty device files: no NVIDIA driver answers for them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from hpclora import cluster, plan, storage
+
+from conftest import ROOT, require_slurm, tiny_run_yaml
+
+
+def test_gres_strings_as_sinfo_prints_them():
+    parse = lambda text: [(g.name, g.type, g.count) for g in cluster.parse_gres(text)]  # noqa: E731
+    assert parse("gpu:v100:4(S:0-1)") == [("gpu", "v100", 4)]
+    assert parse("gpu:a100:8(S:0-1),gpu:a100_3g.20gb:2") == [("gpu", "a100", 8), ("gpu", "a100_3g.20gb", 2)]
+    assert parse("gpu:2") == [("gpu", None, 2)]
+    assert parse("gpu:tesla_v100-sxm2-32gb:4(S:0),mps:400") == [("gpu", "tesla_v100-sxm2-32gb", 4), ("mps", None, 400)]
+    assert parse("(null)") == []
+
+
+def test_sinfo_lines_merge_per_partition_and_keep_only_gpus():
+    text = "gpu*|up|2-00:00:00|4|40|384000|gpu:v100:4(S:0-1)\ngpu*|up|2-00:00:00|2|64|512000|gpu:a100:8,mps:100\ncpu|down|infinite|10|128|256000|(null)\n"
+    gpu, cpu = cluster.parse_sinfo(text)
+    assert (gpu.name, gpu.default, gpu.nodes, gpu.cpus, gpu.memory_mb, gpu.time_limit_s) == ("gpu", True, 6, 40, 384000, 2 * 86400)
+    assert [(g.type, g.count) for g in gpu.gpus] == [("v100", 4), ("a100", 8)]
+    assert (cpu.default, cpu.available, cpu.gpus, cpu.time_limit_s) == (False, False, [], None)
+
+
+@pytest.mark.parametrize("spelled, names", [
+    ("v100", ["v100-16gb", "v100-32gb"]),
+    ("tesla_v100-sxm2-32gb", ["v100-32gb"]),
+    ("a100_80g", ["a100-80gb"]),
+    ("nvidia_h100_80gb_hbm3", ["h100-80gb"]),
+    ("T4", ["t4-16gb"]),
+    ("rtx_a6000", []),
+    (None, []),
+])
+def test_sinfo_gpu_types_map_to_the_planners_names(spelled, names):
+    assert cluster.planner_names(spelled, plan.DEVICES) == names
+
+
+def test_the_file_system_of_a_path_is_its_longest_mount():
+    mounts = ("/dev/sda1 / ext4 rw 0 0\nserver:/export/home /home nfs4 rw 0 0\n"
+              "10.0.0.1@tcp:/lfs /lustre lustre rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n")
+    assert storage.mount_of(storage.Path("/home/alice/.cache"), mounts) == ("/home", "nfs4")
+    assert storage.mount_of(storage.Path("/lustre/proj/x"), mounts) == ("/lustre", "lustre")
+    assert storage.mount_of(storage.Path("/homework"), mounts) == ("/", "ext4")
+    assert storage.mount_of(storage.Path("/tmp/runs"), mounts) == ("/tmp", "tmpfs")
+
+
+def test_quota_lines_of_quota_and_lfs():
+    quota = "Disk quotas for user alice (uid 1000):\n     Filesystem  blocks   quota   limit   grace   files   quota   limit   grace\n" \
+            "server:/export/home 9500000* 9000000 10000000 0 1234 0 0 0\n"
+    assert storage.parse_quota(quota) == pytest.approx((9.728, 10.24))
+    assert storage.parse_quota("/lustre 1024 0 2048 - 5 0 0 -\n") == pytest.approx((1024 * 1024 / 1e9, 2048 * 1024 / 1e9))
+    assert storage.parse_quota("/lustre 1024 0 0 - 5 0 0 -\n") is None  # no limit set
+
+
+def doctor(*args, env=None) -> tuple[int, list[dict], str]:
+    """Run `hpclora doctor --json`; (exit code, checks, stderr), with the heavy modules it imported on stderr."""
+    code = ("import sys; from hpclora.cli import main; rc = main(sys.argv[1:]); "
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), file=sys.stderr); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "doctor", "--json", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    return done.returncode, json.loads(done.stdout)["checks"], done.stderr
+
+
+def named(checks: list[dict], name: str) -> list[dict]:
+    return [c for c in checks if c["name"] == name]
+
+
+@pytest.fixture
+def slurm():
+    require_slurm()
+
+
+def test_doctor_reports_the_test_clusters_partitions_and_passes_a_good_config(tmp_path, tiny_llama_dir, slurm):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, cache={"hf_home": str(ROOT / "runs" / "hf-cache-of-doctor-test")})
+    rc, checks, stderr = doctor(cfg)
+    assert rc == 0, checks
+    assert "HEAVY []" in stderr  # login-node speed: no torch, transformers or peft
+    partitions = {c["message"].split(":")[0]: c for c in named(checks, "slurm.partition")}
+    assert "2 x gpu:v100 (planner: v100-16gb or v100-32gb)" in partitions["debug (default)"]["message"]
+    assert "time limit 30:00" in partitions["short"]["message"]
+    assert named(checks, "slurm.accounting")[0]["status"] == "ok"
+    assert named(checks, "config.plan")[0]["message"].startswith("on cpu (partition debug): peak")
+    assert named(checks, "config.data")[0]["message"].endswith("24 rows of alpaca data read")
+    assert named(checks, "cache.hf_home")[0]["status"] == "ok"
+    assert "does not exist yet" in named(checks, "cache.hf_home")[0]["message"]
+    for key in ("run.output_root", "slurm.log_dir"):  # under /tmp: a warning on a one-node cluster, a failure on a larger one
+        assert (named(checks, key)[0]["status"], named(checks, key)[0]["message"][-12:]) == ("warn", ": node-local"), named(checks, key)
+    assert not [c for c in checks if c["status"] == "fail"]
+
+
+def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_llama_dir, slurm):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    rc, checks, _ = doctor(cfg, "--partition", "short", "slurm.time=01:00:00", "slurm.gpus=1", "slurm.gpu_type=a100",
+                           "run.output_root=/proc/hpclora-runs", "slurm.cpus_per_task=64")
+    assert rc == 1
+    fails = {c["name"]: c for c in checks if c["status"] == "fail"}
+    assert "longer than partition short's limit 30:00" in fails["slurm.time"]["message"]
+    assert fails["slurm.time"]["fix"].startswith("slurm.time=00:30:00")
+    assert "short has v100" in fails["slurm.gpus"]["message"] and fails["slurm.gpus"]["fix"] == "slurm.gpu_type to one of: v100"
+    assert fails["slurm.cpus_per_task"]["fix"] == f"slurm.cpus_per_task={os.cpu_count()}"
+    assert "not writable" in fails["run.output_root"]["message"]
+
+
+def test_doctor_names_a_partition_that_does_not_exist_and_a_bad_config_key(tmp_path, tiny_llama_dir, slurm):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    rc, checks, _ = doctor(cfg, "--partition", "gpu-long", "lora.rr=4")
+    assert rc == 1
+    assert named(checks, "config") == [{"status": "fail", "name": "config", "message": "lora.rr: unknown key (did you mean 'lora.r'?)", "fix": ""}]
+    assert named(checks, "slurm.partition")[-1] == {"status": "fail", "name": "slurm.partition", "message": "no partition 'gpu-long' here",
+                                                     "fix": "one of debug, short"}
+
+
+def test_doctor_probe_asks_a_compute_node_through_srun(tmp_path, tiny_llama_dir, slurm):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    rc, checks, _ = doctor(cfg, "--probe")
+    host = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
+    network = named(checks, "network.compute")[0]
+    assert network["message"].startswith(f"{host}: ")
+    here = named(checks, "network.here")[0]
+    assert network["status"] == here["status"]  # one machine: the compute node reaches the hub exactly when this one does
+    assert named(checks, "gpu.compute") == []  # a CPU run does not ask for a GPU
+    assert named(checks, "container.compute")[0]["message"].startswith(f"{host}: ")
+    assert socket.gethostname().startswith(host) or host.startswith(socket.gethostname().split(".")[0])
+    assert rc == (1 if any(c["status"] == "fail" for c in checks) else 0)
