@@ -7,6 +7,7 @@ so that login-node commands such as `validate` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -136,7 +137,7 @@ def cmd_plan(args) -> int:
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
-    result = plan.make_plan(cfg, args.gpu)
+    result = plan.make_plan(cfg, args.gpu, calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0
 
@@ -292,6 +293,45 @@ def cmd_doctor(args) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_probe(args) -> int:
+    from . import calibration, config, plan, preflight, probe
+    from .launch import launchers, submit
+
+    if args.read:
+        record = json.loads((Path(args.read) / "job.json").read_text()) if (Path(args.read) / "job.json").is_file() else {}
+        return _report_probe(probe.record(Path(args.read), record.get("job_id")), calibration.path())
+    if not args.config:
+        raise UserError("probe: give a config file (or --read RUN_DIR of a probe that has ended)")
+    cfg = config.load(args.config, [*args.overrides, *probe.probe_overrides(args.steps)])
+    cfg.run.name = f"{cfg.run.name}-probe"
+    preflight.check(cfg)
+    _print_plan(plan.check_before_submit([cfg], args.force))
+    job = submit.prepare_run(cfg)
+    entry, code = submit.launch(job, launchers.launcher(args.launcher, None))
+    _print_launched(entry, job)
+    job_id = entry["job_id"]
+    if job_id is not None:
+        if args.no_wait:
+            print(f"when it has ended: hpclora probe --read {job.directory}")
+            return 0
+        state = probe.wait(job_id, job.directory)
+        if state != "COMPLETED":
+            raise UserError(f"probe job {job_id} ended {state}: its log says why (`hpclora logs {job_id}`)")
+    elif code != 0:
+        return code
+    return _report_probe(probe.record(job.directory, job_id), calibration.path())
+
+
+def _report_probe(found, kept: Path) -> int:
+    from .probe import describe
+
+    measurement, facts = found
+    for line in describe(measurement, facts):
+        print(line)
+    print(f"kept in {kept}: `hpclora plan` and slurm.time: auto now use it for {measurement.model} on {measurement.device}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclora", description="LoRA/QLoRA fine-tuning as batch jobs on HPC clusters, and on CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -395,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="hpclora.sif", help="build: image to write (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the command only")
     p.set_defaults(func=cmd_container)
+
+    p = sub.add_parser("probe", help="a short real job on the target partition: measure tokens/s and memory for plan and slurm.time: auto")
+    with_config(p, required=False)
+    p.add_argument("--steps", type=int, default=30, help="training steps to measure (default: %(default)s)")
+    p.add_argument("--launcher", choices=("sbatch", "local"), default="sbatch", help="sbatch (default), or local: here, now")
+    p.add_argument("--no-wait", action="store_true", help="submit and return; read the result later with --read RUN_DIR")
+    p.add_argument("--read", metavar="RUN_DIR", help="record the result of a probe run that has ended")
+    p.add_argument("--force", action="store_true", help="submit even when the planner predicts that it does not fit")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("doctor", help="check this cluster (Slurm, GPUs, container, storage, network) and a config before the queue")
     with_config(p, required=False)

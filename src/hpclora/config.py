@@ -49,6 +49,9 @@ class RunSection:
         "Also log to Weights & Biases under this project (needs the wandb package; the key comes from WANDB_API_KEY "
         "in the environment). Offline nodes log in offline mode (`wandb sync` later). TensorBoard events are always written.",
     )
+    probe: bool = opt(
+        False, "A measuring run (`hpclora probe` sets it): the job also records its node's GPU, driver, kernels and network in probe.json.",
+    )
 
 
 @dataclass

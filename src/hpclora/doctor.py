@@ -173,13 +173,14 @@ def check_config(report: Report, cfg, config_path: str, part):
     else:
         report.add(OK, "config.staged", f"model and data are local or in the cache at {hub.hf_home(cfg)}")
     try:
-        p = plan.make_plan(cfg, planner_device(cfg, part))
+        p = plan.make_plan(cfg, planner_device(cfg, part), calibrated=True)
     except UserError as exc:
         report.add(WARN, "config.plan", f"no plan: {exc}")
         return None
     where = f"on {p.device}" + (f" (partition {part.name})" if part else "")
+    speed_source = p.tokens_per_s_note.split(":")[0] if p.tokens_per_s_note.startswith("measured") else "estimate"
     summary = (f"{where}: peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB, {p.precision}, micro-batch "
-               f"{min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum}, ~{p.tokens_per_s:,.0f} tokens/s"
+               f"{min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum}, ~{p.tokens_per_s:,.0f} tokens/s ({speed_source})"
                + (f", {p.time} for {p.steps} steps" if p.time else ""))
     if p.fits:
         report.add(OK, "config.plan", summary)

@@ -301,6 +301,7 @@ class Plan:
     checkpointing_reason: str = ""
     packing: bool = False  # data.packing, `auto` resolved for the architecture
     packing_reason: str = ""
+    peak_note: str = ""  # where a measured peak replaced the estimate (hpclora probe)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -383,9 +384,11 @@ def with_checkpointing(cfg: RunConfig, on: bool, layers: int | None = None) -> R
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=on, checkpointed_layers=layers))
 
 
-def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = None, capacity_gb: float | None = None) -> Plan:
+def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = None, capacity_gb: float | None = None,
+              calibrated: bool = False) -> Plan:
     """The plan for `cfg` on the GPU named `gpu` (or slurm.gpu_type, or the CPU for slurm.gpus: 0); a training
-    process passes the `device` it runs on and the memory it has (`capacity_gb`) instead."""
+    process passes the `device` it runs on and the memory it has (`capacity_gb`) instead. `calibrated`: use
+    what a probe job measured for this device and model (calibration.py) instead of the built-in estimate."""
     device = device or device_for(cfg, gpu)
     dims, source = find_dims(cfg)
     packing, packing_why = packing_choice(cfg.data.packing, dims.model_type, cfg.data.max_length)
@@ -451,28 +454,43 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     rank_tokens_per_s = peak_flops * efficiency / per_token
     scaling = 1.0 if world == 1 else SCALING[strategy][0 if cfg.slurm.nodes == 1 else 1]
     tokens_per_s = rank_tokens_per_s * world * scaling
+    measured = None
+    if calibrated:
+        from . import calibration
+
+        measured = calibration.find(device.name, cfg.model.name)
     steps = planned_steps(cfg)
-    seconds = None
-    if steps is not None:
-        tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
-        seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
     if device.name == "cpu":
         note = (f"estimate: {device.tflops} TFLOP/s of 2 cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
                 f"{cfg.slurm.cpus_per_task} cores x {efficiency:.2f} efficiency (cores scaling fitted on one report; `hpclora probe` measures)")
     if world > 1:
         note += f"; {world} ranks x {scaling:.2f} scaling ({strategy.upper()} {'within a node' if cfg.slurm.nodes == 1 else 'across nodes'}: assumed, not measured)"
+    peak_gb, peak_note = parts["peak_gb"], ""
+    if measured is not None:  # this cluster's own numbers: speed as a ratio, memory where the settings are the probe's
+        from .calibration import memory_settings
+
+        note = (f"measured by {measured.by()} on {measured.node}: {measured.tokens_per_s:,.1f} tokens/s where the estimate said "
+                f"{measured.planned_tokens_per_s:,.1f}, so the estimate x {measured.speed_ratio:.2f}")
+        tokens_per_s *= measured.speed_ratio
+        if measured.settings == memory_settings(cfg, checkpointing, cfg.train.checkpointed_layers if checkpointing else None):
+            peak_gb = measured.peak_gb
+            peak_note = f"measured by {measured.by()} (estimate {parts['peak_gb']:.2f} GB)"
+    seconds = None
+    if steps is not None:
+        tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
+        seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     return Plan(
         model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
         precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
         weights_gb=parts["weights_gb"], optimizer_gb=round(parts["lora_gb"] + parts["optimizer_gb"], 3),
-        activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=parts["peak_gb"], capacity_gb=round(capacity, 3),
-        fits=parts["peak_gb"] <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
+        activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=peak_gb, capacity_gb=round(capacity, 3),
+        fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
         time=slurm_time(seconds) if seconds else None, recommended=resources(cfg, device, counts, parts, seconds), breakdown=parts,
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
         peak_by_strategy_gb=peaks, scaling_efficiency=scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
-        checkpointed_layers=cfg.train.checkpointed_layers if checkpointing else None, checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why,
+        checkpointed_layers=cfg.train.checkpointed_layers if checkpointing else None, checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why, peak_note=peak_note,
     )
 
 
@@ -511,10 +529,11 @@ def format_plan(p: Plan) -> str:
                      + ("(Python, torch and libraries)" if p.device == "cpu" else "(CUDA context, allocator slack)")),
         ("checkpointing", f"{'on' if p.gradient_checkpointing else 'off'} ({p.checkpointing_reason})"),
         ("packing", p.packing_reason),
-        ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB{' per rank' if p.world_size > 1 else ''}: {'fits' if p.fits else 'DOES NOT FIT'}"),
+        ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB{' per rank' if p.world_size > 1 else ''}: {'fits' if p.fits else 'DOES NOT FIT'}"
+                 + (f" ({p.peak_note})" if p.peak_note else "")),
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
                         if p.max_micro_batch else f"not even 1 row fits: try {shrink_advice(p)}"),
-        ("speed", f"~{p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s_note})"),
+        ("speed", f"~{p.tokens_per_s:,.{1 if p.tokens_per_s < 100 else 0}f} tokens/s ({p.tokens_per_s_note})"),
         ("time", f"{p.time} for {p.steps} steps (full-length rows: an upper bound)" if p.time else "unknown (row count not known: set train.max_steps)"),
         ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v)),
     ]
@@ -544,7 +563,7 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
     for i, cfg in enumerate(cfgs):
         label = f"trial {i}: " if len(cfgs) > 1 else ""
         try:
-            p = make_plan(cfg)
+            p = make_plan(cfg, calibrated=True)
         except ConfigError:  # the config cannot train this model (data.packing on BLOOM)
             raise
         except UserError as exc:

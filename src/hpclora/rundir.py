@@ -35,6 +35,7 @@ STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 JOB_FILE = "job.json"  # the submission record of a run (launch/submit.py)
 SWEEP_FILE = "sweep.json"  # a sweep directory's record: its trials and their overrides
+PROBE_FILE = "probe.json"  # a probe run's node: GPU, driver, kernels, network (hpclora probe)
 SLURM_VARS = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION",
     "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES",

@@ -23,7 +23,7 @@ from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .rundir import STOP_MARKER_VAR, STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
+from .rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
@@ -85,6 +85,10 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             start_wandb(cfg, out)
         config_text = write_config(out, cfg)
         write_json(out / "env.json", environment(device, precision, why))
+        if cfg.run.probe:
+            from .probe import node_report
+
+            write_json(out / PROBE_FILE, node_report(device))
         emit(job_header(out, config_text))
     resume, base_loss = distributed.share((resume, base_loss))
     emit(f"device {device} | precision {precision} ({why})")

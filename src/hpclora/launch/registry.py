@@ -12,12 +12,16 @@ import os
 from pathlib import Path
 
 
-def index_path() -> Path:
-    """$HPCLORA_STATE_DIR/jobs.jsonl, else $XDG_STATE_HOME/hpclora/jobs.jsonl (~/.local/state by default)."""
+def state_dir() -> Path:
+    """This user's hpclora state: $HPCLORA_STATE_DIR, else $XDG_STATE_HOME/hpclora (~/.local/state by default)."""
     root = os.environ.get("HPCLORA_STATE_DIR")
     if not root:
         root = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "hpclora"
-    return Path(root) / "jobs.jsonl"
+    return Path(root)
+
+
+def index_path() -> Path:
+    return state_dir() / "jobs.jsonl"
 
 
 def record(entry: dict) -> None:

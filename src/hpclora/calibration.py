@@ -1,0 +1,82 @@
+"""What `hpclora probe` jobs measured, per GPU type (or CPU) and model: a per-user file that `hpclora plan`,
+`slurm.time: auto` and `hpclora doctor` read, so that their speed (and, for the same settings, memory) comes
+from this cluster rather than from the built-in estimate.
+
+Speed is kept as the ratio of measured to planned tokens/s: the planner's estimate for another sequence
+length, batch or core count is multiplied by it. Memory is taken as measured only for the same memory
+settings (a probe at micro-batch 1 says little about micro-batch 8). No torch: login nodes read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .launch.registry import state_dir
+from .rundir import write_json
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class Measurement:
+    device: str  # the planner's name: v100-16gb, a100-80gb, cpu
+    model: str
+    job_id: str | None
+    measured_on: str  # date, YYYY-MM-DD
+    node: str
+    gpu: str  # what the node called its GPU (or CPU model)
+    tokens_per_s: float
+    planned_tokens_per_s: float
+    peak_gb: float
+    planned_peak_gb: float
+    settings: dict  # memory_settings() of the probed run (and its cores)
+
+    @property
+    def speed_ratio(self) -> float:
+        return self.tokens_per_s / self.planned_tokens_per_s if self.planned_tokens_per_s else 1.0
+
+    def by(self) -> str:
+        return f"probe job {self.job_id or '(local)'} on {self.measured_on}"
+
+
+def path() -> Path:
+    return state_dir() / CALIBRATION_FILE
+
+
+def load() -> dict[str, Measurement]:
+    """Every measurement by `device|model`; a missing or unreadable file is no calibration."""
+    try:
+        rows = json.loads(path().read_text(encoding="utf-8"))
+        return {key: Measurement(**row) for key, row in rows.items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def key(device: str, model: str) -> str:
+    return f"{device}|{model}"
+
+
+def find(device: str, model: str) -> Measurement | None:
+    return load().get(key(device, model))
+
+
+def record(m: Measurement) -> Path:
+    """Keep `m` as the measurement for its device and model (the newest probe wins)."""
+    rows = {k: asdict(v) for k, v in load().items()}
+    rows[key(m.device, m.model)] = asdict(m)
+    path().parent.mkdir(parents=True, exist_ok=True)
+    write_json(path(), rows)
+    return path()
+
+
+def memory_settings(cfg, checkpointing: bool, checkpointed_layers: int | None) -> dict:
+    """The settings a peak memory depends on, beyond the device and model (checkpointing as the plan resolved it)."""
+    return {
+        "max_length": cfg.data.max_length, "micro_batch_size": cfg.train.micro_batch_size, "lora_r": cfg.lora.r,
+        "target_modules": cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else list(cfg.lora.target_modules),
+        "quant_bits": cfg.quant.bits, "precision": cfg.train.precision, "optimizer": cfg.train.optimizer,
+        "gradient_checkpointing": checkpointing, "checkpointed_layers": checkpointed_layers,
+        "ranks": cfg.slurm.nodes * (cfg.slurm.gpus or cfg.train.cpu_ranks),
+    }
