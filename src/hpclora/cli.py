@@ -76,6 +76,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import chat
+    from .generate import Sampling
+
+    sampling = Sampling.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return chat(args.target, sampling)
+
+
 def cmd_submit(args) -> int:
     from . import config, plan, preflight
     from .launch import launchers, submit
@@ -336,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclora", description="LoRA/QLoRA fine-tuning as batch jobs on HPC clusters, and on CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def with_sampling(p):
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; 0 = greedy)")
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--top-k", type=int, default=50)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
     def with_config(p, required=True):
         p.add_argument("config", nargs=None if required else "?", help="YAML config (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. lora.r=16 train.lr=1e-4")
@@ -356,14 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--compare", action="store_true", help="show base and adapter answers side by side")
     p.add_argument("--no-adapter", action="store_true", help="answer with the base model only")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; 0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    with_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a run's adapter (or a merged model), answers streamed; /compare, /reset, /sample")
+    p.add_argument("target", help="a run directory with adapter/, or a merged model directory")
+    with_sampling(p)
+    p.set_defaults(func=cmd_chat)
 
     from .launch.launchers import LAUNCHERS
 

@@ -50,6 +50,19 @@ class Sampling:
                    temperature=0.7 if temperature is None else temperature, **rest)
 
 
+def load_model(cfg):
+    """(base model ready to generate, tokenizer) of a config's model.name, in the precision this device suits."""
+    from .model import load_base, load_tokenizer
+    from .precision import choose_precision, detect_device
+
+    device, bf16_ok = detect_device()
+    precision, _ = choose_precision("auto" if cfg.train.precision != "fp32" else "fp32", device, bf16_ok)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base(cfg, precision, device)
+    base.config.use_cache = True
+    return base.eval(), tokenizer
+
+
 def load_run(run_dir: str | Path):
     """(model with adapter, tokenizer, config) for a finished run directory."""
     from .quiet import quiet_libraries
@@ -57,27 +70,21 @@ def load_run(run_dir: str | Path):
     quiet_libraries()
     from peft import PeftModel
 
-    from .model import load_base, load_tokenizer
-    from .precision import choose_precision, detect_device
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a run directory (no config.yaml)")
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run}: has no finished adapter yet (adapter/ is missing); is the run still going or did it fail?")
     cfg = load_run_config(run / "config.yaml")
-    device, bf16_ok = detect_device()
-    precision, _ = choose_precision("auto" if cfg.train.precision != "fp32" else "fp32", device, bf16_ok)
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_base(cfg, precision, device)
-    base.config.use_cache = True
+    base, tokenizer = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(run / "adapter"))
     model.eval()
     return model, tokenizer, cfg
 
 
-def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: Sampling) -> str:
-    """The model's answer to a prompt: a user message, or a conversation ending with a user turn."""
+def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: Sampling, streamer=None) -> str:
+    """The model's answer to a prompt: a user message, or a conversation ending with a user turn. A
+    transformers `streamer` receives the tokens as they are generated."""
     import torch
 
     from .data import encode, render
@@ -95,7 +102,7 @@ def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: 
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs,
         )
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 

@@ -80,6 +80,7 @@ def provenance(run: Path, cfg, dtype: str) -> dict:
         "run_config_sha256": hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest(),
         "trained_quantized": f"{cfg.quant.bits}-bit" if cfg.quant.bits else None,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
+        "template": cfg.data.template,  # the prompt format it was trained in (hpclora chat uses it)
         "final_val_loss": json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None,
         "dtype": dtype,
         "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

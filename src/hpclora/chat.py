@@ -1,0 +1,204 @@
+"""`hpclora chat`: talk to a run's adapter (or a merged model) turn by turn, in the run's own template, with
+the answer printed as it is generated. For `srun --pty` or `singularity exec --nv IMAGE hpclora chat RUN`.
+
+Commands: /reset (forget the conversation), /compare (the base model's and the adapter's answers to the last
+prompt, side by side), /sample [key=value ...] (decoding settings), /help; Ctrl-D leaves, Ctrl-C stops an
+answer. Lines are read with readline where there is one, so wide characters (Japanese) are edited as one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from .errors import UserError
+from .generate import Sampling, answer, side_by_side
+
+HELP = ("/reset: start a new conversation | /compare: base and adapter answers to the last prompt | "
+        "/sample [temperature=T top_p=P top_k=K max_new_tokens=N repetition_penalty=R seed=S | greedy]: decoding | "
+        "Ctrl-D: leave")
+
+
+@dataclasses.dataclass
+class Model:
+    """What answers: a model, its tokenizer and template, and how to get the base model's answers."""
+
+    model: object
+    tokenizer: object
+    template: str
+    label: str
+    speaker: str  # how its answers are labelled: adapter, or model (a merged one)
+    base: object = None  # a context manager factory giving the base model, or None where there is none
+
+    def base_model(self):
+        if self.base is None:
+            raise UserError("/compare: no base model is known for this model")
+        return self.base()
+
+
+def load(target: str | Path) -> Model:
+    """A run directory (base + adapter) or a merged model directory (MERGED_FROM.json names its base)."""
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        from .generate import load_run
+
+        model, tokenizer, cfg = load_run(path)
+        return Model(model, tokenizer, cfg.data.template, f"{path} (adapter on {cfg.model.name})", "adapter",
+                     base=lambda: _adapter_off(model))
+    if (path / "config.json").is_file():
+        return _load_merged(path)
+    raise UserError(f"{path}: neither a run directory (config.yaml) nor a model directory (config.json)")
+
+
+def _adapter_off(model):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def off():
+        with model.disable_adapter():
+            yield model
+
+    return off()
+
+
+def _load_merged(path: Path) -> Model:
+    from .config import RunConfig
+    from .generate import load_model
+
+    provenance = json.loads((path / "MERGED_FROM.json").read_text(encoding="utf-8")) if (path / "MERGED_FROM.json").is_file() else {}
+    cfg = dataclasses.replace(RunConfig(), model=dataclasses.replace(RunConfig().model, name=str(path.resolve())))
+    model, tokenizer = load_model(cfg)
+    template = provenance.get("template") or ("chat" if getattr(tokenizer, "chat_template", None) else "none")
+    loaded = {}
+
+    def base():  # loaded at the first /compare only: it doubles the memory
+        if "model" not in loaded:
+            name = provenance.get("base_model")
+            if not name:
+                raise UserError("/compare: this model directory has no MERGED_FROM.json naming its base")
+            base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name, revision=provenance.get("base_revision")))
+            loaded["model"] = load_model(base_cfg)[0]
+        return nullcontext(loaded["model"])
+
+    return Model(model, tokenizer, template, f"{path} (merged from {provenance.get('base_model', 'an unknown base')})", "model", base=base)
+
+
+class Printer:
+    """A transformers streamer that prints each piece of text as soon as it is final."""
+
+    def __new__(cls, tokenizer, out):
+        from transformers import TextStreamer
+
+        class _Printer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False):
+                out.write(text + ("\n" if stream_end else ""))
+                out.flush()
+
+        return _Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def set_sampling(sampling: Sampling, words: list[str]) -> Sampling:
+    """`/sample` arguments applied to `sampling`: key=value pairs, or `greedy`; checked like the flags."""
+    if words == ["greedy"]:
+        return dataclasses.replace(sampling, do_sample=False)
+    types = {f.name: f.type for f in dataclasses.fields(Sampling)}
+    changes = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = key.replace("-", "_")
+        if not eq or key not in types or key == "do_sample":
+            raise UserError(f"/sample: '{word}' is not key=value with key one of {', '.join(k for k in types if k != 'do_sample')}, or greedy")
+        try:
+            changes[key] = int(value) if types[key] in (int, "int") else float(value)
+        except ValueError:
+            raise UserError(f"/sample: {key} must be a number, got '{value}'") from None
+    if "temperature" in changes:
+        changes["do_sample"] = changes["temperature"] > 0
+    return dataclasses.replace(sampling, **changes)
+
+
+def describe_sampling(s: Sampling) -> str:
+    how = f"sampling at temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, seed {s.seed}" if s.do_sample else "greedy"
+    return f"{how}, up to {s.max_new_tokens} new tokens, repetition_penalty {s.repetition_penalty}"
+
+
+def chat(target: str | Path, sampling: Sampling, stdin=None, out=None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (input() then edits lines, wide characters included)
+        except ImportError:
+            pass
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # a stray byte in another encoding is not worth a traceback
+    out.write("loading ...\n")
+    out.flush()
+    m = load(target)
+    out.write(f"chatting with {m.label}, template {m.template}; {describe_sampling(sampling)}\n{HELP}\n")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ") if interactive else _read_line(stdin, out)
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-D leaves)\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text == "/reset":
+                history.clear()
+                out.write("(new conversation)\n")
+            elif text == "/compare":
+                compare(m, history, sampling, out)
+            elif text.split()[0] == "/sample":
+                sampling = set_sampling(sampling, text.split()[1:]) if text.split()[1:] else sampling
+                out.write(f"({describe_sampling(sampling)})\n")
+            elif text in ("/help", "/?"):
+                out.write(HELP + "\n")
+            elif text in ("/quit", "/exit"):
+                return 0
+            elif text.startswith("/") and " " not in text:
+                out.write(f"unknown command {text}: {HELP}\n")
+            else:
+                turn = [*history, {"role": "user", "content": text, "input": ""}]
+                out.write(f"{m.speaker}> ")
+                out.flush()
+                reply = answer(m.model, m.tokenizer, m.template, turn, sampling, streamer=Printer(m.tokenizer, out))
+                history[:] = [*turn, {"role": "assistant", "content": reply}]
+        except UserError as exc:
+            out.write(f"error: {exc}\n")
+        except KeyboardInterrupt:
+            out.write("\n(answer stopped; it is not part of the conversation)\n")
+        out.flush()
+
+
+def _read_line(stdin, out) -> str:
+    out.write("you> ")
+    out.flush()
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def compare(m: Model, history: list[dict], sampling: Sampling, out) -> None:
+    """The base model's answer to the last prompt (in the same conversation) beside the one given."""
+    if len(history) < 2:
+        out.write("(nothing to compare yet: ask something first)\n")
+        return
+    before, given = history[:-1], history[-1]["content"]
+    out.write("(base model answering ...)\n")
+    out.flush()
+    with m.base_model() as base:
+        base_answer = answer(base, m.tokenizer, m.template, before, sampling)
+    width = shutil.get_terminal_size((110, 24)).columns
+    out.write(side_by_side("base model", base_answer, "with adapter" if m.speaker == "adapter" else "merged model", given, width) + "\n")
