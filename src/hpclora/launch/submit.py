@@ -37,6 +37,7 @@ class PreparedJob:
     trial_overrides: list[list[str]] = field(default_factory=list)
     max_parallel: int | None = None
     trials_per_task: int = 1  # sweep --trials-per-node
+    handles: list = field(default_factory=list)  # once launched with submitit: its Job objects
 
     def array_task(self, trial: int) -> int:
         """The array task that runs `trial`."""
@@ -138,6 +139,7 @@ def launch(job: PreparedJob, launcher) -> tuple[dict, int]:
     except BaseException:
         shutil.rmtree(job.directory, ignore_errors=True)  # nothing was submitted: leave no half-made run behind
         raise
+    job.handles = started.handles
     entry = {
         "kind": job.kind, "launcher": launcher.name, "job_id": started.job_id, "name": job.cfg.run.name,
         "dir": str(job.directory), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
