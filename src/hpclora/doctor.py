@@ -44,7 +44,7 @@ class Report:
         return any(c.status == FAIL for c in self.checks)
 
     def text(self) -> str:
-        lines = [f"{c.status:<4}  {c.name:<18} {c.message}" + (f" -> {c.fix}" if c.fix else "") for c in self.checks]
+        lines = [f"{c.status:<4}  {c.name:<19} {c.message}" + (f" -> {c.fix}" if c.fix else "") for c in self.checks]
         counts = {s: sum(c.status == s for c in self.checks) for s in (OK, WARN, FAIL)}
         lines.append(f"{counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail")
         return "\n".join(lines)
@@ -276,7 +276,7 @@ def check_storage(report: Report, cfg, single_node: bool) -> None:
             report.add(FAIL, key, f"{where}: not writable here", f"point {key} at a directory you may write")
             continue
         if not place.exists:
-            where += f": does not exist yet; created under {place.existing}"
+            where += f": does not exist yet (will be created in {place.existing})"
         if place.node_local_path:
             report.add(WARN if single_node else FAIL, key, f"{where}: node-local", f"set {key} to shared storage (project or work directory)")
         elif not place.shared and not single_node:
@@ -284,7 +284,7 @@ def check_storage(report: Report, cfg, single_node: bool) -> None:
         elif place.free_gb < LOW_SPACE_GB[key]:
             report.add(WARN, key, f"{where}: little space left", "free some, or move it to larger storage")
         else:
-            report.add(OK, key, where + (" (single-node cluster: jobs run on this node)" if not place.shared else ""))
+            report.add(OK, key, where + ("; a single-node cluster: jobs run on this node" if not place.shared else ""))
         used = storage.quota(place)
         if used:
             status = WARN if used[0] >= 0.9 * used[1] else OK
@@ -327,7 +327,10 @@ def probe_compute_node(report: Report, cfg, part) -> None:
                    else f"{host}: nvidia-smi does not answer: no NVIDIA driver, so --nv has nothing to bind",
                    "" if facts["nvidia_driver"] else "ask the admins; check the partition's GPUs with `sinfo -o %G`")
     runtime = facts["container_runtime"]
-    needs = bool(cfg and cfg.container.image)
-    report.add(OK if runtime else FAIL if needs else WARN, "container.compute",
-               f"{host}: {runtime} {facts['container_runtime_version'] or ''}".rstrip() if runtime else f"{host}: no apptainer or singularity on PATH",
-               "" if runtime else "load it in slurm.setup (`module load apptainer`)")
+    if runtime:
+        report.add(OK, "container.compute", f"{host}: {runtime} {facts['container_runtime_version'] or ''}".rstrip())
+    elif cfg and not cfg.container.image:
+        report.add(OK, "container.compute", f"{host}: no apptainer or singularity, and none needed (container.image is null)")
+    else:
+        report.add(FAIL if cfg else WARN, "container.compute", f"{host}: no apptainer or singularity on PATH",
+                   "load it in slurm.setup (`module load apptainer`)")

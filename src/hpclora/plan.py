@@ -475,7 +475,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         tokens_per_s *= measured.speed_ratio
         if measured.settings == memory_settings(cfg, checkpointing, cfg.train.checkpointed_layers if checkpointing else None):
             peak_gb = measured.peak_gb
-            peak_note = f"measured by {measured.by()} (estimate {parts['peak_gb']:.2f} GB)"
+            peak_note = f"measured by {measured.by()}; the estimate was {parts['peak_gb']:.2f} GB"
     seconds = None
     if steps is not None:
         tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
