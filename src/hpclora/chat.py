@@ -12,7 +12,7 @@ import dataclasses
 import json
 import shutil
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import UserError
@@ -54,15 +54,10 @@ def load(target: str | Path) -> Model:
     raise UserError(f"{path}: neither a run directory (config.yaml) nor a model directory (config.json)")
 
 
+@contextmanager
 def _adapter_off(model):
-    from contextlib import contextmanager
-
-    @contextmanager
-    def off():
-        with model.disable_adapter():
-            yield model
-
-    return off()
+    with model.disable_adapter():
+        yield model
 
 
 def _load_merged(path: Path) -> Model:
@@ -87,18 +82,16 @@ def _load_merged(path: Path) -> Model:
     return Model(model, tokenizer, template, f"{path} (merged from {provenance.get('base_model', 'an unknown base')})", "model", base=base)
 
 
-class Printer:
-    """A transformers streamer that prints each piece of text as soon as it is final."""
+def printer(tokenizer, out):
+    """A transformers streamer that writes each piece of text to `out` as soon as it is final."""
+    from transformers import TextStreamer
 
-    def __new__(cls, tokenizer, out):
-        from transformers import TextStreamer
+    class Printer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):  # TextStreamer's hook for subclasses
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
 
-        class _Printer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False):
-                out.write(text + ("\n" if stream_end else ""))
-                out.flush()
-
-        return _Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def set_sampling(sampling: Sampling, words: list[str]) -> Sampling:
@@ -172,7 +165,7 @@ def chat(target: str | Path, sampling: Sampling, stdin=None, out=None) -> int:
                 turn = [*history, {"role": "user", "content": text, "input": ""}]
                 out.write(f"{m.speaker}> ")
                 out.flush()
-                reply = answer(m.model, m.tokenizer, m.template, turn, sampling, streamer=Printer(m.tokenizer, out))
+                reply = answer(m.model, m.tokenizer, m.template, turn, sampling, streamer=printer(m.tokenizer, out))
                 history[:] = [*turn, {"role": "assistant", "content": reply}]
         except UserError as exc:
             out.write(f"error: {exc}\n")

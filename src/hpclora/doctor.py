@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import cluster, node, storage
 from .errors import UserError
-from .slurm_syntax import slurm_seconds, slurm_time
+from .slurm_syntax import slurm_mem_gb, slurm_seconds, slurm_time
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_SPACE_GB = {"cache.hf_home": 30.0, "run.output_root": 5.0, "slurm.log_dir": 1.0}  # a 7B model in fp16 is 14 GB
@@ -104,7 +104,7 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
                 f"{p.memory_mb / 1000:.0f} GB, {gpus}, {limit}")
         unknown = [g.type or "(untyped)" for g in p.gpus if not cluster.planner_names(g.type, DEVICES)]
         if not p.available:
-            report.add(WARN, "slurm.partition", line + f", state {'down'}", "jobs there wait until an admin brings it up")
+            report.add(WARN, "slurm.partition", line + ", down", "jobs there wait until an admin brings it up")
         elif unknown:
             report.add(WARN, "slurm.partition", line, f"the planner does not know GPU type {', '.join(unknown)}: plan with "
                        f"`--gpu NAME` of the nearest card ({', '.join(n for n in DEVICES if n != 'cpu')}), and measure it with `hpclora probe`")
@@ -209,8 +209,6 @@ def check_resources(report: Report, cfg, part, p, parts) -> None:
             report.add(OK, "slurm.gpus", f"{s.gpus} x {offered[0].type or 'gpu'} per node: {name} has {offered[0].count}")
     if part.cpus and s.cpus_per_task > part.cpus:
         report.add(FAIL, "slurm.cpus_per_task", f"{s.cpus_per_task} asked; {name}'s nodes have {part.cpus}", f"slurm.cpus_per_task={part.cpus}")
-    from .slurm_syntax import slurm_mem_gb
-
     if part.memory_mb and slurm_mem_gb(s.mem) * 1000 > part.memory_mb:
         report.add(FAIL, "slurm.mem", f"{s.mem} asked; {name}'s nodes have {part.memory_mb / 1000:.0f} GB", f"slurm.mem={part.memory_mb // 1000}G")
     limit = part.time_limit_s

@@ -376,7 +376,7 @@ def recomputed_layers(cfg: RunConfig, d: ModelDims) -> int:
 
 
 def cpu_speedup(cores: int) -> float:
-    """How many times the 2-core reference a CPU job with `cores` cores trains (CPU_CORE_EXPONENT)."""
+    """How many times faster than the reference cores a CPU job with `cores` cores trains (CPU_CORE_EXPONENT)."""
     return (cores / CPU_REFERENCE_CORES) ** CPU_CORE_EXPONENT
 
 
@@ -462,7 +462,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     steps = planned_steps(cfg)
     note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
     if device.name == "cpu":
-        note = (f"estimate: {device.tflops} TFLOP/s of 2 cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
+        note = (f"estimate: {device.tflops} TFLOP/s of {CPU_REFERENCE_CORES} cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
                 f"{cfg.slurm.cpus_per_task} cores x {efficiency:.2f} efficiency (cores scaling fitted on one report; `hpclora probe` measures)")
     if world > 1:
         note += f"; {world} ranks x {scaling:.2f} scaling ({strategy.upper()} {'within a node' if cfg.slurm.nodes == 1 else 'across nodes'}: assumed, not measured)"

@@ -4,7 +4,6 @@ user may write there, free space, and the user's quota where `quota` or `lfs quo
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
