@@ -134,3 +134,23 @@ def test_doctor_probe_asks_a_compute_node_through_srun(tmp_path, tiny_llama_dir,
     assert named(checks, "container.compute")[0]["message"].startswith(f"{host}: ")
     assert socket.gethostname().startswith(host) or host.startswith(socket.gethostname().split(".")[0])
     assert rc == (1 if any(c["status"] == "fail" for c in checks) else 0)
+
+
+def test_a_gpu_type_the_planner_lacks_is_described_by_the_user_and_then_known(tmp_path, monkeypatch):
+    from hpclora import config
+    from hpclora.errors import UserError
+
+    monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path))
+    cfg = config.load(None, ["data.path=owner/dataset", "model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4",
+                             "slurm.gpu_type=rtx_a6000"], check_files=False)
+    assert cluster.planner_names("rtx_a6000", plan.known_devices(), plan.gpu_aliases()) == []
+    with pytest.raises(UserError, match="gpus.json"):
+        plan.make_plan(cfg)
+    (tmp_path / "gpus.json").write_text(json.dumps({"a6000-48gb": {"sinfo_types": ["RTX_A6000"], "memory_gb": 48, "bf16": True, "tflops": 155}}))
+    assert cluster.planner_names("rtx_a6000", plan.known_devices(), plan.gpu_aliases()) == ["a6000-48gb"]
+    p = plan.make_plan(cfg)  # slurm.gpu_type, as sinfo spells it
+    assert (p.device, p.capacity_gb, p.precision) == ("a6000-48gb", 48.0, "bf16")
+    assert plan.make_plan(cfg, "a6000-48gb").peak_gb == p.peak_gb  # --gpu NAME
+    (tmp_path / "gpus.json").write_text(json.dumps({"a6000-48gb": {"memory_gb": 48}}))
+    with pytest.raises(UserError, match="entry 'a6000-48gb' needs memory_gb, bf16 and tflops"):
+        plan.make_plan(cfg)

@@ -82,12 +82,15 @@ def parse_sinfo(text: str) -> list[Partition]:
     return list(partitions.values())
 
 
-def planner_names(gres_type: str | None, devices: dict) -> list[str]:
-    """The planner's device names a sinfo GPU type may mean: one when the type says the memory (`32gb`,
-    `80g`) or the family has one size, all sizes of the family otherwise, none when unknown."""
+def planner_names(gres_type: str | None, devices: dict, aliases: dict[str, str] | None = None) -> list[str]:
+    """The planner's device names a sinfo GPU type may mean: the user's own name for it (`aliases`, from
+    gpus.json); one when the type says the memory (`32gb`, `80g`) or the family has one size; all sizes of
+    the family otherwise; none when unknown."""
     if not gres_type:
         return []
     spelled = gres_type.lower()
+    if aliases and spelled in aliases:
+        return [aliases[spelled]]
     family = next((f for f in FAMILIES if f in spelled.replace("-", "").replace("_", "")), None)
     if family is None:
         return []

@@ -88,7 +88,9 @@ def load_config(report: Report, path: str | None, overrides: list[str]):
 
 
 def check_slurm(report: Report) -> list[cluster.Partition] | None:
-    from .plan import DEVICES
+    from .plan import gpu_aliases, gpus_file, known_devices
+
+    devices, aliases = known_devices(), gpu_aliases()
 
     version = cluster.version()
     parts = cluster.partitions() if version else None
@@ -98,16 +100,16 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
         return None
     report.add(OK, "slurm", f"{version}, {len(parts)} partition(s), {cluster.node_count()} node(s)")
     for p in parts:
-        gpus = ", ".join(describe_gpu(g, DEVICES) for g in p.gpus) or "no GPUs"
+        gpus = ", ".join(describe_gpu(g, devices, aliases) for g in p.gpus) or "no GPUs"
         limit = "no time limit" if p.time_limit_s is None else f"time limit {p.time_limit}"
         line = (f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s) of {p.cpus} CPUs and "
                 f"{p.memory_mb / 1000:.0f} GB, {gpus}, {limit}")
-        unknown = [g.type or "(untyped)" for g in p.gpus if not cluster.planner_names(g.type, DEVICES)]
+        unknown = [g.type or "(untyped)" for g in p.gpus if not cluster.planner_names(g.type, devices, aliases)]
         if not p.available:
             report.add(WARN, "slurm.partition", line + ", down", "jobs there wait until an admin brings it up")
         elif unknown:
-            report.add(WARN, "slurm.partition", line, f"the planner does not know GPU type {', '.join(unknown)}: plan with "
-                       f"`--gpu NAME` of the nearest card ({', '.join(n for n in DEVICES if n != 'cpu')}), and measure it with `hpclora probe`")
+            report.add(WARN, "slurm.partition", line, f"the planner does not know GPU type {', '.join(unknown)}: describe it in "
+                       f"{gpus_file()}, then measure it with `hpclora probe`")
         else:
             report.add(OK, "slurm.partition", line)
     if not any(p.default for p in parts):
@@ -120,8 +122,8 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
     return parts
 
 
-def describe_gpu(g: cluster.Gres, devices: dict) -> str:
-    names = cluster.planner_names(g.type, devices)
+def describe_gpu(g: cluster.Gres, devices: dict, aliases: dict) -> str:
+    names = cluster.planner_names(g.type, devices, aliases)
     planned = f" (planner: {' or '.join(names)})" if names else ""
     return f"{g.count} x gpu:{g.type}{planned}" if g.type else f"{g.count} untyped GPU(s)"
 
@@ -139,14 +141,14 @@ def choose_partition(report: Report, parts, wanted: str | None):
 
 def planner_device(cfg, part) -> str | None:
     """The planner's GPU for this run on this partition: slurm.gpu_type, else the partition's (smallest) type."""
-    from .plan import DEVICES
+    from .plan import gpu_aliases, known_devices
 
     if cfg.slurm.gpus == 0:
         return "cpu"
     if cfg.slurm.gpu_type:
         return None  # plan.device_for maps it
     for g in part.gpus if part else []:
-        names = cluster.planner_names(g.type, DEVICES)
+        names = cluster.planner_names(g.type, known_devices(), gpu_aliases())
         if names:
             return names[0]
     return None

@@ -307,20 +307,46 @@ class Plan:
         return json.dumps(asdict(self), indent=2)
 
 
+def known_devices() -> dict[str, Device]:
+    """The built-in GPU table and the user's own GPU types (gpus.json: see calibration.py)."""
+    from .calibration import user_gpus
+
+    user = {n: Device(n, g["memory_gb"], g["bf16"], g["tflops"], g["context_gb"]) for n, g in user_gpus().items()}
+    return {**DEVICES, **user}
+
+
+def gpu_aliases() -> dict[str, str]:
+    """sinfo GPU types (lower case) that name one of the user's GPU types."""
+    from .calibration import user_gpus
+
+    return {t: name for name, g in user_gpus().items() for t in g["sinfo_types"]}
+
+
 def device_for(cfg: RunConfig, name: str | None) -> Device:
+    devices = known_devices()
     if name is None:
         if cfg.slurm.gpus == 0:
             name = "cpu"
         elif cfg.slurm.gpu_type:  # the smallest card of that type: a plan that fits there fits on all
-            matches = sorted((d for d in DEVICES.values() if d.name.split("-")[0] == cfg.slurm.gpu_type.lower()), key=lambda d: d.memory_gb)
+            wanted = cfg.slurm.gpu_type.lower()
+            matches = sorted((d for d in devices.values() if d.name.split("-")[0] == wanted or gpu_aliases().get(wanted) == d.name),
+                             key=lambda d: d.memory_gb)
             if not matches:
-                raise UserError(f"slurm.gpu_type: no planner data for '{cfg.slurm.gpu_type}': pass --gpu NAME ({', '.join(DEVICES)})")
+                raise UserError(f"slurm.gpu_type: no planner data for '{cfg.slurm.gpu_type}': pass --gpu NAME ({', '.join(devices)}), "
+                                f"or describe it in {gpus_file()}")
             name = matches[0].name
         else:
-            raise UserError(f"plan: which GPU? pass --gpu NAME ({', '.join(DEVICES)}) or set slurm.gpu_type")
-    if name not in DEVICES:
-        raise UserError(f"--gpu: unknown '{name}': one of {', '.join(DEVICES)}")
-    return DEVICES[name]
+            raise UserError(f"plan: which GPU? pass --gpu NAME ({', '.join(devices)}) or set slurm.gpu_type")
+    if name not in devices:
+        raise UserError(f"--gpu: unknown '{name}': one of {', '.join(devices)}, or describe it in {gpus_file()}")
+    return devices[name]
+
+
+def gpus_file() -> str:
+    from .calibration import GPU_EXAMPLE, GPUS_FILE
+    from .launch.registry import state_dir
+
+    return f"{state_dir() / GPUS_FILE} (e.g. {GPU_EXAMPLE})"
 
 
 def planned_steps(cfg: RunConfig) -> int | None:
@@ -571,7 +597,7 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
                 raise UserError(f"slurm.time: auto needs a plan, and there is none: {exc}") from None
             lines.append(f"warning: {label}no memory check ({exc})")
             continue
-        device = DEVICES[p.device]
+        device = known_devices()[p.device]
         if (problem := strategy_problem(p.strategy, device, p.precision)) is not None:
             raise UserError(f"train.distributed: {label}{problem}")
         if not p.fits and not force:

@@ -119,14 +119,16 @@ def record(run_dir: Path, job_id: str | None):
 def device_name(cfg, facts: dict) -> str:
     """The planner's name for the probed device: cpu, or the card that nvidia named (family and memory)."""
     from .cluster import planner_names
-    from .plan import DEVICES
+    from .plan import gpu_aliases, gpus_file, known_devices
 
     if cfg.slurm.gpus == 0 or "gpu" not in facts:
         return "cpu"
-    names = planner_names(facts["gpu"].replace(" ", "_"), DEVICES)
+    devices = known_devices()
+    names = planner_names(cfg.slurm.gpu_type, devices, gpu_aliases()) or planner_names(facts["gpu"].replace(" ", "_"), devices)
     if not names:
-        raise UserError(f"the probe ran on a {facts['gpu']}, which the planner does not know: its numbers are in probe.json")
-    closest = min(names, key=lambda n: abs(DEVICES[n].memory_gb - facts["gpu_memory_gb"]))
+        raise UserError(f"the probe ran on a {facts['gpu']}, which the planner does not know: describe it in {gpus_file()} "
+                        "and record the probe again with `hpclora probe --read RUN_DIR`")
+    closest = min(names, key=lambda n: abs(devices[n].memory_gb - facts["gpu_memory_gb"]))
     return closest
 
 
