@@ -9,12 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hpclora import cluster, plan, storage
 
-from conftest import ROOT, require_slurm, tiny_run_yaml
+from conftest import require_slurm, tiny_run_yaml
 
 
 def test_gres_strings_as_sinfo_prints_them():
@@ -83,7 +84,8 @@ def slurm():
 
 
 def test_doctor_reports_the_test_clusters_partitions_and_passes_a_good_config(tmp_path, tiny_llama_dir, slurm):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, cache={"hf_home": str(ROOT / "runs" / "hf-cache-of-doctor-test")})
+    hf_home = Path.home() / ".cache" / "hpclora-doctor-test-hf"  # not created; outside /tmp, which counts as node-local
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, cache={"hf_home": str(hf_home)})
     rc, checks, stderr = doctor(cfg)
     assert rc == 0, checks
     assert "HEAVY []" in stderr  # login-node speed: no torch, transformers or peft
