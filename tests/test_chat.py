@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 
-from hpclora.chat import chat, load, set_sampling
-from hpclora.generate import Sampling, answer
+import torch
+
+from hpclora.chat import chat, load, printer, set_sampling
+from hpclora.generate import Sampling, answer, answer_text
 
 PROMPT = "you> "
 
@@ -94,6 +96,21 @@ def test_every_turn_is_answered_with_the_conversation_before_it(real_run):
     conversation = [{"role": "user", "content": "Name a planet.", "input": ""}, {"role": "assistant", "content": first},
                     {"role": "user", "content": "And one more?", "input": ""}]
     assert replies == [first, answer(m.model, m.tokenizer, m.template, conversation, greedy)]
+
+
+def test_an_answer_cut_inside_a_japanese_character_drops_the_half_character(tokenizer):
+    ids = tokenizer.encode("日本で一番長い川", add_special_tokens=False)
+    assert answer_text(tokenizer, ids) == "日本で一番長い川"
+    cut = ids[:-1]  # 川 is two byte-level tokens
+    assert tokenizer.decode(cut).endswith("\ufffd")
+    assert answer_text(tokenizer, cut) == "日本で一番長い"
+    streamed = io.StringIO()
+    stream = printer(tokenizer, streamed)
+    stream.put(torch.tensor([tokenizer.encode("Q:")]))  # as generate() feeds a streamer: the prompt (skipped),
+    for token in cut:  # then one token at a time, then end()
+        stream.put(torch.tensor([token]))
+    stream.end()
+    assert streamed.getvalue() == "日本で一番長い\n"
 
 
 def test_sample_settings_are_checked_like_the_flags():

@@ -88,7 +88,9 @@ def printer(tokenizer, out):
 
     class Printer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):  # TextStreamer's hook for subclasses
-            out.write(text + ("\n" if stream_end else ""))
+            if stream_end:  # the answer may stop inside a character (see generate.answer_text)
+                text = text.rstrip("\ufffd") + "\n"
+            out.write(text)
             out.flush()
 
     return Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -104,7 +104,13 @@ def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: 
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs,
         )
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    return answer_text(tokenizer, out[0, input_ids.shape[1]:].tolist())
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The generated tokens as text. A byte-level tokenizer spends several tokens on one Japanese character, so
+    an answer cut by max_new_tokens can end inside one: that half character (U+FFFD) is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
 
 
 def generate(run_dir, prompts: list[str], sampling: Sampling, mode: str = "adapter") -> list[dict]:
