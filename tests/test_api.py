@@ -13,7 +13,7 @@ import pytest
 import hpclora
 
 from conftest import ROOT, require_slurm, tiny_run_yaml, write_jsonl
-from test_slurm import metrics_steps, requeue_records, signal_when
+from test_slurm import metrics_steps, requeue_records, signal_when, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +77,7 @@ def test_the_job_function_in_a_users_own_executor_checkpoints_requeues_and_resum
     job = executor.submit(hpclora.TrainingJob(), str(run_dir))
     signal_when(job.job_id, run_dir, 0, 8, ["--signal=USR2"])  # what submitit has Slurm send before the time limit
     assert job.result()["steps"] == 30
+    assert wait_for(job.job_id)[job.job_id][0] == "COMPLETED"  # the result file is written before Slurm ends the job
     assert requeue_records(job.job_id) == ["REQUEUED", "COMPLETED"]
     assert metrics_steps(run_dir) == list(range(1, 31))  # resumed from its checkpoint: no step twice, none missing
 
