@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import UserError
-from .generate import Sampling, answer, side_by_side
+from .generate import Sampling, answer, side_by_side, whole_characters
 
 HELP = ("/reset: start a new conversation | /compare: base and adapter answers to the last prompt | "
         "/sample [temperature=T top_p=P top_k=K max_new_tokens=N repetition_penalty=R seed=S | greedy]: decoding | "
@@ -88,8 +88,8 @@ def printer(tokenizer, out):
 
     class Printer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):  # TextStreamer's hook for subclasses
-            if stream_end:  # the answer may stop inside a character (see generate.answer_text)
-                text = text.rstrip("\ufffd") + "\n"
+            if stream_end:
+                text = whole_characters(text) + "\n"
             out.write(text)
             out.flush()
 

@@ -108,9 +108,14 @@ def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: 
 
 
 def answer_text(tokenizer, ids: list[int]) -> str:
-    """The generated tokens as text. A byte-level tokenizer spends several tokens on one Japanese character, so
-    an answer cut by max_new_tokens can end inside one: that half character (U+FFFD) is dropped."""
-    return tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+    """The generated tokens as text, without a half character at the end (see whole_characters)."""
+    return whole_characters(tokenizer.decode(ids, skip_special_tokens=True).strip()).rstrip()
+
+
+def whole_characters(text: str) -> str:
+    """`text` without the U+FFFD that a cut-off character decodes to: a byte-level tokenizer spends several tokens
+    on one Japanese character, and an answer stopped by max_new_tokens can end inside one."""
+    return text.rstrip("\ufffd")
 
 
 def generate(run_dir, prompts: list[str], sampling: Sampling, mode: str = "adapter") -> list[dict]:
