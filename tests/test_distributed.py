@@ -137,7 +137,7 @@ def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_llama_dir, one_ra
 
 def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_exact(tmp_path, tiny_llama_dir):
     config = ddp_config(tmp_path, tiny_llama_dir, max_steps=30, eval_every=0, log_every=1)
-    reference, _ = harness(tmp_path, config, tmp_path / "reference", "reference", two_ranks())
+    reference, _ = harness(tmp_path, config, tmp_path / "reference-run", "reference", two_ranks())
     run_dir = tmp_path / "run"
     out, proc = harness(tmp_path, config, run_dir, "stopped", two_ranks(), wait=False)
     deadline = time.time() + 300

@@ -257,3 +257,36 @@ def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_
     assert stop.signal_name == "SIGUSR1" and run.finished
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert run.summary["final_val_loss"] is not None and run.summary["steps"] == 3
+
+
+def test_train_refuses_run_directories_it_did_not_make_and_fresh_removes_only_its_own_files(tmp_path, tiny_llama_dir, capsys):
+    """`--run-dir` on a user's directory (a thesis and their data) or on a file is refused with exit 2 and
+    nothing changed; `--fresh` on a real run directory removes what hpclora wrote, and refuses where a user's
+    file was added to it."""
+    from hpclora.cli import main
+
+    config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 1})
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("three years of work")
+    (mine / "data" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "a-file").write_text("not a directory")
+    for target, flags, expected in ((mine, ["--fresh"], "is not a run directory of hpclora and holds data, thesis.txt"),
+                                    (mine, [], "is not a run directory of hpclora"),
+                                    (tmp_path / "a-file", [], "a file of that name exists")):
+        assert main(["train", str(config), "--run-dir", str(target), *flags]) == 2
+        assert expected in capsys.readouterr().err
+    assert (mine / "thesis.txt").read_text() == "three years of work" and (mine / "data" / "rows.jsonl").exists()
+    assert sorted(p.name for p in mine.iterdir()) == ["data", "thesis.txt"] and (tmp_path / "a-file").is_file()
+
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run_dir)]) == 0
+    (run_dir / "notes.txt").write_text("my notes on this run")
+    assert main(["train", str(config), "--run-dir", str(run_dir), "--fresh"]) == 2
+    assert "holds what hpclora did not write (notes.txt)" in capsys.readouterr().err
+    assert (run_dir / "adapter").is_dir() and (run_dir / "notes.txt").exists()
+    (run_dir / "notes.txt").unlink()
+    before = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(["train", str(config), "--run-dir", str(run_dir), "--fresh"]) == 0
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns != before
+    assert len((run_dir / "attempts.jsonl").read_text().splitlines()) == 1  # started over

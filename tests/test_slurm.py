@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_slurm, tiny_run_yaml
-from hub_standin import staged_offline_job
+from hub_standin import FAKE_RUNTIME, staged_offline_job
 
 SECRET = "hf_do_not_leak_0123456789"
 
@@ -464,3 +464,91 @@ def test_a_two_rank_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_ad
     a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(reference_dir / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+# A stand-in for apptainer (neither it nor Singularity installs here): FAKE_RUNTIME, which also keeps the words
+# it was given, NUL-separated, in words-<job id>.
+RECORDING_RUNTIME = FAKE_RUNTIME.replace("#!/bin/bash\n", "#!/bin/bash\nprintf '%s\\0' \"$@\" > \"$(dirname \"$0\")/words-$SLURM_JOB_ID\"\n", 1)
+
+
+def test_user_text_reaches_every_job_script_as_text_never_as_commands(tmp_path, tiny_llama_dir, env):
+    """Every config value that reaches a job script holds `$(touch ...)` and backquotes, for one and two ranks,
+    with and without a container, through sbatch and submitit. No canary file appears, each job trains to the
+    end with those paths, and the container runtime is handed the values as written."""
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    hostile = lambda key: f"{key} $(touch {canary}/{key}) `touch {canary}/{key}-bq` $HOME"  # noqa: E731
+    model = shutil.copytree(tiny_llama_dir, tmp_path / hostile("model"))
+    data_dir = tmp_path / hostile("data")
+    data_dir.mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(RECORDING_RUNTIME)
+    (bin_dir / "apptainer").chmod(0o755)
+    (tmp_path / "image.sif").write_text("not a real image")
+    job_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+
+    jobs = []
+    for ranks in (1, 2):
+        for image in (False, True):
+            for launcher in ("sbatch", "submitit"):
+                name = f"r{ranks}-{'image' if image else 'host'}-{launcher}"
+                cfg = tiny_run_yaml(
+                    tmp_path, model, run={"name": f"{name} $(touch {canary}/name)", "output_root": str(tmp_path / hostile("runs") / name)},
+                    data={"path": str(data_dir / "data.jsonl"), "cache_dir": str(tmp_path / hostile("cache"))},
+                    train={"max_steps": 1, "cpu_ranks": ranks},
+                    slurm={"cpus_per_task": ranks, "mem": f"{2 * ranks}G", "log_dir": str(tmp_path / hostile("logs"))},
+                    cache={"hf_home": str(tmp_path / hostile("hf")), "offline_jobs": True},
+                    container={"image": str(tmp_path / "image.sif") if image else None,
+                               "binds": [f"/tmp/{hostile('bind')}"], "env": {"HOSTILE": hostile("env")}},
+                )
+                shutil.move(tmp_path / "data.jsonl", data_dir / "data.jsonl")  # tiny_run_yaml writes it beside the config
+                out = hpclora("submit", cfg, "--launcher", launcher, env=job_env, cwd=tmp_path).stdout
+                jobs.append((name, image, job_id_from(out)))
+
+    for name, image, job_id in jobs:
+        assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}, name
+        if image:
+            words = (bin_dir / f"words-{job_id}").read_bytes().decode().split("\0")
+            for expected in (f"/tmp/{hostile('bind')}", f"HOSTILE={hostile('env')}", str(tmp_path / hostile("hf"))):
+                assert expected in words, (name, expected, words)
+        (run_dir,) = (tmp_path / hostile("runs") / name).iterdir()
+        assert (run_dir / "adapter" / "adapter_model.safetensors").exists(), name
+    assert sorted(p.name for p in canary.iterdir()) == []
+
+
+def test_a_late_answer_from_sbatch_keeps_the_run_directory_and_records_the_queued_job(tmp_path, tiny_llama_dir, env):
+    """`--wait` makes sbatch answer only once the job has ended, and `--begin` holds the job: sbatch outlasts
+    HPCLORA_SBATCH_TIMEOUT_S while the job sits in the queue, as with a busy controller. The job is found in
+    the queue by its script and recorded; its run directory stays."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"extra": ["--wait", "--begin=now+3600"]})
+    late = {**env, "HPCLORA_SBATCH_TIMEOUT_S": "2"}
+    out = hpclora("submit", cfg, env=late, cwd=tmp_path)
+    job_id = job_id_from(out.stdout)
+    try:
+        assert "did not answer within 2 s" in out.stderr and f"job {job_id}" in out.stderr
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        assert json.loads((run_dir / "job.json").read_text())["job_id"] == job_id and (run_dir / "config.yaml").is_file()
+        assert "PENDING" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    finally:
+        subprocess.run(["scancel", job_id])
+
+
+def test_sbatch_that_never_answers_is_a_clear_error_that_keeps_the_run_directory(tmp_path, tiny_llama_dir, env):
+    """A controller that takes the submission but never answers cannot be made here on purpose: an `sbatch`
+    on PATH that only sleeps stands in for it. Nothing is in the queue, so the job's fate is unknown: the
+    error says so, and the run directory it may need is kept."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    shim = tmp_path / "slow-bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text("#!/bin/sh\nsleep 60\n")
+    (shim / "sbatch").chmod(0o755)
+    done = hpclora("submit", cfg, env={**env, "HPCLORA_SBATCH_TIMEOUT_S": "1", "PATH": f"{shim}{os.pathsep}{env['PATH']}"},
+                   cwd=tmp_path, check=False)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "sbatch did not answer within 1 s" in done.stderr and f"run directory kept: {run_dir}" in done.stderr
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "job.sbatch").is_file()
+    refused = hpclora("submit", cfg, "slurm.partition=no-such-partition", env=env, cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "sbatch refused the job" in refused.stderr
+    assert list((tmp_path / "runs").iterdir()) == [run_dir]  # nothing was queued: nothing of it is left

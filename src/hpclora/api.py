@@ -143,12 +143,13 @@ def prepare_run(cfg: RunConfig, force: bool = False) -> Path:
     """A run directory holding the checked, planned config.yaml, for `TrainingJob` in your own executor."""
     from . import plan as planner, preflight
     from .launch import submit as submitting
-    from .rundir import write_config
+    from .rundir import mark_run_dir, write_config
 
     preflight.check(cfg)
     planner.check_before_submit([cfg], force)
     directory = submitting.new_directory(cfg.run.output_root, cfg.run.name)
     directory.mkdir(parents=True)
+    mark_run_dir(directory)
     write_config(directory, cfg)
     return directory
 

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune in this process (what a Slurm job runs)")
     with_config(p)
     p.add_argument("--run-dir", help="run directory (default: <run.output_root>/<run.name>-<job id or time>)")
-    p.add_argument("--fresh", action="store_true", help="delete the run directory first if it exists")
+    p.add_argument("--fresh", action="store_true", help="start over: remove what hpclora wrote in the run directory (refused where it holds anything else)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="answer prompts with a run's adapter (or base, or both)")

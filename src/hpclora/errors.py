@@ -33,5 +33,10 @@ class DataError(UserError):
         super().__init__(f"{where}: {message}")
 
 
+class NotSubmitted(UserError):
+    """The scheduler answered, and took nothing (or a launcher refused before asking it): whatever was
+    written for the job may go. Any other failure of a submission leaves its run directory in place."""
+
+
 class ModelNotFoundError(UserError):
     """The base model cannot be loaded from disk or the cache, and the hub is not reachable."""

@@ -56,22 +56,59 @@ def default_run_dir(cfg: RunConfig) -> Path:
 LOCK_FILE = ".lock"
 # flock(2) answers these where the file system has no locks (Lustre mounted without -o flock, old NFS).
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+# Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
+RUN_MARKER = ".hpclora-run"
+# Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.
+RUN_ENTRIES = frozenset({
+    RUN_MARKER, LOCK_FILE, STOPPED_MARKER, "config.yaml", "env.json", "metrics.jsonl", "summary.json", "attempts.jsonl",
+    "adapter", ".adapter.partial", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, "job.sbatch", PROBE_FILE,
+    "eval.json", "eval.md", "report.md", "loss.png",
+})
+
+
+def mark_run_dir(path: Path) -> None:
+    (path / RUN_MARKER).write_text("a run directory of hpclora: `hpclora train --fresh` may empty it of what hpclora wrote\n",
+                                   encoding="utf-8")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether hpclora made this directory (its marker; or, from before markers, a training's lock or a submission's record)."""
+    return any((path / name).is_file() for name in (RUN_MARKER, LOCK_FILE, JOB_FILE))
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """What a directory holds that hpclora did not write (atomic writes' `.NAME.tmp` count as hpclora's)."""
+    ours = lambda name: name in RUN_ENTRIES or (name.startswith(".") and name.endswith(".tmp") and name[1:-4] in RUN_ENTRIES)  # noqa: E731
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir() if not ours(e.name))
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: str | os.PathLike | None, fresh: bool):
-    """Create the run directory and take its lock (config.yaml is the caller's to write); refuse to reuse
-    one that holds a finished adapter unless `fresh`, which empties it. Returns (path, lock): the run
-    directory is this process's until `lock.close()` or its death."""
+    """Create the run directory and take its lock (config.yaml is the caller's to write); refuse a directory
+    hpclora did not make unless it is empty, and one that holds a finished adapter unless `fresh`, which
+    removes what hpclora wrote there, and refuses where anything else is there too. Returns (path, lock):
+    the run directory is this process's until `lock.close()` or its death."""
     path = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir(cfg)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--run-dir {path}: a file of that name exists; give a directory (new, or a run directory)")
+    if path.is_dir() and not is_run_dir(path) and (found := sorted(e.name for e in path.iterdir())):
+        raise UserError(f"--run-dir {path} is not a run directory of hpclora and holds {', '.join(found[:5])}"
+                        f"{', ...' if len(found) > 5 else ''}: train into a new or empty directory (nothing there was changed)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir {path}: cannot create it ({exc.strerror})") from None
     lock = lock_run_dir(path)
     try:
         if fresh:  # under the lock: never empty a directory another training is using
+            if found := foreign_entries(path):
+                raise UserError(f"--fresh: {path} holds what hpclora did not write ({', '.join(found[:5])}"
+                                f"{', ...' if len(found) > 5 else ''}): move it away first, or train into another --run-dir (nothing was removed)")
             for entry in path.iterdir():
                 if entry.name != LOCK_FILE:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if (path / "adapter").exists():
             raise UserError(f"{path} already holds a finished run (adapter/): pass --fresh to replace it, or choose another --run-dir")
+        mark_run_dir(path)
     except BaseException:
         lock.close()
         raise

@@ -74,9 +74,10 @@ def slurm_rendezvous() -> list[str]:
     return ["--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.stdout.split()[0]}:{port}", f"--rdzv-id={job_id}"]
 
 
-def train_argv(run_dir: str) -> list[str]:
-    """`train <run dir>/config.yaml --run-dir <run dir>`: the job never reads the user's own YAML."""
-    return ["train", f"{run_dir}/config.yaml", "--run-dir", run_dir]
+def train_argv(run_dir: str, config: str | None = None) -> list[str]:
+    """`train <run dir>/config.yaml --run-dir <run dir>`: the job never reads the user's own YAML. (`config`:
+    that path as the caller writes it, where the run directory is a shell variable.)"""
+    return ["train", config or f"{run_dir}/config.yaml", "--run-dir", run_dir]
 
 
 def run_job(run_dir: str) -> int:

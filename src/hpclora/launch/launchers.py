@@ -7,9 +7,10 @@ launchers without one). Every launcher runs the same job: job.py's command and e
 from __future__ import annotations
 
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import NotSubmitted, UserError
 from ..preempt import CHECKPOINTED_EXIT
 from . import slurm
 
@@ -24,7 +25,7 @@ class Started:
 
 def refuse_packed_trials(job, launcher: str) -> None:
     if job.kind == "sweep" and job.trials_per_task > 1:
-        raise UserError(f"--trials-per-node packs trials into the tasks of a Slurm job array: use --launcher sbatch, not {launcher}")
+        raise NotSubmitted(f"--trials-per-node packs trials into the tasks of a Slurm job array: use --launcher sbatch, not {launcher}")
 
 
 class Sbatch:
@@ -62,11 +63,16 @@ class Submitit:
 
         refuse_packed_trials(job, "submitit")
         if self.cluster in ("local", "debug") and job.cfg.slurm.nodes > 1:
-            raise UserError(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job, not submitit's {self.cluster} executor")
-        if job.kind == "run":
-            handles = [via_submitit.submit(job.cfg, job.directory, self.cluster)]
-        else:
-            handles = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, self.cluster, job.max_parallel)
+            raise NotSubmitted(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job, not submitit's {self.cluster} executor")
+        try:
+            if job.kind == "run":
+                handles = [via_submitit.submit(job.cfg, job.directory, self.cluster)]
+            else:
+                handles = via_submitit.submit_array(job.cfg, job.directory, job.run_dirs, self.cluster, job.max_parallel)
+        except Exception as exc:
+            if isinstance(exc.__cause__, subprocess.CalledProcessError):  # submitit's sbatch answered no
+                raise NotSubmitted(f"sbatch refused the job: {str(exc).replace('sbatch: error: ', '').strip()}") from None
+            raise
         job_id = str(handles[0].job_id).split("_")[0]
         return Started(job_id, [str(h.paths.stdout) for h in handles], handles, {"cluster": self.cluster or "auto"})
 
@@ -88,7 +94,7 @@ class Local:
     def start(self, job) -> Started:
         refuse_packed_trials(job, "local")
         if job.cfg.slurm.nodes > 1:
-            raise UserError(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job: use --launcher sbatch")
+            raise NotSubmitted(f"slurm.nodes: {job.cfg.slurm.nodes} nodes need a Slurm job: use --launcher sbatch")
         return Started(None, [None] * len(job.run_dirs))
 
     def finish(self, job, started: Started) -> int:

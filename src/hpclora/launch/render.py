@@ -94,25 +94,35 @@ def array_spec(trials: int, max_parallel: int | None, trials_per_task: int = 1) 
     return f"0-{math.ceil(trials / trials_per_task) - 1}" + (f"%{max_parallel}" if max_parallel else "")
 
 
+class ShellText(str):
+    """A word of the script that is shell text we wrote (our own variables: "$RUN_DIR", "$HEAD:$PORT"), left
+    as it is; every other word, whatever it holds, is quoted, so that user text is never expanded."""
+
+
+RUNTIME = ShellText('"$CONTAINER_RUNTIME"')  # found on the node by container_runtime_lines
+RUN_DIR = ShellText('"$RUN_DIR"')
+RUN_CONFIG = ShellText('"$RUN_DIR/config.yaml"')
+
+
+def shell_words(words: list[str]) -> str:
+    return " ".join(w if isinstance(w, ShellText) else shlex.quote(w) for w in words)
+
+
 def job_command(cfg: RunConfig, python: str) -> str:
-    """The training command of job.py as shell words, every one quoted but the container runtime (found
-    on the node), the run directory and the rendezvous (variables set above it).
+    """The training command of job.py as shell words, every one quoted but ours: the container runtime
+    (found on the node), the run directory and the rendezvous (variables set above it).
 
     Several ranks: one srun task per node runs torchrun, which starts the node's ranks; they meet at the
     first node (HEAD, PORT: see rank_lines), or on localhost with a free port when there is one node. The
     task ignores USR1/USR2 (torchrun would die of them); the ranks install their own handlers and get the
     stop signals from `scancel --signal` (run_and_requeue_lines)."""
+    train = job.train_argv(RUN_DIR, RUN_CONFIG)
     if job.world_size(cfg) == 1:
-        words = [shlex.quote(w) for w in job.hpclora_argv(cfg, python, "CONTAINER_RUNTIME")]
-    else:
-        rendezvous = (["--standalone"] if cfg.slurm.nodes == 1 else
-                      ["--rdzv-backend=c10d", "--rdzv-endpoint=$HEAD:$PORT", "--rdzv-id=$SLURM_JOB_ID"])
-        words = [f'"{w}"' if "$" in w else shlex.quote(w) for w in job.torchrun_argv(cfg, python, "CONTAINER_RUNTIME", rendezvous)]
-        words = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", shlex.quote('trap "" USR1 USR2; exec "$@"'),
-                 "hpclora-ranks", *words]
-    if cfg.container.image:
-        words[words.index("CONTAINER_RUNTIME")] = '"$CONTAINER_RUNTIME"'
-    return " ".join([*words, *(f'"{w}"' if "$RUN_DIR" in w else w for w in job.train_argv("$RUN_DIR"))])
+        return shell_words([*job.hpclora_argv(cfg, python, RUNTIME), *train])
+    rendezvous = (["--standalone"] if cfg.slurm.nodes == 1 else
+                  [ShellText('--rdzv-backend=c10d'), ShellText('--rdzv-endpoint="$HEAD:$PORT"'), ShellText('--rdzv-id="$SLURM_JOB_ID"')])
+    ranks = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", 'trap "" USR1 USR2; exec "$@"', "hpclora-ranks"]
+    return shell_words([*ranks, *job.torchrun_argv(cfg, python, RUNTIME, rendezvous), *train])
 
 
 def rank_lines(cfg: RunConfig) -> list[str]:

@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..errors import NotSubmitted, UserError
 
 # Job states after which nothing more will happen to a job (sacct's spelling).
 FINAL_STATES = {
@@ -37,19 +39,63 @@ def available() -> bool:
     return shutil.which("sbatch") is not None
 
 
+class NoAnswer(UserError):
+    """A Slurm command that did not answer in time."""
+
+
 def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise UserError(f"{argv[0]}: command not found. Run this on a Slurm login node (or use --launcher local).")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise NoAnswer(f"{argv[0]} did not answer within {timeout:.0f} s (the Slurm controller is busy or down): try again later") from None
 
 
-def sbatch(script: str, cwd: str | None = None) -> str:
-    """Submit a script file; return the job id. Slurm's refusal becomes a user error with its message."""
-    done = run(["sbatch", "--parsable", script], timeout=120)
+def sbatch_timeout_s() -> float:
+    """How long sbatch may take to answer: $HPCLORA_SBATCH_TIMEOUT_S, 120 s by default (a busy controller
+    answers late; Slurm's own retries take about a minute)."""
+    try:
+        return float(os.environ.get("HPCLORA_SBATCH_TIMEOUT_S") or 120)
+    except ValueError:
+        raise UserError(f"HPCLORA_SBATCH_TIMEOUT_S: expected seconds, got {os.environ['HPCLORA_SBATCH_TIMEOUT_S']!r}") from None
+
+
+def sbatch(script: str) -> str:
+    """Submit a script file; return the job id. Slurm's refusal is NotSubmitted, with its message. When sbatch
+    does not answer in time the job may be queued all the same: the queue is asked for a job of this very
+    script, and without one this is a UserError that says the job's fate is unknown (never NotSubmitted)."""
+    timeout = sbatch_timeout_s()
+    try:
+        done = run(["sbatch", "--parsable", script], timeout=timeout)
+    except NoAnswer:
+        for _ in range(3):  # the controller may record the submission a moment after sbatch was stopped
+            if (job_id := queued_job_of(script)) is not None:
+                print(f"warning: sbatch did not answer within {timeout:.0f} s, but job {job_id} of {script} is queued: recorded",
+                      file=sys.stderr)
+                return job_id
+            time.sleep(2)
+        raise UserError(
+            f"sbatch did not answer within {timeout:.0f} s (HPCLORA_SBATCH_TIMEOUT_S), and no job of {script} is in the queue "
+            "yet: it may still appear. Check with `squeue --me`; the run directory is kept for it"
+        ) from None
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().replace("sbatch: error: ", "")
-        raise UserError(f"sbatch refused the job: {message}")
+        raise NotSubmitted(f"sbatch refused the job: {message}")
     return done.stdout.strip().split(";")[0]  # `--parsable` prints `id` or `id;cluster`
+
+
+def queued_job_of(script: str) -> str | None:
+    """The id of this user's queued or running job whose batch script is `script`, or None."""
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--me", "--format=%i|%o"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        job_id, _, command = line.strip().partition("|")
+        if command == script:
+            return job_id.split("_")[0]  # an array's tasks: the array id
+    return None
 
 
 def cancel(job_id: str) -> None:

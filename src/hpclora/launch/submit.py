@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .. import config
 from ..config import RunConfig, run_dir_slug
-from ..errors import ConfigError, UserError
-from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, write_config, write_json, write_text_atomic
+from ..errors import ConfigError, NotSubmitted, UserError
+from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, mark_run_dir, write_config, write_json, write_text_atomic
 from . import registry, render
 from .job import world_size
 from .sweep import parse_grid, trials
@@ -118,10 +118,12 @@ def write(job: PreparedJob) -> None:
     job.directory.mkdir(parents=True)
     Path(job.cfg.slurm.log_dir).mkdir(parents=True, exist_ok=True)
     if job.kind == "run":
+        mark_run_dir(job.directory)
         write_config(job.directory, job.cfg)
     else:
         for run_dir, cfg in zip(job.run_dirs, job.trial_cfgs):
             run_dir.mkdir()
+            mark_run_dir(run_dir)
             write_config(run_dir, cfg)
     write_text_atomic(job.script_path, job.script)
     job.script_path.chmod(0o755)
@@ -136,8 +138,14 @@ def launch(job: PreparedJob, launcher) -> tuple[dict, int]:
     write(job)
     try:
         started = launcher.start(job)
-    except BaseException:
+    except NotSubmitted:
         shutil.rmtree(job.directory, ignore_errors=True)  # nothing was submitted: leave no half-made run behind
+        raise
+    except BaseException as exc:  # the job may be queued (sbatch answered late, Ctrl-C while it ran): keep what it needs
+        if isinstance(exc, UserError):
+            raise UserError(f"{exc}; {job.kind} directory kept: {job.directory}") from None
+        print(f"error: the submission was interrupted; the job may be queued all the same (`squeue --me`), and its "
+              f"{job.kind} directory is kept: {job.directory}", file=sys.stderr)
         raise
     job.handles = started.handles
     entry = {
