@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from hpclora.config import load  # noqa: E402
-from hpclora.models import KNOWN_DIMS  # noqa: E402
+from hpclora.catalog.models import KNOWN_DIMS  # noqa: E402
 from hpclora.plan import make_plan  # noqa: E402
 
 DEMO_DATA = ROOT / "configs" / "data" / "demo-ja-en.jsonl"

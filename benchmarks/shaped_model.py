@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from hpclora.models import KNOWN_DIMS  # noqa: E402
+from hpclora.catalog.models import KNOWN_DIMS  # noqa: E402
 
 
 def hf_config(name: str) -> dict:
@@ -40,7 +40,7 @@ def hf_config(name: str) -> dict:
 def write_config(name: str, target: Path) -> None:
     from transformers import AutoTokenizer
 
-    from hpclora.bundled import bundled_model_dir
+    from hpclora.job.bundled import bundled_model_dir
 
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text(json.dumps(hf_config(name), indent=2))

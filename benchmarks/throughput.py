@@ -148,7 +148,7 @@ def _cuda() -> bool:
 
 def model_dir() -> Path:
     """The model every variant trains: the bundled SmolLM2, or the --shape model the parent built."""
-    from hpclora.bundled import bundled_model_dir
+    from hpclora.job.bundled import bundled_model_dir
 
     return Path(os.environ.get("BENCH_MODEL_DIR") or bundled_model_dir())
 
@@ -158,7 +158,7 @@ def shaped_model(shape: str, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from hpclora.bundled import bundled_model_dir
+    from hpclora.job.bundled import bundled_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,

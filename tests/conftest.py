@@ -50,7 +50,7 @@ def tiny_model(model_type: str, vocab_size: int = 1000, seed: int = 0):
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
     """The real SmolLM2-135M-Instruct as an HF directory (converted once into the user cache)."""
-    from hpclora.bundled import bundled_model_dir
+    from hpclora.job.bundled import bundled_model_dir
 
     return bundled_model_dir()
 

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from hpclora.hub import OFFLINE_VARS
+from hpclora.catalog.hub import OFFLINE_VARS
 
 
 class HubStandIn:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from hpclora.chat import chat, load, printer, set_sampling
-from hpclora.generate import Sampling, answer, answer_text
+from hpclora.results.chat import chat, load, printer, set_sampling
+from hpclora.results.generate import Sampling, answer, answer_text
 
 PROMPT = "you> "
 
@@ -127,7 +127,7 @@ def test_sample_settings_are_checked_like_the_flags():
 
 
 def test_a_merged_model_chats_in_its_runs_template_and_compares_with_its_base(real_run, tmp_path):
-    from hpclora.merge import merge
+    from hpclora.results.merge import merge
 
     merged = merge(real_run, tmp_path / "merged", "fp32")
     out = io.StringIO()

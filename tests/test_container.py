@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 import hpclora
-from hpclora import config, container, hub
+from hpclora import config
+from hpclora.launch import container
+from hpclora.catalog import hub
 
 from conftest import ROOT, alpaca_rows, write_jsonl
 from hub_standin import HubStandIn, staged_offline_job

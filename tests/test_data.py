@@ -77,7 +77,7 @@ def test_bos_is_prepended_for_tokenizers_that_add_one(tmp_path):
     """A tokenizer configured to add a BOS (as Llama's does) gets it in front of the prompt, masked."""
     from transformers import AutoTokenizer
 
-    from hpclora.bundled import bundled_model_dir
+    from hpclora.job.bundled import bundled_model_dir
 
     tok = AutoTokenizer.from_pretrained(bundled_model_dir())
     tok.add_bos_token = True

@@ -208,7 +208,7 @@ def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin(tiny_llama_dir, tmp_p
     from transformers import TrainingArguments
 
     from hpclora import config
-    from hpclora.train import fsdp_arguments
+    from hpclora.job.train import fsdp_arguments
 
     for checkpointing in (False, True):
         cfg = config.load(ddp_config(tmp_path, tiny_llama_dir), [f"train.gradient_checkpointing={str(checkpointing).lower()}"])

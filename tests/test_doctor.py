@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hpclora import cluster, plan, storage
+from hpclora.site import cluster, storage
+from hpclora import plan
 
 from conftest import require_slurm, tiny_run_yaml
 

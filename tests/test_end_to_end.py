@@ -22,7 +22,7 @@ PROMPT = "What is the largest planet in the solar system?"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, bundled_dir):
-    from hpclora.train import train
+    from hpclora.job.train import train
 
     out = tmp_path_factory.mktemp("e2e")
     cfg = config.load(ROOT / "configs" / "demo-cpu.yaml", [
@@ -103,7 +103,7 @@ def test_bad_sampling_values_are_refused_before_anything_loads(tmp_path, flags, 
 
 
 def test_temperature_zero_is_greedy():
-    from hpclora.generate import Sampling
+    from hpclora.results.generate import Sampling
 
     assert Sampling.from_flags(16, False, 0.0) == Sampling(max_new_tokens=16, do_sample=False)
     assert Sampling.from_flags(16, False, 1.3).do_sample and Sampling.from_flags(16, False, 1.3).temperature == 1.3

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from hpclora import loss as hloss
+from hpclora.job import loss as hloss
 from hpclora.data.packing import Collator
 from hpclora.data.tokenize import IGNORE
 
@@ -21,7 +21,7 @@ ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom"]
 def lora(model_type):
     from peft import LoraConfig, get_peft_model
 
-    from hpclora.models import FAN_IN_FAN_OUT, target_modules_for
+    from hpclora.catalog.models import FAN_IN_FAN_OUT, target_modules_for
 
     model = tiny_model(model_type)
     model.config.use_cache = False

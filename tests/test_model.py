@@ -8,8 +8,8 @@ import pytest
 
 from hpclora import config
 from hpclora.errors import UserError
-from hpclora.model import attach_lora, choose_targets
-from hpclora.precision import choose_precision
+from hpclora.job.model import attach_lora, choose_targets
+from hpclora.catalog.precision import choose_precision
 
 from conftest import ROOT, alpaca_rows, tiny_model, write_jsonl
 
@@ -74,7 +74,7 @@ def test_impossible_precisions_are_user_errors():
 
 
 def train_tiny(tmp_path, tiny_llama_dir, *overrides):
-    from hpclora.train import train
+    from hpclora.job.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(12))
     cfg = config.load(None, [
@@ -99,7 +99,7 @@ def test_qlora_step_on_cpu(tmp_path, tiny_llama_dir):
 def test_qlora_model_really_is_4bit(tiny_llama_dir):
     import bitsandbytes as bnb
 
-    from hpclora.model import load_base
+    from hpclora.job.model import load_base
 
     cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4")
     model, _ = attach_lora(load_base(cfg, "fp32", "cpu"), cfg)
@@ -160,7 +160,7 @@ def test_qlora_gradients_are_unchanged_by_an_evaluation_pass_on_cpu(tiny_llama_d
     get the same gradients in the lowest layers as training without one."""
     import torch
 
-    from hpclora.model import load_base
+    from hpclora.job.model import load_base
 
     cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4", "lora.dropout=0")
     model, _ = attach_lora(load_base(cfg, "fp32", "cpu"), cfg)
@@ -190,7 +190,7 @@ def test_qlora_keeps_embeddings_and_head_in_the_compute_dtype_with_the_loss_and_
     import torch
     from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
 
-    from hpclora.model import load_base
+    from hpclora.job.model import load_base
 
     cfg = lora_cfg(f"model.name={tiny_llama_dir}", "quant.bits=4", "lora.dropout=0", "train.precision=bf16")
     ours, _ = attach_lora(load_base(cfg, "bf16", "cpu"), cfg)
@@ -233,7 +233,7 @@ def test_memory_saving_options_train(tmp_path, tiny_llama_dir, overrides):
 def test_checkpointing_all_or_only_the_first_layers_gives_the_gradients_of_no_checkpointing(tiny_llama_dir, layers):
     import torch
 
-    from hpclora.model import load_base
+    from hpclora.job.model import load_base
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), "labels": torch.tensor([[-100, -100, 7, 8, 9, 10, 11]])}
@@ -287,7 +287,7 @@ def test_gradient_checkpointing_auto_follows_the_memory_of_the_job(tmp_path, tin
 
 def test_default_attention_loads_every_architecture(tmp_path):
     """transformers has no sdpa for BLOOM: the default `auto` must load it (a fixed `sdpa` refused it)."""
-    from hpclora.model import load_base
+    from hpclora.job.model import load_base
 
     tiny_model("bloom").save_pretrained(tmp_path)
     cfg = lora_cfg(f"model.name={tmp_path}")
@@ -300,7 +300,7 @@ def test_the_bundled_conversion_accounts_for_every_weight():
     """A renamed or dropped weight must stop the conversion, not leave part of the model random."""
     import torch
 
-    from hpclora.bundled import copy_weights
+    from hpclora.job.bundled import copy_weights
 
     source = tiny_model("llama")
     weights = source.state_dict()
@@ -315,7 +315,7 @@ def test_the_bundled_conversion_accounts_for_every_weight():
 def test_fast_kernels_are_chosen_only_where_installed_and_usable():
     """Packed rows run variable-length attention everywhere. FlashAttention and the Liger kernels need CUDA, which this machine lacks: the choice is tested on described
     devices (compute capability, installed packages); a CPU run's choice is tested for real."""
-    from hpclora.kernels import choose_kernels, kernels_here
+    from hpclora.job.kernels import choose_kernels, kernels_here
 
     a100 = choose_kernels("auto", "llama", "bf16", (8, 0), has_flash_attn=True, has_liger=True)
     assert a100.attention == "flash_attention_2" and a100.liger and "variable-length" in a100.lines[0]

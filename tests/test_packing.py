@@ -10,7 +10,7 @@ import torch
 from hpclora.data.packing import Collator, length_grouped, pack
 from hpclora.data.tokenize import IGNORE
 from hpclora.errors import ConfigError
-from hpclora.models import PACKING_SUPPORTED, packing_choice
+from hpclora.catalog.models import PACKING_SUPPORTED, packing_choice
 
 from conftest import tiny_model
 

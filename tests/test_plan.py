@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from hpclora import config, plan, slurm_syntax
+from hpclora import config, plan
+from hpclora.config import slurm_syntax
 from hpclora.errors import UserError
 
 from conftest import ROOT, tiny_model

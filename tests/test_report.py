@@ -56,7 +56,7 @@ def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path):
 
 
 def test_wandb_runs_offline_on_offline_nodes_and_keeps_its_files_in_the_run(tmp_path, monkeypatch):
-    from hpclora.tracking import wandb_env
+    from hpclora.job.tracking import wandb_env
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     env = wandb_env("my-project", tmp_path / "run-7", offline=True)

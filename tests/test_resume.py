@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hpclora import checkpoint
-from hpclora.preempt import CHECKPOINTED_EXIT
+from hpclora.job import checkpoint
+from hpclora.job.preempt import CHECKPOINTED_EXIT
 
 from conftest import tiny_run_yaml
 
@@ -235,8 +235,8 @@ def test_a_restart_before_any_checkpoint_logs_every_step_once_and_reuses_the_bas
 
 def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_a_checkpoint(tmp_path, tiny_llama_dir):
     from hpclora import config as config_module
-    from hpclora.preempt import StopRequest
-    from hpclora.train import train
+    from hpclora.job.preempt import StopRequest
+    from hpclora.job.train import train
 
     class SignalAfterTheLastStep(StopRequest):
         """Sends this process a real SIGUSR1 just after the last step boundary was checked (step 3 of 3),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpclora import varlen
+from hpclora.job import varlen
 from hpclora.data.packing import Collator
-from hpclora.models import PACKING_SUPPORTED
+from hpclora.catalog.models import PACKING_SUPPORTED
 
 from test_loss import accumulated, labelled_only, lora, micro_batches
 

@@ -37,7 +37,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """A config file (None: the defaults) with `key=value` overrides, checked as `hpclora validate` checks it:
     every value, the model's context and (with `check_data`) every data row. Raises ConfigError (its
     `.problems` lists (key path, message) pairs) or DataError (file and row)."""
-    from . import config, preflight
+    from . import config
+    from .plan import preflight
 
     cfg = config.load(path, list(overrides))
     preflight.check(cfg, data=check_data)
@@ -93,7 +94,8 @@ class Submission:
 def submit(cfg: RunConfig, launcher: str = "sbatch", cluster: str | None = None, force: bool = False) -> Submission:
     """What `hpclora submit` does: check the data and the plan (a run that does not fit is refused unless
     `force`), write the run directory, submit. launcher: sbatch, submitit (`cluster`: its backend) or local."""
-    from . import plan as planner, preflight
+    from . import plan as planner
+    from .plan import preflight
     from .launch import launchers, submit as submitting
 
     preflight.check(cfg)
@@ -106,7 +108,8 @@ def sweep(config_path: str | Path, grid: dict[str, list], overrides: list[str] |
           cluster: str | None = None, max_parallel: int | None = None, trials_per_node: int = 1, force: bool = False) -> Submission:
     """What `hpclora sweep` does: the cartesian product of `grid` ({"lora.r": [8, 16], "train.lr": [1e-4, 2e-4]})
     as one job array, every trial checked before anything is submitted."""
-    from . import plan as planner, preflight
+    from . import plan as planner
+    from .plan import preflight
     from .launch import launchers, submit as submitting
 
     lines: list[str] = []
@@ -141,7 +144,8 @@ def read_summary(run_dir: str | Path) -> dict:
 
 def prepare_run(cfg: RunConfig, force: bool = False) -> Path:
     """A run directory holding the checked, planned config.yaml, for `TrainingJob` in your own executor."""
-    from . import plan as planner, preflight
+    from . import plan as planner
+    from .plan import preflight
     from .launch import submit as submitting
     from .rundir import mark_run_dir, write_config
 

@@ -16,7 +16,8 @@ from .errors import USER_ERROR_EXIT, UserError
 
 
 def cmd_validate(args) -> int:
-    from . import config, preflight
+    from . import config
+    from .plan import preflight
 
     if args.explain:
         print(config.explain())
@@ -32,9 +33,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import config, hub, preflight
-    from .preempt import CHECKPOINTED_EXIT, StopRequest
-    from .quiet import quiet_libraries
+    from . import config
+    from .catalog import hub
+    from .plan import preflight
+    from .job.preempt import CHECKPOINTED_EXIT, StopRequest
+    from .job.quiet import quiet_libraries
 
     with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
         cfg = config.load(args.config, args.overrides)
@@ -42,12 +45,12 @@ def cmd_train(args) -> int:
         preflight.check_context(cfg)
         hub.require_staged(cfg, args.config)  # offline and not staged: say so now, not after loading
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
-        from .train import train
+        from .job.train import train
 
         run = train(cfg, run_dir=args.run_dir, fresh=args.fresh, stop=stop)
     if run.finished:
         return 0
-    from .distributed import world
+    from .job.distributed import world
 
     # Under torchrun an exit code 75 reads as a failed rank (a traceback in the log): the ranks end with 0,
     # and the .stopped marker rank 0 left says "checkpointed, not finished" to the job script.
@@ -55,7 +58,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import Sampling, generate, side_by_side
+    from .results.generate import Sampling, generate, side_by_side
 
     if not args.prompt:
         raise UserError("generate: give at least one --prompt TEXT")
@@ -77,8 +80,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import chat
-    from .generate import Sampling
+    from .results.chat import chat
+    from .results.generate import Sampling
 
     sampling = Sampling.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
                                    repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -86,7 +89,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from . import config, plan, preflight
+    from . import config, plan
+    from .plan import preflight
     from .launch import launchers, submit
 
     cfg = config.load(args.config, args.overrides)
@@ -103,7 +107,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from . import plan, preflight
+    from . import plan
+    from .plan import preflight
     from .launch import launchers, submit
 
     def check(cfgs):  # every trial's data rows and model context, then the planner, before anything is written
@@ -129,7 +134,7 @@ def _print_plan(lines: list[str]) -> None:
 
 
 def _warn_if_not_staged(cfg, config_path) -> None:
-    from . import hub
+    from .catalog import hub
 
     missing = hub.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
     if missing:
@@ -141,7 +146,8 @@ def _warn_if_not_staged(cfg, config_path) -> None:
 
 
 def cmd_plan(args) -> int:
-    from . import config, plan, preflight
+    from . import config, plan
+    from .plan import preflight
 
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
@@ -152,7 +158,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .results.evaluate import evaluate
     from .rundir import verdict
 
     if args.n < 0:
@@ -167,14 +173,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from .results.merge import merge
 
     print(f"merged {args.run_dir}/adapter into its base: {merge(args.run_dir, args.out, args.dtype)} ({args.dtype} safetensors)")
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from .results.report import report
     from .rundir import SWEEP_FILE
 
     states = None
@@ -189,8 +195,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from . import config, hub, stage
-    from .quiet import quiet_libraries
+    from . import config
+    from .catalog import hub
+    from .site import stage
+    from .job.quiet import quiet_libraries
 
     cfg = config.load(args.config, args.overrides)
     hub.use_cache(cfg)  # before any hub library is imported
@@ -274,7 +282,7 @@ def cmd_container(args) -> int:
     import shlex
     import subprocess
 
-    from . import container
+    from .launch import container
 
     runtime = container.find_runtime() or ("apptainer" if args.dry_run else container.require_runtime())
     if args.action == "build":
@@ -295,7 +303,7 @@ def cmd_container(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .doctor import diagnose
+    from .site.doctor import diagnose
 
     report = diagnose(args.config, args.overrides, args.partition, args.probe)
     print(report.json() if args.json else report.text())
@@ -303,7 +311,9 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from . import calibration, config, plan, preflight, probe
+    from .plan import calibration, preflight
+    from . import config, plan
+    from .site import probe
     from .launch import launchers, submit
 
     if args.read:
@@ -332,7 +342,7 @@ def cmd_probe(args) -> int:
 
 
 def _report_probe(found, kept: Path) -> int:
-    from .probe import describe
+    from .site.probe import describe
 
     measurement, facts = found
     for line in describe(measurement, facts):

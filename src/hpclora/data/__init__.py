@@ -81,7 +81,7 @@ def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[i
 
 
 def default_cache_dir() -> Path:
-    from ..bundled import cache_root
+    from ..job.bundled import cache_root
 
     return cache_root() / "tokenized"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import random
 
-from ..varlen import varlen_bounds
+from ..job.varlen import varlen_bounds
 from .tokenize import IGNORE
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, UserError
-from ..hub import is_offline, local_data_path
+from ..catalog.hub import is_offline, local_data_path
 
 # Python's codec names -> (what users call the encoding, iconv's name for it).
 ENCODINGS = {

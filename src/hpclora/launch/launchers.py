@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from ..errors import NotSubmitted, UserError
-from ..preempt import CHECKPOINTED_EXIT
+from ..job.preempt import CHECKPOINTED_EXIT
 from . import slurm
 
 
@@ -98,7 +98,7 @@ class Local:
         return Started(None, [None] * len(job.run_dirs))
 
     def finish(self, job, started: Started) -> int:
-        from .job import run_job
+        from .command import run_job
 
         for run_dir in job.run_dirs:
             code = run_job(str(run_dir))

@@ -14,9 +14,9 @@ import shlex
 from dataclasses import dataclass
 
 from ..config import RunConfig, SlurmSection, run_dir_slug
-from ..slurm_syntax import slurm_mem_gb
+from ..config.slurm_syntax import slurm_mem_gb
 from ..rundir import STOPPED_MARKER
-from . import job
+from . import command as job
 
 
 @dataclass(frozen=True)

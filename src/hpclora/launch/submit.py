@@ -19,7 +19,7 @@ from ..config import RunConfig, run_dir_slug
 from ..errors import ConfigError, NotSubmitted, UserError
 from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, mark_run_dir, write_config, write_json, write_text_atomic
 from . import registry, render
-from .job import world_size
+from .command import world_size
 from .sweep import parse_grid, trials
 
 SCRIPT = "job.sbatch"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import RunConfig
-from ..slurm_syntax import slurm_seconds
+from ..config.slurm_syntax import slurm_seconds
 from .render import gpu_request, job_name
 
 
@@ -81,8 +81,8 @@ class ResumableTraining:
         import json
         import signal
 
-        from ..preempt import CHECKPOINTED_EXIT
-        from .job import run_job
+        from ..job.preempt import CHECKPOINTED_EXIT
+        from .command import run_job
         from .slurm import own_job_cancelled
 
         submitit_handler = signal.getsignal(signal.SIGUSR2)

@@ -16,14 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
-    from .config import load_run_config
-    from .quiet import quiet_libraries
+    from ..config import load_run_config
+    from ..job.quiet import quiet_libraries
 
     run, target = Path(run_dir), Path(out).expanduser()
     adapter = run / "adapter"
@@ -37,7 +37,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .model import from_pretrained, load_tokenizer
+    from ..job.model import from_pretrained, load_tokenizer
 
     base = from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter))

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import SWEEP_FILE, read_json, verdict, write_text_atomic
+from ..errors import UserError
+from ..rundir import SWEEP_FILE, read_json, verdict, write_text_atomic
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import UserError
-from .hub import local_data_path, local_model_path
+from ..config import RunConfig
+from ..errors import UserError
+from ..catalog.hub import local_data_path, local_model_path
 
 RUNTIMES = ("apptainer", "singularity")
 DEFAULT_DEF = Path("containers") / "hpclora.def"

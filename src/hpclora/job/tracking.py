@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -39,6 +39,6 @@ def report_to(cfg) -> list[str]:
 
 
 def start_wandb(cfg, run_dir: Path) -> None:
-    from .hub import is_offline
+    from ..catalog.hub import is_offline
 
     os.environ.update(wandb_env(cfg.run.wandb_project, run_dir, is_offline()))

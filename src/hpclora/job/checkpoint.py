@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .rundir import sha256_file
+from ..rundir import sha256_file
 
 COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
 STATE = "hpclora_state.json"

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import ConfigError, UserError
-from .hub import local_data_path
+from ..errors import ConfigError, UserError
+from ..catalog.hub import local_data_path
 from .slurm_syntax import MAX_SIGNAL_LEAD_S, SLURM_MEM, SLURM_TIME, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem
 
 

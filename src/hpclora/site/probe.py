@@ -14,8 +14,8 @@ import platform
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import PROBE_FILE, read_json
+from ..errors import UserError
+from ..rundir import PROBE_FILE, read_json
 
 DEFAULT_STEPS = 30
 
@@ -32,7 +32,7 @@ def node_report(device: str) -> dict:
     """Inside the probe job: the node's accelerator as torch sees it, the driver, and the hub. Imports torch."""
     import torch
 
-    from . import node
+    from ..catalog import node
 
     found = node.facts(network=True)
     found["torch"], found["torch_cuda"] = torch.__version__, torch.version.cuda
@@ -79,7 +79,7 @@ def cpu_model() -> str:
 
 def wait(job_id: str, run_dir: Path, say=print, poll_s: float = 5.0) -> str:
     """Until the job has ended; its final state. Prints each change of state."""
-    from .launch import slurm
+    from ..launch import slurm
 
     last = None
     while True:
@@ -97,7 +97,8 @@ def wait(job_id: str, run_dir: Path, say=print, poll_s: float = 5.0) -> str:
 def record(run_dir: Path, job_id: str | None):
     """Compare what the probe run measured with the plan for its own config on its device, keep it, and
     return the measurement. Raises a UserError naming the log when the run did not finish."""
-    from . import calibration, config, plan
+    from ..plan import calibration
+    from .. import config, plan
 
     summary, facts = read_json(run_dir / "summary.json"), read_json(run_dir / PROBE_FILE)
     if summary is None or facts is None:
@@ -119,7 +120,7 @@ def record(run_dir: Path, job_id: str | None):
 def device_name(cfg, facts: dict) -> str:
     """The planner's name for the probed device: cpu, or the card that nvidia named (family and memory)."""
     from .cluster import planner_names
-    from .plan import gpu_aliases, gpus_file, known_devices
+    from ..plan import gpu_aliases, gpus_file, known_devices
 
     if cfg.slurm.gpus == 0 or "gpu" not in facts:
         return "cpu"

@@ -13,7 +13,7 @@ import os
 import shlex
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # Suffixes that say "this is meant to be a local file", so a missing one is an error, not a hub id.
@@ -52,7 +52,7 @@ def local_data_path(path: str) -> Path | None:
 def local_model_path(name: str) -> Path | None:
     """model.name as a directory when it names one (it exists, or is written as a path); None for a hub id
     or the bundled model."""
-    from .bundled import BUNDLED_NAME
+    from ..job.bundled import BUNDLED_NAME
 
     if name == BUNDLED_NAME:
         return None
@@ -64,7 +64,7 @@ def local_model_path(name: str) -> Path | None:
 
 def hub_model_id(name: str) -> str | None:
     """model.name when it names a hub repository (not a local directory, not the bundled model)."""
-    from .bundled import BUNDLED_NAME
+    from ..job.bundled import BUNDLED_NAME
 
     return None if name == BUNDLED_NAME or local_model_path(name) else name
 

@@ -32,12 +32,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from .config import RunConfig
-from .errors import ConfigError, UserError
-from .hub import cached_model_file, hf_home, hub_model_id, local_model_path
-from .loss import CHUNK_ROWS, HEAD_ONLY_LOGITS
-from .models import EAGER_ONLY, KNOWN_DIMS, packing_choice, target_modules_for
-from .slurm_syntax import preempt_grace_problem, slurm_mem_gb, slurm_seconds, slurm_time
+from ..config import RunConfig
+from ..errors import ConfigError, UserError
+from ..catalog.hub import cached_model_file, hf_home, hub_model_id, local_model_path
+from ..job.loss import CHUNK_ROWS, HEAD_ONLY_LOGITS
+from ..catalog.models import EAGER_ONLY, KNOWN_DIMS, packing_choice, target_modules_for
+from ..config.slurm_syntax import preempt_grace_problem, slurm_mem_gb, slurm_seconds, slurm_time
 
 GB = 1e9
 # Activation values kept per token and layer for the backward pass without dropout: inputs of the norms
@@ -196,7 +196,7 @@ def lora_parameters(d: ModelDims, r: int, targets) -> int:
 
 
 def precision_for(cfg: RunConfig, device: Device) -> tuple[str, str]:
-    from .precision import choose_precision
+    from ..catalog.precision import choose_precision
 
     return choose_precision(cfg.train.precision, "cpu" if device.name == "cpu" else "cuda", device.bf16)
 
@@ -344,7 +344,7 @@ def device_for(cfg: RunConfig, name: str | None) -> Device:
 
 def gpus_file() -> str:
     from .calibration import GPU_EXAMPLE, GPUS_FILE
-    from .launch.registry import state_dir
+    from ..launch.registry import state_dir
 
     return f"{state_dir() / GPUS_FILE} (e.g. {GPU_EXAMPLE})"
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from .slurm_syntax import slurm_seconds
+from ..config.slurm_syntax import slurm_seconds
 
 # Planner GPU families by how sinfo types usually spell them (`v100`, `tesla_v100-sxm2-32gb`, `a100_80g`, `nvidia_h100_80gb_hbm3`).
 FAMILIES = ("v100", "a100", "h100", "t4", "l4", "rtx3060")

@@ -10,8 +10,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_run_config
-from .errors import UserError
+from ..config import load_run_config
+from ..errors import UserError
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Sampling:
 
 def load_model(cfg):
     """(base model ready to generate, tokenizer) of a config's model.name, in the precision this device suits."""
-    from .model import load_base, load_tokenizer
-    from .precision import choose_precision, detect_device
+    from ..job.model import load_base, load_tokenizer
+    from ..catalog.precision import choose_precision, detect_device
 
     device, bf16_ok = detect_device()
     precision, _ = choose_precision("auto" if cfg.train.precision != "fp32" else "fp32", device, bf16_ok)
@@ -65,7 +65,7 @@ def load_model(cfg):
 
 def load_run(run_dir: str | Path):
     """(model with adapter, tokenizer, config) for a finished run directory."""
-    from .quiet import quiet_libraries
+    from ..job.quiet import quiet_libraries
 
     quiet_libraries()
     from peft import PeftModel
@@ -87,7 +87,7 @@ def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: 
     transformers `streamer` receives the tokens as they are generated."""
     import torch
 
-    from .data import encode, render
+    from ..data import encode, render
 
     messages = [{"role": "user", "content": prompt, "input": ""}] if isinstance(prompt, str) else prompt
     ids, _ = encode(render(template, messages, tokenizer), tokenizer, template)

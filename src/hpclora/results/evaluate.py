@@ -12,15 +12,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import verdict, write_json, write_text_atomic
+from ..errors import UserError
+from ..rundir import verdict, write_json, write_text_atomic
 
 
 def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], str]:
     """(conversations, source row numbers, where they come from) of the rows to evaluate on."""
     from dataclasses import replace
 
-    from .data import load_conversations, split_indices
+    from ..data import load_conversations, split_indices
 
     if data_path:
         conversations, numbers, _ = load_conversations(replace(cfg.data, path=data_path, max_rows=None))
@@ -34,8 +34,8 @@ def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], s
 
 def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
     """Token-weighted cross-entropy over the trained (response) tokens (loss.py), and how many tokens that is."""
-    from .data import Collator
-    from .loss import summed_loss
+    from ..data import Collator
+    from ..job.loss import summed_loss
 
     collate = Collator(pad_token_id)
     total, count = 0.0, 0
@@ -47,7 +47,7 @@ def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -
 
 
 def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
-    from .data import tokenized
+    from ..data import tokenized
     from .generate import Sampling, answer, load_run
 
     run = Path(run_dir)

@@ -7,7 +7,7 @@ dimensions of known checkpoints.
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

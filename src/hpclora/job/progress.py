@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .distributed import world
-from .slurm_syntax import slurm_time
+from ..config.slurm_syntax import slurm_time
 
 
 def peak_memory_gb() -> float:

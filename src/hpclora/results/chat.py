@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .generate import Sampling, answer, side_by_side, whole_characters
 
 HELP = ("/reset: start a new conversation | /compare: base and adapter answers to the last prompt | "
@@ -61,7 +61,7 @@ def _adapter_off(model):
 
 
 def _load_merged(path: Path) -> Model:
-    from .config import RunConfig
+    from ..config import RunConfig
     from .generate import load_model
 
     provenance = json.loads((path / "MERGED_FROM.json").read_text(encoding="utf-8")) if (path / "MERGED_FROM.json").is_file() else {}

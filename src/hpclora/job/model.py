@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from .distributed import world
-from .errors import ModelNotFoundError, UserError
-from .models import FAN_IN_FAN_OUT, packing_choice, target_modules_for
-from .hub import is_offline, local_model_path
+from ..errors import ModelNotFoundError, UserError
+from ..catalog.models import FAN_IN_FAN_OUT, packing_choice, target_modules_for
+from ..catalog.hub import is_offline, local_model_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -68,7 +68,7 @@ def load_base(cfg, precision: str, device: str, sharded: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from . import varlen
-    from .precision import choose_compute_dtype
+    from ..catalog.precision import choose_compute_dtype
 
     dtype = getattr(torch, DTYPES[precision])
     kwargs = {"dtype": dtype}

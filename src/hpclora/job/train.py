@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint, distributed
-from .config import RunConfig, to_yaml
-from .slurm_syntax import slurm_mem_gb, slurm_time
-from .errors import UserError
+from ..config import RunConfig, to_yaml
+from ..config.slurm_syntax import slurm_mem_gb, slurm_time
+from ..errors import UserError
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
+from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, environment, job_header, prepare_run_dir, verdict, write_config, write_json, write_text_atomic
 from .tracking import TENSORBOARD_DIR, report_to, start_wandb
 
 
@@ -52,7 +52,7 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False, stop:
 def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) -> TrainedRun:
     import transformers
 
-    from .precision import choose_precision, detect_device
+    from ..catalog.precision import choose_precision, detect_device
 
     quiet_libraries()
     transformers.set_seed(cfg.run.seed)
@@ -72,7 +72,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 
 def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: list[str], device: str, precision: str, why: str,
               stop: StopRequest) -> TrainedRun:
-    from .data import batched_by_length, prepare
+    from ..data import batched_by_length, prepare
     from .model import attach_lora, load_base, load_tokenizer
 
     config_sha256 = config_hash(to_yaml(cfg))
@@ -86,7 +86,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         config_text = write_config(out, cfg)
         write_json(out / "env.json", environment(device, precision, why))
         if cfg.run.probe:
-            from .probe import node_report
+            from ..site.probe import node_report
 
             write_json(out / PROBE_FILE, node_report(device))
         emit(job_header(out, config_text))
@@ -206,7 +206,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
 def choose_strategy(cfg: RunConfig, world: distributed.World, device: str, precision: str) -> str:
     """single, ddp or fsdp: train.distributed as `hpclora submit` resolved it, or for `auto` the planner's choice
     (DDP when it cannot tell); FSDP only where it can work (bf16 GPUs)."""
-    from . import plan
+    from .. import plan
 
     if world.size == 1:
         return "single"
@@ -229,9 +229,9 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
     """The config with data.packing and train.gradient_checkpointing decided (`hpclora submit` has already
     decided them for its jobs; a run started by hand decides here, for the memory it really has) and the
     attention kernel chosen, whether the Liger kernels run, and a log line for each decision."""
-    from . import plan
+    from .. import plan
     from .kernels import kernels_here
-    from .models import packing_choice
+    from ..catalog.models import packing_choice
 
     try:
         model_type = plan.find_dims(cfg)[0].model_type
@@ -265,7 +265,7 @@ def this_device(device: str):
     """The planner's description of the device this process trains on."""
     import torch
 
-    from .plan import DEVICES, Device
+    from ..plan import DEVICES, Device
 
     if device != "cuda":
         return DEVICES["cpu"]
@@ -355,7 +355,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
-    from .data import Collator
+    from ..data import Collator
 
     class HpcloraTrainer(Trainer):
         """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and

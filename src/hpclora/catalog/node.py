@@ -1,5 +1,5 @@
 """Facts about the node this runs on, without torch: its NVIDIA driver and GPUs (nvidia-smi), the container
-runtime, and whether it reaches the Hugging Face hub. `python -m hpclora.node` prints them as JSON: what
+runtime, and whether it reaches the Hugging Face hub. `python -m hpclora.catalog.node` prints them as JSON: what
 `hpclora doctor --probe` runs on a compute node through srun."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import socket
 import urllib.error
 import urllib.request
 
-from .cluster import run
-from .container import find_runtime
+from ..site.cluster import run
+from ..launch.container import find_runtime
 
 
 def hub_endpoint() -> str:

@@ -7,7 +7,7 @@ whose bf16 matmuls are several times slower than fp32 without dedicated units.
 
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:

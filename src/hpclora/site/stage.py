@@ -10,9 +10,9 @@ import json
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import sha256_file
-from .hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches
+from ..errors import UserError
+from ..rundir import sha256_file
+from ..catalog.hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches
 
 
 def _ask_hub(call, what: str):
@@ -72,8 +72,8 @@ def stage(cfg, config_path: str | None) -> dict:
         print(f"dataset {dataset} (commit {info.sha}): downloading", flush=True)
         manifest["dataset"] = {"id": dataset, "split": cfg.data.split, "commit": info.sha}
 
-    from .data import default_cache_dir, prepare
-    from .model import load_tokenizer
+    from ..data import default_cache_dir, prepare
+    from ..job.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)  # reads the dataset (hub: into the cache) and tokenizes it

@@ -18,8 +18,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .launch.registry import state_dir
-from .rundir import write_json
+from ..launch.registry import state_dir
+from ..rundir import write_json
 
 CALIBRATION_FILE = "calibration.json"
 GPUS_FILE = "gpus.json"
@@ -81,7 +81,7 @@ def record(m: Measurement) -> Path:
 def user_gpus() -> dict[str, dict]:
     """The user's GPU types from gpus.json by planner name: memory_gb, bf16, tflops, context_gb and the sinfo
     types that mean it; {} without the file. A malformed file is a user error naming the entry."""
-    from .errors import UserError
+    from ..errors import UserError
 
     file = state_dir() / GPUS_FILE
     if not file.is_file():

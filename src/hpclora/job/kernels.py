@@ -36,7 +36,7 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
                    has_flash_attn: bool, has_liger: bool, packed: bool = False) -> Kernels:
     """The kernels for a run: `attention` is model.attn_implementation; `gpu_capability` None means a CPU;
     `packed`: the run's rows are packed (data.packing resolved)."""
-    from .models import EAGER_ONLY
+    from ..catalog.models import EAGER_ONLY
 
     lines = []
     on_gpu = gpu_capability is not None

@@ -15,9 +15,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import cluster, node, storage
-from .errors import UserError
-from .slurm_syntax import slurm_mem_gb, slurm_seconds, slurm_time
+from . import cluster, storage
+from ..catalog import node
+from ..errors import UserError
+from ..config.slurm_syntax import slurm_mem_gb, slurm_seconds, slurm_time
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_SPACE_GB = {"cache.hf_home": 30.0, "run.output_root": 5.0, "slurm.log_dir": 1.0}  # a 7B model in fp16 is 14 GB
@@ -75,7 +76,7 @@ def diagnose(config_path: str | None = None, overrides: list[str] | None = None,
 def load_config(report: Report, path: str | None, overrides: list[str]):
     if path is None:
         return None
-    from . import config
+    from .. import config
 
     try:
         cfg = config.load(path, overrides)
@@ -88,7 +89,7 @@ def load_config(report: Report, path: str | None, overrides: list[str]):
 
 
 def check_slurm(report: Report) -> list[cluster.Partition] | None:
-    from .plan import gpu_aliases, gpus_file, known_devices
+    from ..plan import gpu_aliases, gpus_file, known_devices
 
     devices, aliases = known_devices(), gpu_aliases()
 
@@ -141,7 +142,7 @@ def choose_partition(report: Report, parts, wanted: str | None):
 
 def planner_device(cfg, part) -> str | None:
     """The planner's GPU for this run on this partition: slurm.gpu_type, else the partition's (smallest) type."""
-    from .plan import gpu_aliases, known_devices
+    from ..plan import gpu_aliases, known_devices
 
     if cfg.slurm.gpus == 0:
         return "cpu"
@@ -155,7 +156,9 @@ def planner_device(cfg, part) -> str | None:
 
 
 def check_config(report: Report, cfg, config_path: str, part):
-    from . import hub, plan, preflight
+    from ..catalog import hub
+    from .. import plan
+    from ..plan import preflight
 
     try:
         data = preflight.check(cfg)
@@ -233,7 +236,7 @@ def check_resources(report: Report, cfg, part, p, parts) -> None:
 
 
 def check_container(report: Report, cfg) -> None:
-    from .container import find_runtime
+    from ..launch.container import find_runtime
 
     image = cfg.container.image if cfg else None
     runtime = find_runtime(cfg.container.runtime if cfg else "auto")
@@ -262,7 +265,7 @@ def check_container(report: Report, cfg) -> None:
 
 
 def check_storage(report: Report, cfg, single_node: bool) -> None:
-    from .hub import hf_home
+    from ..catalog.hub import hf_home
 
     places = {"cache.hf_home": str(hf_home(cfg)) if cfg else os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")}
     if cfg:
@@ -308,7 +311,7 @@ def probe_compute_node(report: Report, cfg, part) -> None:
     if gpu:
         kind = cfg.slurm.gpu_type if cfg and cfg.slurm.gpu_type else part.gpus[0].type
         argv.append(f"--gres=gpu:{kind + ':' if kind else ''}1")
-    argv += [sys.executable, "-m", "hpclora.node"]
+    argv += [sys.executable, "-m", "hpclora.catalog.node"]
     done = cluster.run(argv, timeout=600)
     try:
         facts = json.loads(done.stdout.strip().splitlines()[-1]) if done and done.returncode == 0 else None

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import container
+from . import container
 from ..config import RunConfig
 from ..errors import UserError
-from ..hub import OFFLINE_VARS
-from ..preempt import CHECKPOINTED_EXIT, STOP_SIGNALS
+from ..catalog.hub import OFFLINE_VARS
+from ..job.preempt import CHECKPOINTED_EXIT, STOP_SIGNALS
 from ..rundir import STOPPED_MARKER
 
 # How often a stop signal is passed on again until training has ended: one that arrives while the

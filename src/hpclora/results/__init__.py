@@ -1,0 +1,1 @@
+"""What a finished run gives: answers (generate, chat), held-out evaluation, the merged model, reports."""
