@@ -271,7 +271,7 @@ def matmul_gflops() -> float:
 def flops_per_token() -> float:
     """The planner's count for the model: forward and input-gradient backward through every weight (the base
     is frozen), plus causal attention over rows of MAX_LENGTH tokens."""
-    from hpclora.plan import dims_from_config, parameter_counts
+    from hpclora.catalog.dims import dims_from_config, parameter_counts
 
     dims = dims_from_config(json.loads((model_dir() / "config.json").read_text()))
     return 4 * parameter_counts(dims)["total"] + 3 * 2 * dims.layers * dims.hidden * MAX_LENGTH

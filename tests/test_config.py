@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hpclora.rundir import run_dir_slug
 from hpclora import config
 from hpclora.errors import ConfigError
 
@@ -93,10 +95,10 @@ def test_resolved_yaml_round_trips(tmp_path, data_file):
 
 
 def test_run_dir_slug_cannot_escape_or_inject():
-    assert config.run_dir_slug('x"; touch pwned; echo "') == "x-touch-pwned-echo"
-    assert config.run_dir_slug("../../etc") == "etc"
-    assert config.run_dir_slug("日本語 テスト") == "日本語-テスト"
-    assert config.run_dir_slug("...") == "run"
+    assert run_dir_slug('x"; touch pwned; echo "') == "x-touch-pwned-echo"
+    assert run_dir_slug("../../etc") == "etc"
+    assert run_dir_slug("日本語 テスト") == "日本語-テスト"
+    assert run_dir_slug("...") == "run"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -260,3 +262,15 @@ def test_the_preemption_signal_must_leave_time_to_train(data_file):
     assert "too short to train" in dict(err.value.problems)["train.preempt_grace_s"]
     assert config.load(None, [f"data.path={data_file}", "slurm.time=2", "train.preempt_grace_s=20"]).slurm.time == "2"
     assert config.load(None, [f"data.path={data_file}", "slurm.time=0"]).slurm.time == "0"  # no limit, no signal
+
+
+def test_the_configuration_reference_in_docs_is_the_schemas_own():
+    """docs/configuration.md is generated from the schema's help texts; a key added, removed or documented anew
+    without regenerating it fails here (`hpclora validate --explain markdown > docs/configuration.md`)."""
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert page == config.reference_markdown(), "docs/configuration.md is out of date: regenerate it"
+    for section, cls in config.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"| `{section}.{f.name}` |" in page

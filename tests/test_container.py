@@ -20,6 +20,7 @@ import pytest
 
 import hpclora
 from hpclora import config
+from hpclora.errors import ConfigError
 from hpclora.launch import container
 from hpclora.catalog import hub
 
@@ -86,7 +87,7 @@ def test_job_binds_cover_run_data_and_caches_once(tmp_path):
 
 def test_secrets_and_odd_binds_are_refused_in_container_settings(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(2))
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.load(None, [f"data.path={data}", "container.env.HF_TOKEN=hf_x", "container.env.WANDB_API_KEY=k", "container.binds=['a,b']"])
     problems = dict(err.value.problems)
     assert "looks like a secret" in problems["container.env.HF_TOKEN"] and "container.env.WANDB_API_KEY" in problems

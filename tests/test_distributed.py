@@ -23,7 +23,7 @@ import json, os, sys
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 from hpclora import config
-from hpclora.train import train
+from hpclora.job.train import train
 
 config_path, run_dir, out = sys.argv[1:4]
 rank = os.environ.get("RANK", "0")
@@ -208,7 +208,7 @@ def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin(tiny_llama_dir, tmp_p
     from transformers import TrainingArguments
 
     from hpclora import config
-    from hpclora.job.train import fsdp_arguments
+    from hpclora.job.trainer import fsdp_arguments
 
     for checkpointing in (False, True):
         cfg = config.load(ddp_config(tmp_path, tiny_llama_dir), [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
@@ -226,5 +226,5 @@ def test_fsdp_is_refused_for_cpu_ranks_at_training_time_too(tmp_path, tiny_llama
     done = subprocess.run([*two_ranks(), "-m", "hpclora", "train", str(config), "--run-dir", str(tmp_path / "run"),
                            "train.distributed=fsdp", "slurm.gpus=1"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0 and "FSDP trains in bf16 on GPUs, not with CPU ranks" in done.stdout + done.stderr
+    assert done.returncode != 0 and "FSDP shards over GPUs; CPU ranks (train.cpu_ranks) train with DDP" in done.stdout + done.stderr
     assert "train.distributed=ddp" in done.stdout + done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

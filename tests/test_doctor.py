@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hpclora.catalog.devices import DEVICES, gpu_aliases, known_devices
 from hpclora.site import cluster, storage
 from hpclora import plan
 
@@ -46,7 +47,7 @@ def test_sinfo_lines_merge_per_partition_and_keep_only_gpus():
     (None, []),
 ])
 def test_sinfo_gpu_types_map_to_the_planners_names(spelled, names):
-    assert cluster.planner_names(spelled, plan.DEVICES) == names
+    assert cluster.planner_names(spelled, DEVICES) == names
 
 
 def test_the_file_system_of_a_path_is_its_longest_mount():
@@ -106,7 +107,7 @@ def test_doctor_reports_the_test_clusters_partitions_and_passes_a_good_config(tm
 def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_llama_dir, slurm):
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     rc, checks, _ = doctor(cfg, "--partition", "short", "slurm.time=01:00:00", "slurm.gpus=1", "slurm.gpu_type=a100",
-                           "run.output_root=/proc/hpclora-runs", "slurm.cpus_per_task=64")
+                           "run.output_root=/proc/hpclora-runs", "slurm.cpus_per_task=64", "slurm.mem=16G")
     assert rc == 1
     fails = {c["name"]: c for c in checks if c["status"] == "fail"}
     assert "longer than partition short's limit 30:00" in fails["slurm.time"]["message"]
@@ -114,6 +115,8 @@ def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_l
     assert "short has v100" in fails["slurm.gpus"]["message"] and fails["slurm.gpus"]["fix"] == "slurm.gpu_type to one of: v100"
     assert fails["slurm.cpus_per_task"]["fix"] == f"slurm.cpus_per_task={os.cpu_count()}"
     assert "not writable" in fails["run.output_root"]["message"]
+    # Slurm's units are binary: 16G is 16384M, more than the node's RealMemory of 16000M, which Slurm would refuse.
+    assert fails["slurm.mem"]["fix"] == "slurm.mem=16000M" and "16G asked" in fails["slurm.mem"]["message"]
 
 
 def test_doctor_names_a_partition_that_does_not_exist_and_a_bad_config_key(tmp_path, tiny_llama_dir, slurm):
@@ -146,11 +149,11 @@ def test_a_gpu_type_the_planner_lacks_is_described_by_the_user_and_then_known(tm
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path))
     cfg = config.load(None, ["data.path=owner/dataset", "model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4",
                              "slurm.gpu_type=rtx_a6000"], check_files=False)
-    assert cluster.planner_names("rtx_a6000", plan.known_devices(), plan.gpu_aliases()) == []
+    assert cluster.planner_names("rtx_a6000", known_devices(), gpu_aliases()) == []
     with pytest.raises(UserError, match="gpus.json"):
         plan.make_plan(cfg)
     (tmp_path / "gpus.json").write_text(json.dumps({"a6000-48gb": {"sinfo_types": ["RTX_A6000"], "memory_gb": 48, "bf16": True, "tflops": 155}}))
-    assert cluster.planner_names("rtx_a6000", plan.known_devices(), plan.gpu_aliases()) == ["a6000-48gb"]
+    assert cluster.planner_names("rtx_a6000", known_devices(), gpu_aliases()) == ["a6000-48gb"]
     p = plan.make_plan(cfg)  # slurm.gpu_type, as sinfo spells it
     assert (p.device, p.capacity_gb, p.precision) == ("a6000-48gb", 48.0, "bf16")
     assert plan.make_plan(cfg, "a6000-48gb").peak_gb == p.peak_gb  # --gpu NAME

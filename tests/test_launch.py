@@ -67,7 +67,7 @@ def test_a_sweep_with_trials_per_node_matches_its_golden_file():
     check_golden("sweep-2-per-node.sbatch", text)
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     assert "#SBATCH --array=0-2\n" in text and "#SBATCH --gres=gpu:v100:2\n" in text and "#SBATCH --cpus-per-task=12\n" in text
-    assert "#SBATCH --mem=96000M\n" in text and "%x-%A_task%a.out" in text
+    assert "#SBATCH --mem=98304M\n" in text and "%x-%A_task%a.out" in text  # 2 x 48G, in Slurm's binary units
 
 
 @pytest.mark.parametrize("name, keys", [
@@ -85,6 +85,21 @@ def test_rendered_multi_rank_scripts_match_golden_files(name, keys):
     assert ("--standalone" in text) == ("nodes=2" not in " ".join(keys))
 
 
+@pytest.mark.parametrize("name", ["train.sbatch", "sweep.sbatch"])
+def test_the_hand_written_templates_in_jobs_are_what_the_renderer_writes(name):
+    """jobs/*.sbatch carry the very protocol lines of every rendered script (one source: launch/protocol.py)."""
+    from hpclora.launch import protocol
+    from hpclora.launch.templates import render_template
+
+    text = render_template(name)
+    path = ROOT / "jobs" / name
+    if os.environ.get("HPCLORA_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"jobs/{name} differs from launch/templates.py (HPCLORA_UPDATE_GOLDEN=1 rewrites it)"
+    assert "\n".join(protocol.protocol_lines()) in text and "\n".join(protocol.thread_lines()) in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
 def test_gpu_request_forms():
     assert render.gpu_request(cluster_config().slurm) == "--gres=gpu:v100:1"
     assert render.gpu_request(cluster_config("slurm.gpus=2", "slurm.gpu_type=null").slurm) == "--gres=gpu:2"
@@ -97,7 +112,7 @@ def test_hostile_names_and_paths_reach_the_script_as_inert_strings(tmp_path):
     """The body's values are shlex-quoted: bash reads them back as the very same strings."""
     root = "/cluster/my runs/$(touch pwned)/`touch pwned2`/it's"
     cfg = cluster_config("run.name=x\"; touch pwned; echo \"", f"run.output_root={root}")
-    job = submit.prepare_run(cfg, python=PYTHON)
+    job = submit.prepare_job(cfg, python=PYTHON)
     assert job.directory.parent == Path(root)
     assert job.directory.name.startswith("x-touch-pwned-echo-")
     text = job.script
@@ -162,8 +177,7 @@ def test_a_64_trial_sweep_is_one_array_script(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"run: {{output_root: {tmp_path / 'runs'}}}\ndata: {{path: {data}}}\n")
     grid = ["lora.r=4,8,16,32", "train.lr=1e-4,2e-4,3e-4,4e-4", "lora.dropout=0,0.05,0.1,0.2"]
-    job = submit.prepare_sweep(str(cfg_path), ["train.max_steps=10", "slurm.gpus=0"], grid, 8, python=PYTHON,
-                               check=lambda cfgs: plan.check_before_submit(cfgs, force=False))
+    job = submit.prepare_sweep(str(cfg_path), ["train.max_steps=10", "slurm.gpus=0"], grid, 8, python=PYTHON)
     assert len(job.trial_cfgs) == 64 and len(job.run_dirs) == 64
     assert job.script.count("#SBATCH --array=0-63%8\n") == 1
     submit.write(job)
@@ -228,7 +242,7 @@ def test_login_node_commands_do_not_import_heavy_libraries(name, tmp_path):
 def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
     cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir))
-    job = submit.prepare_run(cfg)
+    job = submit.prepare_job(cfg)
     entry, code = submit.launch(job, launchers.Local())
     assert code == 0 and entry["job_id"] is None and (job.directory / "adapter" / "adapter_config.json").exists()
     assert (job.directory / "job.sbatch").exists() and json.loads((job.directory / "job.json").read_text())["launcher"] == "local"

@@ -10,6 +10,11 @@ import sys
 
 import pytest
 
+from hpclora.catalog.devices import DEVICES
+from hpclora.catalog.dims import dims_from_config, find_dims, parameter_counts
+from hpclora.plan.make import SELECTIVE_HEADROOM
+from hpclora.plan.memory import lora_parameters, memory_gb
+from hpclora.plan.speed import SCALING
 from hpclora import config, plan
 from hpclora.config import slurm_syntax
 from hpclora.errors import UserError
@@ -25,8 +30,8 @@ def cfg_for(tmp_path, *overrides):
 def test_parameter_counts_match_real_models(tmp_path, model_type):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "m")
-    dims = plan.dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
-    counts = plan.parameter_counts(dims)
+    dims = dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
+    counts = parameter_counts(dims)
     real = sum(p.numel() for p in model.parameters())
     assert abs(counts["total"] - real) / real < 0.02, (counts, real)  # biases and position tables aside
 
@@ -36,24 +41,24 @@ def test_lora_parameter_count_matches_peft(tmp_path):
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "m")
-    dims = plan.dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
+    dims = dims_from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
-    assert plan.lora_parameters(dims, 8, targets) == peft_model.get_nb_trainable_parameters()[0]
+    assert lora_parameters(dims, 8, targets) == peft_model.get_nb_trainable_parameters()[0]
 
 
 def test_a_7b_llama_from_the_table_has_its_published_size(tmp_path):
     cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf")
-    dims, source = plan.find_dims(cfg)
+    dims, source = find_dims(cfg)
     assert source == "built-in table"
-    assert 6.7e9 < plan.parameter_counts(dims)["total"] < 6.8e9  # 6.74 B
+    assert 6.7e9 < parameter_counts(dims)["total"] < 6.8e9  # 6.74 B
 
 
 def test_memory_grows_with_batch_and_length_and_qlora_needs_less(tmp_path):
-    device = plan.DEVICES["a100-40gb"]
+    device = DEVICES["a100-40gb"]
     base = ["model.name=meta-llama/Llama-2-7b-hf", "data.max_length=512"]
-    dims, _ = plan.find_dims(cfg_for(tmp_path, *base))
-    peak = lambda *o, b=1: plan.memory_gb(dims, cfg_for(tmp_path, *base, *o), device, "bf16", b)["peak_gb"]  # noqa: E731
+    dims, _ = find_dims(cfg_for(tmp_path, *base))
+    peak = lambda *o, b=1: memory_gb(dims, cfg_for(tmp_path, *base, *o), device, "bf16", b)["peak_gb"]  # noqa: E731
     assert peak(b=1) < peak(b=2) < peak(b=8)
     assert peak("data.max_length=256") < peak() < peak("data.max_length=2048")
     assert peak("quant.bits=4") < peak("quant.bits=8") < peak()
@@ -74,7 +79,7 @@ def test_auto_checkpointing_recomputes_the_fewest_layers_with_which_the_run_fits
     assert auto.gradient_checkpointing and auto.fits and 0 < layers < 32
     assert f"{layers} of 32 layers recompute" in auto.checkpointing_reason
     fewer = make("train.gradient_checkpointing=true", f"train.checkpointed_layers={layers - 1}")
-    headroom = 0.95 * auto.capacity_gb * plan.SELECTIVE_HEADROOM
+    headroom = 0.95 * auto.capacity_gb * SELECTIVE_HEADROOM
     assert auto.peak_gb <= headroom < fewer.peak_gb and every.peak_gb < auto.peak_gb < fewer.peak_gb < none.peak_gb
     assert every.tokens_per_s < auto.tokens_per_s < none.tokens_per_s
     small = make("train.micro_batch_size=1")
@@ -179,8 +184,8 @@ def test_fsdp_memory_per_gpu_falls_with_the_world_size_and_ddp_does_not(tmp_path
     assert single.strategy == "single" and ddp[0] == single.peak_gb and fsdp[0] < single.peak_gb
     # 26 GB of bf16 weights over 16 ranks, plus what is gathered at a time: two of the 40 layers and the head.
     cfg = cfg_for(tmp_path, *base, "slurm.nodes=2", "slurm.gpus=8")
-    dims, _ = plan.find_dims(cfg)
-    shard = plan.memory_gb(dims, cfg, plan.DEVICES["a100-80gb"], "bf16", 1, "fsdp", 16)
+    dims, _ = find_dims(cfg)
+    shard = memory_gb(dims, cfg, DEVICES["a100-80gb"], "bf16", 1, "fsdp", 16)
     assert 26.0 / 16 + 2 * 26.0 / 40 < shard["weights_gb"] < 26.0 / 16 + 2 * 26.0 / 40 + 0.4
     # World throughput: ranks x one GPU's x the stated scaling, which is lower across nodes.
     p4, p16 = plans[(1, 4)], plans[(2, 8)]
@@ -222,5 +227,5 @@ def test_cpu_speed_scales_with_the_jobs_cores_and_is_shared_by_its_ranks(tmp_pat
     speed = lambda *o: plan.make_plan(cfg_for(tmp_path, *base, *o)).tokens_per_s  # noqa: E731
     two, sixteen = speed("slurm.cpus_per_task=2"), speed("slurm.cpus_per_task=16")
     assert 2 * two < sixteen < 8 * two  # more cores are faster, and less than linearly
-    assert speed("slurm.cpus_per_task=16", "train.cpu_ranks=2") == pytest.approx(sixteen * plan.SCALING["ddp"][0], rel=0.01)
+    assert speed("slurm.cpus_per_task=16", "train.cpu_ranks=2") == pytest.approx(sixteen * SCALING["ddp"][0], rel=0.01)
     assert "16 cores" in plan.make_plan(cfg_for(tmp_path, *base, "slurm.cpus_per_task=16")).tokens_per_s_note

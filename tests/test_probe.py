@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpclora.site.probe import has_kernels
+from hpclora.job.node_report import has_kernels
 
 from conftest import require_slurm, tiny_run_yaml
 

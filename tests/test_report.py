@@ -56,14 +56,14 @@ def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path):
 
 
 def test_wandb_runs_offline_on_offline_nodes_and_keeps_its_files_in_the_run(tmp_path, monkeypatch):
-    from hpclora.job.tracking import wandb_env
+    from hpclora.job.tracking import wandb_settings
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    env = wandb_env("my-project", tmp_path / "run-7", offline=True)
-    assert env == {"WANDB_PROJECT": "my-project", "WANDB_NAME": "run-7", "WANDB_DIR": str(tmp_path / "run-7"), "WANDB_MODE": "offline"}
-    assert "WANDB_MODE" not in wandb_env("p", tmp_path, offline=False)
+    settings = wandb_settings("my-project", tmp_path / "run-7", offline=True)
+    assert settings == {"project": "my-project", "name": "run-7", "dir": str(tmp_path / "run-7"), "mode": "offline"}
+    assert wandb_settings("p", tmp_path, offline=False)["mode"] is None
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's own choice wins
-    assert "WANDB_MODE" not in wandb_env("p", tmp_path, offline=True)
+    assert wandb_settings("p", tmp_path, offline=True)["mode"] is None
 
 
 def test_wandb_without_the_package_stops_before_any_work(tmp_path, tiny_llama_dir):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpclora.job import checkpoint
-from hpclora.job.preempt import CHECKPOINTED_EXIT
+from hpclora.stops import CHECKPOINTED_EXIT
 
 from conftest import tiny_run_yaml
 
@@ -122,7 +122,7 @@ def test_an_unpacked_run_batched_by_length_resumes_exactly(tmp_path, tiny_llama_
 
 KILL_MID_WRITE = """
 import os, signal, sys
-from hpclora import checkpoint
+from hpclora.job import checkpoint
 from hpclora.cli import main
 
 publish = checkpoint.publish

@@ -168,7 +168,7 @@ def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path
 
     (sweep_dir,) = (tmp_path / "runs").iterdir()
     script = (sweep_dir / "job.sbatch").read_text()
-    assert "#SBATCH --array=0-0" in script and "#SBATCH --gres=gpu:v100:2" in script and "#SBATCH --mem=4000M" in script
+    assert "#SBATCH --array=0-0" in script and "#SBATCH --gres=gpu:v100:2" in script and "#SBATCH --mem=4096M" in script
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
     spans, gpus = [], set()
     for trial in manifest["trials"]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpclora.job import varlen
-from hpclora.data.packing import Collator
+from hpclora.data.packing import Collator, varlen_bounds
 from hpclora.catalog.models import PACKING_SUPPORTED
 
 from test_loss import accumulated, labelled_only, lora, micro_batches
@@ -24,7 +24,7 @@ def with_bounds(batches):
     """The collator's varlen keywords added to test_loss's packed micro-batches."""
     out = []
     for batch in batches:
-        bounds, longest = varlen.varlen_bounds(batch["position_ids"].tolist())
+        bounds, longest = varlen_bounds(batch["position_ids"].tolist())
         out.append({**batch, "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32), "cu_seq_lens_k": torch.tensor(bounds, dtype=torch.int32),
                     "max_length_q": longest, "max_length_k": longest})
     return out

@@ -20,7 +20,6 @@ Nothing here imports torch: only the job that trains does.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,22 +68,13 @@ class Submission:
         """Slurm's state of each job or array task by id (from the run directories where Slurm has forgotten)."""
         from .launch import watch
 
-        target = watch.resolve(str(self.directory))
-        watch.fill_states(target)
-        return {row.job_id or str(row.run_dir): row.state.split()[0] if row.state else "" for row in target.rows}
+        return watch.job_states(str(self.directory))
 
     def wait(self, timeout: float | None = None, poll_s: float = 5.0) -> dict[str, str]:
         """Until every job has ended (requeues included); the final states. Raises TimeoutError after `timeout` s."""
-        from .launch.slurm import FINAL_STATES
+        from .launch import watch
 
-        deadline = None if timeout is None else time.time() + timeout
-        while True:
-            states = self.states()
-            if states and all(s in FINAL_STATES or s == "finished" for s in states.values()):
-                return states
-            if deadline is not None and time.time() > deadline:
-                raise TimeoutError(f"{self.kind} {self.job_id or self.directory} still running after {timeout} s: {states}")
-            time.sleep(poll_s)
+        return watch.wait(str(self.directory), poll_s, timeout)
 
     def summaries(self) -> list[dict | None]:
         """Each run's summary.json (None for a run that has not finished)."""
@@ -94,44 +84,30 @@ class Submission:
 def submit(cfg: RunConfig, launcher: str = "sbatch", cluster: str | None = None, force: bool = False) -> Submission:
     """What `hpclora submit` does: check the data and the plan (a run that does not fit is refused unless
     `force`), write the run directory, submit. launcher: sbatch, submitit (`cluster`: its backend) or local."""
-    from . import plan as planner
-    from .plan import preflight
     from .launch import launchers, submit as submitting
 
-    preflight.check(cfg)
-    lines = planner.check_before_submit([cfg], force)
-    job = submitting.prepare_run(cfg)
-    return _launched(job, launchers.launcher(launcher, cluster), lines)
+    return _launched(submitting.prepare_job(cfg, force), launchers.launcher(launcher, cluster))
 
 
 def sweep(config_path: str | Path, grid: dict[str, list], overrides: list[str] | tuple[str, ...] = (), launcher: str = "sbatch",
           cluster: str | None = None, max_parallel: int | None = None, trials_per_node: int = 1, force: bool = False) -> Submission:
     """What `hpclora sweep` does: the cartesian product of `grid` ({"lora.r": [8, 16], "train.lr": [1e-4, 2e-4]})
     as one job array, every trial checked before anything is submitted."""
-    from . import plan as planner
-    from .plan import preflight
     from .launch import launchers, submit as submitting
 
-    lines: list[str] = []
-
-    def check(cfgs):
-        for c in cfgs:
-            preflight.check(c)
-        lines.extend(planner.check_before_submit(cfgs, force))
-
     specs = [f"{key}={','.join(map(str, values))}" for key, values in grid.items()]
-    job = submitting.prepare_sweep(str(config_path), list(overrides), specs, max_parallel, check=check, trials_per_node=trials_per_node)
-    return _launched(job, launchers.launcher(launcher, cluster), lines)
+    job = submitting.prepare_sweep(str(config_path), list(overrides), specs, max_parallel, force=force, trials_per_node=trials_per_node)
+    return _launched(job, launchers.launcher(launcher, cluster))
 
 
-def _launched(job, launcher, lines: list[str]) -> Submission:
+def _launched(job, launcher) -> Submission:
     from .launch import submit as submitting
 
     entry, code = submitting.launch(job, launcher)
     if code != 0:  # the local launcher ran it here
         raise UserError(f"{job.directory}: training exited with code {code}")
     logs = [entry.get("log")] if job.kind == "run" else [t["log"] for t in entry["trials"]]
-    return Submission(job.kind, entry["job_id"], job.directory, job.run_dirs, logs, lines, job.handles)
+    return Submission(job.kind, entry["job_id"], job.directory, job.run_dirs, logs, job.plan_lines, job.handles)
 
 
 def read_summary(run_dir: str | Path) -> dict:
@@ -143,19 +119,13 @@ def read_summary(run_dir: str | Path) -> dict:
 
 
 def prepare_run(cfg: RunConfig, force: bool = False) -> Path:
-    """A run directory holding the checked, planned config.yaml, for `TrainingJob` in your own executor."""
-    from . import plan as planner
-    from .plan import preflight
+    """A run directory holding the checked, planned config.yaml (and the job script hpclora would submit), for
+    `TrainingJob` in your own executor."""
     from .launch import submit as submitting
-    from .rundir import mark_run_dir, write_config
 
-    preflight.check(cfg)
-    planner.check_before_submit([cfg], force)
-    directory = submitting.new_directory(cfg.run.output_root, cfg.run.name)
-    directory.mkdir(parents=True)
-    mark_run_dir(directory)
-    write_config(directory, cfg)
-    return directory
+    job = submitting.prepare_job(cfg, force)
+    submitting.write(job)
+    return job.directory
 
 
 def executor_parameters(cfg: RunConfig) -> dict:

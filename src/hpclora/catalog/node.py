@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
-from ..site.cluster import run
-from ..launch.container import find_runtime
+RUNTIMES = ("apptainer", "singularity")
+
+
+def find_runtime(preferred: str = "auto") -> str | None:
+    """The runtime on this machine's PATH: apptainer first (its newer name), then singularity."""
+    for name in RUNTIMES if preferred == "auto" else (preferred,):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
+    """A command's result, or None where it is not installed or does not answer in time."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
 
 
 def hub_endpoint() -> str:

@@ -1,4 +1,5 @@
-"""Which floating-point precision a run uses, and why. Pure: no torch import, so the planner can use it.
+"""Which floating-point precision a run uses, and why, and what FSDP needs of the run. Pure: no torch import,
+so that the config checks, the planner and the job decide by the same rules.
 
 bf16 where the device has it (Ampere and newer); fp16 autocast with fp32 master weights on CUDA GPUs
 without bf16 (V100 = sm_70, T4 = sm_75), where bf16 either fails or is emulated slowly; fp32 on CPU,
@@ -8,6 +9,10 @@ whose bf16 matmuls are several times slower than fp32 without dedicated units.
 from __future__ import annotations
 
 from ..errors import UserError
+
+# bitsandbytes' 8-bit and paged optimizers keep their states per parameter and cannot step FSDP2's sharded
+# DTensor parameters (bitsandbytes issue 1633).
+FSDP_INCAPABLE_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:
@@ -30,10 +35,19 @@ def choose_compute_dtype(requested: str, precision: str) -> str:
     return precision if requested == "auto" else requested
 
 
-def detect_device() -> tuple[str, bool]:
-    """("cuda"|"cpu", bf16 supported) for the current process; imports torch, so not for login nodes."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    return "cpu", False
+def fsdp_problem(on_gpu: bool, precision: str | None, quant_bits: int | None, optimizer: str) -> str | None:
+    """Why FSDP cannot train this run, with what to do instead; None where it can. The one rule, used by the config
+    checks (`precision` None: not known yet, `auto`), the planner's choice and the job. FSDP here shards over GPUs
+    and computes in bf16, and cannot shard 8-bit weights nor step with bitsandbytes' 8-bit or paged optimizers."""
+    instead = "use train.distributed=ddp (with quant.bits=4 where a replica does not fit a GPU)"
+    if not on_gpu:
+        return f"FSDP shards over GPUs; CPU ranks (train.cpu_ranks) train with DDP: {instead}"
+    if precision is not None and precision != "bf16":
+        return (f"FSDP trains in bf16, not {precision} (V100 and T4 have no bf16): {instead}, or train.precision=bf16 "
+                "on an A100/H100/L4")
+    if quant_bits == 8:
+        return "8-bit weights cannot be sharded by FSDP: use quant.bits=4 (stored in bf16 for FSDP) or train.distributed=ddp"
+    if optimizer in FSDP_INCAPABLE_OPTIMIZERS:
+        return (f"train.optimizer={optimizer} (bitsandbytes) cannot step FSDP's sharded parameters: use train.optimizer=adamw_torch "
+                "with FSDP, or train.distributed=ddp")
+    return None

@@ -70,10 +70,19 @@ def slurm_time(seconds: float) -> str:
     return f"{days}-{clock}" if days else clock
 
 
+# Slurm's memory units are binary: 1G = 1024M, and a plain number is M (MiB), as sinfo's RealMemory is.
+MEM_UNITS_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}
+
+
+def slurm_mem_mib(mem: str) -> int:
+    """MiB in a Slurm memory size (`--mem`, SLURM_MEM_PER_NODE): 32G = 32768, 64000M = 64000, 512 = 512."""
+    factor = MEM_UNITS_MIB.get(mem[-1].upper(), None)
+    return int(float(mem[:-1]) * factor) if factor is not None else int(mem)
+
+
 def slurm_mem_gb(mem: str) -> float:
-    """GB in a Slurm memory size (SLURM_MEM): 32G, 64000M, ...; a plain number is MB."""
-    units = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
-    return float(mem[:-1]) * units[mem[-1]] if mem[-1] in units else float(mem) * 1e-3
+    """GB (10^9 bytes, the planner's unit) in a Slurm memory size: 32G is 34.4 GB."""
+    return slurm_mem_mib(mem) * 2 ** 20 / 1e9
 
 
 def sbatch_option_problem(option: str) -> str | None:

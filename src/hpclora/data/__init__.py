@@ -7,7 +7,6 @@ the numbers the job log prints about them.
 from __future__ import annotations
 
 import itertools
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -16,10 +15,11 @@ from ..errors import DataError, UserError
 from .normalize import check_columns, detect_format, normalize, rename_columns
 from .packing import Collator, length_grouped, pack
 from .read import read_rows
+from .split import split_indices, validation_rows
 from .templates import render
 from .tokenize import cache_key, encode, rendered_pieces, tokenize_dataset, tokenizer_fingerprint
 
-__all__ = ["prepare", "PreparedData", "Collator", "batched_by_length", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized"]
+__all__ = ["prepare", "PreparedData", "Collator", "batched_by_length", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized", "validation_rows"]
 
 
 @dataclass
@@ -68,20 +68,10 @@ def check_rows(data_cfg) -> dict:
     return {"rows": count, "format": fmt}
 
 
-def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """Shuffled train and validation indices; a fraction (< 1) or a count (>= 1) goes to validation."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_val = int(val_size) if val_size >= 1 else round(n * val_size)
-    if val_size > 0 and n_val == 0 and n >= 2:
-        n_val = 1
-    if n_val >= n:
-        raise UserError(f"data.val_size: {val_size} leaves no training rows out of {n}")
-    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def default_cache_dir() -> Path:
-    from ..job.bundled import cache_root
+    from ..catalog.state import cache_root
 
     return cache_root() / "tokenized"
 

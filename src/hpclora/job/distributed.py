@@ -48,6 +48,15 @@ def start(w: World, cuda: bool) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
+def finish() -> None:
+    """Leave the process group: a process that exits with the group alive can abort in its C++ destructors
+    ("terminate called without an active exception"), which torchrun reports as a failed rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     import torch.distributed as dist
 

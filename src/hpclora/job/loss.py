@@ -6,7 +6,8 @@ base and final evaluation, and `hpclora eval` all use it.
 
 from __future__ import annotations
 
-IGNORE = -100
+from ..catalog.models import CHUNK_ROWS, HEAD_ONLY_LOGITS
+from ..data.tokenize import IGNORE
 
 
 def summed_loss(model, batch: dict) -> tuple[float, int]:
@@ -39,12 +40,6 @@ def output_head(model):
     return base.get_output_embeddings()
 
 
-# Architectures whose logits are exactly the output head applied to the last hidden state (no soft-capping or
-# logit scale after it): for them the loss is computed from the hidden states of labelled positions only.
-HEAD_ONLY_LOGITS = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom"}
-# Rows of the (labelled positions x vocabulary) fp32 logits computed at once: bounds the loss's memory to
-# CHUNK_ROWS x vocab x 4 bytes x ~3 (logits, softmax, its gradient), ~1.2 GB for a 100k vocabulary.
-CHUNK_ROWS = 1024
 
 
 class _LabelledCrossEntropy:
@@ -124,3 +119,30 @@ class HeadInputs:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+class LabelledHead:
+    """Training's loss from the labelled positions only. A forward pre-hook on the output head (the public way to
+    see and change a module's input): while the model trains, the head runs on no position at all and its input,
+    the last hidden states, is kept; `loss`, the Trainer's `compute_loss_func`, then computes the cross-entropy of
+    the labelled positions from them (labelled_loss, which calls the head itself), over the accumulated batch's
+    labelled tokens as the Trainer counts them. In eval mode (evaluation, generation) the head runs as it is."""
+
+    def __init__(self, head):
+        self.head, self.hidden, self.computing = head, None, False
+        head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args):
+        if not module.training or self.computing:
+            return None
+        (hidden,) = args
+        self.hidden = hidden
+        return (hidden[:, :0],)
+
+    def loss(self, outputs, labels, num_items_in_batch=None):
+        hidden, self.hidden, self.computing = self.hidden, None, True
+        try:
+            total, count = labelled_loss(hidden, labels, self.head)
+        finally:
+            self.computing = False
+        return total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))

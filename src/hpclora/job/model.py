@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .distributed import world
 from ..errors import ModelNotFoundError, UserError
-from ..catalog.models import FAN_IN_FAN_OUT, packing_choice, target_modules_for
+from ..internals import keep_4bit_layers_trainable
+from ..catalog.models import BUNDLED_NAME, FAN_IN_FAN_OUT, target_modules_for
 from ..catalog.hub import is_offline, local_model_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -15,7 +16,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def resolve_model_path(name: str) -> str:
     """A local directory or hub id for `model.name`; `smollm2-135m` is the bundled small model."""
-    from .bundled import BUNDLED_NAME, bundled_model_dir
+    from .bundled import bundled_model_dir
 
     if name == BUNDLED_NAME:
         return str(bundled_model_dir())
@@ -118,16 +119,6 @@ def choose_targets(model, lora_cfg) -> list[str] | str:
     return list(lora_cfg.target_modules)
 
 
-def keep_4bit_layers_differentiable(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference the first time
-    the layer runs in eval mode without gradients, and that layout has no backward: training after an
-    evaluation would silently lose the gradients flowing through the frozen layers. Models being trained
-    keep the trainable layout (inference-only loads, as in `generate`, still get the fast one)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 def prepare_quantized(model) -> None:
     """PEFT's prepare_model_for_kbit_training upcasts every 16-bit weight of a quantized model to fp32. Here
     only the 1-D ones go (norms and biases: a few MB, where 16-bit rounding would hurt); the embeddings and the
@@ -157,10 +148,9 @@ def attach_lora(model, cfg, sharded: bool = False):
     FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
     from peft import LoraConfig, get_peft_model
 
-    packing_choice(cfg.data.packing, model.config.model_type, cfg.data.max_length)  # refuses packing where examples would mix
     checkpointing = cfg.train.gradient_checkpointing is True and not sharded
     if cfg.quant.bits:
-        keep_4bit_layers_differentiable(model)
+        keep_4bit_layers_trainable(model)
         prepare_quantized(model)
     if checkpointing:  # non-reentrant: works with DDP and frozen inputs; the reentrant kind does neither well
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

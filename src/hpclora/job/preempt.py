@@ -1,18 +1,15 @@
-"""Stop requests from Slurm: a signal asks training to checkpoint at the next step boundary and exit.
-
-Slurm (or the batch script that forwards to us) sends USR1 before a time limit or on preemption,
-submitit sends USR2, and `scancel`/preemption send TERM. Training then saves a checkpoint and the
-process exits with CHECKPOINTED_EXIT, which the job script answers with `scontrol requeue`; the
-requeued job runs the very same command and resumes from that checkpoint.
+"""Stop requests inside training: one of the stop signals (stops.py) asks it to checkpoint at the next step
+boundary and exit with CHECKPOINTED_EXIT, which the job script answers with `scontrol requeue`; the requeued job
+runs the very same command and resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import signal
 
-# EX_TEMPFAIL from sysexits.h: "checkpointed, not finished: run the same command again to continue".
-CHECKPOINTED_EXIT = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+from ..stops import STOP_SIGNALS as STOP_SIGNAL_NAMES
+
+STOP_SIGNALS = tuple(signal.Signals[f"SIG{name}"] for name in STOP_SIGNAL_NAMES)
 
 
 class StopRequest:

@@ -96,6 +96,9 @@ class ProgressLog(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        for label in ("eval", "base", "final"):  # an evaluation (trainer.evaluate logs it): which one, by its prefix
+            if logs.get(f"{label}_loss") is not None:
+                self.evaluation(state.global_step, label, logs[f"{label}_loss"])
         if "loss" not in logs:
             return
         now, step, tokens = time.time(), state.global_step, self.tokens_seen()
@@ -115,13 +118,6 @@ class ProgressLog(TrainerCallback):
             f" | mem {mem:.1f} GB | eta {slurm_time(eta)}"
         )
         self.last_time, self.last_tokens = now, tokens
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        """Validation results; the trainer's metric prefix says which: eval (periodic), base, or final."""
-        for label in ("eval", "base", "final"):
-            loss = (metrics or {}).get(f"{label}_loss")
-            if loss is not None:
-                self.evaluation(state.global_step, label, loss)
 
     def evaluation(self, step: int, label: str, loss: float) -> None:
         if label == "eval":

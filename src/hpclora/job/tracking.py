@@ -16,12 +16,11 @@ from ..errors import UserError
 TENSORBOARD_DIR = "tensorboard"
 
 
-def wandb_env(project: str, run_dir: Path, offline: bool) -> dict[str, str]:
-    """The environment W&B reads: project, run name, files in the run directory, offline mode when offline."""
-    env = {"WANDB_PROJECT": project, "WANDB_NAME": run_dir.name, "WANDB_DIR": str(run_dir)}
-    if offline and "WANDB_MODE" not in os.environ:
-        env["WANDB_MODE"] = "offline"
-    return env
+def wandb_settings(project: str, run_dir: Path, offline: bool) -> dict:
+    """wandb.init's arguments: project, run name, files in the run directory, offline mode on offline nodes (unless
+    WANDB_MODE says otherwise)."""
+    mode = "offline" if offline and "WANDB_MODE" not in os.environ else None
+    return {"project": project, "name": run_dir.name, "dir": str(run_dir), "mode": mode}
 
 
 def report_to(cfg) -> list[str]:
@@ -39,6 +38,9 @@ def report_to(cfg) -> list[str]:
 
 
 def start_wandb(cfg, run_dir: Path) -> None:
+    """Start this run's W&B run (rank 0): the Trainer's W&B callback then logs into it rather than making its own."""
+    import wandb
+
     from ..catalog.hub import is_offline
 
-    os.environ.update(wandb_env(cfg.run.wandb_project, run_dir, is_offline()))
+    wandb.init(**wandb_settings(cfg.run.wandb_project, run_dir, is_offline()))

@@ -20,7 +20,10 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     """transformers' attention signature: query/key/value (batch, heads, width, head_dim); returns the output
     (batch, width, heads, head_dim) and no weights."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ..internals import sdpa_attention
+
+    sdpa_attention_forward = sdpa_attention()
 
     bounds = kwargs.pop("cu_seq_lens_q", None)
     window = kwargs.get("sliding_window")
@@ -45,20 +48,9 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
 def register() -> None:
     """Make `attn_implementation="sdpa_varlen"` loadable; idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+
+    from ..internals import sdpa_mask_function
 
     AttentionInterface.register(NAME, sdpa_varlen_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, sdpa_mask_function())
 
-
-def varlen_bounds(position_ids: list[list[int]]) -> tuple[list[int], int]:
-    """(cumulative example bounds over the flattened batch, longest example) of packed rows whose positions
-    restart at 0 for each example (the row's padding being an example of its own)."""
-    bounds, longest, offset = [], 0, 0
-    for positions in position_ids:
-        starts = [i for i, p in enumerate(positions) if p == 0]
-        ends = starts[1:] + [len(positions)]
-        bounds.extend(offset + s for s in starts)
-        longest = max([longest, *(e - s for s, e in zip(starts, ends))])
-        offset += len(positions)
-    return bounds + [offset], longest

@@ -13,17 +13,9 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import UserError
 from ..catalog.hub import local_data_path, local_model_path
+from ..catalog.node import find_runtime
 
-RUNTIMES = ("apptainer", "singularity")
 DEFAULT_DEF = Path("containers") / "hpclora.def"
-
-
-def find_runtime(preferred: str = "auto") -> str | None:
-    """The runtime on this machine's PATH: apptainer first (its newer name), then singularity."""
-    for name in RUNTIMES if preferred == "auto" else (preferred,):
-        if shutil.which(name):
-            return name
-    return None
 
 
 def require_runtime(preferred: str = "auto") -> str:
@@ -75,3 +67,24 @@ def exec_argv(cfg: RunConfig, runtime: str) -> list[str]:
     for name, value in c.env.items():
         words += ["--env", f"{name}={value}"]
     return [*words, c.image]
+
+
+def container_command(action: str, image: str | None, definition: str, out: str, dry_run: bool) -> int:
+    """`hpclora container build|check`: print the runtime's command line, and run it unless `dry_run`."""
+    import shlex
+    import subprocess
+
+    runtime = find_runtime() or ("apptainer" if dry_run else require_runtime())
+    if action == "build":
+        definition_path = Path(definition).resolve()
+        if not definition_path.is_file():
+            raise UserError(f"{definition_path}: definition file not found (run from the repository root, or pass --def)")
+        root = definition_path.parent.parent  # %files paths are relative to the project root
+        argv = build_command(runtime, definition_path, Path(out).resolve())
+    else:
+        if not image:
+            raise UserError("container check: give the image to test, e.g. hpclora container check hpclora.sif")
+        root = Path.cwd()
+        argv = check_command(runtime, Path(image).resolve(), gpu=shutil.which("nvidia-smi") is not None)
+    print(f"(cd {shlex.quote(str(root))} && {shlex.join(argv)})")
+    return 0 if dry_run else subprocess.run(argv, cwd=root).returncode

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from ..errors import NotSubmitted, UserError
-from ..job.preempt import CHECKPOINTED_EXIT
+from ..stops import CHECKPOINTED_EXIT
 from . import slurm
 
 

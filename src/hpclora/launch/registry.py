@@ -8,16 +8,9 @@ its files without asking Slurm, which forgets finished jobs after a few minutes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
-def state_dir() -> Path:
-    """This user's hpclora state: $HPCLORA_STATE_DIR, else $XDG_STATE_HOME/hpclora (~/.local/state by default)."""
-    root = os.environ.get("HPCLORA_STATE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "hpclora"
-    return Path(root)
+from ..catalog.state import state_dir
 
 
 def index_path() -> Path:

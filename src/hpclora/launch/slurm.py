@@ -104,18 +104,6 @@ def cancel(job_id: str) -> None:
         raise UserError(f"scancel {job_id}: {done.stderr.strip()}")
 
 
-def own_job_cancelled() -> bool:
-    """Inside a job: whether scancel has cancelled it. Its state is then COMPLETING, not RUNNING, while its
-    processes finish; a job signalled before its time limit or on preemption is still RUNNING. Where the
-    queue cannot be asked, False (as before: requeue)."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or shutil.which("squeue") is None:
-        return False
-    done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    state = done.stdout.strip() if done.returncode == 0 else ""
-    return bool(state) and state != "RUNNING"
-
-
 def queue_states(job_ids: list[str]) -> dict[str, JobState]:
     """Pending and running jobs (array tasks one by one) from squeue."""
     done = run(["squeue", "--noheader", "--array", "--jobs", ",".join(job_ids), "--format=%i|%T|%M|%N|%r"])

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config
-from ..config import RunConfig, run_dir_slug
+from ..catalog import hub
+from ..config import RunConfig, world_size
 from ..errors import ConfigError, NotSubmitted, UserError
-from ..rundir import JOB_FILE, SWEEP_FILE, config_hash, mark_run_dir, write_config, write_json, write_text_atomic
+from ..rundir import CONFIG_FILE, JOB_FILE, JOB_SCRIPT, SWEEP_FILE, config_hash, mark_run_dir, new_run_dir, write_config, write_json, write_text_atomic
+from ..plan import check_before_submit, preflight
 from . import registry, render
-from .command import world_size
 from .sweep import parse_grid, trials
-
-SCRIPT = "job.sbatch"
 
 
 @dataclass
@@ -38,6 +37,7 @@ class PreparedJob:
     max_parallel: int | None = None
     trials_per_task: int = 1  # sweep --trials-per-node
     handles: list = field(default_factory=list)  # once launched with submitit: its Job objects
+    plan_lines: list[str] = field(default_factory=list)  # what the planner said (fits, strategy, slurm.time: auto)
 
     def array_task(self, trial: int) -> int:
         """The array task that runs `trial`."""
@@ -51,38 +51,35 @@ class PreparedJob:
 
     @property
     def script_path(self) -> Path:
-        return self.directory / SCRIPT
+        return self.directory / JOB_SCRIPT
 
     def log_path(self, job_id: str, task: int | None = None) -> str:
         return render.log_path(self.cfg, job_id, task)
 
 
-def new_directory(output_root: str, stem: str) -> Path:
-    """<output_root>/<stem>-<timestamp>, made unique; refuses anything outside output_root."""
-    root = Path(output_root).resolve()
-    base = root / f"{run_dir_slug(stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    if not path.resolve().is_relative_to(root):  # the slug makes this impossible; keep it impossible
-        raise UserError(f"run directory {path} would lie outside run.output_root {root}")
-    return path
+def check_runs(cfgs: list[RunConfig], force: bool) -> list[str]:
+    """Everything the login node checks before a job is queued: each config's data rows and model context
+    (plan.preflight), then the planner (plan.gate), which may refuse and which decides the `auto` settings the
+    job's config.yaml records. Returns the planner's lines."""
+    for cfg in cfgs:
+        preflight.check(cfg)
+    return check_before_submit(cfgs, force)
 
 
-def prepare_run(cfg: RunConfig, python: str = sys.executable) -> PreparedJob:
-    directory = new_directory(cfg.run.output_root, cfg.run.name)
+def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executable) -> PreparedJob:
+    """One run, checked (check_runs) and rendered: its new run directory (not made yet) and job script."""
+    lines = check_runs([cfg], force)
+    directory = new_run_dir(cfg.run.output_root, cfg.run.name)
     script = render.render_script(cfg, render.Payload(python=python, run_dir=str(directory)))
-    return PreparedJob("run", cfg, directory, script)
+    return PreparedJob("run", cfg, directory, script, plan_lines=lines)
 
 
 def prepare_sweep(
     config_path: str, overrides: list[str], grid_specs: list[str], max_parallel: int | None,
-    python: str = sys.executable, check=None, trials_per_node: int = 1,
+    force: bool = False, trials_per_node: int = 1, python: str = sys.executable,
 ) -> PreparedJob:
-    """Resolve every trial's config first: a bad value in any trial stops the sweep before submission.
-    `check(cfgs)` runs on the resolved trial configs before the script is rendered. `trials_per_node` > 1
-    packs that many one-GPU (or one-process CPU) trials into each array task."""
+    """Resolve and check every trial first (check_runs): a bad value in any trial stops the sweep before anything
+    is written. `trials_per_node` > 1 packs that many one-GPU (or one-process CPU) trials into each array task."""
     if not grid_specs:
         raise UserError("sweep: give at least one --grid key=value1,value2")
     if max_parallel is not None and max_parallel < 1:
@@ -98,19 +95,18 @@ def prepare_sweep(
             problems += [(f"trial {i} ({' '.join(extra)}): {key}", msg) for key, msg in exc.problems]
     if problems:
         raise ConfigError(problems)
-    if check is not None:  # the planner: may refuse, and fills slurm.time: auto, before anything is rendered
-        check(cfgs)
+    lines = check_runs(cfgs, force)  # may refuse, and fills slurm.time: auto, before anything is rendered
     first = cfgs[0]
     if trials_per_node > 1 and (first.slurm.gpus > 1 or world_size(first) > 1):
         raise UserError(
             f"sweep: --trials-per-node packs trials of one GPU each (or one CPU process), and each of these trials has "
             f"{world_size(first)} ranks (slurm.nodes x slurm.gpus): set slurm.gpus=1, or drop --trials-per-node"
         )
-    directory = new_directory(first.run.output_root, f"{first.run.name}-sweep")
+    directory = new_run_dir(first.run.output_root, f"{first.run.name}-sweep")
     payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel,
                              trials_per_task=trials_per_node)
     script = render.render_script(first, payload, submitted_by="hpclora sweep")
-    return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel, trials_per_node)
+    return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel, trials_per_node, plan_lines=lines)
 
 
 def write(job: PreparedJob) -> None:
@@ -175,3 +171,37 @@ def _record(job: PreparedJob, entry: dict) -> None:
             write_json(Path(trial["run_dir"]) / JOB_FILE, trial_record)
     if entry["job_id"] is not None:
         registry.record(entry)
+
+
+def describe_launched(entry: dict, job: PreparedJob) -> str:
+    """What `submit`, `sweep` and `probe` print once a job is submitted (or has run here)."""
+    what = "sweep" if job.kind == "sweep" else "run"
+    lines = [f"submitted {what} as job {entry['job_id']} ({entry['launcher']})"] if entry["job_id"] is not None else []
+    lines.append(f"{what} directory: {entry['dir']}")
+    if entry.get("log"):
+        lines.append(f"log: {entry['log']}")
+    for trial in entry.get("trials", []):
+        lines.append(f"  task {trial['task']}" + (f", trial {trial['trial']}" if job.trials_per_task > 1 else "")
+                     + f": {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
+    if entry["job_id"] is not None and entry["launcher"] == "sbatch":
+        first = entry["job_id"] if job.kind == "run" else f"{entry['job_id']}_0"
+        lines.append(f"watch it: hpclora status {entry['job_id']}   |   hpclora logs {first} -f")
+    return "\n".join(lines)
+
+
+def describe_dry_run(job: PreparedJob, launcher) -> str:
+    """`--dry-run`: the job script, and what would be written and run."""
+    if job.kind == "run":
+        return f"{job.script}\n# dry run: would write {job.directory}/{{{CONFIG_FILE},{JOB_SCRIPT}}} and run: {launcher.describe(job)}"
+    trials = "\n".join(f"#   task {job.array_task(i)}: trial {i}: {' '.join(extra)}" for i, extra in enumerate(job.trial_overrides))
+    return (f"{job.script}\n# dry run: {len(job.trial_cfgs)} trials as one job array in {job.directory}:\n{trials}\n"
+            f"# would run: {launcher.describe(job)}")
+
+
+def staging_warning(cfg: RunConfig, config_path: str | None) -> str | None:
+    """Where jobs run offline and the shared cache lacks what the run needs: the warning that says how to stage it."""
+    missing = hub.missing_from_cache(cfg) if cfg.cache.offline_jobs else []
+    if not missing:
+        return None
+    return (f"warning: jobs run offline, and the Hugging Face cache at {hub.hf_home(cfg)} lacks {', '.join(missing)}: "
+            f"run `{hub.stage_command(config_path)}` on a node with internet first, or the job will stop at once")

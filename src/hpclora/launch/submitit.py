@@ -1,4 +1,4 @@
-"""The submitit launcher: the same job (job.py) and resources through submitit's AutoExecutor.
+"""The submitit launcher: the same job (command.py) and resources through submitit's AutoExecutor.
 
 `cluster` picks submitit's backend: None (auto: Slurm when `srun` is on PATH), `slurm`, `local`
 (a child process on this machine) or `debug` (in this process). Its files (pickled call, sbatch
@@ -64,39 +64,43 @@ def executor(cfg: RunConfig, folder: Path, cluster: str | None, array_parallelis
     return ex
 
 
+# After the job script has requeued the job, Slurm ends this attempt (TERM, then KILL after KillWait): wait for it.
+REQUEUE_WAIT_S = 600
+
+
 class ResumableTraining:
-    """submitit's payload: job.py's training command, with submitit's checkpoint protocol.
+    """submitit's payload: the run's own job script, as command.run_job runs it in the job step, with its stop
+    and requeue protocol (protocol.py): a stop signal (submitit asks Slurm for USR2 before the time limit,
+    preemption and scancel send TERM) makes training checkpoint; the script then requeues the job unless it was
+    cancelled or is out of requeues, and the requeued job calls this again, which resumes from the checkpoint.
 
-    Several ranks: submitit starts one task per node (tasks_per_node=1), and each runs torchrun for the
-    node's ranks, as the sbatch script does, rather than one submitit task per GPU: so the ranks are
-    started, signalled and rendezvous the same way whichever launcher submitted the job.
-
-    Before a time limit or on preemption submitit signals USR2. Training (a child process, which gets the
-    signal from Slurm and from here) saves a checkpoint at the next step boundary and exits with 75; then
-    submitit's own handler is called, which asks `checkpoint()` for the call to make after the requeue
-    (the same one: training resumes from its newest checkpoint), requeues the job and exits.
+    Several ranks: submitit starts one task per node (tasks_per_node=1), and each runs torchrun for the node's
+    ranks, as the sbatch script does, rather than one submitit task per GPU: so the ranks are started,
+    signalled and meet the same way whichever launcher submitted the job.
     """
 
     def __call__(self, run_dir: str) -> dict:
         import json
-        import signal
+        import time
 
-        from ..job.preempt import CHECKPOINTED_EXIT
+        from ..stops import CHECKPOINTED_EXIT
         from .command import run_job
-        from .slurm import own_job_cancelled
 
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
         code = run_job(run_dir)
-        if code == CHECKPOINTED_EXIT and own_job_cancelled():  # scancel: stay cancelled
-            raise RuntimeError(f"job cancelled; training in {run_dir} saved a checkpoint: submit again to resume")
-        if code == CHECKPOINTED_EXIT and callable(submitit_handler):
-            submitit_handler(signal.SIGUSR2, None)  # the first task requeues and exits; not installed by the debug executor
-            return {"checkpointed": run_dir}  # another node's task: the requeue ends it
-        if code != 0:
-            raise RuntimeError(f"training in {run_dir} exited with code {code}; its log above says why")
-        return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+        summary = Path(run_dir) / "summary.json"
+        if code == 0 and (Path(run_dir) / "adapter").is_dir() and summary.is_file():
+            return json.loads(summary.read_text(encoding="utf-8"))
+        if code == 0:  # requeued by the script (or another node's task, whose task 0 decides): Slurm ends this attempt
+            time.sleep(REQUEUE_WAIT_S)
+            raise RuntimeError(f"training in {run_dir} checkpointed and the job was requeued, but Slurm did not end this attempt")
+        if code == CHECKPOINTED_EXIT:
+            raise RuntimeError(f"training in {run_dir} saved a checkpoint and the job was not requeued (cancelled, out of "
+                               "requeues, or not under Slurm: its log says which): submit it again to resume")
+        raise RuntimeError(f"training in {run_dir} exited with code {code}; its log above says why")
 
     def checkpoint(self, run_dir: str):
+        """submitit's own requeue protocol, for a USR2 that arrives before __call__ runs the job script: the same call
+        again after the requeue."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, run_dir)

@@ -242,3 +242,71 @@ def follow(path: Path, job_id: str | None, poll_s: float = 1.0, out=sys.stdout) 
             if finished:
                 continue  # one more read picks up the job's last lines
         time.sleep(poll_s)
+
+
+def job_states(target: str) -> dict[str, str]:
+    """The state of each job or array task of a target by id (by run directory for an in-process run), from Slurm,
+    or from the run directories where Slurm has forgotten."""
+    found = resolve(target)
+    fill_states(found)
+    return {row.job_id or str(row.run_dir): row.state.split()[0] if row.state else "" for row in found.rows}
+
+
+def wait(target: str, poll_s: float = 5.0, timeout: float | None = None, say=None) -> dict[str, str]:
+    """Until every job of a target (a run or sweep directory, or a job id) has ended, requeues included; the final
+    state of each by job id (run directory for an in-process run). `say(states)` hears every change. The one wait
+    loop: `Submission.wait` and `hpclora probe` use it. Raises TimeoutError after `timeout` s."""
+    deadline = None if timeout is None else time.time() + timeout
+    last = None
+    while True:
+        states = job_states(target)
+        if say is not None and states != last:
+            say(states)
+            last = states
+        if states and all(s in slurm.FINAL_STATES or s == "finished" for s in states.values()):
+            return states
+        if deadline is not None and time.time() > deadline:
+            raise TimeoutError(f"{target}: still running after {timeout} s: {states}")
+        time.sleep(poll_s)
+
+
+def status_text(target: str | None) -> str:
+    """`hpclora status [TARGET]`."""
+    found = resolve(target)
+    fill_states(found)
+    require_known(found)
+    return format_status(found)
+
+
+def states_by_run_dir(target: str) -> dict[str, str]:
+    """Each run directory's job state (a sweep's trials), for `hpclora report`."""
+    found = resolve(target)
+    fill_states(found)
+    return {row.run_dir: row.state for row in found.rows}
+
+
+def show_log(job: str, follow_it: bool, out=sys.stdout) -> None:
+    """`hpclora logs JOB [-f]`: the job's log, and with `follow_it` what is appended until the job leaves the queue."""
+    row, path = find_log(job)
+    if follow_it:
+        follow(path, row.job_id, out=out)
+        return
+    try:
+        out.write(path.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: the log does not exist yet (a pending job has not started); try again with -f to wait for it") from None
+
+
+def cancel(target: str) -> list[str]:
+    """`hpclora cancel TARGET`: scancel every job of a target that has not ended; what was done, in words."""
+    found = resolve(target)
+    ids = cancel_ids(found)
+    if not ids:
+        raise UserError(f"{target}: no Slurm job to cancel (it ran in-process)")
+    fill_states(found)
+    require_known(found)
+    if ended(found):
+        return [f"{target}: already ended ({', '.join(sorted({r.state for r in found.rows}))}): nothing to cancel"]
+    for job_id in ids:
+        slurm.cancel(job_id)
+    return [f"cancelled {job_id}" for job_id in ids]

@@ -1,11 +1,7 @@
-"""What this user knows about their cluster beyond the planner's built-in table, in two per-user files:
-
-- calibration.json: what `hpclora probe` jobs measured, per GPU type (or CPU) and model, which `hpclora plan`,
-  `slurm.time: auto` and `hpclora doctor` read, so that their speed (and, for the same settings, memory) comes
-  from this cluster rather than from the built-in estimate;
-- gpus.json, written by hand: GPU types the planner does not know, e.g.
-  {"a6000-48gb": {"sinfo_types": ["rtx_a6000"], "memory_gb": 48, "bf16": true, "tflops": 155}}
-  (tflops: the data sheet's dense fp16/bf16 peak), which `--gpu`, slurm.gpu_type and doctor then know.
+"""What `hpclora probe` jobs measured on this user's cluster, per GPU type (or CPU) and model, in the per-user
+calibration.json, which `hpclora plan`, `slurm.time: auto` and `hpclora doctor` read, so that their speed (and,
+for the same settings, memory) comes from this cluster rather than from the built-in estimate. (GPU types the
+planner does not know are the user's gpus.json: catalog/devices.py.)
 
 Speed is kept as the ratio of measured to planned tokens/s: the planner's estimate for another sequence
 length, batch or core count is multiplied by it. Memory is taken as measured only for the same memory
@@ -18,12 +14,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..launch.registry import state_dir
+from ..catalog.state import state_dir
+from ..config import world_size
 from ..rundir import write_json
 
 CALIBRATION_FILE = "calibration.json"
-GPUS_FILE = "gpus.json"
-GPU_EXAMPLE = '{"a6000-48gb": {"sinfo_types": ["rtx_a6000"], "memory_gb": 48, "bf16": true, "tflops": 155}}'
 
 
 @dataclass
@@ -78,29 +73,6 @@ def record(m: Measurement) -> Path:
     return path()
 
 
-def user_gpus() -> dict[str, dict]:
-    """The user's GPU types from gpus.json by planner name: memory_gb, bf16, tflops, context_gb and the sinfo
-    types that mean it; {} without the file. A malformed file is a user error naming the entry."""
-    from ..errors import UserError
-
-    file = state_dir() / GPUS_FILE
-    if not file.is_file():
-        return {}
-    try:
-        rows = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{file}: not JSON ({exc}); an example: {GPU_EXAMPLE}") from None
-    found = {}
-    for name, row in rows.items() if isinstance(rows, dict) else []:
-        try:
-            found[name.lower()] = {"memory_gb": float(row["memory_gb"]), "bf16": bool(row["bf16"]), "tflops": float(row["tflops"]),
-                                   "context_gb": float(row.get("context_gb", 0.6)),
-                                   "sinfo_types": [t.lower() for t in row.get("sinfo_types", [])]}
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{file}: entry '{name}' needs memory_gb, bf16 and tflops (and may list sinfo_types); an example: {GPU_EXAMPLE}") from None
-    return found
-
-
 def memory_settings(cfg, checkpointing: bool, checkpointed_layers: int | None) -> dict:
     """The settings a peak memory depends on, beyond the device and model (checkpointing as the plan resolved it)."""
     return {
@@ -108,5 +80,5 @@ def memory_settings(cfg, checkpointing: bool, checkpointed_layers: int | None) -
         "target_modules": cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else list(cfg.lora.target_modules),
         "quant_bits": cfg.quant.bits, "precision": cfg.train.precision, "optimizer": cfg.train.optimizer,
         "gradient_checkpointing": checkpointing, "checkpointed_layers": checkpointed_layers,
-        "ranks": cfg.slurm.nodes * (cfg.slurm.gpus or cfg.train.cpu_ranks),
+        "ranks": world_size(cfg),
     }

@@ -12,9 +12,11 @@ Hub datasets are read in the job (or by `hpclora stage`), so they are not checke
 
 from __future__ import annotations
 
-from ..config import RunConfig
-from ..errors import ConfigError, UserError
+from ..catalog.dims import find_dims
 from ..catalog.hub import local_data_path
+from ..config import RunConfig
+from ..data import check_rows
+from ..errors import ConfigError, UserError
 
 _checked: dict[tuple, dict] = {}  # data file version and reading settings -> what check_rows found
 
@@ -27,8 +29,6 @@ def check(cfg: RunConfig, data: bool = True) -> dict | None:
 
 
 def check_context(cfg: RunConfig) -> None:
-    from . import find_dims
-
     try:
         dims, source = find_dims(cfg)
     except UserError:  # dimensions unknown on this node: `plan` says so; the job checks when it loads the model
@@ -40,8 +40,6 @@ def check_context(cfg: RunConfig) -> None:
 
 
 def check_data(cfg: RunConfig) -> dict | None:
-    from ..data import check_rows
-
     path = local_data_path(cfg.data.path)
     if path is None or not path.is_file():  # a hub id, or a missing file (which the config check reports)
         return None

@@ -16,7 +16,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from ..errors import UserError
-from .generate import Sampling, answer, side_by_side, whole_characters
+from .generate import Sampling, answer, whole_characters
+from .text import side_by_side
 
 HELP = ("/reset: start a new conversation | /compare: base and adapter answers to the last prompt | "
         "/sample [temperature=T top_p=P top_k=K max_new_tokens=N repetition_penalty=R seed=S | greedy]: decoding | "

@@ -109,3 +109,14 @@ def eval_markdown(name: str, r: dict) -> str:
                   "| reference | base model | with adapter |", "|---|---|---|",
                   f"| {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapter'])} |", ""]
     return "\n".join(lines)
+
+
+def describe_evaluation(result: dict, run_dir) -> str:
+    """What `hpclora eval` prints: the held-out rows, both losses and the verdict, and where the details went."""
+    base, adapter = result["base"], result["adapter"]
+    return "\n".join([
+        f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)",
+        f"loss base {base['loss']:.4f} (ppl {base['perplexity']:.2f}) -> adapter {adapter['loss']:.4f} (ppl {adapter['perplexity']:.2f}), "
+        f"{result['loss_change']:+.4f}: {verdict(base['loss'], adapter['loss'])}",
+        f"wrote {Path(run_dir) / 'eval.json'} and eval.md ({len(result['samples'])} answers side by side)",
+    ])

@@ -6,12 +6,12 @@ is loaded; base answers come from the same model with the adapter switched off.
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_run_config
 from ..errors import UserError
+from .text import side_by_side
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Sampling:
 def load_model(cfg):
     """(base model ready to generate, tokenizer) of a config's model.name, in the precision this device suits."""
     from ..job.model import load_base, load_tokenizer
-    from ..catalog.precision import choose_precision, detect_device
+    from ..catalog.precision import choose_precision
+    from ..job.resolve import detect_device
 
     device, bf16_ok = detect_device()
     precision, _ = choose_precision("auto" if cfg.train.precision != "fp32" else "fp32", device, bf16_ok)
@@ -133,64 +134,14 @@ def generate(run_dir, prompts: list[str], sampling: Sampling, mode: str = "adapt
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Side-by-side text, aware of wide (CJK) characters
-
-
-def display_width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def wrap(text: str, width: int) -> list[str]:
-    lines = []
-    for paragraph in text.splitlines() or [""]:
-        line, used = "", 0
-        for word in _breakable(paragraph):
-            w = display_width(word)
-            if used + w > width and line:
-                lines.append(line.rstrip())
-                line, used = word.lstrip(), display_width(word.lstrip())
-            else:
-                line, used = line + word, used + w
-            while used > width:  # a single word wider than the column
-                cut, acc = 0, 0
-                while cut < len(line) and acc + display_width(line[cut]) <= width:
-                    acc += display_width(line[cut])
-                    cut += 1
-                lines.append(line[:cut])
-                line = line[cut:]
-                used = display_width(line)
-        lines.append(line.rstrip())
-    return lines
-
-
-def _breakable(paragraph: str) -> list[str]:
-    """Words with their leading space; each wide character is its own unit (CJK has no spaces)."""
-    units, current = [], ""
-    for ch in paragraph:
-        if unicodedata.east_asian_width(ch) in "WF":
-            if current:
-                units.append(current)
-            units.append(ch)
-            current = ""
-        elif ch == " " and current.strip():
-            units.append(current)
-            current = ch
-        else:
-            current += ch
-    if current:
-        units.append(current)
-    return units
-
-
-def side_by_side(left_title: str, left: str, right_title: str, right: str, total_width: int = 100) -> str:
-    col = max(20, (total_width - 3) // 2)
-    a, b = wrap(left, col), wrap(right, col)
-    rows = [_pad(left_title, col) + " | " + right_title, "-" * col + "-+-" + "-" * col]
-    for i in range(max(len(a), len(b))):
-        rows.append(_pad(a[i] if i < len(a) else "", col) + " | " + (b[i] if i < len(b) else ""))
-    return "\n".join(r.rstrip() for r in rows)
-
-
-def _pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - display_width(text))
+def generate_command(run_dir, prompts: list[str], sampling: Sampling, compare: bool, no_adapter: bool, width: int) -> int:
+    """`hpclora generate RUN_DIR --prompt ...`: each prompt and its answers (both, side by side, with --compare)."""
+    if not prompts:
+        raise UserError("generate: give at least one --prompt TEXT")
+    if compare and no_adapter:
+        raise UserError("generate: --compare and --no-adapter exclude each other")
+    mode = "compare" if compare else "base" if no_adapter else "adapter"
+    for row in generate(run_dir, prompts, sampling, mode):
+        print(f"\n>>> {row['prompt']}")
+        print(side_by_side("base model", row["base"], "with adapter", row["adapter"], width) if mode == "compare" else row[mode])
+    return 0

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..rundir import staged
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -54,17 +53,10 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
         raise UserError(f"--dtype {dtype}: weights overflow in {', '.join(overflow[:3])}; use --dtype bf16 or fp32. Nothing was written")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged(target) as staging:  # an existing target is empty (checked above)
         merged.save_pretrained(staging, safe_serialization=True)
         load_tokenizer(cfg.model).save_pretrained(staging)
         (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")
-        if target.is_dir():
-            target.rmdir()  # empty (checked above)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -5,10 +5,9 @@ and which of the planner's GPU names each `sinfo` type means. No torch: `hpclora
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 
+from ..catalog.node import run
 from ..config.slurm_syntax import slurm_seconds
 
 # Planner GPU families by how sinfo types usually spell them (`v100`, `tesla_v100-sxm2-32gb`, `a100_80g`, `nvidia_h100_80gb_hbm3`).
@@ -101,16 +100,6 @@ def planner_names(gres_type: str | None, devices: dict, aliases: dict[str, str] 
         if exact:
             return exact
     return sizes
-
-
-def run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
-    """A command's result, or None where it is not installed or does not answer in time."""
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (subprocess.TimeoutExpired, OSError):
-        return None
 
 
 def version() -> str | None:

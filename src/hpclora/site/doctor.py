@@ -18,7 +18,7 @@ from pathlib import Path
 from . import cluster, storage
 from ..catalog import node
 from ..errors import UserError
-from ..config.slurm_syntax import slurm_mem_gb, slurm_seconds, slurm_time
+from ..config.slurm_syntax import slurm_mem_mib, slurm_seconds, slurm_time
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_SPACE_GB = {"cache.hf_home": 30.0, "run.output_root": 5.0, "slurm.log_dir": 1.0}  # a 7B model in fp16 is 14 GB
@@ -89,7 +89,7 @@ def load_config(report: Report, path: str | None, overrides: list[str]):
 
 
 def check_slurm(report: Report) -> list[cluster.Partition] | None:
-    from ..plan import gpu_aliases, gpus_file, known_devices
+    from ..catalog.devices import gpu_aliases, gpus_file, known_devices
 
     devices, aliases = known_devices(), gpu_aliases()
 
@@ -104,7 +104,7 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
         gpus = ", ".join(describe_gpu(g, devices, aliases) for g in p.gpus) or "no GPUs"
         limit = "no time limit" if p.time_limit_s is None else f"time limit {p.time_limit}"
         line = (f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s) of {p.cpus} CPUs and "
-                f"{p.memory_mb / 1000:.0f} GB, {gpus}, {limit}")
+                f"{p.memory_mb / 1024:.1f}G of memory, {gpus}, {limit}")
         unknown = [g.type or "(untyped)" for g in p.gpus if not cluster.planner_names(g.type, devices, aliases)]
         if not p.available:
             report.add(WARN, "slurm.partition", line + ", down", "jobs there wait until an admin brings it up")
@@ -142,7 +142,7 @@ def choose_partition(report: Report, parts, wanted: str | None):
 
 def planner_device(cfg, part) -> str | None:
     """The planner's GPU for this run on this partition: slurm.gpu_type, else the partition's (smallest) type."""
-    from ..plan import gpu_aliases, known_devices
+    from ..catalog.devices import gpu_aliases, known_devices
 
     if cfg.slurm.gpus == 0:
         return "cpu"
@@ -214,8 +214,9 @@ def check_resources(report: Report, cfg, part, p, parts) -> None:
             report.add(OK, "slurm.gpus", f"{s.gpus} x {offered[0].type or 'gpu'} per node: {name} has {offered[0].count}")
     if part.cpus and s.cpus_per_task > part.cpus:
         report.add(FAIL, "slurm.cpus_per_task", f"{s.cpus_per_task} asked; {name}'s nodes have {part.cpus}", f"slurm.cpus_per_task={part.cpus}")
-    if part.memory_mb and slurm_mem_gb(s.mem) * 1000 > part.memory_mb:
-        report.add(FAIL, "slurm.mem", f"{s.mem} asked; {name}'s nodes have {part.memory_mb / 1000:.0f} GB", f"slurm.mem={part.memory_mb // 1000}G")
+    if part.memory_mb and slurm_mem_mib(s.mem) > part.memory_mb:  # both in Slurm's MiB
+        report.add(FAIL, "slurm.mem", f"{s.mem} asked; {name}'s nodes have {part.memory_mb}M ({part.memory_mb / 1024:.1f}G)",
+                   f"slurm.mem={part.memory_mb}M")
     limit = part.time_limit_s
     asked = slurm_seconds(s.time) if s.time != "auto" else None
     if limit is not None and asked is not None and asked > limit:
@@ -236,7 +237,7 @@ def check_resources(report: Report, cfg, part, p, parts) -> None:
 
 
 def check_container(report: Report, cfg) -> None:
-    from ..launch.container import find_runtime
+    from ..catalog.node import find_runtime
 
     image = cfg.container.image if cfg else None
     runtime = find_runtime(cfg.container.runtime if cfg else "auto")
@@ -312,7 +313,7 @@ def probe_compute_node(report: Report, cfg, part) -> None:
         kind = cfg.slurm.gpu_type if cfg and cfg.slurm.gpu_type else part.gpus[0].type
         argv.append(f"--gres=gpu:{kind + ':' if kind else ''}1")
     argv += [sys.executable, "-m", "hpclora.catalog.node"]
-    done = cluster.run(argv, timeout=600)
+    done = node.run(argv, timeout=600)
     try:
         facts = json.loads(done.stdout.strip().splitlines()[-1]) if done and done.returncode == 0 else None
     except (json.JSONDecodeError, IndexError):

@@ -9,13 +9,16 @@ holds tokens/s and peak memory. The login node waits for it, compares both with 
 
 from __future__ import annotations
 
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
+from ..catalog.devices import gpu_aliases, gpus_file, known_devices
+from ..config import load, load_run_config
 from ..errors import UserError
-from ..rundir import PROBE_FILE, read_json
+from ..plan import calibration, make_plan
+from ..rundir import CONFIG_FILE, JOB_FILE, PROBE_FILE, read_json
+from .cluster import planner_names
 
 DEFAULT_STEPS = 30
 
@@ -28,85 +31,56 @@ def probe_overrides(steps: int) -> list[str]:
     return [f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0", "data.val_size=0", "run.probe=true"]
 
 
-def node_report(device: str) -> dict:
-    """Inside the probe job: the node's accelerator as torch sees it, the driver, and the hub. Imports torch."""
-    import torch
+def run_probe(config_path: str, overrides: list[str], steps: int, launcher_name: str, force: bool, wait: bool, say=print) -> int:
+    """`hpclora probe CONFIG`: submit the probe run (or run it here with the local launcher), wait for it unless not
+    `wait`, and record what it measured. Returns the exit code for the command line."""
+    from ..launch import launchers, submit, watch
 
-    from ..catalog import node
-
-    found = node.facts(network=True)
-    found["torch"], found["torch_cuda"] = torch.__version__, torch.version.cuda
-    found["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    found["cpu"] = cpu_model()
-    if device == "cuda":
-        major, minor = torch.cuda.get_device_capability(0)
-        built = torch.cuda.get_arch_list()
-        found.update({
-            "gpu": torch.cuda.get_device_name(0), "capability": f"{major}.{minor}", "torch_arch_list": built,
-            "kernels_for_gpu": has_kernels(built, major, minor),
-            "bf16": bool(torch.cuda.is_bf16_supported(including_emulation=False)),
-            "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
-        })
-    return found
-
-
-def has_kernels(arch_list: list[str], major: int, minor: int) -> bool:
-    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) runs on a GPU of this capability: its
-    own sm_XY, an sm_XZ of the same major version below it (binary compatible), or PTX (compute_XY) of an
-    older one, which the driver compiles. A V100 (7.0) has none in builds for sm_75 and up only."""
-    want = major * 10 + minor
-    for arch in arch_list:
-        kind, _, number = arch.partition("_")
-        if not number.rstrip("a").isdigit():
-            continue
-        version, specific = int(number.rstrip("a")), number.endswith("a")  # sm_90a: for 9.0 only
-        if kind == "sm" and (version == want or not specific and version // 10 == major and version <= want):
-            return True
-        if kind == "compute" and version <= want:
-            return True
-    return False
+    cfg = load(config_path, [*overrides, *probe_overrides(steps)])
+    cfg.run.name = f"{cfg.run.name}-probe"
+    job = submit.prepare_job(cfg, force)
+    for line in job.plan_lines:
+        print(line, file=sys.stderr)
+    entry, code = submit.launch(job, launchers.launcher(launcher_name))
+    say(submit.describe_launched(entry, job))
+    job_id = entry["job_id"]
+    if job_id is None and code != 0:
+        return code
+    if job_id is not None:
+        if not wait:
+            say(f"when it has ended: hpclora probe --read {job.directory}")
+            return 0
+        states = watch.wait(str(job.directory), say=lambda s: say(f"job {job_id}: {', '.join(sorted(set(s.values())))}"))
+        if set(states.values()) != {"COMPLETED"}:
+            raise UserError(f"probe job {job_id} ended {', '.join(sorted(set(states.values())))}: its log says why (`hpclora logs {job_id}`)")
+    report(job.directory, job_id, say)
+    return 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def read_probe(run_dir: str, say=print) -> int:
+    """`hpclora probe --read RUN_DIR`: record a probe run that has ended."""
+    record_file = read_json(Path(run_dir) / JOB_FILE) or {}
+    report(Path(run_dir), record_file.get("job_id"), say)
+    return 0
 
 
-def wait(job_id: str, run_dir: Path, say=print, poll_s: float = 5.0) -> str:
-    """Until the job has ended; its final state. Prints each change of state."""
-    from ..launch import slurm
-
-    last = None
-    while True:
-        states, _ = slurm.job_states([job_id])
-        state = states.get(job_id)
-        now = state.state if state else "PENDING"
-        if now != last:
-            say(f"job {job_id}: {now}" + (f" ({state.reason})" if state and state.reason else ""))
-            last = now
-        if state and state.finished:
-            return now
-        time.sleep(poll_s)
+def report(run_dir: Path, job_id: str | None, say) -> None:
+    measurement, facts = record(run_dir, job_id)
+    for line in describe(measurement, facts):
+        say(line)
+    say(f"kept in {calibration.path()}: `hpclora plan` and slurm.time: auto now use it for {measurement.model} on {measurement.device}")
 
 
 def record(run_dir: Path, job_id: str | None):
     """Compare what the probe run measured with the plan for its own config on its device, keep it, and
     return the measurement. Raises a UserError naming the log when the run did not finish."""
-    from ..plan import calibration
-    from .. import config, plan
-
     summary, facts = read_json(run_dir / "summary.json"), read_json(run_dir / PROBE_FILE)
     if summary is None or facts is None:
         raise UserError(f"{run_dir}: the probe run has no {'summary.json' if facts else PROBE_FILE}: it did not finish; "
                         f"its log says why (`hpclora logs {job_id or run_dir}`)")
-    cfg = config.load(run_dir / "config.yaml", check_files=False)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
     device = device_name(cfg, facts)
-    planned = plan.make_plan(cfg, device)  # the built-in estimate, uncalibrated
+    planned = make_plan(cfg, device)  # the built-in estimate, uncalibrated
     measurement = calibration.Measurement(
         device=device, model=cfg.model.name, job_id=job_id, measured_on=time.strftime("%Y-%m-%d"), node=facts["host"],
         gpu=facts.get("gpu") or facts.get("cpu", ""), tokens_per_s=summary["tokens_per_s"], planned_tokens_per_s=planned.tokens_per_s,
@@ -119,9 +93,6 @@ def record(run_dir: Path, job_id: str | None):
 
 def device_name(cfg, facts: dict) -> str:
     """The planner's name for the probed device: cpu, or the card that nvidia named (family and memory)."""
-    from .cluster import planner_names
-    from ..plan import gpu_aliases, gpus_file, known_devices
-
     if cfg.slurm.gpus == 0 or "gpu" not in facts:
         return "cpu"
     devices = known_devices()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..rundir import sha256_file
-from ..catalog.hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches
+from ..catalog.hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches, use_cache
 
 
 def _ask_hub(call, what: str):
@@ -73,7 +73,7 @@ def stage(cfg, config_path: str | None) -> dict:
         manifest["dataset"] = {"id": dataset, "split": cfg.data.split, "commit": info.sha}
 
     from ..data import default_cache_dir, prepare
-    from ..job.model import load_tokenizer
+    from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)  # reads the dataset (hub: into the cache) and tokenizes it
@@ -91,3 +91,19 @@ def stage(cfg, config_path: str | None) -> dict:
     out.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     manifest["manifest"] = str(out)
     return manifest
+
+
+def stage_command(config_path: str, overrides: list[str]) -> str:
+    """`hpclora stage CONFIG`: fill the shared cache, and say what is there now."""
+    from .. import config
+    from .quiet import quiet_libraries
+
+    cfg = config.load(config_path, overrides)
+    use_cache(cfg)  # before any hub library is imported
+    quiet_libraries()
+    manifest = stage(cfg, config_path)
+    lines = [f"{part}: {manifest[part]['id']} at commit {manifest[part]['commit']}" for part in ("model", "dataset") if part in manifest]
+    tokenized = manifest["tokenized"]
+    lines += [f"tokenized data: {tokenized['cache_dir']} ({tokenized.get('train_examples', 0)} train examples)",
+              f"manifest: {manifest['manifest']}", f"jobs with HF_HOME={manifest['hf_home']} (cache.hf_home) can now run offline"]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""GPU types the planner knows: the built-in table of data-sheet numbers, and the user's own types in gpus.json
+(written by hand, per user), e.g.
+  {"a6000-48gb": {"sinfo_types": ["rtx_a6000"], "memory_gb": 48, "bf16": true, "tflops": 155}}
+(tflops: the data sheet's dense fp16/bf16 peak), which `--gpu`, slurm.gpu_type, doctor and probe then know.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .state import state_dir
+
+GPUS_FILE = "gpus.json"
+GPU_EXAMPLE = '{"a6000-48gb": {"sinfo_types": ["rtx_a6000"], "memory_gb": 48, "bf16": true, "tflops": 155}}'
+
+
+def user_gpus() -> dict[str, dict]:
+    """The user's GPU types from gpus.json by planner name: memory_gb, bf16, tflops, context_gb and the sinfo
+    types that mean it; {} without the file. A malformed file is a user error naming the entry."""
+    file = state_dir() / GPUS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{file}: not JSON ({exc}); an example: {GPU_EXAMPLE}") from None
+    found = {}
+    for name, row in rows.items() if isinstance(rows, dict) else []:
+        try:
+            found[name.lower()] = {"memory_gb": float(row["memory_gb"]), "bf16": bool(row["bf16"]), "tflops": float(row["tflops"]),
+                                   "context_gb": float(row.get("context_gb", 0.6)),
+                                   "sinfo_types": [t.lower() for t in row.get("sinfo_types", [])]}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{file}: entry '{name}' needs memory_gb, bf16 and tflops (and may list sinfo_types); an example: {GPU_EXAMPLE}") from None
+    return found
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float  # what the job can use
+    bf16: bool
+    tflops: float  # dense fp16/bf16 tensor-core peak (fp32 for cpu), from vendor data sheets
+    context_gb: float  # CUDA context + cuBLAS/cuDNN workspaces
+
+
+# Peak dense half-precision throughput per data sheet; `cpu` is this project's reference machine (2 cores,
+# fp32 measured at 184 GFLOP/s).
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("v100-16gb", 16.0, False, 125.0, 0.6),
+        Device("v100-32gb", 32.0, False, 125.0, 0.6),
+        Device("t4-16gb", 15.0, False, 65.0, 0.5),
+        Device("a100-40gb", 40.0, True, 312.0, 0.7),
+        Device("a100-80gb", 80.0, True, 312.0, 0.7),
+        Device("h100-80gb", 80.0, True, 989.0, 0.8),
+        Device("l4-24gb", 22.5, True, 121.0, 0.5),
+        Device("rtx3060-12gb", 12.0, True, 51.0, 0.5),
+        Device("cpu", 0.0, False, 0.184, 0.0),
+    )
+}
+
+
+def known_devices() -> dict[str, Device]:
+    """The built-in GPU table and the user's own GPU types (gpus.json)."""
+    user = {n: Device(n, g["memory_gb"], g["bf16"], g["tflops"], g["context_gb"]) for n, g in user_gpus().items()}
+    return {**DEVICES, **user}
+
+
+def gpu_aliases() -> dict[str, str]:
+    """sinfo GPU types (lower case) that name one of the user's GPU types."""
+    return {t: name for name, g in user_gpus().items() for t in g["sinfo_types"]}
+
+
+def gpus_file() -> str:
+    return f"{state_dir() / GPUS_FILE} (e.g. {GPU_EXAMPLE})"

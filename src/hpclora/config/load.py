@@ -1,0 +1,304 @@
+"""Loading a config: dataclass defaults <- YAML <- `key=value` overrides, checked, as plain dataclasses.
+
+OmegaConf does the parsing and type coercion; this module walks the user's values against the schema itself
+so that *every* problem is collected and reported with its full key path, instead of stopping at the first one.
+Only plain dataclasses leave it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, UserError
+from .rules import check_values
+from .schema import REQUIRED, SECTIONS, RunConfig
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """The resolved config.yaml of a run directory. Its data file may since have moved: not checked."""
+    return load(path, check_files=False)
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> RunConfig:
+    """Read a YAML config, apply `key=value` overrides, check everything, and return plain dataclasses.
+
+    Relative `data.path` values are looked up in the working directory, then next to the config file;
+    paths are made absolute so that a job never depends on where it was started.
+    Raises ConfigError listing every problem.
+    """
+    problems: list[tuple[str, str]] = []
+    raw = _read_yaml(path) if path is not None else {}
+    raw = _deep_merge(raw, _parse_overrides(overrides, problems))
+    known = _drop_mistyped(_drop_unknown(raw, problems), problems)
+    cfg, missing = _to_dataclasses(_literal(known))
+    problems.extend((key, "required, but not set") for key in missing)
+    _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
+    reported = {key for key, _ in problems}
+    for key, message in check_values(cfg, check_files):  # one problem per key: the first is the one to fix
+        if key not in reported:
+            problems.append((key, message))
+            reported.add(key)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        configs = sorted(f.name for f in p.glob("*.yaml"))[:5]
+        hint = f" such as {p / configs[0]}" if configs else ""
+        raise UserError(f"{p}: is a directory; give a config file{hint} (`hpclora status` and `report` take run directories)")
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    stat = p.stat()
+    return copy.deepcopy(_parse_yaml(str(p.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
+    """Parsed once per file version: a sweep loads the same YAML for every trial."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8") from None
+    except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:4])}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: a config must be a mapping of sections (run:, model:, data:, ...)")
+    return loaded
+
+
+KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _parse_overrides(overrides, problems: list[tuple[str, str]]) -> dict:
+    """`section.key=value` items as one nested mapping; each item that cannot be read is a problem of its own."""
+    from omegaconf import OmegaConf
+
+    parsed: dict = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append((item, "an override must look like section.key=value"))
+        elif "\n" in item or "\r" in item:
+            problems.append((key, "an override is one line, but this one holds a line break: give each value on one line"))
+        elif not KEY_PATH.match(key):
+            problems.append((key, "not a key path such as lora.r (names of letters, digits and _, joined by dots)"))
+        else:
+            try:
+                parsed = _deep_merge(parsed, OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False))
+            except Exception as exc:
+                problems.append((key, f"cannot read the value {value!r} ({_parser_reason(exc)}); put it in quotes: {key}='{value}'"))
+    return parsed
+
+
+def _parser_reason(exc: Exception) -> str:
+    """The YAML scanner's own reason (`found character '`' that cannot start any token`), without its context."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("found ") or line.startswith("expected ")]
+    return (reasons or lines or [type(exc).__name__])[0]
+
+
+def _literal(value: Any) -> Any:
+    """Escape OmegaConf's `${...}` interpolation: values are literal text, so that shell lines such as
+    `slurm.setup: ['export X=${SLURM_CPUS_PER_TASK}']` and paths reach the job exactly as written."""
+    if isinstance(value, str):
+        # OmegaConf reads `\${` as a literal `${`, and backslashes right before it as escapes of each other.
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _all_key_paths() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
+    """` (did you mean 'lora.r'?)` for the nearest known key, or nothing when none is close."""
+    # A key put in the wrong section: `train.max_length` -> `data.max_length`.
+    elsewhere = [p for p in _all_key_paths() if p.split(".")[1] == key]
+    if elsewhere and prefix:
+        return f" (did you mean '{elsewhere[0]}'?)"
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not near:
+        # Short keys score low with difflib (`rnak` vs `r`): fall back to a shared first letter.
+        near = [c for c in candidates if len(c) <= 2 and key.startswith(c)]
+    return f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+
+
+def _drop_unknown(raw: dict, problems: list[tuple[str, str]]) -> dict:
+    """Keep the known sections and keys; record each unknown one with its full path and a suggestion."""
+    known: dict = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append((str(section), "unknown section" + _suggest(str(section), list(SECTIONS))))
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append((section, f"expected a mapping of keys, got {type(values).__name__} {values!r}"))
+            continue
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        known[section] = {}
+        for key, value in values.items():
+            if key in names:
+                known[section][key] = value
+            else:
+                problems.append((f"{section}.{key}", "unknown key" + _suggest(str(key), names, prefix=f"{section}.")))
+    return known
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether OmegaConf turns `value` into a `tp` the way a user means it (stricter than OmegaConf itself,
+    which reads 2 as true and lets [[1]] into a list of strings)."""
+    if tp is Any:
+        return True
+    if tp is bool:
+        return isinstance(value, bool) or isinstance(value, str) and value.strip().lower() in BOOL_WORDS
+    if isinstance(value, bool):
+        return False
+    if tp is int:
+        return isinstance(value, int) or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value) is not None
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return True
+        try:
+            float(value)
+            return isinstance(value, str)
+        except (TypeError, ValueError):
+            return False
+    if tp is str:
+        return isinstance(value, (str, int, float))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_fits(v, str) for v in value)
+    return False
+
+
+def _describe(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(tp) or (
+        "a list such as [a, b]" if typing.get_origin(tp) is list else "a mapping such as {name: value}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML: null, true, 'text', [..]."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _type_problems(key: str, value: Any, tp: Any) -> list[tuple[str, str]]:
+    """Why `value` cannot be the field `key` of type `tp`, in the user's words (never OmegaConf's)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        if value is None:
+            return []
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if value is None:
+        return [] if tp is Any else [(key, f"must be {_describe(tp)}, not null")]
+    if typing.get_origin(tp) is dict:  # name each entry: data.columns.instruction
+        if not isinstance(value, dict):
+            return [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
+        return [(f"{key}.{name}", f"expected text, got {_shown(v)}") for name, v in value.items()
+                if not isinstance(name, str) or not _fits(v, str)]
+    return [] if _fits(value, tp) else [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
+
+
+def _drop_mistyped(known: dict, problems: list[tuple[str, str]]) -> dict:
+    """Keep the values their fields can hold; record each other one with its key path."""
+    kept: dict = {}
+    for section, values in known.items():
+        kept[section] = {}
+        for key, value in values.items():
+            found = _type_problems(f"{section}.{key}", value, _field_types(section)[key])
+            if found:
+                problems.extend(found)
+            else:
+                kept[section][key] = value
+    return kept
+
+
+@functools.lru_cache(maxsize=None)
+def _schema():
+    """The OmegaConf schema of RunConfig, built once."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(RunConfig)
+
+
+def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
+    """The merged config, and the required keys nobody set (filled with "" so checks can go on)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(_schema(), cleaned)
+        missing = []
+        for section, cls in SECTIONS.items():
+            for f in dataclasses.fields(cls):
+                if OmegaConf.is_missing(merged[section], f.name):
+                    missing.append(f"{section}.{f.name}")
+                    merged[section][f.name] = ""
+        return OmegaConf.to_object(merged), missing
+    except OmegaConfBaseException as exc:  # a value _drop_mistyped let through: still the user's to fix
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError([(key, f"cannot be read: {str(exc).splitlines()[0]}")]) from None
+
+
+def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
+    cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    cfg.slurm.log_dir = str(Path(cfg.slurm.log_dir).expanduser().resolve())
+    if cfg.container.image:
+        cfg.container.image = str(Path(cfg.container.image).expanduser().resolve())
+    if cfg.cache.hf_home:
+        cfg.cache.hf_home = str(Path(cfg.cache.hf_home).expanduser().resolve())
+        if not cfg.data.cache_dir:  # tokenized data goes to the shared cache too, where `stage` puts it
+            cfg.data.cache_dir = str(Path(cfg.cache.hf_home) / "hpclora" / "tokenized")
+    data = Path(cfg.data.path).expanduser()
+    for candidate in (data, config_dir / data):
+        if candidate.exists():
+            cfg.data.path = str(candidate.resolve())
+            break
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)

@@ -1,0 +1,137 @@
+"""Value checks beyond the types: ranges, choices, and the combinations a config cannot hold, each reported with
+its key path. What the config alone can tell; what needs the model or the GPU is the planner's (plan/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from typing import Any
+
+from ..catalog.hub import local_data_path
+from ..catalog.models import packing_problem
+from ..catalog.precision import fsdp_problem
+from .schema import SECTIONS, RunConfig
+from .slurm_syntax import SLURM_MEM, SLURM_TIME, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem
+
+
+def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            problems.extend(_check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata))
+
+    if not cfg.run.name.strip():
+        problems.append(("run.name", "must not be empty"))
+    tm = cfg.lora.target_modules
+    if isinstance(tm, str):
+        if tm != "auto":
+            problems.append(("lora.target_modules", f"expected 'auto' or a list of module names, got {tm!r}"))
+    elif not (isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm)):
+        problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
+    if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
+        problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
+    if check_files and (data := local_data_path(cfg.data.path)) is not None and not data.exists():
+        problems.append(("data.path", f"file not found: {cfg.data.path}"))
+    if cfg.data.format == "text" and cfg.data.template != "none":
+        problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
+    if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length)) is not None:
+        problems.append(packing)
+    if cfg.quant.bits is None and (cfg.quant.type != "nf4" or cfg.quant.compute_dtype != "auto"):
+        problems.append(("quant.bits", "quant.type / quant.compute_dtype are set but quant.bits is null: set quant.bits=4 or 8"))
+    if cfg.quant.bits == 8 and cfg.quant.type != "nf4":
+        problems.append(("quant.type", "applies to 4-bit loading only; 8-bit has no data type to choose"))
+    if cfg.lora.use_dora and cfg.quant.bits == 8:
+        problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
+    problems.extend(check_slurm(cfg.slurm))
+    problems.extend(check_strategy(cfg))
+    if cfg.slurm.time != "auto" and SLURM_TIME.match(cfg.slurm.time):
+        grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
+        if grace:
+            problems.append(("train.preempt_grace_s", grace))
+    problems.extend(check_container(cfg.container))
+    return problems
+
+
+def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:
+    """What FSDP cannot do, known from the config alone (the GPU's bf16 is the planner's and the job's to check)."""
+    if cfg.train.distributed != "fsdp":
+        return []
+    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    problem = fsdp_problem(cfg.slurm.gpus > 0, precision, cfg.quant.bits, cfg.train.optimizer)
+    return [("train.distributed", problem)] if problem else []
+
+
+# Variables that hold credentials: they reach jobs through the environment, never through files.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
+    problems = []
+    if container.image is not None and not container.image.strip():
+        problems.append(("container.image", "must be a path to an image, or null"))
+    for i, bind in enumerate(container.binds):
+        if not bind.strip() or any(c in bind for c in "\n\r,"):
+            problems.append((f"container.binds[{i}]", f"expected one path or src:dst[:ro], got {bind!r}"))
+    for name, value in container.env.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(name)):
+            problems.append((f"container.env.{name}", "not a valid variable name"))
+        elif SECRET_NAME.search(str(name)):
+            problems.append((f"container.env.{name}", "looks like a secret: export it in your shell instead; jobs pass the environment on"))
+        elif any(c in str(value) for c in "\n\r"):
+            problems.append((f"container.env.{name}", "one line only"))
+    return problems
+
+
+def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
+    problems = []
+    if slurm.time != "auto" and not SLURM_TIME.match(slurm.time):
+        problems.append(("slurm.time", f"not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS): {slurm.time!r}"))
+    if not SLURM_MEM.match(slurm.mem):
+        problems.append(("slurm.mem", f"expected a size such as 32G or 64000M, got {slurm.mem!r}"))
+    for key, pattern in SLURM_WORDS.items():
+        value = getattr(slurm, key)
+        if value is not None and not pattern.match(value):
+            problems.append((f"slurm.{key}", f"unexpected characters in {value!r}"))
+    if any(c in slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
+        problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
+    if slurm.gpu_type and slurm.gpus == 0:
+        problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0"))
+    for i, line in enumerate(slurm.extra):
+        problem = sbatch_option_problem(line)
+        if problem:
+            problems.append((f"slurm.extra[{i}]", problem))
+    for i, line in enumerate(slurm.setup):
+        if "\n" in line or "\r" in line:
+            problems.append((f"slurm.setup[{i}]", "one shell line per item: split it into several items"))
+    return problems
+
+
+def _choice(value: Any) -> str:
+    """A choice as YAML spells it: null, true, auto."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(map(_choice, choices))
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return [(key, f"must be one of {shown}; got {value!r}{hint}")]
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    if not math.isfinite(value):
+        return [(key, f"must be a finite number, got {value}")]
+    if "min" in meta and value < meta["min"]:
+        return [(key, f"must be >= {meta['min']}, got {value}")]
+    if "max" in meta and value > meta["max"]:
+        return [(key, f"must be <= {meta['max']}, got {value}")]
+    if "gt" in meta and value <= meta["gt"]:
+        return [(key, f"must be > {meta['gt']}, got {value}")]
+    if "lt" in meta and value >= meta["lt"]:
+        return [(key, f"must be < {meta['lt']}, got {value}")]
+    return []

@@ -1,0 +1,72 @@
+"""Where hpclora leans on what a library does not promise as public API: each such use is here, and only here,
+and tests/test_internals.py fails loudly when a library release changes it.
+
+- transformers' own sdpa attention and its mask function, which `sdpa_varlen` calls per packed example (the
+  AttentionInterface documentation shows exactly this use, but the module paths are not a stable API);
+- TensorBoardCallback's log directory, which it reads from TENSORBOARD_LOGGING_DIR when it is constructed;
+- bitsandbytes' 4-bit layers on CPUs with AVX512-BF16, which repack their weights for inference on the
+  first no-grad forward unless told not to;
+- the Hugging Face hub libraries, which read HF_HOME once, when they are first imported.
+
+Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+def sdpa_attention():
+    """transformers' sdpa attention function (the one `attn_implementation="sdpa"` runs)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def sdpa_mask_function():
+    """transformers' mask function for sdpa, registered for `sdpa_varlen` so that unpacked rows get sdpa's mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask
+
+
+@contextmanager
+def _environment(**values: str):
+    """Set variables for the block only, and put back what was there."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def tensorboard_callback(log_dir: str):
+    """A TensorBoardCallback that writes into `log_dir`, also for the writer it opens again after training (for the
+    final evaluation): it takes the directory from TENSORBOARD_LOGGING_DIR when constructed, its only setting for it."""
+    from transformers.integrations import TensorBoardCallback
+
+    with _environment(TENSORBOARD_LOGGING_DIR=log_dir):
+        return TensorBoardCallback()
+
+
+def keep_4bit_layers_trainable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference the first time the layer runs
+    in eval mode without gradients, and that layout has no backward: training after an evaluation would silently
+    lose the gradients flowing through the frozen layers. A model being trained keeps the trainable layout
+    (inference-only loads, as in `generate`, still get the fast one)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def use_hub_cache(hf_home: str | None) -> None:
+    """Point the hub libraries (huggingface_hub, transformers, datasets) at `hf_home`: they read HF_HOME once, when
+    first imported, so this runs at the start of a command, before any of them is imported."""
+    if hf_home:
+        os.environ["HF_HOME"] = hf_home

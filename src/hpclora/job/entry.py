@@ -1,0 +1,30 @@
+"""`hpclora train CONFIG`: what a job runs (and a person, locally), from the command line to the exit code."""
+
+from __future__ import annotations
+
+from ..stops import CHECKPOINTED_EXIT
+
+
+def train_command(config_path: str, overrides: list[str], run_dir: str | None, fresh: bool) -> int:
+    """Check what can be checked in a second, then train; 0 when finished, CHECKPOINTED_EXIT when a stop signal made
+    it checkpoint first (several ranks end with 0 instead: rank 0 left the stop marker the job script reads)."""
+    from .. import config
+    from ..catalog import hub
+    from ..plan import preflight
+    from .preempt import StopRequest
+    from .quiet import quiet_libraries
+
+    with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
+        cfg = config.load(config_path, overrides)
+        hub.use_cache(cfg)  # before check_context asks the cache: the hub libraries read HF_HOME once
+        preflight.check_context(cfg)
+        hub.require_staged(cfg, config_path)  # offline and not staged: say so now, not after loading
+        quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
+        from .distributed import world
+        from .train import train
+
+        run = train(cfg, run_dir=run_dir, fresh=fresh, stop=stop)
+    if run.finished:
+        return 0
+    # Under torchrun an exit code 75 reads as a failed rank (a traceback in the log): the ranks end with 0.
+    return 0 if world().size > 1 else CHECKPOINTED_EXIT

@@ -1,0 +1,170 @@
+"""The Trainer a run trains with, built through its public API: hpclora's loss from the labelled positions only
+(loss.py, as the Trainer's `compute_loss_func`), its one token-weighted validation loss, the real tokens
+trained, checkpoints published whole (checkpoint.py), a stop signal agreed by every rank at a step boundary,
+TensorBoard events in the run directory, and DDP or FSDP through accelerate for several ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import RunConfig
+from ..internals import tensorboard_callback
+from . import checkpoint, distributed
+from .kernels import LIGER_CONFIG, reads_varlen_bounds
+from .preempt import StopRequest
+from .progress import ProgressLog
+from .tracking import TENSORBOARD_DIR
+
+
+def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharded: bool, liger: bool, steps: int,
+                  progress: ProgressLog, stop: StopRequest, trackers: list[str], at_train_begin, checkpoint_state):
+    """The Trainer, through its public API: `at_train_begin()` runs before the first step (the base model's
+    evaluation), `checkpoint_state()` is what hpclora adds to each checkpoint."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from ..data import Collator
+    from .loss import LabelledHead, output_head
+
+    class HpcloraTrainer(Trainer):
+        """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and evaluates
+        with the one token-weighted loss of loss.py."""
+
+        tokens_seen = 0  # real tokens trained by all ranks (summed at each step's end)
+        local_tokens = 0  # this rank's, since the last step's end
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.local_tokens += int(inputs.pop("num_tokens", 0))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            import torch
+
+            from .loss import summed_loss
+
+            model, started = self.model, time.time()
+            was_training = model.training
+            model.eval()
+            totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # loss sum, token count
+            # Evaluating must not move training's random numbers (a DataLoader draws its seed from them), so
+            # that a restart that reuses the base evaluation, or another eval_every, trains the same steps.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                for batch in self.get_eval_dataloader(eval_dataset):
+                    with self.autocast_smart_context_manager():
+                        total, count = summed_loss(model, {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                    totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank held a shard
+                torch.distributed.all_reduce(totals)
+            model.train(was_training)
+            metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item(), f"{metric_key_prefix}_tokens": int(totals[1]),
+                       f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
+            self.log(metrics)  # to every callback's on_log: the progress log, TensorBoard, W&B
+            return metrics
+
+    class PublishCheckpoint(TrainerCallback):
+        """Trainer writes each checkpoint into the staging area (its output_dir); once it is whole, it is
+        checksummed, marked and renamed into checkpoints/ (checkpoint.publish)."""
+
+        def __init__(self, state: callable):
+            self.state = state  # what hpclora adds to each checkpoint
+
+        def on_save(self, args, state, control, **kwargs):
+            distributed.barrier()  # every rank has written its part (its RNG state)
+            if state.is_world_process_zero:
+                staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                checkpoint.publish(staged, out / "checkpoints", self.state(), cfg.train.keep_checkpoints)
+            distributed.barrier()
+
+    class AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            at_train_begin()
+
+    class StopAtStepBoundary(TrainerCallback):
+        """At each step's end the ranks sum (stop asked, tokens trained) in one small collective: after a stop
+        signal to any of them all save a checkpoint of this step and stop, and tokens_seen counts the world."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stops, tokens = distributed.sum_over_ranks([float(stop.requested), float(trainer.local_tokens)])
+            trainer.tokens_seen += int(tokens)
+            trainer.local_tokens = 0
+            if stops:
+                control.should_save = True
+                control.should_training_stop = True
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_val = data.val is not None
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints" / checkpoint.STAGING),
+        max_steps=steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=int(t.warmup_ratio * steps),
+        per_device_train_batch_size=t.micro_batch_size if cfg.data.packing else 1,  # unpacked: each item is a micro-batch
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_strategy="steps",
+        logging_steps=t.log_every,
+        eval_strategy="steps" if has_val and t.eval_every else "no",
+        eval_steps=t.eval_every or None,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or None,
+        save_total_limit=1,  # in the staging area, emptied by each publish; checkpoint.publish keeps train.keep_checkpoints
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        report_to=trackers or "none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        # Several ranks (torchrun): DDP on NCCL or gloo, through the process group distributed.start joined.
+        ddp_backend=("nccl" if cuda else "gloo") if distributed.world().size > 1 else None,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
+        ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
+        **(fsdp_arguments(cfg) if sharded else {}),
+        **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
+    )
+    # The loss from the labelled positions' hidden states only (loss.py); FSDP (whose head is a shard) and other
+    # architectures use the model's own loss. Either way the Trainer normalises it over the accumulated batch.
+    head = None if sharded else output_head(model)
+    labelled = LabelledHead(head) if head is not None else None
+    trainer = HpcloraTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.val,
+        data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1,
+                               varlen=reads_varlen_bounds(cfg.model.attn_implementation)),
+        callbacks=[AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
+        compute_loss_func=labelled.loss if labelled is not None else None,
+    )
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)  # ProgressLog prints instead
+    # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).
+    trainer.add_callback(tensorboard_callback(str(out / TENSORBOARD_DIR)))
+    return trainer
+
+
+def fsdp_arguments(cfg: RunConfig) -> dict:
+    """TrainingArguments for FSDP through accelerate (FSDP2): full shard of every decoder layer (the model's
+    own no-split modules), the activations recomputed by FSDP where gradient checkpointing is on, and
+    checkpoints gathered whole, which for a PEFT model holds the adapter and its optimizer state only."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": cfg.train.gradient_checkpointing is True,
+        },
+    }

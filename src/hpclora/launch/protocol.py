@@ -1,0 +1,140 @@
+"""The shell text every hpclora job runs, written once: its threads, its stop-and-requeue protocol, and the
+trials an array task runs side by side. The per-run scripts of `hpclora submit` and `sweep` (render.py), the
+hand-usable templates in jobs/ (templates.py) and the submitit and local launchers (command.run_job) all run
+these same lines, so that a stop signal, a cancel and a requeue mean the same whichever started the job.
+
+The protocol reads a few shell variables its script sets first:
+    PER_NODE      training processes on this node (threads are the allocation's cores shared among them)
+    RANKS         true when they are several ranks under torchrun, else false
+    START         the command that trains (a bash array)
+    STOP_MARKER   the file rank 0 leaves when several ranks stopped at a checkpoint (they end with 0)
+    MAX_REQUEUES  how often the job requeues itself, and REQUEUES_SET_BY, the setting that says so
+"""
+
+from __future__ import annotations
+
+from ..stops import CHECKPOINTED_EXIT, STOP_SIGNALS
+from ..rundir import STOP_MARKER_VAR
+
+# How often a stop signal is passed on again until training has ended: one that arrives while training is still
+# starting (its handlers not yet installed, the signal ignored) would otherwise be lost.
+RESEND_STOP_S = 5
+
+
+def thread_lines() -> list[str]:
+    """Torch threads: the allocation's cores (all of this machine's outside Slurm), shared by the node's ranks."""
+    return [
+        "# Slurm 22.05+: srun does not inherit --cpus-per-task; torch threads follow the allocation, shared by the ranks.",
+        'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"',
+        "CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}",
+        "export OMP_NUM_THREADS=$(( CPUS / PER_NODE > 0 ? CPUS / PER_NODE : 1 ))",
+        "export PYTHONUNBUFFERED=1  # progress lines reach the log as they are printed",
+    ]
+
+
+def rendezvous_lines() -> list[str]:
+    """Where the ranks of several nodes meet: the job's first node, on a port from its id (resolved on the host,
+    where scontrol is; below Linux's ephemeral ports, apart from other jobs sharing a node)."""
+    return [
+        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "PORT=$((20000 + SLURM_JOB_ID % 10000))",
+    ]
+
+
+IGNORE_STOPS = f"trap '' {' '.join(STOP_SIGNALS)}"  # what training starts with, until its own handlers are installed
+
+
+def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> list[str]:
+    """Run training in the background, pass stop signals on to it, and requeue the job when it answers that it
+    checkpointed (75, or STOP_MARKER for several ranks); outside Slurm nothing requeues and the job ends with 75.
+    `start` is the line that starts training (packed trials: their function, which passes signals on)."""
+    return [
+        'echo "hpclora: job ${SLURM_JOB_ID:-(not under Slurm)} on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
+        "# Stop signals: USR1 before the time limit (--signal=B:USR1@... to this shell; submitit's USR2 to its job step),",
+        "# TERM on preemption and scancel. Training runs in the background so that they can be passed on; it then saves",
+        f"# a checkpoint at the next step boundary and exits with {CHECKPOINTED_EXIT} (\"checkpointed, not finished\"), or, as",
+        "# several ranks under torchrun, with 0 and STOP_MARKER left by rank 0.",
+        'child="" stop=""',
+        "send_stop() {  # one rank: to its process; several: to every process of the job's steps, or outside Slurm to torchrun's ranks",
+        '    if ! $RANKS; then kill -s "$1" "$child" 2>/dev/null || true',
+        '    elif [ -n "${SLURM_JOB_ID:-}" ]; then scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true',
+        '    else pkill -USR1 -P "$child" 2>/dev/null || true; fi',
+        "}",
+        'forward() { if [ -z "$stop" ]; then stop=$1; if [ -n "$child" ]; then send_stop "$1"; fi; fi; }',
+        *(f"trap 'forward {name}' {name}" for name in STOP_SIGNALS),
+        'rm -f "$STOP_MARKER"',
+        f'export {STOP_MARKER_VAR}="$STOP_MARKER"',
+        "# Training starts with these signals ignored, so that one arriving before it is ready cannot kill it.",
+        start,
+        "child=$!",
+        f"# Wait for training. Once a stop is asked for, repeat it every {RESEND_STOP_S} s until training has ended.",
+        'while kill -0 "$child" 2>/dev/null; do',
+        f'    if [ -n "$stop" ]; then send_stop "$stop"; sleep {RESEND_STOP_S} & wait $! || true',
+        '    else wait "$child" || true; fi  # a trapped signal ends `wait` early',
+        "done",
+        "status=0",
+        'wait "$child" || status=$?',
+        f'if $RANKS && [ -f "$STOP_MARKER" ]; then status={CHECKPOINTED_EXIT}; fi  # checkpointed, not finished',
+        'rm -f "$STOP_MARKER"',
+        f'if [ "$status" -eq {CHECKPOINTED_EXIT} ]; then',
+        '    if [ -z "${SLURM_JOB_ID:-}" ]; then',
+        '        echo "hpclora: checkpoint saved; not under Slurm, so nothing requeues: run the same command again to resume"',
+        '    elif [ "${SLURM_PROCID:-0}" != 0 ]; then',
+        '        echo "hpclora: checkpoint saved; task 0 of the job decides whether it requeues"',
+        "        exit 0",
+        "    else",
+        "        # On the host, not in the container (which has no scontrol). A job that scancel cancelled is",
+        "        # COMPLETING by now and stays cancelled; a running one (time limit ahead, preemption) is requeued,",
+        "        # runs this script again, and training resumes from its newest checkpoint.",
+        '        state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)',
+        '        if [ -n "$state" ] && [ "$state" != RUNNING ]; then',
+        '            echo "hpclora: checkpoint saved; job ${SLURM_JOB_ID} is ${state} (cancelled): not requeueing; submit it again to resume"',
+        '        elif [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then',
+        '            echo "hpclora: checkpoint saved; requeueing job ${SLURM_JOB_ID} (restart $((${SLURM_RESTART_COUNT:-0} + 1)) of at most $MAX_REQUEUES)"',
+        '            scontrol requeue "$SLURM_JOB_ID"',
+        "            exit 0",
+        "        else",
+        '            echo "hpclora: checkpoint saved, but the job was requeued $MAX_REQUEUES times already ($REQUEUES_SET_BY): not requeueing; submit it again to resume" >&2',
+        "        fi",
+        "    fi",
+        "fi",
+        'echo "hpclora: job ${SLURM_JOB_ID:-(not under Slurm)} ended $(date \'+%F %T\') with exit code $status"',
+        'exit "$status"',
+    ]
+
+
+def packed_trial_lines(trials: int, per_task: int, cpus: int, log_prefix: str, command: str) -> list[str]:
+    """An array task that runs `per_task` single-GPU trials side by side, one GPU each (of the task's
+    CUDA_VISIBLE_DEVICES), each with its own run directory and log (the one an unpacked array task would have:
+    `log_prefix` + "<array id>_<trial>.out", the prefix already shell text). `run_trials` passes stop signals on to
+    every trial; each checkpoints, and if any did, it answers 75, the task requeues (protocol_lines) and runs again
+    the trials not yet finished."""
+    k = per_task
+    return [
+        f"# This array task runs up to {k} trials side by side (ids task x {k} and on), one GPU and {cpus} core(s) each.",
+        "run_trials() (",
+        "    pids=() slot=0 status=0",
+        '    pass_on() { for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done; }',
+        *(f"    trap 'pass_on {name}' {name}" for name in STOP_SIGNALS),
+        "    # The task's GPUs as Slurm's cgroup shows them; where it sets no CUDA_VISIBLE_DEVICES, the first ones of the node.",
+        '    IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((${SLURM_GPUS_ON_NODE:-0} - 1)))}"',
+        f"    for trial in $(seq $((SLURM_ARRAY_TASK_ID * {k})) $((SLURM_ARRAY_TASK_ID * {k} + {k - 1}))); do",
+        f'        [ "$trial" -lt {trials} ] || break',
+        '        RUN_DIR="$SWEEP_DIR/trial-$(printf %03d "$trial")"',
+        f'        LOG={log_prefix}"${{SLURM_ARRAY_JOB_ID}}_${{trial}}.out"',
+        '        gpu="${gpus[$slot]:-}" slot=$((slot + 1))',
+        '        if [ -d "$RUN_DIR/adapter" ]; then echo "hpclora: trial $trial finished already"; continue; fi',
+        '        echo "hpclora: trial $trial in $RUN_DIR${gpu:+ on GPU $gpu}, log $LOG"',
+        '        echo "hpclora: trial $trial of job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname -s)${gpu:+, GPU $gpu}" >> "$LOG"',
+        f'        ({IGNORE_STOPS}; export OMP_NUM_THREADS={cpus}; if [ -n "$gpu" ]; then export CUDA_VISIBLE_DEVICES="$gpu"; fi',
+        f'         exec {command}) >> "$LOG" 2>&1 &',
+        '        pids+=("$!")',
+        "    done",
+        f'    for pid in "${{pids[@]}}"; do  # {CHECKPOINTED_EXIT} (checkpointed: run again) over 0, a failure over both',
+        '        while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done',
+        '        code=0; wait "$pid" || code=$?',
+        f'        if [ "$code" -ne 0 ] && {{ [ "$status" -eq 0 ] || [ "$status" -eq {CHECKPOINTED_EXIT} ]; }}; then status=$code; fi',
+        "    done",
+        '    exit "$status"',
+        ")",
+    ]

@@ -1,0 +1,59 @@
+"""What `submit`, `sweep` and `probe` learn from the planner before anything is queued: refusals, and the `auto`
+settings it decides for the job (written into the run's config.yaml)."""
+
+from __future__ import annotations
+
+from ..config import RunConfig
+from ..config.slurm_syntax import preempt_grace_problem, slurm_seconds
+from ..errors import ConfigError, UserError
+from .format import shrink_advice
+from .make import make_plan
+
+
+def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
+    """What `submit` and `sweep` learn from the planner: refuse a run that does not fit (unless forced),
+    fill `slurm.time: auto` (the longest trial's estimate) and `train.distributed: auto` (the strategy it
+    chose), and return lines to print."""
+    lines, times = [], []
+    for i, cfg in enumerate(cfgs):
+        label = f"trial {i}: " if len(cfgs) > 1 else ""
+        try:
+            p = make_plan(cfg, calibrated=True)
+        except ConfigError:  # the config cannot train this model (data.packing on BLOOM)
+            raise
+        except UserError as exc:
+            if cfg.slurm.time == "auto":
+                raise UserError(f"slurm.time: auto needs a plan, and there is none: {exc}") from None
+            lines.append(f"warning: {label}no memory check ({exc})")
+            continue
+        if p.strategy_problem:
+            raise UserError(f"train.distributed: {label}{p.strategy_problem}")
+        if not p.fits and not force:
+            fix = f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch else shrink_advice(p)
+            raise UserError(
+                f"{label}predicted peak {p.peak_gb:.1f} GB does not fit in {p.capacity_gb:.1f} GB on {p.device} "
+                f"(`hpclora plan` shows the breakdown): try {fix}, or pass --force"
+            )
+        if cfg.slurm.time == "auto":
+            if p.recommended["time"] is None:
+                raise UserError("slurm.time: auto needs the number of steps: set train.max_steps, or use a local data file")
+            times.append(p.recommended["time"])
+        # The job trains with what the planner chose, which its config.yaml records.
+        if cfg.train.distributed == "auto" and p.world_size > 1:
+            cfg.train.distributed = p.strategy
+        if cfg.train.gradient_checkpointing == "auto":
+            cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers = p.gradient_checkpointing, p.checkpointed_layers
+        if cfg.data.packing == "auto":
+            cfg.data.packing = p.packing
+        world = f" per rank, {p.world_size} ranks with {p.strategy.upper()} ({p.strategy_reason})" if p.world_size > 1 else ""
+        lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}{world}, {p.precision}, "
+                     f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}" + ("" if p.fits else " (DOES NOT FIT: forced)"))
+    if times:
+        longest = max(times, key=slurm_seconds)
+        for cfg in cfgs:
+            cfg.slurm.time = longest
+            grace = preempt_grace_problem(cfg.train.preempt_grace_s, longest)
+            if grace:
+                raise UserError(f"train.preempt_grace_s: {grace}")
+        lines.append(f"plan: slurm.time auto -> {longest} (estimate x 1.3)")
+    return lines

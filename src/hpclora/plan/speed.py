@@ -1,0 +1,52 @@
+"""Tokens per second of a run: the device's peak FLOPs times the share a LoRA fine-tune reaches, per rank, and the
+share of N ranks' sum that a world of N reaches. Estimates, until `hpclora probe` measures (calibration.py).
+"""
+
+from __future__ import annotations
+
+from ..catalog.devices import Device
+from ..catalog.dims import ModelDims, parameter_counts
+from ..config import RunConfig
+from .memory import eager_attention, recomputed_layers
+
+# Share of peak FLOPs a LoRA fine-tune reaches (measured: H100 on a Llama-2-7B shape, 2-core CPU on
+# SmolLM2-135M). Smaller GPU models use the card less well (kernel launches, element-wise work on
+# activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
+# OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
+EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5}
+# Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
+# measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
+# per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
+# again in the backward pass, which inter-node links (InfiniBand, Ethernet) hide less well than NVLink.
+SCALING = {"ddp": (0.95, 0.85), "fsdp": (0.85, 0.7)}
+# CPU jobs: the `cpu` device's peak is this project's 2-core reference machine; a job with C cores
+# (slurm.cpus_per_task) reaches (C / 2) ** CPU_CORE_EXPONENT of that, not C / 2: matmuls share the memory
+# bandwidth and the element-wise work scales worse. Fitted on one report: Swallow-7B LoRA (q/v, 256
+# tokens, fp32, checkpointing) on 16 cores took about 5 days for an epoch of dolly-15k-ja, where 2 cores
+# plan 22 days (22 / 8 ** 0.7 = 5.1). `hpclora probe` replaces this with a measurement.
+CPU_REFERENCE_CORES, CPU_CORE_EXPONENT = 2, 0.7
+
+
+def cpu_speedup(cores: int) -> float:
+    """How many times faster than the reference cores a CPU job with `cores` cores trains (CPU_CORE_EXPONENT)."""
+    return (cores / CPU_REFERENCE_CORES) ** CPU_CORE_EXPONENT
+
+
+def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: int) -> tuple[float, float]:
+    """(tokens/s of one rank, the efficiency it assumes) from the device's peak FLOPs: forward 2N, backward (input
+    gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, and
+    causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
+    per_token = (4 + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
+    per_token += 3 * 2 * d.layers * d.hidden * cfg.data.max_length
+    efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
+    if device.name != "cpu":
+        efficiency *= min(1.0, d.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(d, cfg) else 1)
+    peak_flops = device.tflops * 1e12
+    if device.name == "cpu":
+        peak_flops *= cpu_speedup(cfg.slurm.cpus_per_task) / per_node
+    return peak_flops * efficiency / per_token, efficiency
+
+
+def scaling(strategy: str, nodes: int, world: int) -> float:
+    """The share of `world` times one rank's tokens/s that the world reaches (SCALING)."""
+    return 1.0 if world == 1 else SCALING[strategy][0 if nodes == 1 else 1]

@@ -1,0 +1,33 @@
+"""How many optimizer steps a run takes: the one rule, which the job applies to the micro-batches it has made and
+the planner to those it expects (from the login node's count of the data rows and the same validation split)."""
+
+from __future__ import annotations
+
+import math
+
+from ..config import RunConfig, world_size
+from ..data.split import validation_rows
+
+
+def total_steps(micro_batches: int, cfg: RunConfig, world: int) -> int:
+    """Optimizer steps for the run: train.max_steps if set, else epochs over the training set's micro-batches, of
+    which each step takes grad_accum x world (ranks)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = math.ceil(micro_batches / cfg.train.grad_accum / world)
+    return max(1, math.ceil(per_epoch * cfg.train.epochs))
+
+
+def planned_steps(cfg: RunConfig) -> int | None:
+    """total_steps for the rows of a local data file (counted once per file version by the login node's data
+    check), one row per micro-batch slot; None where the rows are not known here (a hub dataset)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    from .preflight import check_data
+
+    checked = check_data(cfg)
+    if checked is None:
+        return None
+    rows = checked["rows"]  # data.max_rows already applied
+    train_rows = rows - validation_rows(rows, cfg.data.val_size)
+    return total_steps(math.ceil(train_rows / cfg.train.micro_batch_size), cfg, world_size(cfg))
