@@ -7,12 +7,34 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Two xdist workers share the cores: one torch thread each in-process, and OpenMP threads that sleep rather than
+# spin while they wait, so that the jobs and subprocesses the tests start (which count their own threads) do not
+# oversubscribe the CPU several times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Test files whose tests share an expensive module or session fixture run on one xdist worker each, so that the
+# fixture is made once: the real small model's trained runs (`real_run`, test_end_to_end's `trained`), the resume
+# and distributed references. Every other test is handed to whichever worker is free.
+SHARED_FIXTURE_GROUPS = {
+    "test_eval_merge.py": "real-run", "test_chat.py": "real-run", "test_report.py": "real-run",
+    "test_end_to_end.py": "end-to-end", "test_resume.py": "resume", "test_distributed.py": "distributed",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = SHARED_FIXTURE_GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # 64 wide: the bitsandbytes CPU 4-bit kernel needs widths that are multiples of its 64-element blocks.
 TINY_DIMS = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
 
@@ -110,10 +132,12 @@ def real_run(tmp_path_factory, bundled_dir) -> Path:
     moves the logits), evaluated at step 2 and at the end. Shared by the eval, merge and report tests."""
     tmp = tmp_path_factory.mktemp("real-run")
     config = tiny_run_yaml(tmp, bundled_dir, train={"max_steps": 3, "lr": 2e-3, "micro_batch_size": 4, "eval_every": 2})
-    run_dir = tmp / "run"
-    done = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return run_dir
+    from hpclora import config as config_module
+    from hpclora.job.train import train
+
+    run = train(config_module.load(config), run_dir=str(tmp / "run"))  # in this process: the real model loads once
+    assert run.finished
+    return run.run_dir
 
 
 def slurm_missing() -> str | None:
@@ -136,3 +160,19 @@ def require_slurm() -> None:
         if os.environ.get("HPCLORA_REQUIRE_SLURM") == "1":
             pytest.fail(f"HPCLORA_REQUIRE_SLURM=1 but {reason}; start one with `bash tests/slurm/up.sh`")
         pytest.skip(f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")
+
+
+@pytest.fixture
+def cli(capsys):
+    """`hpclora ARGS` in this process, through the command line's own entry point (`hpclora.cli.main`): no
+    interpreter to start and no libraries to import again. Returns a CompletedProcess with its exit code and
+    what it printed; an exception a user should never see fails the test instead of printing a traceback."""
+    from hpclora.cli import main
+
+    def run(*argv) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["hpclora", *map(str, argv)], code, out, err)
+
+    return run

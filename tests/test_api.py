@@ -13,7 +13,7 @@ import pytest
 import hpclora
 
 from conftest import ROOT, require_slurm, tiny_run_yaml, write_jsonl
-from test_slurm import metrics_steps, requeue_records, signal_when, wait_for
+from test_slurm import metrics_steps, requeue_records, signal_after, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -66,20 +66,29 @@ def test_a_sweep_through_submitit_returns_its_jobs(tmp_path, tiny_llama_dir):
 
 
 def test_the_job_function_in_a_users_own_executor_checkpoints_requeues_and_resumes(tmp_path, tiny_llama_dir):
+    """USR2, what submitit has Slurm send before the time limit, makes hpclora's job function checkpoint and requeue
+    the job, which resumes from the checkpoint; stopped again it is out of requeues (slurm.max_requeues=1), and
+    `result()` says so. The run is too long to end by itself, so no signal races its last step."""
     require_slurm()
     import submitit
 
-    cfg = hpclora.load_config(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0}))
+    from test_slurm import LONG_RUN, attempt
+
+    cfg = hpclora.load_config(tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, slurm={"max_requeues": 1}))
     run_dir = hpclora.prepare_run(cfg)
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "adapter").exists()
     executor = submitit.AutoExecutor(folder=tmp_path / "my-submitit", slurm_max_num_timeout=2)
     executor.update_parameters(**hpclora.executor_parameters(cfg))
     job = executor.submit(hpclora.TrainingJob(), str(run_dir))
-    signal_when(job.job_id, run_dir, 0, 8, ["--signal=USR2"])  # what submitit has Slurm send before the time limit
-    assert job.result()["steps"] == 30
-    assert wait_for(job.job_id)[job.job_id][0] == "COMPLETED"  # the result file is written before Slurm ends the job
-    assert requeue_records(job.job_id) == ["REQUEUED", "COMPLETED"]
-    assert metrics_steps(run_dir) == list(range(1, 31))  # resumed from its checkpoint: no step twice, none missing
+    signal_after(job.job_id, run_dir, 0, 5, ["--signal=USR2"])
+    signal_after(job.job_id, run_dir, 1, 3, ["--signal=USR2"])
+    with pytest.raises(submitit.core.utils.FailedJobError, match="the job was not requeued"):
+        job.result()
+    assert wait_for(job.job_id)[job.job_id] == ("FAILED", "1:0")
+    assert requeue_records(job.job_id) == ["REQUEUED", "FAILED"]
+    assert attempt(run_dir, 1)["resumed_from"] >= 5
+    steps = metrics_steps(run_dir)
+    assert steps == list(range(1, steps[-1] + 1))  # resumed from its checkpoint: no step twice, none missing
 
 
 def test_the_submitit_example_in_jobs_runs_as_documented(tmp_path, tiny_llama_dir):

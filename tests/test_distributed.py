@@ -158,21 +158,22 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_res
     assert logged_steps(run_dir) == list(range(1, 31))
 
 
-def test_resuming_with_another_world_size_is_refused_with_the_one_to_use(tmp_path, tiny_llama_dir):
+def test_resuming_with_another_world_size_is_refused_with_the_one_to_use(tmp_path, tiny_llama_dir, cli):
     config = ddp_config(tmp_path, tiny_llama_dir, max_steps=2, save_every=2, eval_every=0)
     run_dir = tmp_path / "run"
     harness(tmp_path, config, run_dir, "two", two_ranks())  # ends with a checkpoint of step 2
     (run_dir / "adapter").rename(tmp_path / "adapter-of-2-steps")  # as if stopped there
-    one = subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run_dir)], capture_output=True, text=True)
-    assert one.returncode == 2 and "Traceback" not in one.stderr
+    one = cli("train", config, "--run-dir", run_dir)
+    assert one.returncode == 2
     assert "was written by 2 rank(s) and this training has 1: resume with 2" in one.stderr
 
 
 def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_rank(tmp_path, tiny_llama_dir):
-    """`submit --launcher local` with train.cpu_ranks=2: torchrun on this machine; USR1 to hpclora (as a
-    user's kill would send it) reaches both ranks through their process group."""
+    """`submit --launcher local` with train.cpu_ranks=2: torchrun on this machine, through the run's own job
+    script; USR1 to hpclora (as a user's kill would send it) reaches both ranks."""
     config = ddp_config(tmp_path, tiny_llama_dir, max_steps=2000, eval_every=0, log_every=1, cpu_ranks=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCLORA_STATE_DIR": str(tmp_path / "state")}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["HPCLORA_STATE_DIR"] = str(tmp_path / "state")
     proc = subprocess.Popen([sys.executable, "-m", "hpclora", "submit", str(config), "slurm.mem=4G", "--launcher", "local"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -187,6 +188,8 @@ def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_r
     assert "world 2 ranks (gloo)" in output and "checkpointed, not finished: resume with" in output and "Traceback" not in output
     (saved,) = (run_dir / "checkpoints").glob("checkpoint-*")
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+    # The machine's cores shared by the two ranks, as in a Slurm job (they once took all of them each).
+    assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == max(1, os.cpu_count() // 2)
 
 
 @pytest.mark.parametrize("launcher, keys, message", [

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -66,13 +64,10 @@ def test_adapter_reloaded_with_plain_peft_gives_the_in_memory_logits(trained, bu
     assert (a - base).abs().max().item() > 1e-2  # the adapter really changes the model
 
 
-def test_generate_compare_differs_from_base(trained):
-    proc = subprocess.run(
-        [sys.executable, "-m", "hpclora", "generate", str(trained.run_dir), "--compare", "--max-new-tokens", "24", "--prompt", PROMPT],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+def test_generate_compare_differs_from_base(trained, cli):
+    done = cli("generate", trained.run_dir, "--compare", "--max-new-tokens", "24", "--prompt", PROMPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
     header = next(line for line in lines if line.startswith("base model"))
     assert "| with adapter" in header
     rows = lines[lines.index(header) + 2:]
@@ -82,10 +77,10 @@ def test_generate_compare_differs_from_base(trained):
     assert "【Answer】" in " ".join(adapter_text) and "【Answer】" not in " ".join(base_text)  # it learned the house style
 
 
-def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path):
+def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path, cli):
     (tmp_path / "config.yaml").write_text("data:\n  path: x.jsonl\n")
-    proc = subprocess.run([sys.executable, "-m", "hpclora", "generate", str(tmp_path), "--prompt", "hi"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no finished adapter" in proc.stderr and "Traceback" not in proc.stderr
+    done = cli("generate", tmp_path, "--prompt", "hi")
+    assert done.returncode == 2 and "no finished adapter" in done.stderr
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -95,11 +90,10 @@ def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path):
     (["--top-k", "-5", "--repetition-penalty", "0"], "--top-k must be 0 (no limit) or more, got -5; --repetition-penalty"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
 ])
-def test_bad_sampling_values_are_refused_before_anything_loads(tmp_path, flags, named):
+def test_bad_sampling_values_are_refused_before_anything_loads(tmp_path, flags, named, cli):
     """The run directory does not even exist: the flags are checked first."""
-    proc = subprocess.run([sys.executable, "-m", "hpclora", "generate", str(tmp_path / "nope"), "--prompt", "hi", *flags],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr
+    done = cli("generate", tmp_path / "nope", "--prompt", "hi", *flags)
+    assert done.returncode == 2 and named in done.stderr
 
 
 def test_temperature_zero_is_greedy():
@@ -110,13 +104,8 @@ def test_temperature_zero_is_greedy():
     assert Sampling.from_flags(16, True, None).temperature == 0.7 and not Sampling.from_flags(16, False, None).do_sample
 
 
-def test_train_with_a_bad_data_row_exits_2_naming_the_line(tmp_path):
+def test_train_with_a_bad_data_row_exits_2_naming_the_line(tmp_path, cli):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "hpclora", "train", str(ROOT / "configs" / "demo-cpu.yaml"), f"data.path={data}",
-         f"run.output_root={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"error: {data}:2: missing field 'output'" in proc.stderr
+    done = cli("train", ROOT / "configs" / "demo-cpu.yaml", f"data.path={data}", f"run.output_root={tmp_path}")
+    assert done.returncode == 2 and f"error: {data}:2: missing field 'output'" in done.stderr

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from conftest import alpaca_rows, write_jsonl
-
-
-def hpclora(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpclora", *argv], capture_output=True, text=True)
 
 
 def logits_of(model, tokenizer, text: str):
@@ -22,13 +16,13 @@ def logits_of(model, tokenizer, text: str):
         return model(**tokenizer(text, return_tensors="pt")).logits
 
 
-def test_merged_model_gives_the_adapter_logits(real_run, tmp_path):
+def test_merged_model_gives_the_adapter_logits(real_run, tmp_path, cli):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    done = hpclora("merge", str(real_run), "--out", str(out), "--dtype", "fp32")
+    done = cli("merge", str(real_run), "--out", str(out), "--dtype", "fp32")
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     note = json.loads((out / "MERGED_FROM.json").read_text())
@@ -46,7 +40,7 @@ def test_merged_model_gives_the_adapter_logits(real_run, tmp_path):
     assert (logits_of(merged, tokenizer, text) - adapter_logits).abs().max() < 1e-3
 
 
-def test_merge_refuses_nan_and_never_overwrites(real_run, tmp_path):
+def test_merge_refuses_nan_and_never_overwrites(real_run, tmp_path, cli):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -59,18 +53,18 @@ def test_merge_refuses_nan_and_never_overwrites(real_run, tmp_path):
     tensors[first][0, 0] = float("nan")
     save_file(tensors, weights)
     out = tmp_path / "merged"
-    done = hpclora("merge", str(broken), "--out", str(out))
+    done = cli("merge", str(broken), "--out", str(out))
     assert done.returncode == 2 and "NaN" in done.stderr and "nothing was written" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    done = hpclora("merge", str(real_run), "--out", str(out))
+    done = cli("merge", str(real_run), "--out", str(out))
     assert done.returncode == 2 and "already exists" in done.stderr and (out / "keep.txt").read_text() == "mine"
 
 
-def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run):
-    done = hpclora("eval", str(real_run), "--n", "2", "--max-new-tokens", "16")
+def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run, cli):
+    done = cli("eval", str(real_run), "--n", "2", "--max-new-tokens", "16")
     assert done.returncode == 0, done.stderr
     result = json.loads((real_run / "eval.json").read_text())
     summary = json.loads((real_run / "summary.json").read_text())
@@ -85,19 +79,19 @@ def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run):
     assert "| base model |" in markdown and "| reference | base model | with adapter |" in markdown
 
 
-def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path):
+def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path, cli):
     data = write_jsonl(tmp_path / "held-out.jsonl", alpaca_rows(3))
-    done = hpclora("eval", str(real_run), "--data", str(data), "--n", "1", "--max-new-tokens", "8")
+    done = cli("eval", str(real_run), "--data", str(data), "--n", "1", "--max-new-tokens", "8")
     assert done.returncode == 0, done.stderr
     assert json.loads((real_run / "eval.json").read_text())["examples"] == 3
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Hi"}, "not json"])
-    done = hpclora("eval", str(real_run), "--data", str(bad))
+    done = cli("eval", str(real_run), "--data", str(bad))
     assert done.returncode == 2 and "bad.jsonl" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_eval_and_training_agree_on_validation_loss_over_several_batches(tmp_path, tiny_llama_dir, packing):
+def test_eval_and_training_agree_on_validation_loss_over_several_batches(tmp_path, tiny_llama_dir, packing, cli):
     """One definition, token-weighted: answers of different lengths, 3 validation batches, packed or not."""
     from conftest import tiny_run_yaml
 
@@ -105,9 +99,9 @@ def test_eval_and_training_agree_on_validation_loss_over_several_batches(tmp_pat
     config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 2, "micro_batch_size": 2, "lr": 1e-2},
                            data={"val_size": 6, "packing": packing})
     write_jsonl(tmp_path / "data.jsonl", rows)
-    trained = hpclora("train", str(config), "--run-dir", str(tmp_path / "run"))
+    trained = cli("train", str(config), "--run-dir", str(tmp_path / "run"))
     assert trained.returncode == 0, trained.stderr
-    evaluated = hpclora("eval", str(tmp_path / "run"), "--n", "0")
+    evaluated = cli("eval", str(tmp_path / "run"), "--n", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

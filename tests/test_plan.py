@@ -19,7 +19,7 @@ from hpclora import config, plan
 from hpclora.config import slurm_syntax
 from hpclora.errors import UserError
 
-from conftest import ROOT, tiny_model
+from conftest import ROOT, alpaca_rows, tiny_model, tiny_run_yaml, write_jsonl
 
 
 def cfg_for(tmp_path, *overrides):
@@ -229,3 +229,32 @@ def test_cpu_speed_scales_with_the_jobs_cores_and_is_shared_by_its_ranks(tmp_pat
     assert 2 * two < sixteen < 8 * two  # more cores are faster, and less than linearly
     assert speed("slurm.cpus_per_task=16", "train.cpu_ranks=2") == pytest.approx(sixteen * SCALING["ddp"][0], rel=0.01)
     assert "16 cores" in plan.make_plan(cfg_for(tmp_path, *base, "slurm.cpus_per_task=16")).tokens_per_s_note
+
+
+def test_the_planner_counts_the_steps_the_job_trains(tmp_path, tiny_llama_dir):
+    """One validation split and one step rule for both: 17 rows with val_size 0.1 hold out round(1.7) = 2 rows, so
+    15 rows train, one micro-batch each: 15 steps. (The planner once held out int(1.7) = 1 and planned 16.)"""
+    from hpclora.job.train import train
+    from hpclora.plan.steps import planned_steps
+
+    cfg_path = tiny_run_yaml(tmp_path, tiny_llama_dir, data={"val_size": 0.1, "packing": False},
+                             train={"max_steps": None, "epochs": 1, "micro_batch_size": 1, "log_every": 5})
+    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(17))
+    cfg = config.load(cfg_path)
+    assert planned_steps(cfg) == 15
+    assert train(cfg, run_dir=str(tmp_path / "run")).summary["steps"] == 15
+
+
+def test_fsdp_is_chosen_and_allowed_only_where_the_job_can_run_it(tmp_path):
+    """The planner applies the job's own FSDP rule: 8-bit weights and bitsandbytes' 8-bit optimizers cannot be
+    sharded, so `auto` keeps DDP for them (it once chose FSDP for quant.bits=8, which the job then refused), and
+    asking for FSDP with them is refused on the login node."""
+    lora_13b = ["model.name=meta-llama/Llama-2-13b-hf", "data.max_length=1024", "train.gradient_checkpointing=true", "slurm.gpus=4"]
+    assert plan.make_plan(cfg_for(tmp_path, *lora_13b), "l4-24gb").strategy == "fsdp"
+    eight_bit = plan.make_plan(cfg_for(tmp_path, *lora_13b, "quant.bits=8"), "rtx3060-12gb")  # 13 GB of int8: no replica fits
+    assert eight_bit.strategy == "ddp" and "8-bit weights cannot be sharded" in eight_bit.strategy_reason
+    paged = plan.make_plan(cfg_for(tmp_path, *lora_13b, "train.optimizer=paged_adamw_8bit"), "l4-24gb")
+    assert paged.strategy == "ddp" and "cannot step FSDP's sharded parameters" in paged.strategy_reason
+    for setting in ("quant.bits=8", "train.optimizer=adamw_8bit"):
+        with pytest.raises(UserError, match="train.distributed"):
+            cfg_for(tmp_path, *lora_13b, "train.distributed=fsdp", setting)

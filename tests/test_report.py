@@ -12,11 +12,7 @@ from conftest import tiny_run_yaml
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def hpclora(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpclora", *argv], capture_output=True, text=True)
-
-
-def test_run_report_has_curves_verdict_and_tensorboard_events(real_run):
+def test_run_report_has_curves_verdict_and_tensorboard_events(real_run, cli):
     events = list((real_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -24,7 +20,7 @@ def test_run_report_has_curves_verdict_and_tensorboard_events(real_run):
     tags = EventAccumulator(str(real_run / "tensorboard")).Reload().Tags()["scalars"]
     assert "train/loss" in tags and "eval/loss" in tags
 
-    done = hpclora("report", str(real_run))
+    done = cli("report", str(real_run))
     assert done.returncode == 0, done.stderr
     report = (real_run / "report.md").read_text()
     summary = json.loads((real_run / "summary.json").read_text())
@@ -33,13 +29,13 @@ def test_run_report_has_curves_verdict_and_tensorboard_events(real_run):
     assert (real_run / "loss.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir):
+def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir, cli):
     config = tiny_run_yaml(tmp_path, tiny_llama_dir, run={"name": "sw", "output_root": str(tmp_path / "runs")})
-    swept = hpclora("sweep", str(config), "--grid", "train.lr=1e-6,1e-2", "--launcher", "local")
+    swept = cli("sweep", str(config), "--grid", "train.lr=1e-6,1e-2", "--launcher", "local")
     assert swept.returncode == 0, swept.stderr
     sweep_dir = next(p.parent for p in (tmp_path / "runs").rglob("sweep.json"))
 
-    done = hpclora("report", str(sweep_dir))
+    done = cli("report", str(sweep_dir))
     assert done.returncode == 0, done.stderr
     rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ") and "trial-" in line]
     losses = [json.loads((sweep_dir / t / "summary.json").read_text())["final_val_loss"] for t in ("trial-000", "trial-001")]
@@ -50,8 +46,8 @@ def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir):
     assert (sweep_dir / best / "report.md").is_file()
 
 
-def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path):
-    done = hpclora("report", str(tmp_path))
+def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path, cli):
+    done = cli("report", str(tmp_path))
     assert done.returncode == 2 and "not a run or sweep directory" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -1,5 +1,10 @@
-"""Preemption on CPU, in real processes: a stop signal -> atomic checkpoint -> exit 75 -> the same
-command resumes exactly. The Slurm side (requeue from the batch script) is in test_slurm.py."""
+"""Preemption on CPU: a stop signal -> atomic checkpoint -> exit 75 -> the same command resumes exactly. The Slurm
+side (requeue from the batch script) is in test_slurm.py.
+
+Training runs in this process wherever no other process is needed: a stop is a real signal that training sends
+itself at the step boundary it is meant for (StopAt), so no test waits on a clock or races the end of a run. Real
+processes are started only to be killed (SIGKILL), to hold a run directory's lock, and for the command line's
+own exit code."""
 
 from __future__ import annotations
 
@@ -13,12 +18,31 @@ from pathlib import Path
 
 import pytest
 
+from hpclora import config as config_module
+from hpclora.cli import main
 from hpclora.job import checkpoint
+from hpclora.job.preempt import StopRequest
 from hpclora.stops import CHECKPOINTED_EXIT
 
 from conftest import tiny_run_yaml
 
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
+
+
+class StopAt(StopRequest):
+    """Sends this process a real `sig` at the boundary of step `step`: training reads `requested` once per step end,
+    so the n-th read is step n's. (step = steps + 1 lands just after the last step, a moment no outside sender can hit.)"""
+
+    def __init__(self, step: int, sig=signal.SIGUSR1):
+        super().__init__()
+        self.step, self.sig, self.reads = step, sig, 0
+
+    @property
+    def requested(self):
+        self.reads += 1
+        if self.reads == self.step:
+            os.kill(os.getpid(), self.sig)
+        return self.signal_name is not None
 
 
 def resume_config(tmp_path: Path, model_dir: Path, data: dict | None = None, **train) -> Path:
@@ -27,6 +51,16 @@ def resume_config(tmp_path: Path, model_dir: Path, data: dict | None = None, **t
         lora={"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
         train={"max_steps": STEPS, "eval_every": 7, **train},
     )
+
+
+def train_here(config: Path, run_dir: Path, stop_at: int | None = None, sig=signal.SIGUSR1, overrides=(), capsys=None):
+    """`hpclora train` in this process; with `stop_at`, stopped by `sig` at that step. Returns (TrainedRun, its log)."""
+    from hpclora.job.train import train
+
+    cfg = config_module.load(config, list(overrides))
+    with StopAt(stop_at, sig) if stop_at else StopRequest() as stop:
+        run = train(cfg, run_dir=str(run_dir), stop=stop)
+    return run, capsys.readouterr().out if capsys else ""
 
 
 def train_argv(config: Path, run_dir: Path) -> list[str]:
@@ -40,15 +74,15 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [e["step"] for e in map(json.loads, path.read_text().splitlines()) if "loss" in e]
 
 
-def interrupt_after(config: Path, run_dir: Path, step: int, sig=signal.SIGUSR1) -> subprocess.CompletedProcess:
-    """Start training, send `sig` once `step` is logged, and return the finished process."""
-    proc = subprocess.Popen(train_argv(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def killed_at(argv: list[str], run_dir: Path, step: int) -> subprocess.CompletedProcess:
+    """Start a training process and SIGKILL it once `step` is logged (a node failure or an OOM kill)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not any(s >= step for s in logged_steps(run_dir)):
         assert proc.poll() is None, f"training ended before step {step}:\n{proc.stdout.read()}"
         assert time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(sig)
+    proc.kill()
     out, _ = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
@@ -67,56 +101,76 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert all((ta[k] == tb[k]).all() for k in ta), f"within 1e-6 ({worst}) but not bit-identical"
 
 
+def evals(run_dir: Path) -> list[tuple]:
+    return [(e["step"], e["eval"], e["val_loss"]) for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval" in e]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama_dir):
     """An uninterrupted run with the same config and seed."""
     tmp = tmp_path_factory.mktemp("reference")
-    config = resume_config(tmp, tiny_llama_dir)
-    done = subprocess.run(train_argv(config, tmp / "run"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run, _ = train_here(resume_config(tmp, tiny_llama_dir), tmp / "run")
+    assert run.finished
     return tmp / "run"
 
 
-def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, reference):
+def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, reference, capsys):
     config = resume_config(tmp_path, tiny_llama_dir)
     run_dir = tmp_path / "run"
-    # Mid-epoch (step 3 of 5), at an epoch boundary or just after, and after a periodic evaluation (step 7, 14).
-    for k, (step, sig) in enumerate([(3, signal.SIGUSR1), (9, signal.SIGTERM), (15, signal.SIGUSR2)]):
-        stopped = interrupt_after(config, run_dir, step, sig)
-        assert stopped.returncode == CHECKPOINTED_EXIT, stopped.stdout
-        saved = checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints"))
-        assert saved >= step and f"stopped by {sig.name} at step {saved}/{STEPS}" in stopped.stdout
+    # Mid-epoch (step 3 of 5), at an epoch boundary or just after, and after a periodic evaluation (step 7, 14);
+    # each stop counts from the step the attempt resumed at.
+    stops = [(3, signal.SIGUSR1), (9, signal.SIGTERM), (15, signal.SIGUSR2)]
+    previous = 0
+    for k, (step, sig) in enumerate(stops):
+        run, log = train_here(config, run_dir, step - previous, sig, capsys=capsys)
+        assert not run.finished and checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints")) == step
+        assert f"stopped by {sig.name} at step {step}/{STEPS}: checkpoint saved" in log
         if k:
-            assert f"resumed from step {previous} (restart {k})" in stopped.stdout
+            assert f"resumed from step {previous} (restart {k})" in log
         assert not (run_dir / "adapter").exists()
-        previous = saved
-    final = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
-    assert final.returncode == 0, final.stdout + final.stderr
-    assert f"resumed from step {previous} (restart 3)" in final.stdout
+        previous = step
+    run, log = train_here(config, run_dir, capsys=capsys)
+    assert run.finished and f"resumed from step {previous} (restart 3)" in log
 
     assert_same_adapter(run_dir, reference)
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # none missing, none twice
-    evals = lambda d: [(e["step"], e["eval"]) for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "eval" in e]  # noqa: E731
-    assert evals(run_dir) == evals(reference) and ((7, "eval") in evals(run_dir))
+    assert [e[:2] for e in evals(run_dir)] == [e[:2] for e in evals(reference)] and (7, "eval") in [e[:2] for e in evals(run_dir)]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 3 and summary["base_val_loss"] == json.loads((reference / "summary.json").read_text())["base_val_loss"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["restart"] for a in attempts] == [0, 1, 2, 3]
 
 
-def test_an_unpacked_run_batched_by_length_resumes_exactly(tmp_path, tiny_llama_dir):
+def test_the_command_line_exits_75_on_a_stop_and_the_same_command_resumes(tmp_path, tiny_llama_dir, reference):
+    """The exit code a job script reads: 75, checkpointed, not finished; and the same command line goes on. A
+    process is needed for the signal to come from outside (its handler is installed before the slow imports)."""
+    config = resume_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_argv(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not logged_steps(run_dir):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == CHECKPOINTED_EXIT, out
+    assert "TERM received: checkpointing at the next step boundary" in out and "checkpoint saved; the same command resumes" in out
+    assert main(["train", str(config), "--run-dir", str(run_dir)]) == 0
+    assert_same_adapter(run_dir, reference)
+
+
+def test_an_unpacked_run_batched_by_length_resumes_exactly(tmp_path, tiny_llama_dir, capsys):
     """Unpacked rows are drawn in batches of similar lengths, a shuffle of its own: a run stopped mid-epoch and
     in a later epoch still trains the batches of the uninterrupted one."""
     unpacked = {"packing": False}
     (tmp_path / "ref").mkdir()
-    reference = subprocess.run(train_argv(resume_config(tmp_path / "ref", tiny_llama_dir, unpacked), tmp_path / "ref" / "run"),
-                               capture_output=True, text=True)
-    assert reference.returncode == 0 and "not packed (data.packing=false)" in reference.stdout, reference.stdout + reference.stderr
+    _, log = train_here(resume_config(tmp_path / "ref", tiny_llama_dir, unpacked), tmp_path / "ref" / "run", capsys=capsys)
+    assert "not packed (data.packing=false)" in log
     config = resume_config(tmp_path, tiny_llama_dir, unpacked)
-    for step in (3, 11):
-        assert interrupt_after(config, tmp_path / "run", step).returncode == CHECKPOINTED_EXIT
-    final = subprocess.run(train_argv(config, tmp_path / "run"), capture_output=True, text=True)
-    assert final.returncode == 0 and "(restart 2)" in final.stdout, final.stdout + final.stderr
+    train_here(config, tmp_path / "run", 3)
+    train_here(config, tmp_path / "run", 11 - 3)
+    run, log = train_here(config, tmp_path / "run", capsys=capsys)
+    assert run.finished and "(restart 2)" in log
     assert_same_adapter(tmp_path / "run", tmp_path / "ref" / "run")
 
 
@@ -136,7 +190,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, tiny_llama_dir, reference):
+def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, tiny_llama_dir, reference, capsys):
     config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
     run_dir = tmp_path / "run"
     killed = subprocess.run(
@@ -147,9 +201,8 @@ def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, 
     assert (run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-10").is_dir()  # the half-written one
     assert checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints")) == 5
 
-    resumed = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from step 5 (restart 1)" in resumed.stdout
+    run, log = train_here(config, run_dir, capsys=capsys)
+    assert run.finished and "resumed from step 5 (restart 1)" in log
     assert_same_adapter(run_dir, reference)
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     kept = [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")]
@@ -168,37 +221,38 @@ def test_a_checkpoint_without_its_marker_is_never_used(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
 
-def test_resuming_with_a_different_config_is_refused(tmp_path, tiny_llama_dir):
+def test_resuming_with_a_different_config_is_refused(tmp_path, tiny_llama_dir, capsys):
     config = resume_config(tmp_path, tiny_llama_dir)
     run_dir = tmp_path / "run"
-    assert interrupt_after(config, run_dir, 2).returncode == CHECKPOINTED_EXIT
+    train_here(config, run_dir, 2)
     before = (run_dir / "config.yaml").read_text()
-    other = subprocess.run([*train_argv(config, run_dir), "train.lr=1e-3"], capture_output=True, text=True)
-    assert other.returncode == 2 and "holds checkpoints of a different config" in other.stderr
-    assert "Traceback" not in other.stderr
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(run_dir), "train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of a different config" in err and "Traceback" not in err
     assert (run_dir / "config.yaml").read_text() == before  # the run's own config is left as it was
 
 
-def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_it_resumes(tmp_path, tiny_llama_dir, reference):
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_it_resumes(tmp_path, tiny_llama_dir, reference, capsys):
     config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
     run_dir = tmp_path / "run"
-    assert interrupt_after(config, run_dir, 12).returncode == CHECKPOINTED_EXIT
+    train_here(config, run_dir, 12)
     newest = checkpoint.latest(run_dir / "checkpoints")
     older = checkpoint.step_of(checkpoint.complete_checkpoints(run_dir / "checkpoints")[-2])
     weights = newest / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated under its COMPLETE marker
 
-    resumed = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"{newest.name} is damaged (adapter_model.safetensors does not match its checksum" in resumed.stdout
-    assert f"resumed from step {older} (restart 1)" in resumed.stdout and "Traceback" not in resumed.stderr
+    run, log = train_here(config, run_dir, capsys=capsys)
+    assert run.finished
+    assert f"{newest.name} is damaged (adapter_model.safetensors does not match its checksum" in log
+    assert f"resumed from step {older} (restart 1)" in log
     assert (run_dir / "checkpoints" / f"damaged-{newest.name}").is_dir()  # kept for a look, never used
     assert_same_adapter(run_dir, reference)
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
 
 
-def test_a_second_training_in_the_same_run_directory_is_refused_until_the_first_dies(tmp_path, tiny_llama_dir):
-    config = resume_config(tmp_path, tiny_llama_dir, max_steps=2000, eval_every=0)
+def test_a_second_training_in_the_same_run_directory_is_refused_until_the_first_dies(tmp_path, tiny_llama_dir, capsys):
+    config = resume_config(tmp_path, tiny_llama_dir, max_steps=100000, eval_every=0)
     run_dir = tmp_path / "run"
     first = subprocess.Popen(train_argv(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -206,55 +260,34 @@ def test_a_second_training_in_the_same_run_directory_is_refused_until_the_first_
         while not logged_steps(run_dir):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        second = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
-        assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert f"is in use by another `hpclora train` (host {os.uname().nodename}, pid {first.pid}" in second.stderr
-        fresh = subprocess.run([*train_argv(config, run_dir), "--fresh"], capture_output=True, text=True)
-        assert fresh.returncode == 2 and (run_dir / "metrics.jsonl").exists()  # --fresh does not empty a run in use
+        assert main(["train", str(config), "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another `hpclora train` (host {os.uname().nodename}, pid {first.pid}" in err and "Traceback" not in err
+        assert main(["train", str(config), "--run-dir", str(run_dir), "--fresh"]) == 2
+        assert (run_dir / "metrics.jsonl").exists()  # --fresh does not empty a run in use
     finally:
         first.kill()
         first.wait()
-    third = subprocess.run([*train_argv(config, run_dir), "train.max_steps=2", "--fresh"], capture_output=True, text=True)
-    assert third.returncode == 0, third.stdout + third.stderr  # the lock died with its holder
+    assert main(["train", str(config), "--run-dir", str(run_dir), "train.max_steps=2", "--fresh"]) == 0  # the lock died with its holder
 
 
-def test_a_restart_before_any_checkpoint_logs_every_step_once_and_reuses_the_base_evaluation(tmp_path, tiny_llama_dir, reference):
+def test_a_restart_before_any_checkpoint_logs_every_step_once_and_reuses_the_base_evaluation(tmp_path, tiny_llama_dir, reference, capsys):
     """An OOM kill or a node failure before the first save: nothing to resume, but nothing logged twice."""
     config = resume_config(tmp_path, tiny_llama_dir)
     run_dir = tmp_path / "run"
-    killed = interrupt_after(config, run_dir, 3, signal.SIGKILL)
+    killed = killed_at(train_argv(config, run_dir), run_dir, 3)
     assert killed.returncode == -signal.SIGKILL and checkpoint.latest(run_dir / "checkpoints") is None
-    again = subprocess.run(train_argv(config, run_dir), capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "restart 1 from step 0 (no checkpoint yet)" in again.stdout
+    run, log = train_here(config, run_dir, capsys=capsys)
+    assert run.finished and "restart 1 from step 0 (no checkpoint yet)" in log
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    evals = lambda d: [(e["step"], e["eval"], e["val_loss"]) for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "eval" in e]  # noqa: E731
     assert evals(run_dir) == evals(reference)  # one base evaluation, with the same number
     assert_same_adapter(run_dir, reference)
 
 
 def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_a_checkpoint(tmp_path, tiny_llama_dir):
-    from hpclora import config as config_module
-    from hpclora.job.preempt import StopRequest
-    from hpclora.job.train import train
-
-    class SignalAfterTheLastStep(StopRequest):
-        """Sends this process a real SIGUSR1 just after the last step boundary was checked (step 3 of 3),
-        a moment no outside sender can hit reliably."""
-
-        reads = 0
-
-        @property
-        def requested(self):
-            self.reads += 1
-            if self.reads == 4:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return self.signal_name is not None
-
-    cfg = config_module.load(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 0}))
-    with SignalAfterTheLastStep() as stop:
-        run = train(cfg, run_dir=str(tmp_path / "run"), stop=stop)
-    assert stop.signal_name == "SIGUSR1" and run.finished
+    """A real SIGUSR1 just after the last step boundary was checked (step 3 of 3)."""
+    run, _ = train_here(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 0}), tmp_path / "run", 4)
+    assert run.finished
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert run.summary["final_val_loss"] is not None and run.summary["steps"] == 3
 
@@ -263,8 +296,6 @@ def test_train_refuses_run_directories_it_did_not_make_and_fresh_removes_only_it
     """`--run-dir` on a user's directory (a thesis and their data) or on a file is refused with exit 2 and
     nothing changed; `--fresh` on a real run directory removes what hpclora wrote, and refuses where a user's
     file was added to it."""
-    from hpclora.cli import main
-
     config = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 1})
     mine = tmp_path / "mine"
     (mine / "data").mkdir(parents=True)

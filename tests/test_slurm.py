@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,26 +71,35 @@ def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
 
 
-def test_submit_completes_and_status_and_logs_report_it(tmp_path, tiny_llama_dir, env):
-    # The setup line proves the token reached the job, through the environment only.
+def test_a_job_with_a_hostile_name_runs_and_status_logs_and_follow_report_it(tmp_path, tiny_llama_dir, env):
+    """One job carries the checks of a whole life on the cluster: a run name and paths made of shell syntax run
+    without executing anything; the token reaches the job through the environment only (the setup line checks)
+    and is written nowhere; `logs -f` follows until the job leaves the queue; status and logs find it by id and by
+    run directory; and without accounting, status judges the finished run by its directory."""
+    root = tmp_path / "my runs" / "$(touch pwned1)" / "`touch pwned2`"
+    logs = tmp_path / "logs $(touch pwned3)" / "100%"
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ['[ -n "${HF_TOKEN:-}" ] || { echo "no HF_TOKEN in the job"; exit 3; }']})
-    out = hpclora("submit", cfg, "lora.r=4", env=env, cwd=tmp_path).stdout
+    out = hpclora("submit", cfg, "lora.r=4", 'run.name=x"; touch pwned; echo "', f"run.output_root={root}", f"slurm.log_dir={logs}",
+                  env=env, cwd=tmp_path).stdout
     job_id = job_id_from(out)
+    followed = hpclora("logs", job_id, "-f", env=env, cwd=tmp_path).stdout  # returns once the job has left the queue
+    assert followed.rstrip().endswith("with exit code 0") and "adapter saved to" in followed
     assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
 
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    (run_dir,) = root.iterdir()
+    assert run_dir.name.startswith("x-touch-pwned-echo-") and json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
     record = json.loads((run_dir / "job.json").read_text())
     log = Path(record["log"])
-    assert record["job_id"] == job_id and log == tmp_path / "logs" / f"tiny-{job_id}.out"
+    assert record["job_id"] == job_id and log == logs / f"x-touch-pwned-echo-{job_id}.out"
     assert f"run directory: {run_dir}" in out and f"log: {log}" in out
+    everything = [p.name for p in tmp_path.rglob("*")] + [p.name for p in Path.cwd().iterdir()]
+    assert not [n for n in everything if n.startswith("pwned")]
 
     text = log.read_text()
     assert f"job {job_id} | node " in text and f"config sha256 {record['config_sha256']}" in text
-    assert "adapter saved to" in text and "Traceback" not in text
-    for path in files_under(run_dir, tmp_path / "logs", tmp_path / "state"):
+    assert "adapter saved to" in text and "Traceback" not in text and followed == text
+    for path in files_under(run_dir, logs, tmp_path / "state"):
         assert SECRET not in path.read_text(errors="replace"), f"secret leaked into {path}"
-
     for target in (job_id, run_dir):
         status = hpclora("status", target, env=env, cwd=tmp_path).stdout
         assert "COMPLETED" in status and "0:0" in status and str(log) in status, status
@@ -97,19 +107,23 @@ def test_submit_completes_and_status_and_logs_report_it(tmp_path, tiny_llama_dir
     assert job_id in hpclora("status", env=env, cwd=tmp_path).stdout
     assert hpclora("logs", job_id, env=env, cwd=tmp_path).stdout == text
 
+    # A cluster without slurmdbd cannot run beside the test cluster on one machine, so `sacct` is replaced by a
+    # script that answers exactly as Slurm 22.05 does when accounting is off; squeue stays real.
+    shim = tmp_path / "no-accounting"
+    shim.mkdir()
+    (shim / "sacct").write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    (shim / "sacct").chmod(0o755)
+    status = hpclora("status", job_id, env={**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}, cwd=tmp_path).stdout
+    assert "finished (adapter saved)" in status and "accounting (sacct) is off" in status
+    assert "progress   adapter saved to" in status
 
-def test_hostile_run_name_and_paths_run_without_executing_anything(tmp_path, tiny_llama_dir, env):
-    root = tmp_path / "my runs" / "$(touch pwned1)" / "`touch pwned2`"
-    logs = tmp_path / "logs $(touch pwned3)" / "100%"
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
-    out = hpclora("submit", cfg, 'run.name=x"; touch pwned; echo "', f"run.output_root={root}", f"slurm.log_dir={logs}", env=env, cwd=tmp_path).stdout
-    job_id = job_id_from(out)
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    (run_dir,) = root.iterdir()
-    assert run_dir.name.startswith("x-touch-pwned-echo-") and (run_dir / "adapter").is_dir()
-    assert (logs / f"x-touch-pwned-echo-{job_id}.out").exists()
-    everything = [p.name for p in tmp_path.rglob("*")] + [p.name for p in Path.cwd().iterdir()]
-    assert not [n for n in everything if n.startswith("pwned")]
+
+def test_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):
+    slow = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
+    job_id = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
+    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    assert wait_for(job_id)[job_id][0] == "CANCELLED"
+    assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_llama_dir, env):
@@ -138,22 +152,6 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
     assert "give one of" not in log
     ambiguous = hpclora("logs", job_id, env=env, cwd=tmp_path, check=False)
     assert ambiguous.returncode == 2 and f"{job_id}_0, {job_id}_1, {job_id}_2" in ambiguous.stderr
-
-
-def test_submitit_launcher_on_slurm_runs_a_two_rank_world(tmp_path, tiny_llama_dir, env):
-    """submitit starts one task per node, which runs torchrun for the node's ranks (here two gloo ranks)."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"cpu_ranks": 2}, slurm={"cpus_per_task": 2, "mem": "4G"})
-    out = hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout
-    job_id = job_id_from(out)
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
-    record = json.loads((run_dir / "job.json").read_text())
-    assert record["launcher"] == "submitit" and Path(record["log"]).parent == run_dir / "submitit"
-    assert "SRUN_CPUS_PER_TASK" in next((run_dir / "submitit").glob("*_submission.sh")).read_text()
-    log = hpclora("logs", job_id, env=env, cwd=tmp_path).stdout
-    assert "adapter saved to" in log and "world 2 ranks (gloo)" in log and log.count("adapter saved to") == 1
-    assert "COMPLETED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
 
 
 def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path, tiny_llama_dir, env):
@@ -229,53 +227,71 @@ def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env)
         assert f"(array {array}_{task})" in (tmp_path / "logs" / f"hpclora-sweep-{array}_{task}.out").read_text()
 
 
-def test_the_hand_written_template_starts_a_rank_per_gpu_and_requeues_a_stopped_world(tmp_path, tiny_llama_dir, env):
-    """`sbatch --gres=gpu:v100:2 jobs/train.sbatch`: two ranks through srun and torchrun (the test cluster's
-    GPUs are fake, so the ranks train on the CPU with gloo). USR1 to the batch shell stops both at one step,
-    rank 0 leaves the marker, the template requeues and the job resumes to the end."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0})
+def newest_checkpoint_step(run_dir: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def stop_locally_at(argv: list[str], run_dir_glob: str, tmp_path: Path, env: dict, step: int) -> Path:
+    """Run `argv` (a local hpclora) until its run directory logged `step`, then stop it with USR1 as a user's kill
+    would; its run directory, with a checkpoint of every step (train.save_every: 1)."""
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def reached():
+            assert proc.poll() is None, proc.stdout.read()
+            dirs = list((tmp_path / "runs").glob(run_dir_glob))
+            return bool(dirs) and any(s >= step for s in metrics_steps(dirs[0]))
+        wait_until(reached, f"step {step} of {run_dir_glob}")
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and "Traceback" not in output, output[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob(run_dir_glob)
+    return run_dir
+
+
+def same_weights(a: Path, b: Path, tolerance: float = 0.0) -> None:
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(a), load_file(b)
+    assert ours.keys() == theirs.keys() and ours
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst <= tolerance, f"{a} and {b} differ by {worst}"
+
+
+LONG_RUN = {"max_steps": 100000, "eval_every": 0, "log_every": 1, "save_every": 1, "keep_checkpoints": 1000}
+
+
+def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
+    """`sbatch --gres=gpu:v100:2 jobs/train.sbatch`: two ranks through srun and torchrun (the test cluster's GPUs are
+    fake, so the ranks train on the CPU with gloo). USR1 to the batch shell stops both at one step, rank 0 leaves the
+    marker, the template requeues (HPCLORA_MAX_REQUEUES=1) and the world resumes; stopped again, it is out of
+    requeues. Its last checkpoint is the one an uninterrupted two-rank run (the local launcher) writes at that step.
+    The run is too long to end by itself: every signal waits for the step it is meant for, none races the end."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, lora={"dropout": 0.0})
     (tmp_path / "logs").mkdir(exist_ok=True)  # the template logs to logs/ where it is submitted
     done = subprocess.run(["sbatch", "--parsable", "--gres=gpu:v100:2", "--cpus-per-task=2", "--mem=4G", "--time=10:00",
                            str(ROOT / "jobs" / "train.sbatch"), str(cfg), "run.name=two"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True)
+                          env={**env, "HPCLORA_MAX_REQUEUES": "1"}, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip()
     run_dir = tmp_path / "runs" / f"two-{job_id}"
-    signal_when(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
-    assert metrics_steps(run_dir) == list(range(1, 41)) and (run_dir / "adapter").is_dir()
+    signal_after(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
+    resumed = signal_after(job_id, run_dir, 1, 3, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("FAILED", "75:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "FAILED"]
+    last = newest_checkpoint_step(run_dir)
+    assert metrics_steps(run_dir) == list(range(1, last + 1)) and not (run_dir / "adapter").exists()
     log = (tmp_path / "logs" / f"hpclora-{job_id}.out").read_text()
-    assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and "resumed from step" in log
-    assert "Traceback" not in log and not list((tmp_path / "logs").glob(".hpclora-stopped-*"))
+    assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and f"resumed from step {resumed}" in log
+    assert "requeued 1 times already (HPCLORA_MAX_REQUEUES): not requeueing" in log
+    assert "Traceback" not in log and "ChildFailedError" not in log  # a stop is no failure, for torchrun either
+    assert not list((tmp_path / "logs").glob(".hpclora-stopped-*"))
 
-
-def test_logs_follow_until_the_job_ends_and_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    followed = hpclora("logs", job_id, "-f", env=env, cwd=tmp_path).stdout  # returns once the job has left the queue
-    assert followed.rstrip().endswith("with exit code 0") and "adapter saved to" in followed
-
-    slow = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
-    job_id = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
-    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
-    assert wait_for(job_id)[job_id][0] == "CANCELLED"
-    assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
-
-
-def test_status_without_accounting_judges_finished_runs_by_their_directories(tmp_path, tiny_llama_dir, env):
-    """A cluster without slurmdbd cannot run beside the test cluster on one machine, so `sacct` is replaced
-    by a script that answers exactly as Slurm 22.05 does when accounting is off; squeue stays real."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    wait_for(job_id)
-    shim = tmp_path / "no-accounting"
-    shim.mkdir()
-    (shim / "sacct").write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
-    (shim / "sacct").chmod(0o755)
-    status = hpclora("status", job_id, env={**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}, cwd=tmp_path).stdout
-    assert "finished (adapter saved)" in status and "accounting (sacct) is off" in status
-    assert "progress   adapter saved to" in status
+    reference = stop_locally_at([sys.executable, "-m", "hpclora", "submit", str(cfg), "run.name=reference", "train.cpu_ranks=2",
+                                 "slurm.cpus_per_task=2", "slurm.mem=4G", "--launcher", "local"], "reference-*", tmp_path, env, last)
+    same_weights(run_dir / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors",
+                 reference / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors", 1e-6)
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
@@ -291,104 +307,67 @@ def wait_until(condition, what: str, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
-def signal_when(job_id: str, run_dir: Path, restart: int, step: int, scancel_args: list[str]) -> None:
-    """Send a signal once attempt `restart` of the job has logged `step` (earlier attempts' steps do not count)."""
-    def reached():
-        attempts = run_dir / "attempts.jsonl"
-        started = attempts.read_text().count("\n") if attempts.exists() else 0
-        return started == restart + 1 and any(s >= step for s in metrics_steps(run_dir))
-    wait_until(reached, f"step {step} of attempt {restart}")
-    subprocess.run(["scancel", *scancel_args, job_id], check=True)
+def attempt(run_dir: Path, restart: int) -> dict | None:
+    """Attempt `restart`'s line of attempts.jsonl, while it is the newest (None before it starts and after)."""
+    path = run_dir / "attempts.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[restart]) if len(lines) == restart + 1 else None
 
+
+def signal_after(job_id: str, run_dir: Path, restart: int, steps: int, scancel_args: list[str]) -> int:
+    """Once attempt `restart` of the job has logged `steps` steps past the checkpoint it resumed from, signal the job;
+    returns the step it resumed from (0 for the first attempt)."""
+    def trained():
+        now = attempt(run_dir, restart)
+        return now is not None and max(metrics_steps(run_dir), default=0) >= (now["resumed_from"] or 0) + steps
+    wait_until(trained, f"{steps} steps of attempt {restart}")
+    subprocess.run(["scancel", *scancel_args, job_id], check=True)
+    return attempt(run_dir, restart)["resumed_from"] or 0
 
 def requeue_records(job_id: str) -> list[str]:
     out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines()]
 
 
-def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
-    # Steps of the tiny model take tens of milliseconds: the last signal leaves ~90 steps, more than its way
-    # through scancel, slurmd and the batch shell takes, so that it never arrives after the last step.
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 120, "eval_every": 0}, lora={"dropout": 0.1})
-    reference = subprocess.run(  # uninterrupted, with the job's one thread, so that sums round the same way
-        [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(tmp_path / "reference")],
-        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-    )
-    assert reference.returncode == 0, reference.stderr
-
+def test_usr1_term_and_a_time_limit_each_checkpoint_and_requeue_until_the_requeues_run_out(tmp_path, tiny_llama_dir, env):
+    """One job through every stop an allocation meets, each in its own attempt: USR1 to the batch shell (what
+    `--signal=B:USR1@...` sends before the limit), TERM to it (preemption), and a real time limit, brought close by
+    shortening the running job's limit so that Slurm's own signal falls due (train.preempt_grace_s before it). The
+    first two requeue; after the third the job is out of requeues (slurm.max_requeues=2), fails with 75 and keeps
+    its checkpoint; Slurm never times it out. Every logged step is there once, and the last checkpoint is the one an
+    uninterrupted run writes at that step, bit for bit. The run is too long to end by itself: no signal races it."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "preempt_grace_s": 300}, lora={"dropout": 0.1},
+                        slurm={"max_requeues": 2, "time": "10"})
     job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-")]
-    for restart, step in enumerate((3, 17, 28)):  # mid-epoch, and in later epochs
-        signal_when(job_id, run_dir, restart, step, ["--signal=USR1", "--batch"])
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    signal_after(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
+    signal_after(job_id, run_dir, 1, 3, ["--signal=TERM", "--batch"])
+    wait_until(lambda: (third := attempt(run_dir, 2)) is not None and max(metrics_steps(run_dir)) >= third["resumed_from"] + 3,
+               "three steps of the third attempt")
+    # Its limit, in whole minutes, at least a minute past now: more than train.preempt_grace_s (300 s) before the
+    # end is now, so Slurm signals at its next check, and the minute left is for the checkpoint.
+    elapsed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%M"], capture_output=True, text=True).stdout.strip()
+    seconds = sum(int(part) * 60 ** i for i, part in enumerate(reversed(elapsed.replace("-", ":").split(":"))))
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={math.ceil((seconds + 60) / 60)}"], check=True)
+    assert wait_for(job_id, timeout=300) == {job_id: ("FAILED", "75:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "FAILED"]  # never TIMEOUT: each checkpoint came first
 
-    assert requeue_records(job_id) == ["REQUEUED", "REQUEUED", "REQUEUED", "COMPLETED"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
-    assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2", "3"]
-    assert metrics_steps(run_dir) == list(range(1, 121))
+    assert [a["slurm_restart_count"] for a in attempts] == [None, "1", "2"]
+    last = newest_checkpoint_step(run_dir)
+    assert metrics_steps(run_dir) == list(range(1, last + 1)) and not (run_dir / "adapter").exists()
     log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
-    assert log.count("checkpoint saved; requeueing job") == 3 and "resumed from step" in log and "(restart 3)" in log
-    from safetensors.torch import load_file
+    assert log.count("checkpoint saved; requeueing job") == 2 and "TERM received" in log and log.count("USR1 received") == 2
+    assert "requeued 2 times already (slurm.max_requeues): not requeueing" in log and "(restart 2)" in log
+    assert "restarts   2" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
 
-    ours, theirs = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, tmp_path / "reference"))
-    assert all((ours[k] == theirs[k]).all() for k in theirs), "the requeued run's adapter differs from the uninterrupted one"
-    status = hpclora("status", job_id, env=env, cwd=tmp_path).stdout
-    assert "COMPLETED" in status and "restarts   3" in status
-
-
-def test_a_job_out_of_requeues_stops_with_its_checkpoint_and_says_so(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"max_requeues": 0})
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    signal_when(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
-    assert wait_for(job_id) == {job_id: ("FAILED", "75:0")}
-    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
-    assert "requeued 0 times already (slurm.max_requeues): not requeueing" in log
-    assert (run_dir / "checkpoints").is_dir() and not (run_dir / "adapter").exists()
-
-
-def steps_lasting(seconds: float, cfg: Path, tmp_path: Path, env: dict) -> int:
-    """How many steps of `cfg` take `seconds` of training on this machine (one thread, as the job has),
-    measured on a short local run, rounded up to the log interval of 10."""
-    probe = tmp_path / "speed-probe"
-    done = subprocess.run(
-        [sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(probe), "train.max_steps=60"],
-        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    logged = {e["step"]: e["elapsed_s"] for e in map(json.loads, (probe / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
-    per_step = (logged[60] - logged[10]) / 50
-    shutil.rmtree(probe)
-    return 10 * math.ceil(seconds / per_step / 10)
-
-
-def test_a_time_limit_shorter_than_the_run_is_survived_by_requeueing(tmp_path, tiny_llama_dir, env):
-    """--time=2 (minutes), the signal 20 s before it (Slurm may send it up to 60 s earlier still), and
-    training that lasts about three minutes on this machine: more than one allocation can hold."""
-    train = {"eval_every": 0, "log_every": 10, "preempt_grace_s": 20}
-    probe_cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=train)
-    steps = steps_lasting(180, probe_cfg, tmp_path, env)
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**train, "max_steps": steps}, slurm={"time": "2", "max_requeues": 8})
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    assert wait_for(job_id, timeout=900) == {job_id: ("COMPLETED", "0:0")}
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    restarts = requeue_records(job_id).count("REQUEUED")
-    assert restarts >= 1 and "TIMEOUT" not in requeue_records(job_id)
-    assert metrics_steps(run_dir) == list(range(10, steps + 1, 10))
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
-    assert f"restarts   {restarts}" in hpclora("status", run_dir, env=env, cwd=tmp_path).stdout
-
-
-def test_submitit_checkpoint_protocol_requeues_and_resumes(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
-    job_id = job_id_from(hpclora("submit", cfg, "--launcher", "submitit", env=env, cwd=tmp_path).stdout)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    signal_when(job_id, run_dir, 0, 8, ["--signal=USR2"])  # what submitit asks Slurm to send before the limit
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
-    assert metrics_steps(run_dir) == list(range(1, 31))
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
-
+    # The same config, uninterrupted, with the job's one thread, so that sums round the same way.
+    reference = stop_locally_at([sys.executable, "-m", "hpclora", "train", str(cfg), "--run-dir", str(tmp_path / "runs" / "reference-run")],
+                                "reference-run", tmp_path, {**env, "OMP_NUM_THREADS": "1"}, last)
+    same_weights(run_dir / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors",
+                 reference / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors")
+    losses = lambda d: [e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e]  # noqa: E731
+    assert losses(run_dir) == losses(reference)[:last]
 
 @pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
 def test_slurm_launchers_run_the_job_offline_from_the_shared_cache_in_the_image(tmp_path, tiny_llama_dir, env, launcher):
@@ -407,7 +386,7 @@ def test_slurm_launchers_run_the_job_offline_from_the_shared_cache_in_the_image(
 @pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
 def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, env, launcher):
     """scancel sends TERM: training checkpoints and exits 75 as on preemption, but the job is not requeued."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 2000, "eval_every": 0, "log_every": 1})
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "save_every": 0})
     job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=env, cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     wait_until(lambda: any(s >= 5 for s in metrics_steps(run_dir)), "step 5")
@@ -424,46 +403,10 @@ def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, en
         assert "TERM received" in log and "(cancelled): not requeueing" in log
 
 
-def test_term_to_the_batch_shell_as_on_preemption_still_requeues(tmp_path, tiny_llama_dir, env):
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 30, "eval_every": 0})
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    signal_when(job_id, run_dir, 0, 5, ["--signal=TERM", "--batch"])
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
-    assert metrics_steps(run_dir) == list(range(1, 31))
-
-
 def test_status_and_cancel_of_a_job_slurm_never_had_are_user_errors(tmp_path, env):
     for command in ("status", "cancel"):
         done = hpclora(command, "987654", env=env, cwd=tmp_path, check=False)
         assert done.returncode == 2 and "job 987654 is unknown to Slurm" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_a_two_rank_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, env):
-    """train.cpu_ranks=2: one srun task runs torchrun with two gloo ranks. USR1 to the batch shell reaches
-    both ranks (scancel --signal), they stop at the same step, the job requeues and resumes exactly."""
-    from safetensors.torch import load_file
-
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "eval_every": 0, "cpu_ranks": 2},
-                        lora={"dropout": 0.0}, slurm={"cpus_per_task": 2, "mem": "4G"})
-    reference = hpclora("submit", cfg, "--launcher", "local", "run.name=reference", env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
-    assert "world 2 ranks (gloo)" in reference.stdout
-    (reference_dir,) = (tmp_path / "runs").glob("reference-*")
-
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
-    (run_dir,) = (tmp_path / "runs").glob("tiny-*")
-    assert "--ntasks-per-node=1" in (run_dir / "job.sbatch").read_text()
-    signal_when(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
-    assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    assert requeue_records(job_id) == ["REQUEUED", "COMPLETED"]
-    assert metrics_steps(run_dir) == list(range(1, 41))
-    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
-    assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and "resumed from step" in log
-    assert "Traceback" not in log and "FAILED" not in log  # a stop is no failure, for torchrun either
-    a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    b = load_file(reference_dir / "adapter" / "adapter_model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 # A stand-in for apptainer (neither it nor Singularity installs here): FAKE_RUNTIME, which also keeps the words
@@ -514,6 +457,16 @@ def test_user_text_reaches_every_job_script_as_text_never_as_commands(tmp_path, 
                 assert expected in words, (name, expected, words)
         (run_dir,) = (tmp_path / hostile("runs") / name).iterdir()
         assert (run_dir / "adapter" / "adapter_model.safetensors").exists(), name
+        # Torch threads: the task's cores (slurm.cpus_per_task, one per rank here) shared by its ranks, whichever
+        # launcher ran it (submitit once gave each rank all of them).
+        assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == 1, name
+        if name == "r2-host-submitit":  # submitit starts one task per node, which runs torchrun for its two ranks
+            record = json.loads((run_dir / "job.json").read_text())
+            assert record["launcher"] == "submitit" and Path(record["log"]).parent == run_dir / "submitit"
+            assert "SRUN_CPUS_PER_TASK" in next((run_dir / "submitit").glob("*_submission.sh")).read_text()
+            log = hpclora("logs", job_id, env=job_env, cwd=tmp_path).stdout
+            assert log.count("world 2 ranks (gloo)") == 1 and log.count("adapter saved to") == 1
+            assert "COMPLETED" in hpclora("status", job_id, env=job_env, cwd=tmp_path).stdout
     assert sorted(p.name for p in canary.iterdir()) == []
 
 

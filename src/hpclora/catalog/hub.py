@@ -31,9 +31,9 @@ def is_offline() -> bool:
     return bool(offline_switches())
 
 
-def hf_home(cfg) -> Path:
-    """cache.hf_home, else $HF_HOME, else ~/.cache/huggingface."""
-    return Path(cfg.cache.hf_home or os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+def hf_home(cfg=None) -> Path:
+    """cache.hf_home, else $HF_HOME, else ~/.cache/huggingface (without a config: the process's own)."""
+    return Path((cfg.cache.hf_home if cfg is not None else None) or os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
 
 
 def use_cache(cfg) -> None:
@@ -81,13 +81,18 @@ def cached_model_file(cfg, filename: str) -> Path | None:
 
 
 def dataset_cached(cfg, dataset_id: str) -> bool:
-    """Whether some revision of the dataset has files in the shared cache. `datasets` downloads by commit
-    and records no branch name, so this asks huggingface_hub's cache scan rather than a revision lookup."""
+    """Whether some revision of the dataset has files in the run's shared cache."""
+    return dataset_in_cache(hf_home(cfg), dataset_id)
+
+
+def dataset_in_cache(home: Path, dataset_id: str) -> bool:
+    """Whether some revision of the dataset has files in the cache at `home` (an HF_HOME). `datasets` downloads by
+    commit and records no branch name, so this asks huggingface_hub's cache scan rather than a revision lookup."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        repos = scan_cache_dir(hf_home(cfg) / "hub").repos
+        repos = scan_cache_dir(home / "hub").repos
     except CacheNotFound:
         return False
     return any(r.repo_type == "dataset" and r.repo_id == dataset_id and any(v.nb_files for v in r.revisions) for r in repos)

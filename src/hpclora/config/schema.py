@@ -98,12 +98,12 @@ class DataSection:
         "auto",
         "Row format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
         "messages (role/content), text; auto detects it from the first row.",
-        choices=("auto", "alpaca", "sharegpt", "messages", "text"),
+        choices=("auto", *FORMATS),
     )
     template: str = opt(
         "alpaca",
         "Prompt template: alpaca, alpaca_ja, calm (ユーザー:/システム:), chat (the tokenizer's chat template), none.",
-        choices=("alpaca", "alpaca_ja", "calm", "chat", "none"),
+        choices=TEMPLATES,
     )
     columns: Dict[str, str] = opt({}, "Rename columns before reading, e.g. {instruction: act, output: prompt}.")
     max_length: int = opt(512, "Longest tokenized example (and packed row) in tokens; longer examples are truncated; at most the model's context.", min=16, max=1_048_576)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, UserError
-from ..catalog.hub import is_offline, local_data_path
+from ..catalog.hub import dataset_in_cache, hf_home, is_offline, local_data_path
 
 # Python's codec names -> (what users call the encoding, iconv's name for it).
 ENCODINGS = {
@@ -145,18 +145,18 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         raise DataError(str(path), f"cannot read parquet {where}: {exc}") from None
 
 
+OFFLINE_HINT = "this node is offline and the dataset is not in the Hugging Face cache ($HF_HOME); run `hpclora stage CONFIG` on a node with internet first"
+
+
 def _read_hub(dataset_id: str, split: str) -> Iterator[RawRow]:
     import datasets
 
+    if is_offline() and not dataset_in_cache(hf_home(), dataset_id):  # say so at once: no retries against a hub out of reach
+        raise UserError(f"data.path: cannot load dataset '{dataset_id}' (split '{split}'): not in the cache at {hf_home()}; {OFFLINE_HINT}")
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:
-        hint = (
-            "this node is offline and the dataset is not in the Hugging Face cache ($HF_HOME); "
-            "run `hpclora stage CONFIG` on a node with internet first"
-            if is_offline()
-            else "check the dataset id and split, or give a local file"
-        )
+        hint = OFFLINE_HINT if is_offline() else "check the dataset id and split, or give a local file"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"data.path: cannot load dataset '{dataset_id}' (split '{split}'): {first}; {hint}") from None
     return (RawRow(r, i, "row") for i, r in enumerate(ds, start=1))

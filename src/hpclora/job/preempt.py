@@ -29,8 +29,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        # The name first: a call between the test and the assignment would let a second signal's handler run in
+        # between (the job script passes a stop on more than once), and both would print.
+        name = signal.Signals(signum).name
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name = name
             print(f"{self.signal_name} received: checkpointing at the next step boundary", flush=True)
 
     @property
