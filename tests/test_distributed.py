@@ -40,7 +40,7 @@ with open(f"{out}/result{rank}.json", "w") as fh:
 def ddp_config(tmp_path: Path, model_dir: Path, **train) -> Path:
     config = tiny_run_yaml(tmp_path, model_dir, lora={"dropout": 0.0},
                            train={"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "eval_every": 2, **train},
-                           data={"val_size": 8})
+                           data={"val_size": 7})  # 7 rows: no even split over 2 ranks x 4 rows
     write_jsonl(tmp_path / "data.jsonl", alpaca_rows(40))
     return config
 
@@ -78,16 +78,21 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["val_loss"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in e}
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory, tiny_llama_dir):
     """One process, 4 rows x 2 accumulation = the 2-rank runs' global batch of 8."""
     tmp = tmp_path_factory.mktemp("one-rank")
     config = ddp_config(tmp, tiny_llama_dir)
     out, _ = harness(tmp, config, tmp / "run", "out", [sys.executable], "train.grad_accum=2")
-    return weights(out / "rank0.safetensors")
+    return weights(out / "rank0.safetensors"), val_losses(tmp / "run")
 
 
 def test_two_gloo_ranks_train_one_adapter_equal_to_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir, one_rank):
+    one_rank, one_rank_val = one_rank
     config = ddp_config(tmp_path, tiny_llama_dir)
     run_dir = tmp_path / "run"
     out, done = harness(tmp_path, config, run_dir, "out", two_ranks())
@@ -95,6 +100,9 @@ def test_two_gloo_ranks_train_one_adapter_equal_to_one_rank_over_the_same_global
     assert max_difference(rank0, rank1) == 0.0  # DDP: one model, not two copies trained apart
     assert max_difference(rank0, one_rank) <= 1e-6
     assert max_difference(weights(run_dir / "adapter" / "adapter_model.safetensors"), rank0) == 0.0
+    # The validation loss over 7 rows split 4 + 3: each row counted once, as by one rank.
+    assert sorted(val_losses(run_dir)) == sorted(one_rank_val) == [0, 2, 4]
+    assert all(abs(val_losses(run_dir)[s] - one_rank_val[s]) <= 1e-5 * one_rank_val[s] for s in one_rank_val)
     # One voice: rank 0 alone logged, wrote metrics and attempts, and printed.
     assert logged_steps(run_dir) == [1, 2, 3, 4]
     assert len((run_dir / "attempts.jsonl").read_text().splitlines()) == 1
@@ -105,6 +113,7 @@ def test_two_gloo_ranks_train_one_adapter_equal_to_one_rank_over_the_same_global
 
 
 def test_gradient_checkpointing_under_ddp_trains_the_same_adapter(tmp_path, tiny_llama_dir, one_rank):
+    one_rank, _ = one_rank
     config = ddp_config(tmp_path, tiny_llama_dir)
     out, _ = harness(tmp_path, config, tmp_path / "run", "out", two_ranks(), "train.gradient_checkpointing=true")
     assert max_difference(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")) == 0.0
@@ -119,6 +128,7 @@ def free_port() -> int:
 
 def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_llama_dir, one_rank):
     """Two torchrun processes with --nnodes 2, one rank each, as on two nodes of a job."""
+    one_rank, _ = one_rank
     config = ddp_config(tmp_path, tiny_llama_dir)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
@@ -204,22 +214,26 @@ def test_launchers_that_cannot_start_a_world_say_so_before_writing_anything(tmp_
     assert not any((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else True
 
 
-def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin(tiny_llama_dir, tmp_path):
+def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin_and_the_model_recomputes_its_own_activations(tiny_llama_dir, tmp_path):
     """FSDP runs only on GPUs (accelerate trains CPU ranks with DDP), and there is none here: this checks that
     the settings train.py passes reach accelerate's FSDP2 plugin as meant: full shard per decoder layer,
-    checkpoints gathered whole (for a PEFT model: the adapter), FSDP's own activation checkpointing."""
+    checkpoints gathered whole (for a PEFT model: the adapter), and no activation checkpointing of FSDP's own (it
+    would not save the random state that LoRA dropout draws from): the model's layers recompute, as without FSDP."""
     from transformers import TrainingArguments
 
     from hpclora import config
+    from hpclora.job.model import attach_lora, load_base
     from hpclora.job.trainer import fsdp_arguments
 
-    for checkpointing in (False, True):
-        cfg = config.load(ddp_config(tmp_path, tiny_llama_dir), [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **fsdp_arguments(cfg))
-        plugin = args.fsdp_plugin_args
-        assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert plugin["reshard_after_forward"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
-        assert plugin["activation_checkpointing"] is checkpointing
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **fsdp_arguments())
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["reshard_after_forward"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert not plugin.get("activation_checkpointing")
+    cfg = config.load(ddp_config(tmp_path, tiny_llama_dir), ["train.gradient_checkpointing=true", "train.checkpointed_layers=1"])
+    model, _ = attach_lora(load_base(cfg, "bf16", "cpu", sharded=True), cfg)
+    recomputing = [m.gradient_checkpointing for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert recomputing == [True, False]  # train.checkpointed_layers=1: the first layer only
 
 
 def test_fsdp_is_refused_for_cpu_ranks_at_training_time_too(tmp_path, tiny_llama_dir):

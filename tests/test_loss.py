@@ -4,6 +4,7 @@ architecture in the table; and the evaluation's summed loss equal to the full-lo
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -120,3 +121,27 @@ def test_a_batch_without_any_response_token_gives_a_zero_loss_that_backpropagate
     total, count = hloss.labelled_loss(seen.hidden, labels, head)
     total.backward()
     assert count == 0 and total.item() == 0.0
+
+
+def test_fp16_gradients_of_the_labelled_loss_carry_the_loss_scale_instead_of_underflowing():
+    """fp16 (V100, T4): GradScaler multiplies the loss by a large factor so that small gradients survive fp16; the
+    chunked loss must compute its gradient with that factor, not before it. Against the same computation in fp32,
+    on rows the head already predicts well (logit 18 for the target, 0 for the rest), whose gradients are all
+    below fp16's smallest normal number."""
+    head = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(3 * torch.eye(8))
+    head.weight.requires_grad_(False)
+    targets = torch.arange(40) % 8
+    hidden = 6.0 * torch.nn.functional.one_hot(targets, 8).float()
+    scale = 2.0**16 / 40  # GradScaler's initial scale, over the tokens the Trainer divides by
+
+    def gradient(dtype):
+        rows = hidden.to(dtype).detach().requires_grad_()
+        total = hloss._LabelledCrossEntropy.apply(rows, targets, copy.deepcopy(head).to(dtype))
+        (total * scale).backward()
+        return rows.grad.float() / scale
+
+    reference, half = gradient(torch.float32), gradient(torch.float16)
+    assert (reference.abs() < 6.1e-5).all() and reference.abs().sum() > 0
+    assert ((half - reference).norm() / reference.norm()).item() < 1e-2

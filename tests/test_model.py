@@ -11,7 +11,7 @@ from hpclora.errors import UserError
 from hpclora.job.model import attach_lora, choose_targets
 from hpclora.catalog.precision import choose_precision
 
-from conftest import ROOT, alpaca_rows, tiny_model, write_jsonl
+from conftest import ROOT, alpaca_rows, tiny_model, tiny_run_yaml, write_jsonl
 
 EXPECTED = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -328,3 +328,39 @@ def test_fast_kernels_are_chosen_only_where_installed_and_usable():
     cpu_packed = kernels_here("auto", "llama", "fp32", "cpu", packed=True)
     assert cpu_packed.attention == "sdpa_varlen" and cpu_packed.lines == ("attention: PyTorch sdpa once per packed example (no FlashAttention on a CPU)",)
     assert kernels_here("auto", "bloom", "fp32", "cpu", packed=True).attention == "auto"  # eager-only: never split
+
+
+def test_generate_eval_and_chat_load_the_model_onto_the_device_the_node_has(tmp_path, tiny_llama_dir, monkeypatch):
+    """Answers and held-out losses are computed on the node's GPU, not on its CPU beside an idle GPU. There is no GPU
+    here: torch's `meta` device, which holds no storage, stands in as the device the node reports (a fake of what
+    cannot exist here)."""
+    from hpclora.job import resolve
+    from hpclora.results.generate import load_model
+
+    monkeypatch.setattr(resolve, "detect_device", lambda: ("meta", False))
+    model, _ = load_model(config.load(tiny_run_yaml(tmp_path, tiny_llama_dir)))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_4bit_weights_that_fsdp_shards_are_stored_in_bf16_whatever_the_compute_dtype(tmp_path, tiny_llama_dir):
+    """FSDP computes in bf16 and casts any parameter of another dtype before gathering it: 4-bit bytes packed into
+    fp16 or fp32 storage would be cast as numbers and become garbage."""
+    import torch
+
+    from hpclora.job.model import load_base
+
+    cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir, quant={"bits": 4, "compute_dtype": "fp32"}))
+    packed = {p.dtype for name, p in load_base(cfg, "bf16", "cpu", sharded=True).named_parameters() if name.endswith("proj.weight")}
+    assert packed == {torch.bfloat16}
+
+
+def test_biases_that_lora_trains_beside_fp16_weights_are_fp32(tmp_path, tiny_llama_dir):
+    """lora.bias=all on a model with biases (GPT-NeoX, as OpenCALM) in fp16, as on a V100: fp16 loss scaling cannot
+    unscale fp16 gradients, so every trained parameter must be fp32, the base's biases included."""
+    import torch
+
+    cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir, lora={"bias": "all"}))
+    model, _ = attach_lora(tiny_model("gpt_neox").half(), cfg)
+    trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.endswith(".bias") for name in trained)
+    assert set(trained.values()) == {torch.float32}

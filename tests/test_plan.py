@@ -258,3 +258,13 @@ def test_fsdp_is_chosen_and_allowed_only_where_the_job_can_run_it(tmp_path):
     for setting in ("quant.bits=8", "train.optimizer=adamw_8bit"):
         with pytest.raises(UserError, match="train.distributed"):
             cfg_for(tmp_path, *lora_13b, "train.distributed=fsdp", setting)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"cpu|m": {"device": "cpu"}}'])
+def test_a_calibration_file_that_cannot_be_read_is_named_and_plans_go_on_with_the_estimate(tmp_path, monkeypatch, cli, content):
+    monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "calibration.json").write_text(content)
+    done = cli("plan", ROOT / "configs" / "demo-cpu.yaml", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["tokens_per_s_note"].startswith("estimate")
+    assert f"warning: {tmp_path / 'state' / 'calibration.json'} is not a calibration file hpclora can read" in done.stderr

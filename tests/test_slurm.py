@@ -262,28 +262,58 @@ def same_weights(a: Path, b: Path, tolerance: float = 0.0) -> None:
 LONG_RUN = {"max_steps": 100000, "eval_every": 0, "log_every": 1, "save_every": 1, "keep_checkpoints": 1000}
 
 
+# Loaded by every Python of a job whose PYTHONPATH leads here: once the file SLOW names exists, the next checkpoint
+# rank 0 publishes takes 40 s longer, more than the 30 s torchrun gives its ranks between a TERM and SIGKILL.
+SLOW_CHECKPOINT = """
+import os, pathlib, time
+import hpclora.job.checkpoint as checkpoint
+
+publish, slow = checkpoint.publish, pathlib.Path(os.environ["SLOW"])
+
+def slow_publish(*args, **kwargs):
+    if slow.exists():
+        slow.unlink()
+        print("test: this checkpoint takes 40 s", flush=True)
+        time.sleep(40)
+    return publish(*args, **kwargs)
+
+checkpoint.publish = slow_publish
+"""
+
+
 def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
     """`sbatch --gres=gpu:v100:2 jobs/train.sbatch`: two ranks through srun and torchrun (the test cluster's GPUs are
-    fake, so the ranks train on the CPU with gloo). USR1 to the batch shell stops both at one step, rank 0 leaves the
-    marker, the template requeues (HPCLORA_MAX_REQUEUES=1) and the world resumes; stopped again, it is out of
-    requeues. Its last checkpoint is the one an uninterrupted two-rank run (the local launcher) writes at that step.
-    The run is too long to end by itself: every signal waits for the step it is meant for, none races the end."""
+    fake, so the ranks train on the CPU with gloo). TERM to every process of the job, as slurmstepd sends it on
+    preemption, torchrun included, while a checkpoint takes 40 s: no rank is killed, the world stops at one step,
+    rank 0 leaves the marker, the template requeues (HPCLORA_MAX_REQUEUES=1) and the world resumes; stopped again by
+    USR1 to the batch shell, it is out of requeues. Its last checkpoint is the one an uninterrupted two-rank run
+    (the local launcher) writes at that step. The run is too long to end by itself: every signal waits for the step
+    it is meant for, none races the end."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, lora={"dropout": 0.0})
     (tmp_path / "logs").mkdir(exist_ok=True)  # the template logs to logs/ where it is submitted
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_CHECKPOINT)
+    slow = tmp_path / "slow-checkpoint"
+    job_env = {**env, "HPCLORA_MAX_REQUEUES": "1", "PYTHONPATH": str(tmp_path / "site"), "SLOW": str(slow)}
     done = subprocess.run(["sbatch", "--parsable", "--gres=gpu:v100:2", "--cpus-per-task=2", "--mem=4G", "--time=10:00",
                            str(ROOT / "jobs" / "train.sbatch"), str(cfg), "run.name=two"],
-                          env={**env, "HPCLORA_MAX_REQUEUES": "1"}, cwd=tmp_path, capture_output=True, text=True)
+                          env=job_env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip()
     run_dir = tmp_path / "runs" / f"two-{job_id}"
-    signal_after(job_id, run_dir, 0, 5, ["--signal=USR1", "--batch"])
+    log_path = tmp_path / "logs" / f"hpclora-{job_id}.out"
+    trained_steps(run_dir, 0, 5)
+    slow.touch()  # TERM follows once a checkpoint is being written
+    wait_until(lambda: "this checkpoint takes 40 s" in log_path.read_text(), "the slow checkpoint")
+    subprocess.run(["scancel", "--signal=TERM", "--full", job_id], check=True)
     resumed = signal_after(job_id, run_dir, 1, 3, ["--signal=USR1", "--batch"])
     assert wait_for(job_id) == {job_id: ("FAILED", "75:0")}
     assert requeue_records(job_id) == ["REQUEUED", "FAILED"]
     last = newest_checkpoint_step(run_dir)
     assert metrics_steps(run_dir) == list(range(1, last + 1)) and not (run_dir / "adapter").exists()
-    log = (tmp_path / "logs" / f"hpclora-{job_id}.out").read_text()
+    log = log_path.read_text()
     assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and f"resumed from step {resumed}" in log
+    assert resumed > 5  # the checkpoint written while TERM arrived, or the one after it
     assert "requeued 1 times already (HPCLORA_MAX_REQUEUES): not requeueing" in log
     assert "Traceback" not in log and "ChildFailedError" not in log  # a stop is no failure, for torchrun either
     assert not list((tmp_path / "logs").glob(".hpclora-stopped-*"))
@@ -314,15 +344,23 @@ def attempt(run_dir: Path, restart: int) -> dict | None:
     return json.loads(lines[restart]) if len(lines) == restart + 1 else None
 
 
-def signal_after(job_id: str, run_dir: Path, restart: int, steps: int, scancel_args: list[str]) -> int:
-    """Once attempt `restart` of the job has logged `steps` steps past the checkpoint it resumed from, signal the job;
-    returns the step it resumed from (0 for the first attempt)."""
+def trained_steps(run_dir: Path, restart: int, steps: int) -> int:
+    """Wait until attempt `restart` has logged `steps` steps past the checkpoint it resumed from; returns the step it
+    resumed from (0 for the first attempt)."""
     def trained():
         now = attempt(run_dir, restart)
         return now is not None and max(metrics_steps(run_dir), default=0) >= (now["resumed_from"] or 0) + steps
     wait_until(trained, f"{steps} steps of attempt {restart}")
-    subprocess.run(["scancel", *scancel_args, job_id], check=True)
     return attempt(run_dir, restart)["resumed_from"] or 0
+
+
+def signal_after(job_id: str, run_dir: Path, restart: int, steps: int, scancel_args: list[str]) -> int:
+    """Once attempt `restart` of the job has logged `steps` steps past the checkpoint it resumed from, signal the job;
+    returns the step it resumed from."""
+    resumed = trained_steps(run_dir, restart, steps)
+    subprocess.run(["scancel", *scancel_args, job_id], check=True)
+    return resumed
+
 
 def requeue_records(job_id: str) -> list[str]:
     out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout

@@ -51,3 +51,17 @@ def fsdp_problem(on_gpu: bool, precision: str | None, quant_bits: int | None, op
         return (f"train.optimizer={optimizer} (bitsandbytes) cannot step FSDP's sharded parameters: use train.optimizer=adamw_torch "
                 "with FSDP, or train.distributed=ddp")
     return None
+
+
+def trained_bias_problem(bias: str, quant_bits: int | None, compute_dtype: str, precision: str | None) -> str | None:
+    """Why lora.bias cannot train beside quantized weights in this precision (None: not known yet, `auto`), else
+    None. bitsandbytes' layers cast their bias to the dtype they compute in on every forward (4-bit: the compute
+    dtype; 8-bit: its input's); in fp16 those biases cannot train under fp16 loss scaling."""
+    if bias == "none" or not quant_bits or precision is None:
+        return None
+    compute = choose_compute_dtype(compute_dtype, precision) if quant_bits == 4 else precision
+    if compute != "fp16":
+        return None
+    instead = "quant.compute_dtype=fp32" if quant_bits == 4 else "quant.bits=4 with quant.compute_dtype=fp32"
+    return (f"lora.bias={bias} with quant.bits={quant_bits} in fp16: bitsandbytes casts the biases it trains to fp16 on "
+            f"every step, and fp16 loss scaling cannot train fp16 parameters; use lora.bias=none, or {instead}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..catalog.hub import local_data_path
 from ..catalog.models import packing_problem
-from ..catalog.precision import fsdp_problem
+from ..catalog.precision import fsdp_problem, trained_bias_problem
 from .schema import SECTIONS, RunConfig
 from .slurm_syntax import SLURM_MEM, SLURM_TIME, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem
 
@@ -44,6 +44,9 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("quant.bits", "quant.type / quant.compute_dtype are set but quant.bits is null: set quant.bits=4 or 8"))
     if cfg.quant.bits == 8 and cfg.quant.type != "nf4":
         problems.append(("quant.type", "applies to 4-bit loading only; 8-bit has no data type to choose"))
+    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    if problem := trained_bias_problem(cfg.lora.bias, cfg.quant.bits, cfg.quant.compute_dtype, precision):
+        problems.append(("lora.bias", problem))
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
     problems.extend(check_slurm(cfg.slurm))

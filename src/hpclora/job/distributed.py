@@ -50,10 +50,15 @@ def start(w: World, cuda: bool) -> None:
 
 def finish() -> None:
     """Leave the process group: a process that exits with the group alive can abort in its C++ destructors
-    ("terminate called without an active exception"), which torchrun reports as a failed rank."""
+    ("terminate called without an active exception"), which torchrun reports as a failed rank. The finished
+    Trainer's DDP wrapper, kept alive by reference cycles, holds the group and the last collectives' work too:
+    collected now, while the interpreter is whole, not during its shutdown, where freeing their tensors aborts."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

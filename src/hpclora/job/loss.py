@@ -44,9 +44,12 @@ def output_head(model):
 
 class _LabelledCrossEntropy:
     """Summed next-token cross-entropy of `hidden` rows (labelled positions only) through a frozen `head`, in
-    chunks; the gradient with respect to `hidden` is computed chunk by chunk in the forward pass, so neither the
-    logits nor their softmax outlive a chunk (the fused linear cross-entropy of the Liger kernels, in plain
-    PyTorch). Made on first use so that importing this module does not import torch."""
+    chunks, so that neither the logits nor their softmax outlive a chunk (the fused linear cross-entropy of the
+    Liger kernels, in plain PyTorch). In bf16 and fp32 the gradient with respect to `hidden` is computed chunk by
+    chunk in the forward pass. In fp16 it waits for the backward pass, where it is computed with the gradient that
+    arrives, which holds fp16 loss scaling's factor: computed unscaled, as in the forward pass, the small
+    gradients would underflow to zero in fp16 before the scale reached them. Made on first use so that importing
+    this module does not import torch."""
 
     function = None
 
@@ -55,25 +58,36 @@ class _LabelledCrossEntropy:
         if cls.function is None:
             import torch
 
+            def chunks(hidden, targets, head, scale=None):
+                """(summed loss, gradient with respect to hidden of the loss times `scale`, or None), chunk by chunk."""
+                total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                grads = torch.empty_like(hidden) if scale is not None else None
+                with torch.enable_grad():
+                    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                        piece = hidden[start:start + CHUNK_ROWS].detach().requires_grad_(scale is not None)
+                        loss = torch.nn.functional.cross_entropy(head(piece).float(), targets[start:start + CHUNK_ROWS], reduction="sum")
+                        if scale is not None:
+                            (grads[start:start + CHUNK_ROWS],) = torch.autograd.grad(loss * scale, piece)
+                        total += loss.detach()
+                return total, grads
+
             class Function(torch.autograd.Function):
                 @staticmethod
                 def forward(ctx, hidden, targets, head):
-                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                    grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-                    with torch.enable_grad():
-                        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-                            piece = hidden[start:start + CHUNK_ROWS].detach().requires_grad_(ctx.needs_input_grad[0])
-                            logits = head(piece).float()
-                            loss = torch.nn.functional.cross_entropy(logits, targets[start:start + CHUNK_ROWS], reduction="sum")
-                            if ctx.needs_input_grad[0]:
-                                (grad,) = torch.autograd.grad(loss, piece)
-                                grads[start:start + CHUNK_ROWS] = grad
-                            total += loss.detach()
+                    ctx.deferred = ctx.needs_input_grad[0] and hidden.dtype == torch.float16
+                    ctx.head = head
+                    if ctx.deferred:
+                        ctx.save_for_backward(hidden, targets)
+                        return chunks(hidden, targets, head)[0]
+                    total, grads = chunks(hidden, targets, head, 1.0 if ctx.needs_input_grad[0] else None)
                     ctx.save_for_backward(grads)
                     return total
 
                 @staticmethod
                 def backward(ctx, grad_total):
+                    if ctx.deferred:
+                        hidden, targets = ctx.saved_tensors
+                        return chunks(hidden, targets, ctx.head, grad_total)[1], None, None
                     (grads,) = ctx.saved_tensors
                     return grads * grad_total.to(grads.dtype), None, None
 

@@ -63,8 +63,9 @@ def load_tokenizer(model_cfg):
 
 def load_base(cfg, precision: str, device: str, sharded: bool = False):
     """The frozen base model in the run's precision, quantized with bitsandbytes when quant.bits is set.
-    `sharded` (FSDP): the model stays on the host until FSDP moves each rank's shard to its GPU, and 4-bit
-    weights are stored in the compute dtype, which FSDP can shard (it cannot shard integers)."""
+    `sharded` (FSDP): 4-bit weights are packed into bf16 storage, which FSDP can shard (it cannot shard integers)
+    and, computing in bf16, leaves as it is: storage of another dtype would be cast before each all-gather, which
+    turns the packed 4-bit bytes into garbage."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -85,10 +86,10 @@ def load_base(cfg, precision: str, device: str, sharded: bool = False):
                 bnb_4bit_quant_type=cfg.quant.type,
                 bnb_4bit_use_double_quant=cfg.quant.double_quant,
                 bnb_4bit_compute_dtype=compute,
-                **({"bnb_4bit_quant_storage": compute} if sharded else {}),
+                **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
             )
             if sharded:
-                kwargs["dtype"] = compute
+                kwargs["dtype"] = torch.bfloat16
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Each rank loads its own quantized copy onto its node's GPU: LOCAL_RANK, never the global rank
@@ -143,12 +144,14 @@ def recompute_only_first_layers(model, count: int | None) -> None:
         layer.gradient_checkpointing = False
 
 
-def attach_lora(model, cfg, sharded: bool = False):
-    """Wrap the base in a PEFT LoRA model; returns (model, target module names). Under FSDP (`sharded`)
-    FSDP itself recomputes activations (train.py), which saves the all-gather a model-level one repeats."""
+def attach_lora(model, cfg):
+    """Wrap the base in a PEFT LoRA model; returns (model, target module names). Activations are recomputed by
+    the model's own layers under FSDP too: FSDP's activation checkpointing (accelerate's) would wrap every layer
+    without saving the random state, so that LoRA dropout drew other masks in the recompute than in the forward
+    and the gradients would not belong to the loss, and it would ignore train.checkpointed_layers."""
     from peft import LoraConfig, get_peft_model
 
-    checkpointing = cfg.train.gradient_checkpointing is True and not sharded
+    checkpointing = cfg.train.gradient_checkpointing is True
     if cfg.quant.bits:
         keep_4bit_layers_trainable(model)
         prepare_quantized(model)
@@ -167,4 +170,18 @@ def attach_lora(model, cfg, sharded: bool = False):
         fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), targets
+    peft_model = get_peft_model(model, lora)
+    keep_trained_biases_in_fp32(peft_model, cfg)
+    return peft_model, targets
+
+
+def keep_trained_biases_in_fp32(model, cfg) -> None:
+    """lora.bias (all, lora_only) trains the base's biases, which PEFT leaves in the base's dtype, unlike the LoRA
+    weights it makes fp32. fp16 loss scaling cannot unscale fp16 gradients ("Attempting to unscale FP16
+    gradients"), and bf16 updates lose the small steps: they train in fp32. (bitsandbytes' layers cast theirs back
+    to the dtype they compute in: in bf16 that costs rounding; in fp16, catalog.precision.trained_bias_problem.)"""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()

@@ -63,7 +63,7 @@ def strategy_for(cfg: RunConfig, world: distributed.World, device: str, precisio
             p = make_plan(planned, device=this_device(device))
             strategy, why = p.strategy, f"auto: {p.strategy_reason}"
         except UserError as exc:
-            strategy, why = "ddp", f"auto, without a plan ({exc}): DDP"
+            strategy, why = "ddp", f"auto, but the planner could not plan this world ({exc}): DDP, which needs no plan"
     if strategy == "fsdp" and (problem := fsdp_problem(device == "cuda", precision, cfg.quant.bits, cfg.train.optimizer)):
         raise UserError(f"train.distributed: {problem}")
     return strategy, why
@@ -94,7 +94,9 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
             p = make_plan(cfg, device=this_device(device), capacity_gb=memory_here_gb(device))
             checkpointing, layers, checkpointing_why = p.gradient_checkpointing, p.checkpointed_layers, p.checkpointing_reason
         except UserError as exc:
-            checkpointing, checkpointing_why = False, f"auto, without a plan ({exc})"
+            # Unplanned, the choice that fits: on costs time, off may run out of memory after the queue wait.
+            checkpointing, layers = True, None
+            checkpointing_why = f"auto, but the planner could not plan this run ({exc}): on, which fits where off might not"
     else:
         checkpointing_why = f"train.gradient_checkpointing={str(checkpointing).lower()}"
         if checkpointing and layers:

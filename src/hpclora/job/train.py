@@ -49,13 +49,16 @@ def train(cfg: RunConfig, run_dir: str | None = None, fresh: bool = False, stop:
 def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) -> TrainedRun:
     import transformers
 
-    from ..catalog.precision import choose_precision
+    from ..catalog.precision import choose_precision, trained_bias_problem
+    from ..errors import UserError
     from .resolve import detect_device
 
     quiet_libraries()
     transformers.set_seed(cfg.run.seed)
     device, bf16_ok = detect_device()
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
+    if problem := trained_bias_problem(cfg.lora.bias, cfg.quant.bits, cfg.quant.compute_dtype, precision):
+        raise UserError(f"lora.bias: {problem}")  # precision `auto` became fp16 on this GPU
 
     trackers = report_to(cfg)
     world = distributed.world()
@@ -110,7 +113,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
 
     sharded = strategy == "fsdp"
     model = load_base(cfg, precision, device, sharded)
-    model, targets = attach_lora(model, cfg, sharded)
+    model, targets = attach_lora(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")

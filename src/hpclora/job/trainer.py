@@ -50,12 +50,18 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             # Evaluating must not move training's random numbers (a DataLoader draws its seed from them), so
             # that a restart that reuses the base evaluation, or another eval_every, trains the same steps.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            rows = self.eval_dataset if eval_dataset is None else eval_dataset
+            world = distributed.world()
+            batches, runs = eval_shard(len(rows), world.rank, world.size, self.args.per_device_eval_batch_size)
             with torch.random.fork_rng(devices=devices):
-                for batch in self.get_eval_dataloader(eval_dataset):
+                for i in range(runs):
+                    # A rank out of rows still joins the forward passes (under FSDP each is a collective) and counts nothing.
+                    batch = self.data_collator([rows[j] for j in (batches[i] if i < len(batches) else [0])])
                     with self.autocast_smart_context_manager():
                         total, count = summed_loss(model, {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()})
-                    totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank held a shard
+                    if i < len(batches):
+                        totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+            if world.size > 1:  # each rank held a shard
                 torch.distributed.all_reduce(totals)
             model.train(was_training)
             metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item(), f"{metric_key_prefix}_tokens": int(totals[1]),
@@ -130,7 +136,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         ddp_backend=("nccl" if cuda else "gloo") if distributed.world().size > 1 else None,
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
         ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
-        **(fsdp_arguments(cfg) if sharded else {}),
+        **(fsdp_arguments() if sharded else {}),
         **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
     )
     # The loss from the labelled positions' hidden states only (loss.py); FSDP (whose head is a shard) and other
@@ -154,9 +160,20 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     return trainer
 
 
-def fsdp_arguments(cfg: RunConfig) -> dict:
+def eval_shard(rows: int, rank: int, world: int, batch_size: int) -> tuple[list[list[int]], int]:
+    """(this rank's validation rows in micro-batches, how many forward passes every rank runs). Each row is on exactly
+    one rank; every rank runs as many passes as the rank with the most rows. The Trainer's own evaluation loader
+    would instead pad the last batches with repeated rows (accelerate's even_batches), which the summed loss would
+    then count twice."""
+    mine = list(range(rank, rows, world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    most = -(-rows // world)
+    return batches, -(-most // batch_size)
+
+
+def fsdp_arguments() -> dict:
     """TrainingArguments for FSDP through accelerate (FSDP2): full shard of every decoder layer (the model's
-    own no-split modules), the activations recomputed by FSDP where gradient checkpointing is on, and
+    own no-split modules; activations are recomputed by those layers themselves, model.attach_lora), and
     checkpoints gathered whole, which for a PEFT model holds the adapter and its optimizer state only."""
     return {
         "fsdp": True,
@@ -165,6 +182,5 @@ def fsdp_arguments(cfg: RunConfig) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "reshard_after_forward": True,
             "state_dict_type": "FULL_STATE_DICT",
-            "activation_checkpointing": cfg.train.gradient_checkpointing is True,
         },
     }

@@ -6,6 +6,7 @@ these same lines, so that a stop signal, a cancel and a requeue mean the same wh
 The protocol reads a few shell variables its script sets first:
     PER_NODE      training processes on this node (threads are the allocation's cores shared among them)
     RANKS         true when they are several ranks under torchrun, else false
+    SRUN_RANKS    true when srun starts them (several nodes), false when torchrun runs in this shell's job step
     START         the command that trains (a bash array)
     STOP_MARKER   the file rank 0 leaves when several ranks stopped at a checkpoint (they end with 0)
     MAX_REQUEUES  how often the job requeues itself, and REQUEUES_SET_BY, the setting that says so
@@ -42,6 +43,16 @@ def rendezvous_lines() -> list[str]:
 
 
 IGNORE_STOPS = f"trap '' {' '.join(STOP_SIGNALS)}"  # what training starts with, until its own handlers are installed
+# torchrun answers TERM (which slurmstepd sends every process of a job's steps on scancel and preemption) by
+# stopping its ranks and killing them 30 s later, however far their checkpoint has got. Told to leave TERM alone, it
+# keeps the TERM it was started ignoring (IGNORE_STOPS, RANKS_TASK) and waits for its ranks, which get the stop
+# themselves. (A torchrun that predates this setting still has its 30 s.)
+TORCHRUN_SIGNALS = "export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # torchrun leaves TERM to the ranks"
+# What the srun task that runs torchrun on each node of several starts with: the stop signals ignored, which
+# torchrun would otherwise die of (USR1, USR2) or answer by killing its ranks (TERM, above). One node needs no
+# srun, and must not have one: srun answers a TERM of its own by killing its tasks at once ("forcing job
+# termination"), so torchrun runs in the batch shell's step and the ranks get their stops from it.
+RANKS_TASK = f'trap "" {" ".join(STOP_SIGNALS)}; exec "$@"'
 
 
 def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> list[str]:
@@ -55,15 +66,17 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
         f"# a checkpoint at the next step boundary and exits with {CHECKPOINTED_EXIT} (\"checkpointed, not finished\"), or, as",
         "# several ranks under torchrun, with 0 and STOP_MARKER left by rank 0.",
         'child="" stop=""',
-        "send_stop() {  # one rank: to its process; several: to every process of the job's steps, or outside Slurm to torchrun's ranks",
+        'descendants() { local pid; for pid in $(pgrep -P "$1" 2>/dev/null); do echo "$pid"; descendants "$pid"; done; }',
+        "send_stop() {  # one rank: to its process; ranks srun started: to every process of the job's steps; else to torchrun's",
         '    if ! $RANKS; then kill -s "$1" "$child" 2>/dev/null || true',
-        '    elif [ -n "${SLURM_JOB_ID:-}" ]; then scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true',
-        '    else pkill -USR1 -P "$child" 2>/dev/null || true; fi',
+        '    elif $SRUN_RANKS; then scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true',
+        '    else for pid in $(descendants "$child"); do kill -s USR1 "$pid" 2>/dev/null || true; done; fi',
         "}",
         'forward() { if [ -z "$stop" ]; then stop=$1; if [ -n "$child" ]; then send_stop "$1"; fi; fi; }',
         *(f"trap 'forward {name}' {name}" for name in STOP_SIGNALS),
         'rm -f "$STOP_MARKER"',
         f'export {STOP_MARKER_VAR}="$STOP_MARKER"',
+        TORCHRUN_SIGNALS,
         "# Training starts with these signals ignored, so that one arriving before it is ready cannot kill it.",
         start,
         "child=$!",

@@ -19,7 +19,7 @@ from ..config.schema import SlurmSection
 from ..config.slurm_syntax import slurm_mem_mib
 from ..rundir import CONFIG_FILE, STOPPED_MARKER, run_dir_slug
 from . import command
-from .protocol import packed_trial_lines, protocol_lines, rendezvous_lines, thread_lines
+from .protocol import RANKS_TASK, packed_trial_lines, protocol_lines, rendezvous_lines, thread_lines
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,26 @@ def array_spec(trials: int, max_parallel: int | None, trials_per_task: int = 1) 
     return f"0-{math.ceil(trials / trials_per_task) - 1}" + (f"%{max_parallel}" if max_parallel else "")
 
 
+def srun_ranks(cfg: RunConfig, in_step: bool) -> bool:
+    """Whether srun starts the ranks (protocol.RANKS_TASK): only across several nodes, from the batch shell."""
+    return world_size(cfg) > 1 and cfg.slurm.nodes > 1 and not in_step
+
+
 def job_command(cfg: RunConfig, python: str, in_step: bool = False) -> str:
     """The training command of command.py as shell words, every one quoted but ours: the container runtime
     (found on the node), the run directory and the rendezvous (variables set above it).
 
     Several ranks: torchrun starts the node's ranks; they meet at the first node (HEAD, PORT), or on localhost
-    with a free port when there is one node. From the batch shell one srun task per node runs torchrun, ignoring
-    USR1/USR2 (torchrun would die of them; the ranks install their own handlers and get stops from `scancel
-    --signal`). `in_step`: the script runs inside the job step already (submitit's task) or without Slurm
-    (the local launcher): torchrun itself, started with the stop signals ignored by protocol_lines."""
+    with a free port when there is one node. On several nodes one srun task per node runs torchrun, ignoring
+    the stop signals (protocol.RANKS_TASK; the ranks install their own handlers and get stops from `scancel
+    --signal`). On one node, and where the script runs inside the job step already (submitit's task) or without
+    Slurm (the local launcher, `in_step`): torchrun itself, started with the stop signals ignored by protocol_lines."""
     train = command.train_argv(RUN_DIR, RUN_CONFIG)
     if world_size(cfg) == 1:
         return shell_words([*command.hpclora_argv(cfg, python, RUNTIME), *train])
     rendezvous = (["--standalone"] if cfg.slurm.nodes == 1 else
                   [ShellText("--rdzv-backend=c10d"), ShellText('--rdzv-endpoint="$HEAD:$PORT"'), ShellText('--rdzv-id="$SLURM_JOB_ID"')])
-    ranks = [] if in_step else ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", 'trap "" USR1 USR2; exec "$@"',
+    ranks = [] if not srun_ranks(cfg, in_step) else ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", RANKS_TASK,
                                 "hpclora-ranks"]
     return shell_words([*ranks, *command.torchrun_argv(cfg, python, RUNTIME, rendezvous), *train])
 
@@ -177,7 +182,7 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
     lines += [
         "set -u",
         "",
-        f"PER_NODE={ranks_per_node(cfg)} RANKS={'true' if world_size(cfg) > 1 else 'false'}"
+        f"PER_NODE={ranks_per_node(cfg)} RANKS={'true' if world_size(cfg) > 1 else 'false'} SRUN_RANKS={str(srun_ranks(cfg, in_step)).lower()}"
         + (f"  # {world_size(cfg)} training ranks, {ranks_per_node(cfg)} per node on {cfg.slurm.nodes} node(s), started by torchrun"
            if world_size(cfg) > 1 else ""),
         *thread_lines(),

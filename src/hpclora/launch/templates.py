@@ -7,7 +7,9 @@ line) and the config and overrides as arguments.
 
 from __future__ import annotations
 
-from .protocol import protocol_lines, rendezvous_lines, thread_lines
+import shlex
+
+from .protocol import RANKS_TASK, protocol_lines, rendezvous_lines, thread_lines
 
 TEMPLATES = ("train.sbatch", "sweep.sbatch")
 
@@ -48,23 +50,25 @@ def world_lines() -> list[str]:
         "fi",
         "",
         "NODES=${SLURM_JOB_NUM_NODES:-1} PER_NODE=${SLURM_GPUS_ON_NODE:-1}",
-        "RANKS=$([ $((NODES * PER_NODE)) -gt 1 ] && echo true || echo false)",
+        "RANKS=$([ $((NODES * PER_NODE)) -gt 1 ] && echo true || echo false) SRUN_RANKS=$([ \"$NODES\" -gt 1 ] && echo true || echo false)",
         *thread_lines(),
         "# Rank 0 leaves this file when several ranks stopped at a checkpoint (they end with 0 under torchrun).",
         'STOP_MARKER="$PWD/logs/.hpclora-stopped-$SLURM_JOB_ID"',
         "MAX_REQUEUES=${HPCLORA_MAX_REQUEUES:-3} REQUEUES_SET_BY=HPCLORA_MAX_REQUEUES",
         "if $RANKS; then",
-        "    # One srun task per node runs torchrun, which starts a rank per GPU. The ranks meet on localhost (one node)",
-        "    # or at the first node. The task ignores USR1/USR2 (torchrun would die of them); a stop reaches the ranks",
-        "    # through scancel.",
-        "    RDZV=(--standalone)",
-        '    if [ "$NODES" -gt 1 ]; then',
+        "    # torchrun starts a rank per GPU. On one node it runs here, and the ranks meet on localhost; on several,",
+        "    # one srun task per node runs it, and they meet at the first node (srun kills its tasks at once when it gets",
+        "    # a TERM: several nodes have only the time limit's USR1 to checkpoint by). torchrun leaves the stop signals",
+        "    # to the ranks, which checkpoint at the next step boundary however long that takes.",
+        "    TORCHRUN=(\"${IN_IMAGE[@]}\" python -m torch.distributed.run \"--nnodes=$NODES\" \"--nproc-per-node=$PER_NODE\")",
+        "    if $SRUN_RANKS; then",
         *(f"        {line}" for line in rendezvous_lines()),
-        '        RDZV=(--rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID")',
+        f"        START=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(RANKS_TASK)} hpclora-ranks",
+        '               "${TORCHRUN[@]}" --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID"',
+        '               -m hpclora train "${TRAIN[@]}")',
+        "    else",
+        '        START=("${TORCHRUN[@]}" --standalone -m hpclora train "${TRAIN[@]}")',
         "    fi",
-        "    START=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'trap \"\" USR1 USR2; exec \"$@\"' hpclora-ranks",
-        '           "${IN_IMAGE[@]}" python -m torch.distributed.run "--nnodes=$NODES" "--nproc-per-node=$PER_NODE" "${RDZV[@]}"',
-        '           -m hpclora train "${TRAIN[@]}")',
         "else",
         '    START=("${IN_IMAGE[@]}" hpclora train "${TRAIN[@]}")',
         "fi",

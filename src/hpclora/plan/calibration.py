@@ -11,6 +11,7 @@ settings (a probe at micro-batch 1 says little about micro-batch 8). No torch: l
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,12 +49,23 @@ def path() -> Path:
 
 
 def load() -> dict[str, Measurement]:
-    """Every measurement by `device|model`; a missing or unreadable file is no calibration."""
+    """Every measurement by `device|model`; no file is no calibration, and one that cannot be read is none either,
+    said on stderr (plans go on without it: a broken file must not stop a submission)."""
+    file = path()
     try:
-        rows = json.loads(path().read_text(encoding="utf-8"))
+        rows = json.loads(file.read_text(encoding="utf-8"))
         return {key: Measurement(**row) for key, row in rows.items()}
-    except (OSError, ValueError, TypeError):
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        if file not in _warned:
+            _warned.add(file)
+            print(f"warning: {file} is not a calibration file hpclora can read ({type(exc).__name__}: {exc}); planning "
+                  "with the built-in estimate (the next `hpclora probe` writes it anew)", file=sys.stderr)
+        return {}
+
+
+_warned: set[Path] = set()  # files already warned about in this process
 
 
 def key(device: str, model: str) -> str:

@@ -51,7 +51,8 @@ class Sampling:
 
 
 def load_model(cfg):
-    """(base model ready to generate, tokenizer) of a config's model.name, in the precision this device suits."""
+    """(base model ready to generate, tokenizer) of a config's model.name, on this node's GPU where it has one, in the
+    precision that device suits."""
     from ..job.model import load_base, load_tokenizer
     from ..catalog.precision import choose_precision
     from ..job.resolve import detect_device
@@ -60,6 +61,8 @@ def load_model(cfg):
     precision, _ = choose_precision("auto" if cfg.train.precision != "fp32" else "fp32", device, bf16_ok)
     tokenizer = load_tokenizer(cfg.model)
     base = load_base(cfg, precision, device)
+    if not cfg.quant.bits:  # quantized weights are placed by load_base; plain ones load on the host
+        base.to(device)
     base.config.use_cache = True
     return base.eval(), tokenizer
 
