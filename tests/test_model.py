@@ -61,11 +61,11 @@ def test_precision_choice(requested, device, bf16, expected):
     assert choose_precision(requested, device, bf16)[0] == expected
 
 
-def test_impossible_precisions_are_user_errors():
+def test_impossible_precisions_are_user_errors_and_fp16_on_a_cpu_is_the_v100_path_tried_here():
     with pytest.raises(UserError, match="V100/T4 have no bf16"):
         choose_precision("bf16", "cuda", False)
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
-        choose_precision("fp16", "cpu", False)
+    precision, why = choose_precision("fp16", "cpu", False)
+    assert precision == "fp16" and "V100/T4 path" in why and "before the queue" in why
 
 
 def train_tiny(tmp_path, tiny_llama_dir, *overrides):

@@ -6,7 +6,8 @@ and tests/test_internals.py fails loudly when a library release changes it.
 - TensorBoardCallback's log directory, which it reads from TENSORBOARD_LOGGING_DIR when it is constructed;
 - bitsandbytes' 4-bit layers on CPUs with AVX512-BF16, which repack their weights for inference on the
   first no-grad forward unless told not to;
-- the Hugging Face hub libraries, which read HF_HOME once, when they are first imported.
+- the Hugging Face hub libraries, which read HF_HOME once, when they are first imported;
+- accelerate's loss scaler, given to the Trainer for fp16 on a CPU, where accelerate refuses fp16 itself.
 
 Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
 """
@@ -70,3 +71,25 @@ def use_hub_cache(hf_home: str | None) -> None:
     first imported, so this runs at the start of a command, before any of them is imported."""
     if hf_home:
         os.environ["HF_HOME"] = hf_home
+
+
+def fp16_loss_scaling_on_cpu(accelerator) -> None:
+    """fp16 on a CPU, the V100/T4 path tried before the queue: accelerate refuses mixed-precision fp16 off a GPU, so
+    the Trainer runs without it, under torch's CPU autocast, and gets torch's GradScaler for the CPU here. Once
+    `Accelerator.scaler` is set, accelerate scales the loss in `backward` with it and steps the optimizers through
+    it (skipping a step whose gradients overflowed, which the Trainer then sees), and the Trainer saves it into
+    each checkpoint and loads it on resume. `unscale_gradients`, which gradient clipping calls first, asks the
+    mixed-precision setting instead and would clip the scaled gradients: it unscales with the scaler here."""
+    import torch
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+
+    def unscale_gradients(optimizer=None):
+        optimizers = accelerator._optimizers if optimizer is None else optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        for opt in optimizers:
+            while isinstance(opt, AcceleratedOptimizer):
+                opt = opt.optimizer
+            accelerator.scaler.unscale_(opt)
+
+    accelerator.unscale_gradients = unscale_gradients

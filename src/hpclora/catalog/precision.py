@@ -26,7 +26,8 @@ def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple
     if requested == "bf16" and device == "cuda" and not bf16_supported:
         raise UserError("train.precision: bf16 is not supported on this GPU (V100/T4 have no bf16): use train.precision=fp16 or auto")
     if requested == "fp16" and device == "cpu":
-        raise UserError("train.precision: fp16 mixed precision needs a CUDA GPU: use train.precision=fp32 or auto on CPU")
+        return "fp16", ("set by train.precision; on this CPU the V100/T4 path runs for real (fp16 weights and autocast, "
+                        "fp32 LoRA weights, loss scaling), several times slower than fp32: for trying it before the queue")
     return requested, "set by train.precision"
 
 

@@ -65,7 +65,9 @@ class _LabelledCrossEntropy:
                 with torch.enable_grad():
                     for start in range(0, hidden.shape[0], CHUNK_ROWS):
                         piece = hidden[start:start + CHUNK_ROWS].detach().requires_grad_(scale is not None)
-                        loss = torch.nn.functional.cross_entropy(head(piece).float(), targets[start:start + CHUNK_ROWS], reduction="sum")
+                        # The head's own weights, not its module: its forward hooks (LabelledHead's) are for the model's pass.
+                        logits = torch.nn.functional.linear(piece, head.weight, head.bias).float()
+                        loss = torch.nn.functional.cross_entropy(logits, targets[start:start + CHUNK_ROWS], reduction="sum")
                         if scale is not None:
                             (grads[start:start + CHUNK_ROWS],) = torch.autograd.grad(loss * scale, piece)
                         total += loss.detach()

@@ -178,10 +178,17 @@ def attach_lora(model, cfg):
 def keep_trained_biases_in_fp32(model, cfg) -> None:
     """lora.bias (all, lora_only) trains the base's biases, which PEFT leaves in the base's dtype, unlike the LoRA
     weights it makes fp32. fp16 loss scaling cannot unscale fp16 gradients ("Attempting to unscale FP16
-    gradients"), and bf16 updates lose the small steps: they train in fp32. (bitsandbytes' layers cast theirs back
-    to the dtype they compute in: in bf16 that costs rounding; in fp16, catalog.precision.trained_bias_problem.)"""
+    gradients"), and bf16 updates lose the small steps: they train in fp32. A normalisation layer's weight goes
+    with its bias (its kernel takes one dtype for both; autocast casts the activations). (bitsandbytes' layers
+    cast theirs back to the dtype they compute in: in bf16 that costs rounding; in fp16 see
+    catalog.precision.trained_bias_problem.)"""
     import torch
 
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
+    half = (torch.float16, torch.bfloat16)
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad and p.dtype in half for p in own):
+            continue
+        for param in own:
+            if param.dtype in half and (param.requires_grad or not isinstance(module, torch.nn.Linear)):
+                param.data = param.data.float()

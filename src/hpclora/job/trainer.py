@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..internals import tensorboard_callback
+from ..internals import fp16_loss_scaling_on_cpu, tensorboard_callback
 from . import checkpoint, distributed
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
@@ -33,6 +33,14 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
 
         tokens_seen = 0  # real tokens trained by all ranks (summed at each step's end)
         local_tokens = 0  # this rank's, since the last step's end
+
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            """fp16 on a CPU: torch's CPU autocast, which accelerate would not give (internals.fp16_loss_scaling_on_cpu)."""
+            import torch
+
+            if fp16_on_cpu:
+                return torch.autocast("cpu", dtype=torch.float16, cache_enabled=cache_enabled)
+            return super().autocast_smart_context_manager(cache_enabled)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.local_tokens += int(inputs.pop("num_tokens", 0))
@@ -102,6 +110,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     import torch
 
     cuda = torch.cuda.is_available()
+    fp16_on_cpu = precision == "fp16" and not cuda
     has_val = data.val is not None
     t = cfg.train
     args = TrainingArguments(
@@ -117,7 +126,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        fp16=precision == "fp16" and cuda,
         logging_strategy="steps",
         logging_steps=t.log_every,
         eval_strategy="steps" if has_val and t.eval_every else "no",
@@ -153,6 +162,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         callbacks=[AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
         compute_loss_func=labelled.loss if labelled is not None else None,
     )
+    if fp16_on_cpu:
+        fp16_loss_scaling_on_cpu(trainer.accelerator)
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead
     # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).

@@ -1,0 +1,81 @@
+"""What hpclora takes from libraries beyond their public API (src/hpclora/internals.py), each checked for real, so
+that a release that changes it fails here, by name, rather than somewhere in training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def test_transformers_sdpa_attention_and_its_mask_function_are_where_varlen_calls_them():
+    from hpclora.internals import sdpa_attention, sdpa_mask_function
+
+    attention, mask = sdpa_attention(), sdpa_mask_function()
+    query = key = value = torch.randn(1, 2, 5, 8)  # batch, heads, positions, head width
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    out, _ = attention(module, query, key, value, None, dropout=0.0, scaling=None, is_causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-6) and callable(mask)
+
+
+def test_the_tensorboard_callback_writes_into_the_directory_it_is_given(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hpclora.internals import tensorboard_callback
+
+    callback = tensorboard_callback(str(tmp_path / "tb"))
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # put back as it was
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    state = TrainerState(is_world_process_zero=True)
+    callback.on_train_begin(args, state, TrainerControl())
+    callback.on_log(args, state, TrainerControl(), logs={"loss": 1.0})
+    callback.on_train_end(args, state, TrainerControl())
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_4bit_layers_have_the_switch_that_keeps_them_trainable_after_an_evaluation(tiny_llama_dir):
+    from hpclora import config
+    from hpclora.internals import keep_4bit_layers_trainable
+    from hpclora.job.model import load_base
+
+    cfg = config.load(None, [f"model.name={tiny_llama_dir}", "data.path=x.jsonl", "quant.bits=4"], check_files=False)
+    model = load_base(cfg, "fp32", "cpu")
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers  # bitsandbytes' Linear4bit still has the switch
+    keep_4bit_layers_trainable(model)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_the_hub_libraries_read_hf_home_when_first_imported(tmp_path):
+    code = ("from hpclora.internals import use_hub_cache; import sys; use_hub_cache(sys.argv[1]); "
+            "import huggingface_hub.constants as c; print(c.HF_HOME)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf")], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(tmp_path / "hf")
+
+
+def test_accelerate_scales_steps_and_unscales_with_the_scaler_given_for_fp16_on_a_cpu():
+    """The loss is scaled in backward, clipping sees unscaled gradients, and a step with an overflow is skipped."""
+    from accelerate import Accelerator
+
+    from hpclora.internals import fp16_loss_scaling_on_cpu
+
+    accelerator = Accelerator(cpu=True)
+    fp16_loss_scaling_on_cpu(accelerator)
+    layer = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.ones_(layer.weight)
+    optimizer = accelerator.prepare(torch.optim.SGD(layer.parameters(), lr=0.1))
+    accelerator.backward(layer(torch.ones(1, 4)).sum())
+    assert layer.weight.grad[0, 0].item() == accelerator.scaler.get_scale()  # scaled: 65536 x 1
+    accelerator.clip_grad_norm_(layer.parameters(), 1e9)
+    assert layer.weight.grad[0, 0].item() == 1.0  # unscaled before clipping
+    optimizer.step()
+    assert layer.weight[0, 0].item() == pytest.approx(0.9) and not accelerator.optimizer_step_was_skipped
+    optimizer.zero_grad()
+    accelerator.backward(layer(torch.full((1, 4), float("inf"))).sum())
+    optimizer.step()
+    assert accelerator.optimizer_step_was_skipped and layer.weight[0, 0].item() == pytest.approx(0.9)
