@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from hpclora.job.preempt import StopRequest  # no torch: signal handling only
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two xdist workers share the cores: one torch thread each in-process, and OpenMP threads that sleep rather than
@@ -95,6 +98,22 @@ def tiny_llama_dir(tmp_path_factory, bundled_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+class StopAt(StopRequest):
+    """Sends this process a real `sig` at the boundary of step `step`: training reads `requested` once per step end,
+    so the n-th read is step n's. (step = steps + 1 lands just after the last step, a moment no outside sender can hit.)"""
+
+    def __init__(self, step: int, sig=signal.SIGUSR1):
+        super().__init__()
+        self.step, self.sig, self.reads = step, sig, 0
+
+    @property
+    def requested(self):
+        self.reads += 1
+        if self.reads == self.step:
+            os.kill(os.getpid(), self.sig)
+        return self.signal_name is not None
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -10,10 +10,10 @@ import pytest
 
 from hpclora import config
 
-from conftest import alpaca_rows, tiny_model, write_jsonl
+from conftest import StopAt, alpaca_rows, tiny_model, write_jsonl
 
 
-def train_tiny(tmp_path, model_dir, name, *overrides):
+def train_tiny(tmp_path, model_dir, name, *overrides, stop_at=None):
     from hpclora.job.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(24))
@@ -23,7 +23,8 @@ def train_tiny(tmp_path, model_dir, name, *overrides):
         "train.log_every=1", "train.save_every=0", "train.eval_every=0", "train.lr=5e-3", "lora.dropout=0",
         *overrides,
     ])
-    run = train(cfg, run_dir=str(tmp_path / name))
+    with StopAt(stop_at if stop_at else 10**9) as stop:
+        run = train(cfg, run_dir=str(tmp_path / name), stop=stop)
     metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     return run, [m for m in metrics if "loss" in m]
 
@@ -85,3 +86,19 @@ def test_fp16_gradients_are_fp32s_within_fp16s_precision(neox_dir, tokenizer):
     for name in full:  # (LoRA's A matrices get no gradient at the first step: B starts at zero)
         difference = (half[name] - full[name]).norm()
         assert difference == 0 if full[name].norm() == 0 else (difference / full[name].norm()).item() < 3e-2, name
+
+
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, neox_dir):
+    """Stopped at step 4 and run again, an fp16 run ends with the adapter of an uninterrupted one, bit for bit, and
+    its checkpoint holds the loss scaler's state, which the resumed run goes on from."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = ["train.precision=fp16", "train.max_steps=8", "train.save_every=4"]
+    whole, _ = train_tiny(tmp_path, neox_dir, "whole", *settings)
+    stopped, _ = train_tiny(tmp_path, neox_dir, "resumed", *settings, stop_at=4)
+    scaler = torch.load(stopped.run_dir / "checkpoints" / "checkpoint-4" / "scaler.pt")
+    assert not stopped.finished and scaler["scale"] > 0 and "_growth_tracker" in scaler
+    resumed, _ = train_tiny(tmp_path, neox_dir, "resumed", *settings)
+    a, b = (load_file(r.run_dir / "adapter" / "adapter_model.safetensors") for r in (whole, resumed))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

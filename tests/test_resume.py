@@ -24,25 +24,9 @@ from hpclora.job import checkpoint
 from hpclora.job.preempt import StopRequest
 from hpclora.stops import CHECKPOINTED_EXIT
 
-from conftest import tiny_run_yaml
+from conftest import StopAt, tiny_run_yaml
 
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
-
-
-class StopAt(StopRequest):
-    """Sends this process a real `sig` at the boundary of step `step`: training reads `requested` once per step end,
-    so the n-th read is step n's. (step = steps + 1 lands just after the last step, a moment no outside sender can hit.)"""
-
-    def __init__(self, step: int, sig=signal.SIGUSR1):
-        super().__init__()
-        self.step, self.sig, self.reads = step, sig, 0
-
-    @property
-    def requested(self):
-        self.reads += 1
-        if self.reads == self.step:
-            os.kill(os.getpid(), self.sig)
-        return self.signal_name is not None
 
 
 def resume_config(tmp_path: Path, model_dir: Path, data: dict | None = None, **train) -> Path:
