@@ -30,12 +30,17 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+# Handed out first, so that the longest tests do not start last and leave one worker running alone at the end.
+LONGEST_FIRST = ("test_slurm.py", "test_end_to_end.py", "test_distributed.py", "test_api.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         group = SHARED_FIXTURE_GROUPS.get(item.path.name)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the order within stays
 
 
 # 64 wide: the bitsandbytes CPU 4-bit kernel needs widths that are multiples of its 64-element blocks.

@@ -1,4 +1,4 @@
-"""End to end with the real SmolLM2-135M-Instruct on CPU: about 20 training steps on the bundled data,
+"""End to end with the real SmolLM2-135M-Instruct on CPU: about 16 training steps on the bundled data,
 in-process exactly as a job runs them; then plain-PEFT reloading and `hpclora generate --compare`."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def trained(tmp_path_factory, bundled_dir):
 
     out = tmp_path_factory.mktemp("e2e")
     cfg = config.load(ROOT / "configs" / "demo-cpu.yaml", [
-        "train.max_steps=20", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=2",
+        "train.max_steps=16", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=2",
         "data.val_size=8", f"data.cache_dir={out / 'cache'}", f"run.output_root={out}",
     ])
     log = io.StringIO()
@@ -36,7 +36,7 @@ def trained(tmp_path_factory, bundled_dir):
 
 def test_training_loss_falls_and_the_adapter_beats_the_base(trained):
     progress = [line for line in trained.log.splitlines() if line.startswith("step ")]
-    assert len(progress) == 10
+    assert len(progress) == 8
     metrics = [json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
