@@ -21,7 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 HARNESS = """
 import json, os, sys
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from hpclora import config
 from hpclora.job.train import train
 
@@ -29,8 +29,17 @@ config_path, run_dir, out = sys.argv[1:4]
 rank = os.environ.get("RANK", "0")
 with open(f"{out}/pid{rank}", "w") as fh:
     fh.write(str(os.getpid()))
-run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir)
-weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
+if os.environ.get("STOP_RANK") == rank:  # a stop signal to this rank at the end of step STOP_AT
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from conftest import StopAt
+    with StopAt(int(os.environ["STOP_AT"])) as stop:
+        run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir, stop=stop)
+else:
+    run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir)
+weights = get_peft_model_state_dict(run.model)
+if any(hasattr(v, "full_tensor") for v in weights.values()):  # FSDP: shards, and no process group left to gather them
+    weights = load_file(f"{run_dir}/adapter/adapter_model.safetensors") if run.finished else {}
+weights = {k: v.detach().contiguous() for k, v in weights.items()}
 save_file(weights, f"{out}/rank{rank}.safetensors")
 with open(f"{out}/result{rank}.json", "w") as fh:
     json.dump({"finished": run.finished, "steps": run.summary["steps"]}, fh)
@@ -45,13 +54,17 @@ def ddp_config(tmp_path: Path, model_dir: Path, **train) -> Path:
     return config
 
 
-def harness(tmp_path: Path, config: Path, run_dir: Path, name: str, launcher: list[str], *overrides: str, wait: bool = True):
+def harness(tmp_path: Path, config: Path, run_dir: Path, name: str, launcher: list[str], *overrides: str, wait: bool = True,
+            stop_rank_at: tuple[int, int] | None = None):
+    """Train under `launcher`; `stop_rank_at` (rank, step): that rank gets a stop signal at the end of that step."""
     out = tmp_path / name
     out.mkdir()
     script = tmp_path / "harness.py"
     script.write_text(HARNESS)
     argv = [*launcher, str(script), str(config), str(run_dir), str(out), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if stop_rank_at:
+        env.update(STOP_RANK=str(stop_rank_at[0]), STOP_AT=str(stop_rank_at[1]), TESTS_DIR=str(Path(__file__).parent))
     if not wait:
         return out, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -214,11 +227,71 @@ def test_launchers_that_cannot_start_a_world_say_so_before_writing_anything(tmp_
     assert not any((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else True
 
 
+FSDP = ("train.distributed=fsdp", "train.save_every=2")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_llama_dir):
+    """Two gloo ranks under FSDP for real (fully_shard over a CPU mesh, through accelerate's FSDP2 path), fp32,
+    checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    _, done = harness(tmp, ddp_config(tmp, tiny_llama_dir), tmp / "run", "out", two_ranks(), *FSDP)
+    return tmp / "run", done.stdout
+
+
+def test_fsdp_over_two_gloo_ranks_trains_the_adapter_of_one_rank_and_checkpoints_the_adapter_alone(fsdp_run, one_rank):
+    import torch
+
+    run_dir, stdout = fsdp_run
+    one_rank, one_rank_val = one_rank
+    assert "world 2 ranks (gloo), FSDP (train.distributed)" in stdout and "sharded over the ranks" in stdout
+    assert max_difference(weights(run_dir / "adapter" / "adapter_model.safetensors"), one_rank) <= 1e-5
+    # Evaluation under FSDP (every forward a collective; 7 rows over 2 ranks): the one-rank losses, the base's included.
+    assert sorted(val_losses(run_dir)) == [0, 2, 4]
+    assert all(abs(val_losses(run_dir)[s] - one_rank_val[s]) <= 1e-5 * one_rank_val[s] for s in one_rank_val)
+    assert logged_steps(run_dir) == [1, 2, 3, 4] and stdout.count("eval adapter @ step 4") == 1
+    # Each checkpoint holds the adapter and its optimizer state, never the frozen base weights.
+    for saved in (run_dir / "checkpoints" / "checkpoint-2", run_dir / "checkpoints" / "checkpoint-4"):
+        assert (saved / "COMPLETE").is_file()
+        model_state = torch.load(saved / "pytorch_model_fsdp.bin", weights_only=True)
+        assert model_state and all("lora_" in name for name in model_state)
+        assert sum(t.numel() for t in model_state.values()) == 16_384  # the trainable parameters the log counts
+        assert set(weights(saved / "adapter_model.safetensors")) == set(one_rank)
+
+
+def test_a_stop_signal_to_one_rank_under_fsdp_checkpoints_the_shards_and_the_resume_is_exact(tmp_path, tiny_llama_dir, fsdp_run):
+    reference, _ = fsdp_run
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    run_dir = tmp_path / "run"
+    out, done = harness(tmp_path, config, run_dir, "stopped", two_ranks(), *FSDP, stop_rank_at=(1, 2))
+    assert [json.loads((out / f"result{r}.json").read_text()) for r in (0, 1)] == [{"finished": False, "steps": 2}] * 2
+    assert "stopped by a stop signal to another rank at step 2/4" in done.stdout
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    harness(tmp_path, config, run_dir, "resumed", two_ranks(), *FSDP)
+    assert max_difference(weights(run_dir / "adapter" / "adapter_model.safetensors"),
+                          weights(reference / "adapter" / "adapter_model.safetensors")) == 0.0
+    assert logged_steps(run_dir) == [1, 2, 3, 4] and val_losses(run_dir) == val_losses(reference)
+
+
+def test_qlora_under_fsdp_shards_4bit_weights_stored_in_bf16_and_evaluates_as_one_rank(tmp_path, tiny_llama_dir):
+    """bitsandbytes' 4-bit layers on CPU, their bf16 storage sharded by FSDP: the losses follow one rank's (bf16 rounding
+    apart; the adapters themselves, a few Adam steps of tiny gradients, differ in bf16 by more than they move)."""
+    config = ddp_config(tmp_path, tiny_llama_dir)
+    qlora = ("quant.bits=4", "train.precision=bf16")
+    harness(tmp_path, config, tmp_path / "one-run", "one", [sys.executable], *qlora, "train.grad_accum=2")
+    _, done = harness(tmp_path, config, tmp_path / "fsdp-run", "fsdp", two_ranks(), *qlora, "train.distributed=fsdp")
+    assert "FSDP (train.distributed)" in done.stdout
+    one, sharded = val_losses(tmp_path / "one-run"), val_losses(tmp_path / "fsdp-run")
+    assert sorted(one) == sorted(sharded) == [0, 2, 4]
+    assert all(abs(sharded[s] - one[s]) <= 2e-4 * one[s] for s in one)
+    assert sharded[4] < sharded[0]
+
+
 def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin_and_the_model_recomputes_its_own_activations(tiny_llama_dir, tmp_path):
-    """FSDP runs only on GPUs (accelerate trains CPU ranks with DDP), and there is none here: this checks that
-    the settings train.py passes reach accelerate's FSDP2 plugin as meant: full shard per decoder layer,
-    checkpoints gathered whole (for a PEFT model: the adapter), and no activation checkpointing of FSDP's own (it
-    would not save the random state that LoRA dropout draws from): the model's layers recompute, as without FSDP."""
+    """The settings train.py passes reach accelerate's FSDP2 plugin as meant: full shard per decoder layer,
+    checkpoints gathered whole (the adapter alone: HpcloraTrainer.save_model), and no activation checkpointing of
+    FSDP's own (it would not save the random state that LoRA dropout draws from): the model's layers recompute, as
+    without FSDP, and only the first train.checkpointed_layers of them."""
     from transformers import TrainingArguments
 
     from hpclora import config
@@ -236,12 +309,12 @@ def test_fsdp_settings_parse_into_accelerates_fsdp2_plugin_and_the_model_recompu
     assert recomputing == [True, False]  # train.checkpointed_layers=1: the first layer only
 
 
-def test_fsdp_is_refused_for_cpu_ranks_at_training_time_too(tmp_path, tiny_llama_dir):
-    """A config that reaches `hpclora train` under torchrun with train.distributed=fsdp and no GPU (say, edited
-    after validation) stops with the reason and the alternative, on every rank, before any training."""
+def test_fsdp_in_fp16_is_refused_at_training_time_too(tmp_path, tiny_llama_dir):
+    """A config that reaches `hpclora train` under torchrun with train.distributed=fsdp in fp16 (say, edited after
+    validation) stops with the reason and the alternative, on every rank, before any training."""
     config = ddp_config(tmp_path, tiny_llama_dir)
     done = subprocess.run([*two_ranks(), "-m", "hpclora", "train", str(config), "--run-dir", str(tmp_path / "run"),
-                           "train.distributed=fsdp", "slurm.gpus=1"], capture_output=True, text=True, timeout=300,
+                           "train.distributed=fsdp", "train.precision=fp16"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0 and "FSDP shards over GPUs; CPU ranks (train.cpu_ranks) train with DDP" in done.stdout + done.stderr
+    assert done.returncode != 0 and "FSDP trains in bf16 or fp32, not fp16" in done.stdout + done.stderr
     assert "train.distributed=ddp" in done.stdout + done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

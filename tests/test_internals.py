@@ -79,3 +79,31 @@ def test_accelerate_scales_steps_and_unscales_with_the_scaler_given_for_fp16_on_
     accelerator.backward(layer(torch.full((1, 4), float("inf"))).sum())
     optimizer.step()
     assert accelerator.optimizer_step_was_skipped and layer.weight[0, 0].item() == pytest.approx(0.9)
+
+
+FSDP_ON_CPU = """
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from transformers import Trainer, TrainingArguments
+from hpclora.internals import fsdp_on_cpu
+from hpclora.job.trainer import fsdp_arguments
+
+args = TrainingArguments(output_dir="out", use_cpu=True, report_to="none", bf16=True, **fsdp_arguments())
+trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+assert trainer.accelerator.distributed_type != DistributedType.FSDP  # accelerate's own choice off a GPU
+fsdp_on_cpu(trainer)
+assert trainer.accelerator.is_fsdp2 and trainer.is_fsdp_enabled
+assert AcceleratorState().distributed_type == DistributedType.FSDP  # a later AcceleratorState() keeps it
+assert trainer.accelerator.state.fsdp_plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+print("ok")
+"""
+
+
+def test_accelerate_takes_the_fsdp_plugin_set_for_cpu_ranks(tmp_path):
+    """One rank under torchrun (the Trainer takes FSDP settings in distributed runs only), in a process of its own:
+    accelerate's state is process-wide and would make later trainers FSDP ones."""
+    (tmp_path / "check.py").write_text(FSDP_ON_CPU)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "check.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

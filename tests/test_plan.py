@@ -195,6 +195,21 @@ def test_fsdp_memory_per_gpu_falls_with_the_world_size_and_ddp_does_not(tmp_path
     assert p16.recommended["nodes"] == 2 and p16.recommended["gres"] == "gpu:a100:8" and p16.recommended["cpus_per_task"] == 64
 
 
+def test_fsdp_with_4bit_weights_counts_each_gpu_loading_the_whole_quantized_model(tmp_path):
+    """bitsandbytes quantizes on the GPU, so under FSDP every rank first holds the whole 4-bit model, then its shard:
+    with many GPUs that loading moment, not training, is the peak."""
+    qlora = ["model.name=meta-llama/Llama-2-13b-hf", "quant.bits=4", "data.max_length=256", "train.micro_batch_size=1",
+             "train.gradient_checkpointing=true", "train.distributed=fsdp", "train.precision=bf16", "slurm.gpus=8"]
+    cfg = cfg_for(tmp_path, *qlora)
+    p = plan.make_plan(cfg, "a100-80gb")
+    whole = memory_gb(find_dims(cfg)[0], cfg, DEVICES["a100-80gb"], "bf16", 1, "ddp", 8)
+    assert p.breakdown["weights_gb"] < whole["weights_gb"] / 4  # trained sharded
+    assert p.peak_gb == p.breakdown["loading_gb"] > whole["weights_gb"]  # but loaded whole first
+    assert "while loading: each GPU holds the whole quantized model until FSDP shards it" in plan.format_plan(p)
+    plain = plan.make_plan(cfg_for(tmp_path, *qlora, "quant.bits=null"), "a100-80gb")
+    assert "loading_gb" not in plain.breakdown  # plain weights are sharded as they load
+
+
 def test_auto_picks_ddp_when_a_replica_fits_and_fsdp_only_on_bf16_gpus_when_it_does_not(tmp_path):
     lora_13b = ["model.name=meta-llama/Llama-2-13b-hf", "data.max_length=1024", "train.gradient_checkpointing=true", "slurm.gpus=4"]
     assert plan.make_plan(cfg_for(tmp_path, *lora_13b), "a100-80gb").strategy == "ddp"  # 26 GB of weights fit 80 GB
@@ -216,9 +231,10 @@ def test_submit_writes_the_chosen_strategy_into_the_job_and_refuses_fsdp_where_i
                           capture_output=True, text=True)
     assert v100.returncode == 2 and "train.distributed" in v100.stderr and "train.distributed=ddp" in v100.stderr
     assert "Traceback" not in v100.stderr
-    cpu = subprocess.run([sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), "train.cpu_ranks=2",
-                          "train.distributed=fsdp"], capture_output=True, text=True)
-    assert cpu.returncode == 2 and "train.distributed" in cpu.stderr and "CPU ranks" in cpu.stderr
+    cpu = [sys.executable, "-m", "hpclora", "validate", str(ROOT / "configs" / "demo-cpu.yaml"), "train.cpu_ranks=2", "train.distributed=fsdp"]
+    assert subprocess.run(cpu, capture_output=True, text=True).returncode == 0  # FSDP over CPU ranks: the GPU path, tried here
+    fp16 = subprocess.run([*cpu, "train.precision=fp16"], capture_output=True, text=True)
+    assert fp16.returncode == 2 and "train.distributed: FSDP trains in bf16 or fp32, not fp16" in fp16.stderr
 
 
 def test_cpu_speed_scales_with_the_jobs_cores_and_is_shared_by_its_ranks(tmp_path):

@@ -7,7 +7,8 @@ and tests/test_internals.py fails loudly when a library release changes it.
 - bitsandbytes' 4-bit layers on CPUs with AVX512-BF16, which repack their weights for inference on the
   first no-grad forward unless told not to;
 - the Hugging Face hub libraries, which read HF_HOME once, when they are first imported;
-- accelerate's loss scaler, given to the Trainer for fp16 on a CPU, where accelerate refuses fp16 itself.
+- accelerate's loss scaler, given to the Trainer for fp16 on a CPU, where accelerate refuses fp16 itself;
+- accelerate's distributed type and FSDP plugin, set for FSDP over CPU ranks, where accelerate would train DDP.
 
 Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
 """
@@ -93,3 +94,21 @@ def fp16_loss_scaling_on_cpu(accelerator) -> None:
             accelerator.scaler.unscale_(opt)
 
     accelerator.unscale_gradients = unscale_gradients
+
+
+def fsdp_on_cpu(trainer) -> None:
+    """FSDP over CPU ranks (gloo), the GPU path tried before the queue: accelerate takes its FSDP plugin only for
+    GPU-like devices and trains CPU ranks with DDP, though torch's `fully_shard` shards over a CPU mesh. The
+    accelerator is made an FSDP one with the plugin the Trainer built from its arguments, before anything is
+    prepared, so that the Trainer and accelerate then take their FSDP path as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # Both shared states, as accelerate sets them for GPUs: each later AcceleratorState() copies the partial one's.
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True

@@ -36,18 +36,20 @@ def choose_compute_dtype(requested: str, precision: str) -> str:
     return precision if requested == "auto" else requested
 
 
-def fsdp_problem(on_gpu: bool, precision: str | None, quant_bits: int | None, optimizer: str) -> str | None:
+def fsdp_problem(precision: str | None, quant_bits: int | None, optimizer: str) -> str | None:
     """Why FSDP cannot train this run, with what to do instead; None where it can. The one rule, used by the config
-    checks (`precision` None: not known yet, `auto`), the planner's choice and the job. FSDP here shards over GPUs
-    and computes in bf16, and cannot shard 8-bit weights nor step with bitsandbytes' 8-bit or paged optimizers."""
+    checks (`precision` None: not known yet, `auto`), the planner's choice and the job. FSDP here trains in bf16
+    (GPUs since the A100) or fp32, with 4-bit weights in bf16 only (stored and computed in the dtype FSDP gathers
+    in), and cannot shard 8-bit weights nor step with bitsandbytes' 8-bit or paged optimizers. CPU ranks can run
+    it too, to try the path before the queue (the planner never chooses it for them: DDP is faster there)."""
     instead = "use train.distributed=ddp (with quant.bits=4 where a replica does not fit a GPU)"
-    if not on_gpu:
-        return f"FSDP shards over GPUs; CPU ranks (train.cpu_ranks) train with DDP: {instead}"
-    if precision is not None and precision != "bf16":
-        return (f"FSDP trains in bf16, not {precision} (V100 and T4 have no bf16): {instead}, or train.precision=bf16 "
-                "on an A100/H100/L4")
     if quant_bits == 8:
         return "8-bit weights cannot be sharded by FSDP: use quant.bits=4 (stored in bf16 for FSDP) or train.distributed=ddp"
+    if precision == "fp16":
+        return (f"FSDP trains in bf16 or fp32, not fp16 (V100 and T4 have no bf16): {instead}, or train.precision=bf16 "
+                "on an A100/H100/L4")
+    if quant_bits == 4 and precision not in (None, "bf16"):
+        return f"FSDP shards 4-bit weights stored in bf16 and computes in bf16, not {precision}: train.precision=bf16, or {instead}"
     if optimizer in FSDP_INCAPABLE_OPTIMIZERS:
         return (f"train.optimizer={optimizer} (bitsandbytes) cannot step FSDP's sharded parameters: use train.optimizer=adamw_torch "
                 "with FSDP, or train.distributed=ddp")

@@ -64,7 +64,7 @@ def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.train.distributed != "fsdp":
         return []
     precision = None if cfg.train.precision == "auto" else cfg.train.precision
-    problem = fsdp_problem(cfg.slurm.gpus > 0, precision, cfg.quant.bits, cfg.train.optimizer)
+    problem = fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer)
     return [("train.distributed", problem)] if problem else []
 
 

@@ -107,3 +107,12 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gathered_trainable_state(model) -> dict:
+    """The trainable parameters (for a PEFT model: its adapter) of a model FSDP shards, whole, on the host of every
+    rank; every rank must call it. The frozen base weights stay sharded: gathering them too, as a full state dict
+    would, puts the whole base model into one host's memory at every checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))

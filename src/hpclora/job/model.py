@@ -65,7 +65,8 @@ def load_base(cfg, precision: str, device: str, sharded: bool = False):
     """The frozen base model in the run's precision, quantized with bitsandbytes when quant.bits is set.
     `sharded` (FSDP): 4-bit weights are packed into bf16 storage, which FSDP can shard (it cannot shard integers)
     and, computing in bf16, leaves as it is: storage of another dtype would be cast before each all-gather, which
-    turns the packed 4-bit bytes into garbage."""
+    turns the packed 4-bit bytes into garbage. Quantized weights load onto this rank's GPU, where bitsandbytes
+    quantizes them, whole, and FSDP then shards them: the planner counts that loading peak (plan.memory)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -64,7 +64,7 @@ def strategy_for(cfg: RunConfig, world: distributed.World, device: str, precisio
             strategy, why = p.strategy, f"auto: {p.strategy_reason}"
         except UserError as exc:
             strategy, why = "ddp", f"auto, but the planner could not plan this world ({exc}): DDP, which needs no plan"
-    if strategy == "fsdp" and (problem := fsdp_problem(device == "cuda", precision, cfg.quant.bits, cfg.train.optimizer)):
+    if strategy == "fsdp" and (problem := fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer)):
         raise UserError(f"train.distributed: {problem}")
     return strategy, why
 

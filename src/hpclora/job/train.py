@@ -134,8 +134,10 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     def measure_base():  # when training begins: the Trainer has placed (under FSDP: sharded) the model by then
         nonlocal base_loss
         if resume is None and base_loss is None and data.val is not None:
-            with model.disable_adapter():
-                base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+            # With LoRA's B matrices at zero the untrained adapter adds nothing: this is the base model's loss (as
+            # `hpclora eval` measures it with the adapter disabled). Disabling it here would freeze the adapter for
+            # FSDP's first forward, where FSDP fixes which parameters it reduces gradients for: none.
+            base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
 
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, liger, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
@@ -171,7 +173,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"]
 
     # Under FSDP every rank holds a shard of the adapter: they all take part in gathering it.
-    weights = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    weights = distributed.gathered_trainable_state(trainer.model) if sharded else None
     if world.main:
         save_adapter(model, tokenizer, out, weights)
     runtime = result.metrics.get("train_runtime", 0.0)
@@ -214,7 +216,7 @@ def stopped(out: Path, model, tokenizer, stop: StopRequest, step: int, steps: in
 
 def save_adapter(model, tokenizer, out: Path, weights: dict | None = None) -> Path:
     """Write adapter/ (PEFT weights + tokenizer) in one rename: a partial adapter is never left in place.
-    `weights`: the model's full state dict where it is sharded (FSDP), gathered by every rank."""
+    `weights`: the trainable state where the model is sharded (FSDP), gathered by every rank."""
     target = out / "adapter"
     with staged(target) as tmp:
         model.save_pretrained(tmp, state_dict=weights)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..internals import fp16_loss_scaling_on_cpu, tensorboard_callback
+from ..internals import fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback
 from . import checkpoint, distributed
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
@@ -35,22 +35,38 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         local_tokens = 0  # this rank's, since the last step's end
 
         def autocast_smart_context_manager(self, cache_enabled=True):
-            """fp16 on a CPU: torch's CPU autocast, which accelerate would not give (internals.fp16_loss_scaling_on_cpu)."""
+            """The mixed precision training's forward runs under, for the evaluations too (accelerate puts it around
+            the prepared model's forward only, which the loss of loss.py does not call); fp16 on a CPU: torch's CPU
+            autocast, which accelerate would not give (internals.fp16_loss_scaling_on_cpu)."""
             import torch
 
             if fp16_on_cpu:
                 return torch.autocast("cpu", dtype=torch.float16, cache_enabled=cache_enabled)
-            return super().autocast_smart_context_manager(cache_enabled)
+            return self.accelerator.autocast()
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """Under FSDP only the adapter is gathered and saved (accelerate's FSDP checkpoint beside it is the adapter
+            alone too): the Trainer's own gathers the whole model into rank 0's memory first."""
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            weights = distributed.gathered_trainable_state(self.model)
+            if self.args.should_save:
+                self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.local_tokens += int(inputs.pop("num_tokens", 0))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        evaluated: tuple[int, dict] | None = None  # (step, metrics) of the latest periodic evaluation
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             import torch
 
             from .loss import summed_loss
 
+            step = self.state.global_step
+            if metric_key_prefix == "eval" and self.evaluated and self.evaluated[0] == step:
+                return self.evaluated[1]  # asked again at a step that is also an epoch's end: measured and logged once
             model, started = self.model, time.time()
             was_training = model.training
             model.eval()
@@ -75,6 +91,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item(), f"{metric_key_prefix}_tokens": int(totals[1]),
                        f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
             self.log(metrics)  # to every callback's on_log: the progress log, TensorBoard, W&B
+            if metric_key_prefix == "eval":
+                self.evaluated = (step, metrics)
             return metrics
 
     class PublishCheckpoint(TrainerCallback):
@@ -164,6 +182,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     )
     if fp16_on_cpu:
         fp16_loss_scaling_on_cpu(trainer.accelerator)
+    if sharded and not cuda:
+        fsdp_on_cpu(trainer)
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)  # ProgressLog prints instead
     # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).

@@ -145,7 +145,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
             checkpointing_why += f", {recomputed_layers(cfg, dims)} of {dims.layers} layers recompute"
     checkpointing = cfg.train.gradient_checkpointing is True
     strategy, strategy_why, parts, peaks = layout(cfg)
-    problem = fsdp_problem(device.name != "cpu", precision, cfg.quant.bits, cfg.train.optimizer) if strategy == "fsdp" else None
+    problem = fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer) if strategy == "fsdp" else None
 
     def peak(strategy: str, micro: int) -> dict[str, float]:
         return memory_gb(dims, cfg, device, precision, micro, strategy, world)
@@ -170,6 +170,8 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     if world > 1:
         note += f"; {world} ranks x {world_scaling:.2f} scaling ({strategy.upper()} {'within a node' if cfg.slurm.nodes == 1 else 'across nodes'}: assumed, not measured)"
     peak_gb, peak_note = parts["peak_gb"], ""
+    if parts.get("loading_gb") == parts["peak_gb"]:
+        peak_note = "while loading: each GPU holds the whole quantized model until FSDP shards it"
     if measured is not None:  # this cluster's own numbers: speed as a ratio, memory where the settings are the probe's
         note = (f"measured by {measured.by()} on {measured.node}: {measured.tokens_per_s:,.1f} tokens/s where the estimate said "
                 f"{measured.planned_tokens_per_s:,.1f}, so the estimate x {measured.speed_ratio:.2f}")

@@ -23,7 +23,8 @@ Several ranks (slurm.nodes x slurm.gpus): under DDP every GPU holds the whole of
 for its own micro-batch. Under FSDP (full shard, per decoder layer, as accelerate wraps it) the weights,
 LoRA gradients and optimizer states are divided by the world size; what is gathered at a time is added
 back: two decoder layers (the one computing and the one prefetched) and the output head, which stays
-gathered for the whole step."""
+gathered for the whole step. Quantized weights under FSDP are loaded whole onto each GPU first (bitsandbytes
+quantizes there), then sharded: the loading peak counts too."""
 
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     optimizer_bytes = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[cfg.train.optimizer]
     lora_bytes = lora * (4 + 4)  # fp32 weights and gradients
     optimizer = lora * optimizer_bytes
+    whole_weights = weights
     if strategy == "fsdp" and world > 1:
         per_layer_weights = (weights - frozen_rest) / d.layers + 4 * d.hidden * (4 if bits else e)
         head = d.vocab * d.hidden * e  # gathered for the whole step (tied: it is the embedding)
@@ -142,6 +144,11 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
         parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * loss_rows * d.vocab * 4 / GB
         parts["runtime_gb"] = device.context_gb
     parts["peak_gb"] = sum(parts.values())
+    if strategy == "fsdp" and world > 1 and bits == 4 and device.name != "cpu":
+        # bitsandbytes quantizes on the GPU, so each rank loads the whole quantized model onto its GPU before FSDP
+        # shards it (model.load_base): that moment is a peak of its own.
+        parts["loading_gb"] = (whole_weights + SLACK_GB * GB) / GB + device.context_gb
+        parts["peak_gb"] = max(parts["peak_gb"], parts["loading_gb"])
     return {k: round(v, 3) for k, v in parts.items()}
 
 

@@ -22,7 +22,7 @@ def choose_strategy(cfg: RunConfig, device: Device, precision: str, smallest: di
         return "ddp", "a replica fits each GPU"
     if smallest["fsdp"] > usable:
         return "ddp", "neither a replica nor a shard fits a GPU: see the advice below"
-    problem = fsdp_problem(True, precision, cfg.quant.bits, cfg.train.optimizer)
+    problem = fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer)
     if problem is None:
         return "fsdp", f"a replica does not fit a GPU; sharded over {world_size(cfg)} GPUs it does"
     return "ddp", f"a shard would fit, but {problem}" + ("; or quant.bits=4" if cfg.quant.bits is None else "")
