@@ -13,7 +13,8 @@ and each command's log under --out. A failing check does not stop the others. Th
 - infer:    generate, eval and chat on the GPU, the model's device asserted, tokens/s printed; merge, the merged
             model's logits against the adapter's.
 - kernels:  Liger on and off, sdpa_varlen against the block mask: the same losses, the time of each.
-- torchrun: one rank over NCCL, DDP and FSDP (LoRA, and QLoRA stored in bf16); TERM to torchrun while a
+- torchrun: a rank per GPU (two at most) over NCCL, DDP and FSDP (LoRA, and QLoRA stored in bf16; with one GPU
+            the ranks are one, which trains as a single process, and the line says so); TERM to torchrun while a
             checkpoint is written: the checkpoint completes, the resume is exact.
 - planner:  the planner's peak against the measured peak for 7B-shaped LoRA and QLoRA at 1,024 tokens.
 - seed:     the seed-style script (benchmarks/throughput.py) against hpclora's default on the same GPU.
@@ -160,15 +161,24 @@ def check_kernels(c: Check, out: Path, model: str, site_without_liger: str | Non
 
 
 def check_torchrun(c: Check, out: Path, model: str) -> None:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "hpclora", "train"]
+    import torch
+
+    # Ranks: one per GPU (NCCL refuses two ranks on one GPU). One rank trains as a single process, whatever
+    # train.distributed says, so DDP and FSDP run for real from two GPUs on; with one, the NCCL launch path runs.
+    ranks = min(torch.cuda.device_count(), 2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "hpclora", "train"]
     for name, overrides in (("torchrun-ddp", ["train.distributed=ddp"]),
                             ("torchrun-fsdp-lora", ["train.distributed=fsdp", "train.precision=bf16"]),
                             ("torchrun-fsdp-qlora", ["train.distributed=fsdp", "train.precision=bf16", "quant.bits=4"])):
         try:
             run = out / "runs" / name
             done = c.run(*torchrun, str(config(out, name, model)), "--run-dir", str(run), "train.max_steps=10", *overrides, name=name)
-            strategy = next((line for line in done.stdout.splitlines() if line.startswith("world ")), "(no world line)")
-            c.record(name, (run / "adapter").is_dir(), strategy)
+            world = next((line for line in done.stdout.splitlines() if line.startswith("world ")), None)
+            strategy = name.split("-")[1].upper()
+            ran = world is not None and f"{strategy} (" in world
+            c.record(name, (run / "adapter").is_dir() and (ran or ranks == 1),
+                     world or f"one GPU: torchrun over NCCL trained one rank; {strategy} needs two GPUs to run (the CPU suite "
+                              "trains it over two gloo ranks)")
         except Exception as exc:  # noqa: BLE001
             c.record(name, False, str(exc))
     # TERM to torchrun and its rank at once, as slurmstepd sends it, a few steps in: one complete checkpoint, exit 0.

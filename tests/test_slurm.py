@@ -1,4 +1,5 @@
-"""Launch tests against a real Slurm (single node, accounting, two fake GPUs: tests/slurm/up.sh).
+"""Launch tests against a real Slurm (accounting, a node with two fake GPUs, and two nodes in network namespaces of
+their own for jobs of several nodes: tests/slurm/up.sh).
 
 They submit tiny real training runs with `hpclora submit`/`sweep`, the hand-written jobs/*.sbatch
 templates and submitit, and check sacct's verdict, the run directories and what status/logs report.
@@ -322,6 +323,60 @@ def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_reque
                                  "slurm.cpus_per_task=2", "slurm.mem=4G", "--launcher", "local"], "reference-*", tmp_path, env, last)
     same_weights(run_dir / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors",
                  reference / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors", 1e-6)
+
+
+TWO_NODES = {"partition": "two", "nodes": 2, "mem": "2G"}  # node1 and node2: tests/slurm/up.sh
+
+
+def test_a_job_of_two_nodes_trains_one_world_across_them_and_a_usr1_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
+    """slurm.nodes=2 on the test cluster's partition `two`, whose nodes each run their slurmd in a network and UTS
+    namespace of their own (own hostname, own address on a bridge): one srun task and torchrun per node, the ranks
+    meet through c10d at the head node's address, across the bridge, and train one world. USR1 to the batch shell
+    (the time limit's signal) checkpoints both ranks, the job requeues and resumes; USR1 again, it is out of
+    requeues. Its last checkpoint is the one a one-node two-rank run writes at that step; status and logs show it.
+    The run is too long to end by itself: no signal races it."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "cpu_ranks": 1}, lora={"dropout": 0.0},
+                        slurm={**TWO_NODES, "max_requeues": 1})
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    script = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=2\n" in script and "SRUN_RANKS=true" in script and "--rdzv-endpoint=\"$HEAD:$PORT\"" in script
+    signal_after(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
+    resumed = signal_after(job_id, run_dir, 1, 3, ["--signal=USR1", "--batch"])
+    assert wait_for(job_id) == {job_id: ("FAILED", "75:0")}
+    assert requeue_records(job_id) == ["REQUEUED", "FAILED"]
+    nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "NodeList"], capture_output=True, text=True).stdout.split()
+    assert set(nodes) == {"node[1-2]"}
+    last = newest_checkpoint_step(run_dir)
+    assert metrics_steps(run_dir) == list(range(1, last + 1)) and resumed >= 3
+    saved = run_dir / "checkpoints" / f"checkpoint-{last}"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert log.count("world 2 ranks (gloo)") == 2 and f"resumed from step {resumed}" in log and "requeueing job" in log
+    assert "requeued 1 times already (slurm.max_requeues): not requeueing" in log and "Traceback" not in log
+    status = hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    assert "node[1-2]" in status and "restarts   1" in status
+    assert f"resumed from step {resumed}" in hpclora("logs", job_id, env=env, cwd=tmp_path).stdout
+
+    reference = stop_locally_at([sys.executable, "-m", "hpclora", "submit", str(cfg), "run.name=reference", "slurm.nodes=1",
+                                 "train.cpu_ranks=2", "slurm.cpus_per_task=2", "slurm.mem=4G", "--launcher", "local"],
+                                "reference-*", tmp_path, env, last)
+    same_weights(saved / "adapter_model.safetensors", reference / "checkpoints" / f"checkpoint-{last}" / "adapter_model.safetensors", 1e-6)
+
+
+def test_a_sweep_task_of_two_nodes_trains_its_trial_across_both(tmp_path, tiny_llama_dir, env):
+    """One trial (the array of any sweep runs its tasks alike; each of two nodes here would run one after the other)."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 2, "cpu_ranks": 1}, slurm=TWO_NODES)
+    job_id = job_id_from(hpclora("sweep", cfg, "--grid", "lora.r=4", env=env, cwd=tmp_path).stdout)
+    assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("COMPLETED", "0:0")}
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "NodeList"], capture_output=True, text=True).stdout
+    assert out.split() == ["node[1-2]"]
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    (trial,) = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
+    assert json.loads((Path(trial["run_dir"]) / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    log = Path(trial["log"]).read_text()
+    assert "world 2 ranks (gloo)" in log and "adapter saved to" in log
+    assert "#SBATCH --nodes=2\n" in (sweep_dir / "job.sbatch").read_text()
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
