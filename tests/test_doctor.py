@@ -99,9 +99,12 @@ def test_doctor_reports_the_test_clusters_partitions_and_passes_a_good_config(tm
     assert named(checks, "config.data")[0]["message"].endswith("24 rows of alpaca data read")
     assert named(checks, "cache.hf_home")[0]["status"] == "ok"
     assert "does not exist yet" in named(checks, "cache.hf_home")[0]["message"]
-    for key in ("run.output_root", "slurm.log_dir"):  # under /tmp: a warning on a one-node cluster, a failure on a larger one
+    # Under /tmp: a warning where the partition's jobs run on this machine (debug: this host alone), a failure else.
+    for key in ("run.output_root", "slurm.log_dir"):
         assert (named(checks, key)[0]["status"], named(checks, key)[0]["message"][-12:]) == ("warn", ": node-local"), named(checks, key)
     assert not [c for c in checks if c["status"] == "fail"]
+    _, elsewhere, _ = doctor(cfg, "--partition", "two")  # node1 and node2: other machines, whose /tmp is not this one's
+    assert named(elsewhere, "run.output_root")[0]["status"] == "fail"
 
 
 def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_llama_dir, slurm):
@@ -125,13 +128,13 @@ def test_doctor_names_a_partition_that_does_not_exist_and_a_bad_config_key(tmp_p
     assert rc == 1
     assert named(checks, "config") == [{"status": "fail", "name": "config", "message": "lora.rr: unknown key (did you mean 'lora.r'?)", "fix": ""}]
     assert named(checks, "slurm.partition")[-1] == {"status": "fail", "name": "slurm.partition", "message": "no partition 'gpu-long' here",
-                                                     "fix": "one of debug, short"}
+                                                     "fix": "one of debug, short, two"}
 
 
 def test_doctor_probe_asks_a_compute_node_through_srun(tmp_path, tiny_llama_dir, slurm):
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     rc, checks, _ = doctor(cfg, "--probe")
-    host = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
+    host = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
     network = named(checks, "network.compute")[0]
     assert network["message"].startswith(f"{host}: ")
     here = named(checks, "network.here")[0]

@@ -5,6 +5,7 @@ and which of the planner's GPU names each `sinfo` type means. No torch: `hpclora
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 
 from ..catalog.node import run
@@ -120,7 +121,14 @@ def accounting_answers() -> bool:
     return bool(done and done.returncode == 0)
 
 
-def node_count() -> int | None:
-    """Distinct nodes (a node in several partitions counts once)."""
-    done = run(["sinfo", "-h", "-N", "-o", "%N"])
-    return len(set(done.stdout.split())) if done and done.returncode == 0 else None
+def node_names(partition: str | None = None) -> set[str] | None:
+    """The nodes of the cluster, or of one partition (a node in several partitions counts once); None without sinfo."""
+    done = run(["sinfo", "-h", "-N", "-o", "%N", *(["-p", partition] if partition else [])])
+    return set(done.stdout.split()) if done and done.returncode == 0 else None
+
+
+def runs_here(partition: str | None) -> bool:
+    """Whether the jobs of `partition` (or of the whole cluster) run on this very machine: a one-node cluster, as a
+    department server with Slurm is, or a partition of this host alone. Its local paths are then theirs too."""
+    names = node_names(partition)
+    return bool(names) and names == {socket.gethostname().split(".")[0]}

@@ -64,7 +64,7 @@ def diagnose(config_path: str | None = None, overrides: list[str] | None = None,
     if cfg and chosen:
         check_resources(report, cfg, chosen, plan, parts)
     check_container(report, cfg)
-    check_storage(report, cfg, single_node=parts is not None and cluster.node_count() == 1)
+    check_storage(report, cfg, single_node=parts is not None and cluster.runs_here(chosen.name if chosen else None))
     reached, how = node.hub_reachable()
     report.add(OK if reached else WARN, "network.here", how, "" if reached else
                "models and datasets must be staged from a node that reaches it (`hpclora stage CONFIG`)")
@@ -99,7 +99,7 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
         report.add(WARN, "slurm", "no Slurm answers here (sinfo)", "run doctor on the cluster's login node; "
                    "without Slurm only `hpclora train` and `--launcher local` run")
         return None
-    report.add(OK, "slurm", f"{version}, {len(parts)} partition(s), {cluster.node_count()} node(s)")
+    report.add(OK, "slurm", f"{version}, {len(parts)} partition(s), {len(cluster.node_names() or ())} node(s)")
     for p in parts:
         gpus = ", ".join(describe_gpu(g, devices, aliases) for g in p.gpus) or "no GPUs"
         limit = "no time limit" if p.time_limit_s is None else f"time limit {p.time_limit}"
