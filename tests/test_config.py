@@ -292,3 +292,45 @@ def test_biases_that_bitsandbytes_would_cast_to_fp16_are_refused_with_the_ways_o
     except ConfigError as exc:
         problem = str(exc)
     assert (problem is not None and "lora.bias" in problem and "quant.compute_dtype=fp32" in problem) is refused, problem
+
+
+def test_slurm_times_with_colons_stay_the_text_written_though_yaml_reads_them_as_base_60(tmp_path, data_file):
+    """YAML 1.1 reads `time: 1:30:00` as 5400 and `30:00` as 1800, which as Slurm minutes would be 90 hours and 30
+    hours: the text written is kept, in a file and in an override; where a number belongs, `1:30` is refused."""
+    from hpclora.config.slurm_syntax import slurm_seconds
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  path: {data_file}\nslurm:\n  time: 1:30:00\n")
+    assert config.load(path).slurm.time == "1:30:00"
+    assert config.load(path, ["slurm.time=30:00"]).slurm.time == "30:00"
+    assert config.load(path, ["slurm.time=90"]).slurm.time == "90"  # minutes, as Slurm reads it
+    assert slurm_seconds(config.load(path).slurm.time) == 90 * 60
+    path.write_text(f"data:\n  path: {data_file}\ntrain:\n  max_steps: 1:30\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert dict(err.value.problems)["train.max_steps"] == "expected an integer, got '1:30'"
+
+
+TOKEN = "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"  # hub-token-shaped, made up
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"slurm.setup=[export HF_TOKEN={TOKEN}]", "slurm.setup[0]"),
+    (f"slurm.extra=['--export=ALL,HF_TOKEN={TOKEN}']", "slurm.extra[0]"),
+    (f"container.env={{MY_HF: {TOKEN}}}", "container.env.MY_HF"),
+    ("container.env={WANDB_KEY: 0123456789abcdef0123456789abcdef01234567}", "container.env.WANDB_KEY"),
+    ("container.env={GITHUB_PAT: ghp_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab}", "container.env.GITHUB_PAT"),
+    (f"run.name=run-{TOKEN}", "run.name"),
+])
+def test_values_that_look_like_credentials_are_refused_whatever_key_holds_them_and_never_repeated(data_file, override, key):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", override])
+    problems = dict(err.value.problems)
+    assert "looks like a" in problems[key] and "export it in your shell" in problems[key]
+    assert TOKEN not in str(err.value) and "0123456789abcdef0123456789abcdef" not in str(err.value)
+
+
+def test_paths_and_names_with_hashes_in_them_are_no_credentials(data_file):
+    snapshot = "/shared/hf/hub/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567"
+    cfg = config.load(None, [f"data.path={data_file}", f"model.name={snapshot}", "run.name=ja-sweep_2026-12-01-lr2e-4"])
+    assert cfg.model.name == snapshot

@@ -224,6 +224,18 @@ def test_truncation_and_dropping(tmp_path, tokenizer):
     prepared = prepare(data_cfg(path, tmp_path, "data.val_size=0", "data.max_length=64"), tokenizer, seed=0)
     assert prepared.stats["train_dropped"] == 1  # its response was cut off entirely
     assert max(len(x) for x in prepared.train["input_ids"]) <= 64
+    # Every response cut off: the error says so and what to do, whichever split lost them all.
+    path = write_jsonl(tmp_path / "long.jsonl", [long_prompt] * 6)
+    with pytest.raises(DataError) as err:
+        prepare(data_cfg(path, tmp_path, "data.val_size=2", "data.max_length=64"), tokenizer, seed=0)
+    assert "no training example is left: every response of the 4 training rows lies beyond data.max_length=64" in str(err.value)
+    from hpclora.data.split import split_indices
+
+    _, val_rows = split_indices(6, 2, 0)
+    rows = [long_prompt if i in val_rows else row for i, row in enumerate(alpaca_rows(6))]
+    prepared = prepare(data_cfg(write_jsonl(tmp_path / "mixed.jsonl", rows), tmp_path, "data.val_size=2", "data.max_length=64"),
+                       tokenizer, seed=0)
+    assert prepared.val is None and prepared.stats["val_examples"] == 0 and prepared.stats["train_examples"] == 4
 
 
 def test_prepare_with_packing_fills_rows(tmp_path, tokenizer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -108,3 +109,20 @@ def test_eval_and_training_agree_on_validation_loss_over_several_batches(tmp_pat
     assert result["examples"] == 6 and summary["final_val_loss"] != summary["base_val_loss"]
     assert result["adapter"]["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
     assert result["base"]["loss"] == pytest.approx(summary["base_val_loss"], abs=1e-5)
+
+
+def test_merge_without_out_writes_into_the_run_directory_and_its_files_are_as_readable_as_the_umask_allows(real_run, tmp_path, cli):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    done = cli("merge", str(run))
+    assert done.returncode == 0, done.stderr
+    assert (run / "merged" / "model.safetensors").is_file() and str(run / "merged") in done.stdout
+    # Readable as the umask allows (safetensors itself writes 0600), for the merged model as for the adapter.
+    mask = os.umask(0)
+    os.umask(mask)
+    for weights in (run / "merged" / "model.safetensors", real_run / "adapter" / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
+    again = cli("merge", str(run))
+    assert again.returncode == 2 and "already exists and is not empty" in again.stderr

@@ -305,3 +305,21 @@ def test_max_length_beyond_the_model_context_is_refused_before_the_queue(tmp_pat
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert ("error: data.max_length: 4096 tokens do not fit the context of cyberagent/open-calm-7b, 2048 tokens "
                 "(max_position_embeddings, from built-in table): use at most 2048") in proc.stderr
+
+
+@pytest.mark.parametrize("name, directory", [("ja", "ja-sweep-"), ("my-ja-sweep", "my-ja-sweep-"), ("lr_Sweep", "lr_Sweep-")])
+def test_a_sweeps_directory_says_sweep_once(tmp_path, cli, name, directory):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{name: {name}, output_root: {tmp_path / 'runs'}}}\ndata: {{path: {data}}}\n")
+    done = cli("sweep", cfg, "--grid", "lora.r=4,8", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    written = Path(done.stdout.split("# would run: sbatch ")[1].split()[0]).parent
+    assert written.name.startswith(directory) and "-sweep-sweep" not in written.name.lower()
+
+
+def test_elapsed_times_read_the_same_while_a_job_runs_and_after():
+    """squeue says `2:32` (minutes:seconds) where sacct says `00:02:32`: status shows both the second way."""
+    from hpclora.launch.slurm import as_clock
+
+    assert [as_clock(t) for t in ("2:32", "0:05", "1:02:03", "3-04:05:06")] == ["00:02:32", "00:00:05", "01:02:03", "3-04:05:06"]

@@ -106,6 +106,15 @@ def test_quantized_bases_keep_embeddings_and_head_in_the_compute_dtype(tmp_path)
     assert weights("quant.bits=8") == pytest.approx(6.48 * 1.001 + 0.262 * 2, rel=0.02)
 
 
+def test_plan_exits_3_for_a_run_that_does_not_fit_so_that_scripts_can_tell(tmp_path, cli):
+    seven_b = [ROOT / "configs" / "open-calm-7b-qlora-dolly-ja.yaml", "quant.bits=null", "data.max_length=512"]
+    assert cli("plan", *seven_b, "--gpu", "a100-80gb").returncode == 0
+    tight = cli("plan", *seven_b, "--gpu", "v100-16gb")
+    assert tight.returncode == 3 and "DOES NOT FIT" in tight.stdout
+    helped = subprocess.run([sys.executable, "-m", "hpclora", "plan", "--help"], capture_output=True, text=True)
+    assert "exit status: 0 when the run fits, 3 when it does not" in " ".join(helped.stdout.split())
+
+
 def test_precision_and_fit_per_gpu(tmp_path):
     cfg = cfg_for(tmp_path, "model.name=meta-llama/Llama-2-7b-hf", "train.micro_batch_size=4", "data.max_length=512")
     assert plan.make_plan(cfg, "v100-16gb").precision == "fp16"

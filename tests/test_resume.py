@@ -174,7 +174,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, tiny_llama_dir, reference, capsys):
+def test_a_kill_while_writing_a_checkpoint_or_a_metrics_line_loses_only_that_checkpoint(tmp_path, tiny_llama_dir, reference, capsys):
     config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
     run_dir = tmp_path / "run"
     killed = subprocess.run(
@@ -184,9 +184,13 @@ def test_a_kill_while_writing_a_checkpoint_loses_only_that_checkpoint(tmp_path, 
     assert killed.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-10").is_dir()  # the half-written one
     assert checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints")) == 5
+    with open(run_dir / "metrics.jsonl", "a") as fh:  # and a metrics line cut the same way
+        fh.write('{"step": 11, "loss": 10.8')
+    cut = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
     run, log = train_here(config, run_dir, capsys=capsys)
     assert run.finished and "resumed from step 5 (restart 1)" in log
+    assert f"metrics.jsonl: line {cut} is not a whole entry (cut by a kill while it was written?): dropped" in log
     assert_same_adapter(run_dir, reference)
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     kept = [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")]

@@ -150,6 +150,7 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
     assert "3 COMPLETED" in row and "tiny (sweep, 3 trials)" in row
     log = hpclora("logs", f"{job_id}_1", env=env, cwd=tmp_path).stdout
     assert f"(array {job_id}_1)" in log and str(sweep_dir / "trial-001") in log
+    assert f"hpclora: job {job_id}_1 on " in log and f"hpclora: job {job_id}_1 ended " in log  # as squeue names it
     assert "give one of" not in log
     ambiguous = hpclora("logs", job_id, env=env, cwd=tmp_path, check=False)
     assert ambiguous.returncode == 2 and f"{job_id}_0, {job_id}_1, {job_id}_2" in ambiguous.stderr

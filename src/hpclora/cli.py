@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import USER_ERROR_EXIT, UserError
 
+PLAN_DOES_NOT_FIT = 3  # `hpclora plan`'s exit status for a run that does not fit, so that scripts can test for it
+
 
 def cmd_validate(args) -> int:
     from . import config
@@ -97,7 +99,7 @@ def cmd_plan(args) -> int:
     preflight.check(cfg)  # the data only where the file is on this node
     result = plan.make_plan(cfg, args.gpu, calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
-    return 0
+    return 0 if result.fits else PLAN_DOES_NOT_FIT
 
 
 def cmd_eval(args) -> int:
@@ -258,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job leaves the queue")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("plan", help="memory, precision, micro-batch and time of a run on a GPU type, before submitting")
+    p = sub.add_parser("plan", help="memory, precision, micro-batch and time of a run on a GPU type, before submitting",
+                       epilog=f"exit status: 0 when the run fits, {PLAN_DOES_NOT_FIT} when it does not, 2 for an error in the config")
     with_config(p)
     p.add_argument("--gpu", help="v100-16gb, v100-32gb, t4-16gb, a100-40gb, a100-80gb, h100-80gb, l4-24gb, rtx3060-12gb or cpu "
                                  "(default: from slurm.gpu_type / slurm.gpus)")
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold a run's adapter into its (unquantized) base and save a plain HF model")
     p.add_argument("run_dir", help="a run directory with adapter/")
-    p.add_argument("--out", required=True, help="new directory for the merged model (never overwritten)")
+    p.add_argument("--out", default=None, help="new directory for the merged model (never overwritten; default: RUN_DIR/merged)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the saved weights (default: %(default)s)")
     p.set_defaults(func=cmd_merge)
 

@@ -41,7 +41,7 @@ RUN_MARKER = ".hpclora-run"
 RUN_ENTRIES = frozenset({
     RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", "attempts.jsonl",
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
-    "eval.json", "eval.md", "report.md", "loss.png",
+    "eval.json", "eval.md", "report.md", "loss.png", "merged",
 })
 
 
@@ -145,9 +145,14 @@ def _fsync(path: Path) -> None:
 
 def publish_dir(staging: Path, target: Path) -> None:
     """Make a fully written `staging` directory appear as `target` in one rename, its files on disk first, so that
-    a reader (or a crash) sees all of it or none. `target` may exist only as an empty directory."""
+    a reader (or a crash) sees all of it or none. `target` may exist only as an empty directory. Its files get the
+    permissions the umask gives, as `cp` would: safetensors writes 0600 whatever the umask, which would keep an
+    adapter on shared storage from the labmates the umask means to let read it."""
+    mask = os.umask(0)
+    os.umask(mask)
     for file in staging.rglob("*"):
         if file.is_file():
+            file.chmod(0o666 & ~mask)
             _fsync(file)
     _fsync(staging)
     if target.is_dir() and not any(target.iterdir()):

@@ -71,6 +71,8 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     p = Path(path)
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+        if isinstance(loaded, dict):
+            _keep_colon_numbers_as_text(_compose(p), loaded)
     except UnicodeDecodeError as exc:
         raise UserError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8") from None
     except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
@@ -81,6 +83,33 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     if not isinstance(loaded, dict):
         raise UserError(f"{p}: a config must be a mapping of sections (run:, model:, data:, ...)")
     return loaded
+
+
+def _compose(p: Path):
+    """The YAML node tree, which keeps each scalar's text as written."""
+    import yaml
+
+    with open(p, encoding="utf-8") as fh:
+        return yaml.compose(fh, Loader=yaml.SafeLoader)
+
+
+def _keep_colon_numbers_as_text(node, loaded: dict) -> None:
+    """YAML 1.1 reads `1:30:00` as the base-60 number 5400 and `30:00` as 1800: a Slurm time (`slurm.time: 1:30:00`,
+    90 minutes) would become 5400 minutes. A plain scalar with a colon that YAML made a number is put back as the
+    text written; a key that holds a number then says that `1:30` is not one."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if key not in loaded:
+            continue
+        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None and ":" in value_node.value:
+            if _is_number(loaded[key]):
+                loaded[key] = value_node.value
+        elif isinstance(value_node, yaml.MappingNode) and isinstance(loaded[key], dict):
+            _keep_colon_numbers_as_text(value_node, loaded[key])
 
 
 KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -102,10 +131,23 @@ def _parse_overrides(overrides, problems: list[tuple[str, str]]) -> dict:
             problems.append((key, "not a key path such as lora.r (names of letters, digits and _, joined by dots)"))
         else:
             try:
-                parsed = _deep_merge(parsed, OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False))
+                value_read = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+                if ":" in value and _is_number(_leaf(value_read, key)):  # `slurm.time=1:30:00`: see _keep_colon_numbers_as_text
+                    value_read = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}='{value.strip()}'"]), resolve=False)
+                parsed = _deep_merge(parsed, value_read)
             except Exception as exc:
                 problems.append((key, f"cannot read the value {value!r} ({_parser_reason(exc)}); put it in quotes: {key}='{value}'"))
     return parsed
+
+
+def _leaf(nested: dict, key: str):
+    for part in key.split("."):
+        nested = nested.get(part) if isinstance(nested, dict) else None
+    return nested
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _parser_reason(exc: Exception) -> str:

@@ -51,6 +51,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
     problems.extend(check_slurm(cfg.slurm))
     problems.extend(check_strategy(cfg))
+    problems.extend(secret_values(cfg))
     if cfg.slurm.time != "auto" and SLURM_TIME.match(cfg.slurm.time):
         grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
         if grace:
@@ -70,6 +71,35 @@ def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:
 
 # Variables that hold credentials: they reach jobs through the environment, never through files.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+# Values that are credentials, whatever key holds them: the token formats of the hub, GitHub, OpenAI-style APIs and
+# Slack, and long runs of hex (W&B keys are 40) or of mixed-case letters and digits that are no path component.
+SECRET_VALUE = re.compile(
+    r"(?<![\w/.-])(?:hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]{10,}"
+    r"|[0-9a-fA-F]{32,}|(?=[A-Za-z0-9+_-]*[0-9])(?=[A-Za-z0-9+_-]*[a-z])(?=[A-Za-z0-9+_-]*[A-Z])[A-Za-z0-9+_-]{40,}={0,2})(?![\w/.-])")
+
+
+SECRET_PREFIXES = ("hf_", "github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "sk-", "xox")
+
+
+def secret_values(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Every value of the config that looks like a credential, by key path. The message never repeats the value:
+    it would reach the terminal, logs and scripts, which is what the check keeps it from."""
+    def walk(key: str, value: Any):
+        if isinstance(value, str):
+            if match := SECRET_VALUE.search(value):
+                prefix = next((p for p in SECRET_PREFIXES if match.group(0).startswith(p)), None)
+                yield (key, f"holds what looks like {f'a {prefix}… token' if prefix else 'a token or key'}: config.yaml and job "
+                            "scripts are files others can read; export it in your shell (jobs pass the environment on) and leave it "
+                            "out of the config")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from walk(f"{key}[{i}]", item)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                yield from walk(f"{key}.{name}", item)
+
+    return [problem for section in SECTIONS for f in dataclasses.fields(getattr(cfg, section))
+            for problem in walk(f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))]
 
 
 def check_container(container: "ContainerSection") -> list[tuple[str, str]]:

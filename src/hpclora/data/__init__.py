@@ -108,17 +108,25 @@ def prepare(data_cfg, tokenizer, seed: int, packed: bool = False) -> PreparedDat
         stats[f"{split}_rows"] = len(idx)
         stats[f"{split}_examples"] = len(ds)
         stats[f"{split}_dropped"] = len(idx) - len(ds)
+        if len(ds) == 0:  # every example dropped: the map's result has no columns at all
+            if split == "train":
+                raise DataError(data_cfg.path, f"no training example is left: every response of the {len(idx)} training rows lies "
+                                               f"beyond data.max_length={data_cfg.max_length} tokens; raise data.max_length, or "
+                                               "shorten the prompts")
+            stats.update({f"{split}_truncated": 0, f"{split}_tokens": 0})
+            sets[split] = None
+            continue
         stats[f"{split}_truncated"] = int(sum(ds["truncated"]))
         stats[f"{split}_tokens"] = int(sum(len(ids) for ids in ds["input_ids"]))
         sets[split] = ds
-    if sets["train"] is None or len(sets["train"]) == 0:
-        raise DataError(data_cfg.path, "no training example is left: every response was cut off by data.max_length")
+    if sets["train"] is None:
+        raise DataError(data_cfg.path, "no training rows: data.val_size takes every row")
     if packed:
         for split in ("train", "val"):
             if sets[split] is not None and len(sets[split]):
                 sets[split] = _packed(sets[split], data_cfg.max_length)
                 stats[f"{split}_packed_rows"] = len(sets[split])
-    return PreparedData(sets["train"], sets["val"] if sets["val"] is not None and len(sets["val"]) else None, fmt, stats)
+    return PreparedData(sets["train"], sets["val"], fmt, stats)
 
 
 def _packed(ds, max_length: int):

@@ -43,11 +43,26 @@ def reusable_base_loss(run_dir: Path, config_sha256: str) -> float | None:
     old_config, metrics = run_dir / CONFIG_FILE, run_dir / "metrics.jsonl"
     if not (old_config.is_file() and metrics.is_file()) or config_hash(old_config.read_text(encoding="utf-8")) != config_sha256:
         return None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        if entry.get("eval") == "base":
+    for entry in metric_entries(metrics, say=False):  # keep_metrics_up_to says what it drops
+        if entry.get("eval") == "base" and isinstance(entry.get("val_loss"), (int, float)):
             return entry["val_loss"]
     return None
+
+
+def metric_entries(path: Path, say: bool = True) -> list[dict]:
+    """The entries of a metrics.jsonl, without a line that a kill while it was appended left cut (or any other
+    line that is no JSON object): such a line is skipped (and, with `say`, named), never a reason to stop a resume."""
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        elif line.strip() and say:
+            emit(f"{path}: line {number} is not a whole entry (cut by a kill while it was written?): dropped")
+    return entries
 
 
 def record_attempt(run_dir: Path, resume: Path | None) -> int:
@@ -66,5 +81,5 @@ def record_attempt(run_dir: Path, resume: Path | None) -> int:
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint (step -1: all of them): the resumed run logs those steps again."""
     if path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [entry for entry in metric_entries(path) if isinstance(entry.get("step", 0), int) and entry.get("step", 0) <= step]
+        write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in kept))

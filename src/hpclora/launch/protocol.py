@@ -60,7 +60,10 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
     checkpointed (75, or STOP_MARKER for several ranks); outside Slurm nothing requeues and the job ends with 75.
     `start` is the line that starts training (packed trials: their function, which passes signals on)."""
     return [
-        'echo "hpclora: job ${SLURM_JOB_ID:-(not under Slurm)} on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
+        "# The job as squeue and sacct name it: an array task is <array job>_<task>, not its own job id.",
+        'JOB_LABEL=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}',
+        'JOB_LABEL=${JOB_LABEL:-${SLURM_JOB_ID:-(not under Slurm)}}',
+        'echo "hpclora: job $JOB_LABEL on $(hostname -s) started $(date \'+%F %T\') (restart ${SLURM_RESTART_COUNT:-0})"',
         "# Stop signals: USR1 before the time limit (--signal=B:USR1@... to this shell; submitit's USR2 to its job step),",
         "# TERM on preemption and scancel. Training runs in the background so that they can be passed on; it then saves",
         f"# a checkpoint at the next step boundary and exits with {CHECKPOINTED_EXIT} (\"checkpointed, not finished\"), or, as",
@@ -111,7 +114,7 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
         "        fi",
         "    fi",
         "fi",
-        'echo "hpclora: job ${SLURM_JOB_ID:-(not under Slurm)} ended $(date \'+%F %T\') with exit code $status"',
+        'echo "hpclora: job $JOB_LABEL ended $(date \'+%F %T\') with exit code $status"',
         'exit "$status"',
     ]
 

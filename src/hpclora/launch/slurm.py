@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..config.slurm_syntax import slurm_seconds, slurm_time
 from ..errors import NotSubmitted, UserError
 
 # Job states after which nothing more will happen to a job (sacct's spelling).
@@ -114,8 +115,16 @@ def queue_states(job_ids: list[str]) -> dict[str, JobState]:
         parts = line.strip().split("|")
         if len(parts) == 5:
             job_id, state, elapsed, node, reason = parts
-            states[job_id] = JobState(job_id, state, elapsed, "", node, "" if reason == "None" else reason)
+            states[job_id] = JobState(job_id, state, as_clock(elapsed), "", node, "" if reason == "None" else reason)
     return states
+
+
+def as_clock(elapsed: str) -> str:
+    """squeue's elapsed time (`2:32`, minutes and seconds) as sacct and the logs show durations (`00:02:32`)."""
+    try:
+        return slurm_time(slurm_seconds(elapsed))
+    except ValueError:
+        return elapsed
 
 
 def accounting_states(job_ids: list[str]) -> dict[str, JobState] | None:

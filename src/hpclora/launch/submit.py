@@ -8,6 +8,7 @@ How the written job starts (sbatch, submitit, here) is launchers.py's.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -102,7 +103,8 @@ def prepare_sweep(
             f"sweep: --trials-per-node packs trials of one GPU each (or one CPU process), and each of these trials has "
             f"{world_size(first)} ranks (slurm.nodes x slurm.gpus): set slurm.gpus=1, or drop --trials-per-node"
         )
-    directory = new_run_dir(first.run.output_root, f"{first.run.name}-sweep")
+    named = first.run.name  # `my-ja-sweep` stays that, not my-ja-sweep-sweep
+    directory = new_run_dir(first.run.output_root, named if re.search(r"sweep$", named, re.IGNORECASE) else f"{named}-sweep")
     payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel,
                              trials_per_task=trials_per_node)
     script = render.render_script(first, payload, submitted_by="hpclora sweep")

@@ -18,13 +18,16 @@ from ..errors import UserError
 from ..rundir import staged
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+MERGED_DIR = "merged"  # inside the run directory, where no --out is given
 
 
-def merge(run_dir: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
+def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
+    """`out` None: the run directory's merged/."""
     from ..config import load_run_config
     from ..job.quiet import quiet_libraries
 
-    run, target = Path(run_dir), Path(out).expanduser()
+    run = Path(run_dir)
+    target = run / MERGED_DIR if out is None else Path(out).expanduser()
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run}: no finished adapter (adapter/adapter_config.json is missing)")
