@@ -15,7 +15,7 @@ import pytest
 from hpclora.job.preempt import StopRequest  # no torch: signal handling only
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two xdist workers share the cores: one torch thread each in-process, and OpenMP threads that sleep rather than
+# The xdist workers share the cores: one torch thread each in-process, and OpenMP threads that sleep rather than
 # spin while they wait, so that the jobs and subprocesses the tests start (which count their own threads) do not
 # oversubscribe the CPU several times over.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -131,31 +130,6 @@ def test_gradient_checkpointing_under_ddp_trains_the_same_adapter(tmp_path, tiny
     out, _ = harness(tmp_path, config, tmp_path / "run", "out", two_ranks(), "train.gradient_checkpointing=true")
     assert max_difference(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")) == 0.0
     assert max_difference(weights(out / "rank0.safetensors"), one_rank) <= 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_llama_dir, one_rank):
-    """Two torchrun processes with --nnodes 2, one rank each, as on two nodes of a job."""
-    one_rank, _ = one_rank
-    config = ddp_config(tmp_path, tiny_llama_dir)
-    endpoint = f"127.0.0.1:{free_port()}"
-    nodes = []
-    for node in (0, 1):
-        launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", endpoint, "--rdzv-id", "hpclora-test"]
-        nodes.append(harness(tmp_path, config, tmp_path / "run", f"node{node}", launcher, wait=False))
-    for out, proc in nodes:
-        output, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, output[-3000:]
-    ranks = {p.name: weights(p) for out, _ in nodes for p in out.glob("rank*.safetensors")}
-    assert sorted(ranks) == ["rank0.safetensors", "rank1.safetensors"]
-    assert max_difference(ranks["rank0.safetensors"], ranks["rank1.safetensors"]) == 0.0
-    assert max_difference(ranks["rank0.safetensors"], one_rank) <= 1e-6
 
 
 def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_exact(tmp_path, tiny_llama_dir):
