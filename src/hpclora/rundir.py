@@ -35,13 +35,14 @@ LOCK_FILE = ".lock"  # held by the training that uses the directory
 # 0 (torchrun reports other codes as failures), and this says "checkpointed, not finished".
 STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
+MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"
 # Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.
 RUN_ENTRIES = frozenset({
     RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", "attempts.jsonl",
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
-    "eval.json", "eval.md", "report.md", "loss.png", "merged",
+    "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR,
 })
 
 

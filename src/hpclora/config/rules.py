@@ -78,19 +78,14 @@ SECRET_VALUE = re.compile(
     r"|[0-9a-fA-F]{32,}|(?=[A-Za-z0-9+_-]*[0-9])(?=[A-Za-z0-9+_-]*[a-z])(?=[A-Za-z0-9+_-]*[A-Z])[A-Za-z0-9+_-]{40,}={0,2})(?![\w/.-])")
 
 
-SECRET_PREFIXES = ("hf_", "github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "sk-", "xox")
-
-
 def secret_values(cfg: RunConfig) -> list[tuple[str, str]]:
     """Every value of the config that looks like a credential, by key path. The message never repeats the value:
     it would reach the terminal, logs and scripts, which is what the check keeps it from."""
     def walk(key: str, value: Any):
         if isinstance(value, str):
-            if match := SECRET_VALUE.search(value):
-                prefix = next((p for p in SECRET_PREFIXES if match.group(0).startswith(p)), None)
-                yield (key, f"holds what looks like {f'a {prefix}… token' if prefix else 'a token or key'}: config.yaml and job "
-                            "scripts are files others can read; export it in your shell (jobs pass the environment on) and leave it "
-                            "out of the config")
+            if SECRET_VALUE.search(value):
+                yield (key, "holds what looks like a token or key: config.yaml and job scripts are files others can read; "
+                            "export it in your shell (jobs pass the environment on) and leave it out of the config")
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 yield from walk(f"{key}[{i}]", item)

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import staged
+from ..rundir import MERGED_DIR, staged
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-MERGED_DIR = "merged"  # inside the run directory, where no --out is given
 
 
 def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
