@@ -334,3 +334,76 @@ def test_paths_and_names_with_hashes_in_them_are_no_credentials(data_file):
     snapshot = "/shared/hf/hub/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567"
     cfg = config.load(None, [f"data.path={data_file}", f"model.name={snapshot}", "run.name=ja-sweep_2026-12-01-lr2e-4"])
     assert cfg.model.name == snapshot
+
+
+LONG_NAME = "n" * 300
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("data.packing=0", "data.packing", "must be one of auto, true, false; got 0"),
+    ("train.gradient_checkpointing=1", "train.gradient_checkpointing", "must be one of auto, true, false; got 1"),
+    ("slurm.time='00:99:99'", "slurm.time", "minutes or seconds past 59"),
+    ("slurm.time='1-24:00:00'", "slurm.time", "hours past 23"),
+    ("slurm.time='25:00:00:00'", "slurm.time", "not a Slurm time"),
+    ("train.cpu_ranks=2", "train.cpu_ranks", "slurm.gpus=1 trains a rank per GPU"),
+    ("data.path=owner/../x", "data.path", "neither a data file here nor a hub id"),
+    ("model.name=org--x/m", "model.name", "neither a model directory here nor a hub id"),
+    ("data.path=/dev/null", "data.path", "not a regular file"),
+    (f"data.path=/tmp/{LONG_NAME}.jsonl", "data.path", "too long for a file system"),
+    (f"run.output_root=/tmp/{LONG_NAME}", "run.output_root", "too long for a file system"),
+    ("slurm.extra=[--outp=x.log]", "slurm.extra[0]", "sbatch reads --outp as --output"),
+    ("slurm.extra=[--arr=1-3]", "slurm.extra[0]", "sbatch reads --arr as --array"),
+    ("slurm.extra=[--open-m=truncate]", "slurm.extra[0]", "sbatch reads --open-m as --open-mode"),
+    ("slurm.extra=[--job-nam=x]", "slurm.extra[0]", "sbatch reads --job-nam as --job-name"),
+    ("slurm.extra=[--test-only]", "slurm.extra[0]", "it queues no job"),
+])
+def test_wrong_inputs_are_refused_with_their_key(data_file, override, key, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", "slurm.gpus=0" if key != "train.cpu_ranks" else "slurm.gpus=1", override])
+    problems = dict(err.value.problems)
+    assert message in problems[key], problems
+
+
+def test_empty_paths_and_data_directories_are_refused(tmp_path, data_file):
+    problems = problems_of(tmp_path, f"run:\n  output_root: ''\ndata:\n  path: {data_file}\ncontainer:\n  image: ' '\ncache:\n  hf_home: ''\n")
+    assert problems == {"run.output_root": "is empty: give a path", "container.image": "is empty: give a path, or null",
+                        "cache.hf_home": "is empty: give a path, or null"}
+    problems = problems_of(tmp_path, f"data:\n  path: {tmp_path}\n")
+    assert "is a directory: give one data file in it" in problems["data.path"]
+    assert "NUL byte" in problems_of(tmp_path, 'data:\n  path: "/tmp/a\\0b.jsonl"\n')["data.path"]
+
+
+def test_the_gpu_type_rules_out_bf16_and_fsdp_in_fp16_on_the_login_node(tmp_path, data_file, cli):
+    """validate and submit --dry-run both refuse what a V100 cannot train, by the planner's and the job's rules."""
+    for overrides, key, message in ((["train.precision=bf16"], "train.precision", "bf16 is not supported on this GPU"),
+                                     (["train.distributed=fsdp", "slurm.gpus=2"], "train.distributed", "not fp16 (V100 and T4 have no bf16)")):
+        for command in (["validate"], ["submit", "--dry-run"]):
+            done = cli(*command, str(ROOT / "configs" / "demo-cpu.yaml"), "slurm.gpu_type=v100", "slurm.gpus=1", *overrides)
+            assert done.returncode == 2 and f"error: {key}: " in done.stderr and message in done.stderr, (command, done.stderr)
+    assert cli("validate", ROOT / "configs" / "demo-cpu.yaml", "slurm.gpu_type=a100", "slurm.gpus=1", "train.precision=bf16").returncode == 0
+
+
+def test_a_validation_split_that_takes_every_row_is_refused_before_the_queue(data_file, cli):
+    for overrides in (["data.val_size=3"], ["data.val_size=0.9"], ["data.max_rows=2", "data.val_size=2"]):
+        done = cli("validate", ROOT / "configs" / "demo-cpu.yaml", f"data.path={data_file}", *overrides)
+        assert done.returncode == 2 and "error: data.val_size: " in done.stderr and "to train on" in done.stderr, done.stderr
+
+
+def test_target_modules_the_model_lacks_are_refused_before_the_queue(cli):
+    done = cli("validate", ROOT / "configs" / "demo-cpu.yaml", "lora.target_modules=[q_proj,query_key_value]")
+    assert done.returncode == 2 and "['query_key_value'] not found in smollm2-135m, a llama model" in done.stderr
+    assert cli("validate", ROOT / "configs" / "demo-cpu.yaml", "lora.target_modules=[q_proj,lm_head]").returncode == 0
+
+
+@pytest.mark.parametrize("content, why", [
+    ("", "not valid JSON"), ("[1, 2]", "a JSON list, not an object"), ("\x00\x01", "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"), ('{"model_type": "llama", "hidden_size": "big", "num_hidden_layers": 2}', "hidden_size is 'big'"),
+    ("[" * 100_000, "not valid JSON"),
+])
+def test_a_broken_config_json_of_a_local_model_is_named_not_a_traceback(tmp_path, cli, content, why):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    for command in ("validate", "plan"):
+        done = cli(command, ROOT / "configs" / "demo-cpu.yaml", f"model.name={model}")
+        assert done.returncode == 2 and f"error: model.name: {model}/config.json: {why}" in done.stderr, done.stderr

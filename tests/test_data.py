@@ -129,6 +129,10 @@ def test_parquet_and_column_mapping(tmp_path):
         (['{"instruction": "a", "output": "b"}', '{"instruction": "x", "output": "  "}'], "d.jsonl:2: field 'output' is empty"),
         (['[1, 2]'], "d.jsonl:1: expected a JSON object per line"),
         (['{"question": "a", "answer": "b"}'], "d.jsonl:1: cannot tell the data format"),
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": ' + "[" * 5000 + "]" * 5000 + "}"],
+         "d.jsonl:2: nested more than"),
+        (['{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}"], "d.jsonl:1: cannot be read: Exceeds the limit (4300 digits)"),
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "caf\\ud800", "output": "b"}'], "d.jsonl:2: holds a lone UTF-16 surrogate"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, lines, message):

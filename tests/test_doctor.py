@@ -32,7 +32,7 @@ def test_gres_strings_as_sinfo_prints_them():
 def test_sinfo_lines_merge_per_partition_and_keep_only_gpus():
     text = "gpu*|up|2-00:00:00|4|40|384000|gpu:v100:4(S:0-1)\ngpu*|up|2-00:00:00|2|64|512000|gpu:a100:8,mps:100\ncpu|down|infinite|10|128|256000|(null)\n"
     gpu, cpu = cluster.parse_sinfo(text)
-    assert (gpu.name, gpu.default, gpu.nodes, gpu.cpus, gpu.memory_mb, gpu.time_limit_s) == ("gpu", True, 6, 40, 384000, 2 * 86400)
+    assert (gpu.name, gpu.default, gpu.nodes, gpu.cpus, gpu.memory_mb, gpu.time_limit_s) == ("gpu", True, 6, 64, 512000, 2 * 86400)  # the largest node
     assert [(g.type, g.count) for g in gpu.gpus] == [("v100", 4), ("a100", 8)]
     assert (cpu.default, cpu.available, cpu.gpus, cpu.time_limit_s) == (False, False, [], None)
 
@@ -160,6 +160,13 @@ def test_a_gpu_type_the_planner_lacks_is_described_by_the_user_and_then_known(tm
     p = plan.make_plan(cfg)  # slurm.gpu_type, as sinfo spells it
     assert (p.device, p.capacity_gb, p.precision) == ("a6000-48gb", 48.0, "bf16")
     assert plan.make_plan(cfg, "a6000-48gb").peak_gb == p.peak_gb  # --gpu NAME
-    (tmp_path / "gpus.json").write_text(json.dumps({"a6000-48gb": {"memory_gb": 48}}))
-    with pytest.raises(UserError, match="entry 'a6000-48gb' needs memory_gb, bf16 and tflops"):
+    for entry, message in (({"memory_gb": 48}, "needs memory_gb, bf16 and tflops"),
+                           ({"memory_gb": 48, "bf16": True, "tflops": 0}, "tflops must be a number above 0, got 0"),
+                           ({"memory_gb": 48, "bf16": "yes", "tflops": 155}, "bf16 must be true or false"),
+                           ({"memory_gb": 48, "bf16": True, "tflops": 155, "sinfo_types": "rtx"}, "sinfo_types must be a list")):
+        (tmp_path / "gpus.json").write_text(json.dumps({"a6000-48gb": entry}))
+        with pytest.raises(UserError, match=f"entry 'a6000-48gb': {message}"):
+            plan.make_plan(cfg)
+    (tmp_path / "gpus.json").write_text("[1]")
+    with pytest.raises(UserError, match="expected an object of GPU types by name, got a JSON list"):
         plan.make_plan(cfg)

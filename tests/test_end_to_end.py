@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def trained(tmp_path_factory, bundled_dir):
 
     out = tmp_path_factory.mktemp("e2e")
     cfg = config.load(ROOT / "configs" / "demo-cpu.yaml", [
-        "train.max_steps=16", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=2",
+        "train.max_steps=16", "train.micro_batch_size=2", "train.eval_every=0", "train.log_every=2",
         "data.val_size=8", f"data.cache_dir={out / 'cache'}", f"run.output_root={out}",
     ])
     log = io.StringIO()
@@ -88,12 +89,23 @@ def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path, cli):
     (["--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
     (["--top-p", "nan"], "--top-p must be above 0 and at most 1, got nan"),
     (["--top-k", "-5", "--repetition-penalty", "0"], "--top-k must be 0 (no limit) or more, got -5; --repetition-penalty"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be from 1 to 1,000,000, got 0"),
+    (["--max-new-tokens", str(10**20)], "--max-new-tokens must be from 1 to 1,000,000, got 100000000000000000000"),
 ])
 def test_bad_sampling_values_are_refused_before_anything_loads(tmp_path, flags, named, cli):
     """The run directory does not even exist: the flags are checked first."""
     done = cli("generate", tmp_path / "nope", "--prompt", "hi", *flags)
     assert done.returncode == 2 and named in done.stderr
+
+
+def test_a_prompt_of_bytes_that_are_no_utf8_is_refused_before_anything_loads(tmp_path, cli):
+    done = cli("generate", tmp_path / "nope", "--prompt", "hi", "--prompt", os.fsdecode(b"caf\xe9"))  # latin-1 bytes, as argv gets them
+    assert done.returncode == 2 and "--prompt 2 is not UTF-8 text (byte 0xe9 at character 3)" in done.stderr
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused(trained, cli):
+    done = cli("generate", trained.run_dir, "--prompt", "planet " * 9000)
+    assert done.returncode == 2 and "and the model reads at most 8,192: shorten it" in done.stderr, done.stderr[-500:]
 
 
 def test_temperature_zero_is_greedy():

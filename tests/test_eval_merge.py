@@ -126,3 +126,26 @@ def test_merge_without_out_writes_into_the_run_directory_and_its_files_are_as_re
         assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
     again = cli("merge", str(run))
     assert again.returncode == 2 and "already exists and is not empty" in again.stderr
+
+
+def cut_weights(adapter):
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: (a / "adapter_model.safetensors").unlink(), "holds no weights"),
+    (cut_weights, "cut short:"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\x00garbage"), "not a safetensors file"),
+    (lambda a: (a / "adapter_config.json").write_text("{not json"), "not a JSON adapter config"),
+    (lambda a: (a / "adapter_config.json").write_text("[1]"), "not a PEFT adapter config"),
+])
+def test_a_damaged_adapter_is_named_before_any_model_loads(real_run, tmp_path, cli, damage, message):
+    import shutil
+
+    run = shutil.copytree(real_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    damage(run / "adapter")
+    for command in (["generate", run, "--prompt", "hi"], ["eval", run, "--n", "0"], ["merge", run]):
+        done = cli(*command)
+        assert done.returncode == 2 and message in done.stderr, (command, done.stderr)
+    assert not (run / "merged").exists()

@@ -323,3 +323,22 @@ def test_elapsed_times_read_the_same_while_a_job_runs_and_after():
     from hpclora.launch.slurm import as_clock
 
     assert [as_clock(t) for t in ("2:32", "0:05", "1:02:03", "3-04:05:06")] == ["00:02:32", "00:00:05", "01:02:03", "3-04:05:06"]
+
+
+@pytest.mark.parametrize("grid", ["cache.hf_home=/tmp/a,/tmp/b", "train.cpu_ranks=1,2", "train.preempt_grace_s=60,90"])
+def test_a_sweep_refuses_to_vary_what_its_one_job_script_holds(tmp_path, cli, grid):
+    """Every task of the array runs one script: a key written into it would take the first trial's value in all."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{output_root: {tmp_path / 'runs'}}}\ndata: {{path: {data}}}\nslurm: {{gpus: 0, cpus_per_task: 2, mem: 12G}}\n")
+    done = cli("sweep", cfg, "--grid", grid, "--grid", "lora.r=4,8", "--dry-run")
+    key = grid.split("=")[0]
+    assert done.returncode == 2 and f"error: {key}: cannot vary within one sweep" in done.stderr, done.stderr
+    assert "lora.r" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_path_the_file_system_cannot_hold_is_an_error_line_not_a_traceback(tmp_path, cli):
+    too_long = tmp_path / ("x" * 300)
+    for command in (["status", too_long], ["logs", too_long], ["report", too_long], ["validate", too_long]):
+        done = cli(*command)
+        assert done.returncode == 2 and "file name is longer than 255 bytes" in done.stderr, (command, done.stderr)

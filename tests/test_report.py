@@ -86,3 +86,28 @@ def test_a_real_offline_wandb_run_keeps_its_files_in_the_run_directory_and_no_se
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     assert secret not in done.stdout + done.stderr
+
+
+def test_cut_or_edited_records_and_metrics_lines_are_named_never_a_traceback(real_run, tmp_path, cli):
+    """What a kill, a full disk or a hand edit leaves: metrics lines without a loss, a job.json cut short or of
+    other fields, a probe's records that lack its numbers. status, report and probe --read say so, or leave the
+    line out and say which."""
+    import shutil
+
+    run = shutil.copytree(real_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3}\n{"step": 4, "val_loss": null}\n{"step": "5", "loss": 1.0}\n')
+    report = cli("report", run)
+    assert report.returncode == 0 and report.stderr.count("not a whole entry: left out of the curves") == 3
+    status = cli("status", run)
+    assert status.returncode == 0 and "eval final @ step 3" in status.stdout
+    for record, problem in (('{"job_id": "1', "not a JSON record (cut short, or edited?)"),
+                            ('{"job_id": 5, "log": 7}', "not the record hpclora wrote (kind, job_id, launcher, dir missing")):
+        (run / "job.json").write_text(record)
+        for command in ("status", "logs"):
+            done = cli(command, run)
+            assert done.returncode == 2 and problem in done.stderr, (command, done.stderr)
+    (run / "probe.json").write_text('{"host": "n1"}')
+    (run / "summary.json").write_text('{"tokens_per_s": "fast"}')
+    done = cli("probe", "--read", run)
+    assert done.returncode == 2 and "lack what it measures (summary.json: tokens_per_s, summary.json: peak_mem_gb)" in done.stderr

@@ -503,6 +503,23 @@ def test_status_and_cancel_of_a_job_slurm_never_had_are_user_errors(tmp_path, en
         assert done.returncode == 2 and "job 987654 is unknown to Slurm" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_submit_refuses_what_no_node_of_the_partition_has_and_mem_0_plans_with_a_whole_node(tmp_path, tiny_llama_dir, env):
+    """The test cluster's nodes have 2 CPUs and 16000M (partition debug), partition `two` has two nodes: asking more
+    would pend forever. submit refuses before writing anything, --dry-run warns; slurm.mem=0 (all of a node's memory)
+    is planned against the node's memory, not refused as 0 GB."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    for overrides, key, fix in ((["slurm.cpus_per_task=64"], "slurm.cpus_per_task", "set slurm.cpus_per_task=2"),
+                                (["slurm.mem=200G"], "slurm.mem", "set slurm.mem=16000M"),
+                                (["slurm.partition=two", "slurm.nodes=3"], "slurm.nodes", "set slurm.nodes=2")):
+        refused = hpclora("submit", cfg, *overrides, env=env, cwd=tmp_path, check=False)
+        assert refused.returncode == 2 and f"error: {key}: " in refused.stderr and fix in refused.stderr, refused.stderr
+        assert not (tmp_path / "runs").exists()
+        warned = hpclora("submit", cfg, *overrides, "--dry-run", env=env, cwd=tmp_path)
+        assert f"warning: {key}: " in warned.stderr
+    planned = hpclora("plan", cfg, "slurm.mem=0", env=env, cwd=tmp_path)
+    assert "GB of 16.8 GB: fits" in planned.stdout, planned.stdout  # 16000M
+
+
 # A stand-in for apptainer (neither it nor Singularity installs here): FAKE_RUNTIME, which also keeps the words
 # it was given, NUL-separated, in words-<job id>.
 RECORDING_RUNTIME = FAKE_RUNTIME.replace("#!/bin/bash\n", "#!/bin/bash\nprintf '%s\\0' \"$@\" > \"$(dirname \"$0\")/words-$SLURM_JOB_ID\"\n", 1)
@@ -526,22 +543,22 @@ def test_user_text_reaches_every_job_script_as_text_never_as_commands(tmp_path, 
     job_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
 
     jobs = []
-    for ranks in (1, 2):
-        for image in (False, True):
-            for launcher in ("sbatch", "submitit"):
-                name = f"r{ranks}-{'image' if image else 'host'}-{launcher}"
-                cfg = tiny_run_yaml(
-                    tmp_path, model, run={"name": f"{name} $(touch {canary}/name)", "output_root": str(tmp_path / hostile("runs") / name)},
-                    data={"path": str(data_dir / "data.jsonl"), "cache_dir": str(tmp_path / hostile("cache"))},
-                    train={"max_steps": 1, "cpu_ranks": ranks},
-                    slurm={"cpus_per_task": ranks, "mem": f"{2 * ranks}G", "log_dir": str(tmp_path / hostile("logs"))},
-                    cache={"hf_home": str(tmp_path / hostile("hf")), "offline_jobs": True},
-                    container={"image": str(tmp_path / "image.sif") if image else None,
-                               "binds": [f"/tmp/{hostile('bind')}"], "env": {"HOSTILE": hostile("env")}},
-                )
-                shutil.move(tmp_path / "data.jsonl", data_dir / "data.jsonl")  # tiny_run_yaml writes it beside the config
-                out = hpclora("submit", cfg, "--launcher", launcher, env=job_env, cwd=tmp_path).stdout
-                jobs.append((name, image, job_id_from(out)))
+    # Every pair of choices meets in one of four jobs (ranks x image, ranks x launcher, image x launcher): the script's
+    # quoting differs by ranks and image, its writer by launcher.
+    for ranks, image, launcher in ((1, False, "sbatch"), (1, True, "submitit"), (2, False, "submitit"), (2, True, "sbatch")):
+        name = f"r{ranks}-{'image' if image else 'host'}-{launcher}"
+        cfg = tiny_run_yaml(
+            tmp_path, model, run={"name": f"{name} $(touch {canary}/name)", "output_root": str(tmp_path / hostile("runs") / name)},
+            data={"path": str(data_dir / "data.jsonl"), "cache_dir": str(tmp_path / hostile("cache"))},
+            train={"max_steps": 1, "cpu_ranks": ranks},
+            slurm={"cpus_per_task": ranks, "mem": f"{2 * ranks}G", "log_dir": str(tmp_path / hostile("logs"))},
+            cache={"hf_home": str(tmp_path / hostile("hf")), "offline_jobs": True},
+            container={"image": str(tmp_path / "image.sif") if image else None,
+                       "binds": [f"/tmp/{hostile('bind')}"], "env": {"HOSTILE": hostile("env")}},
+        )
+        shutil.move(tmp_path / "data.jsonl", data_dir / "data.jsonl")  # tiny_run_yaml writes it beside the config
+        out = hpclora("submit", cfg, "--launcher", launcher, env=job_env, cwd=tmp_path).stdout
+        jobs.append((name, image, job_id_from(out)))
 
     for name, image, job_id in jobs:
         assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}, name

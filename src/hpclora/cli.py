@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import FILE_SYSTEM_REFUSALS, USER_ERROR_EXIT, ConfigError, UserError, file_system_refusal
 
 PLAN_DOES_NOT_FIT = 3  # `hpclora plan`'s exit status for a run that does not fit, so that scripts can test for it
 
@@ -80,9 +80,14 @@ def cmd_sweep(args) -> int:
 def _launch(job, launcher, args) -> int:
     from .launch import submit
 
+    beyond_nodes = submit.what_no_node_has(job, launcher)
+    if beyond_nodes and not args.dry_run:
+        raise ConfigError(beyond_nodes)
     for line in [*job.plan_lines, *filter(None, [submit.staging_warning(job.cfg, args.config)])]:
         print(line, file=sys.stderr)
     if args.dry_run:
+        for key, problem in beyond_nodes:
+            print(f"warning: {key}: {problem}", file=sys.stderr)
         print(submit.describe_dry_run(job, launcher))
         return 0
     entry, code = submit.launch(job, launcher)
@@ -334,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         for line in exc.lines():
             print(f"error: {line}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_REFUSALS:
+            raise
+        print(f"error: {file_system_refusal(exc)}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

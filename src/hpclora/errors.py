@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+
 USER_ERROR_EXIT = 2
+
+# What a file system refuses for reasons of the user's paths, permissions or space, not for a fault of hpclora:
+# said in one line (which path, why, what to do), never as a traceback.
+FILE_SYSTEM_REFUSALS = {
+    errno.ENAMETOOLONG: "a file name is longer than 255 bytes or the path longer than the file system allows: shorten it",
+    errno.ENOSPC: "the file system is full: free space there (or point the run elsewhere) and run again",
+    errno.EDQUOT: "your disk quota is used up: free space (`quota -s` shows it) or point the run elsewhere",
+    errno.EFBIG: "the file is larger than allowed here (`ulimit -f`): raise the limit or write elsewhere",
+    errno.EROFS: "the file system is read-only: write the run elsewhere",
+    errno.EACCES: "permission denied: check the directory's owner and mode, or write elsewhere",
+    errno.EPERM: "operation not permitted: check the directory's owner and mode, or write elsewhere",
+}
+
+
+def file_system_refusal(exc: OSError) -> str:
+    """`PATH: reason: what to do` for an OSError of FILE_SYSTEM_REFUSALS."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{FILE_SYSTEM_REFUSALS[exc.errno]}"
 
 
 class UserError(Exception):

@@ -67,11 +67,35 @@ def foreign_entries(path: Path) -> list[str]:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON record of a run or sweep directory, or None when it is missing or unreadable."""
+    """A JSON record of a run or sweep directory, or None when it is missing, unreadable or no JSON object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metric_entries(path: Path, dropped: list[int] | None = None) -> list[dict]:
+    """The whole entries of a metrics.jsonl: JSON objects with a whole step and a number for the loss (a training log)
+    or the validation loss (an evaluation). A line that a kill while it was appended left cut, or any other, is
+    skipped, and its number added to `dropped`: it is never a reason for a resume, status or report to fail."""
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        whole = (isinstance(entry, dict) and isinstance(entry.get("step"), int) and not isinstance(entry["step"], bool)
+                 and entry["step"] >= 0 and (_is_number(entry.get("loss")) or _is_number(entry.get("val_loss"))))
+        if whole:
+            entries.append(entry)
+        elif line.strip() and dropped is not None:
+            dropped.append(number)
+    return entries
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> str:

@@ -26,15 +26,33 @@ def user_gpus() -> dict[str, dict]:
         rows = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise UserError(f"{file}: not JSON ({exc}); an example: {GPU_EXAMPLE}") from None
+    if not isinstance(rows, dict):
+        raise UserError(f"{file}: expected an object of GPU types by name, got a JSON {type(rows).__name__}; an example: {GPU_EXAMPLE}")
     found = {}
-    for name, row in rows.items() if isinstance(rows, dict) else []:
-        try:
-            found[name.lower()] = {"memory_gb": float(row["memory_gb"]), "bf16": bool(row["bf16"]), "tflops": float(row["tflops"]),
-                                   "context_gb": float(row.get("context_gb", 0.6)),
-                                   "sinfo_types": [t.lower() for t in row.get("sinfo_types", [])]}
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{file}: entry '{name}' needs memory_gb, bf16 and tflops (and may list sinfo_types); an example: {GPU_EXAMPLE}") from None
+    for name, row in rows.items():
+        problem = _gpu_entry_problem(row)
+        if problem:
+            raise UserError(f"{file}: entry '{name}': {problem}; an example: {GPU_EXAMPLE}")
+        found[name.lower()] = {"memory_gb": float(row["memory_gb"]), "bf16": row["bf16"], "tflops": float(row["tflops"]),
+                               "context_gb": float(row.get("context_gb", 0.6)),
+                               "sinfo_types": [t.lower() for t in row.get("sinfo_types", [])]}
     return found
+
+
+def _gpu_entry_problem(row) -> str | None:
+    """Why one gpus.json entry cannot describe a GPU, or None."""
+    if not isinstance(row, dict) or not {"memory_gb", "bf16", "tflops"} <= set(row):
+        return "needs memory_gb, bf16 and tflops (and may list sinfo_types)"
+    for key in ("memory_gb", "tflops", "context_gb"):
+        value = row.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+            return f"{key} must be a number above 0, got {value!r}"
+    if not isinstance(row["bf16"], bool):
+        return f"bf16 must be true or false, got {row['bf16']!r}"
+    types = row.get("sinfo_types", [])
+    if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+        return f"sinfo_types must be a list of names as sinfo prints them, got {types!r}"
+    return None
 
 
 @dataclass(frozen=True)

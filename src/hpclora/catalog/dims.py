@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .hub import cached_model_file, hf_home, hub_model_id, local_model_path
 from .models import KNOWN_DIMS
 
@@ -23,6 +24,31 @@ class ModelDims:
     tied: bool
     context: int = 0  # longest sequence the model's positions cover (max_position_embeddings); 0 = no fixed limit (ALiBi)
     positions: int = 0  # learned absolute position embeddings (GPT-2); rotary and ALiBi models have none
+
+
+NUMBER_FIELDS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_hidden_layers", "n_layer",
+                 "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings", "n_positions")
+
+
+def read_model_config(path: Path) -> dict:
+    """A model's config.json as a mapping, or a ConfigError on model.name that says what is wrong with the file
+    (transformers would say only "Unrecognized model")."""
+    def broken(why: str) -> ConfigError:
+        return ConfigError([("model.name", f"{path}: {why}; the model directory needs the config.json it was saved with")])
+
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise broken("not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise broken(f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise broken(f"a JSON {type(config).__name__}, not an object of settings")
+    for key in NUMBER_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise broken(f"{key} is {value!r}, not a whole number")
+    return config
 
 
 def dims_from_config(config: dict) -> ModelDims:
@@ -52,7 +78,7 @@ def find_dims(cfg: RunConfig) -> tuple[ModelDims, str]:
         candidates.append(cached)
     for path in candidates:
         if path.is_file():
-            return dims_from_config(json.loads(path.read_text(encoding="utf-8"))), str(path)
+            return dims_from_config(read_model_config(path)), str(path)
     if name in KNOWN_DIMS:
         return ModelDims(*KNOWN_DIMS[name]), "built-in table"
     raise UserError(

@@ -10,6 +10,7 @@ second, not after loading half a model. `hpclora stage`, which fills the cache, 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def use_cache(cfg) -> None:
     from ..internals import use_hub_cache
 
     use_hub_cache(cfg.cache.hf_home)
+
+
+# A hub repository id as the hub allows it: [owner/]name of letters, digits, `-`, `_` and `.`, at most 96 characters a
+# part, not starting or ending in `-` or `.`, without `--` or `..`.
+HUB_ID = re.compile(r"^(?!.*(--|\.\.))([\w](?:[\w.-]{0,94}[\w])?/)?[\w](?:[\w.-]{0,94}[\w])?$")
+
+
+def hub_id_problem(name: str, what: str) -> str | None:
+    """Why `name`, which names no local path, is no hub id either, or None."""
+    if HUB_ID.match(name):
+        return None
+    return (f"{name!r} is neither a {what} here nor a hub id (owner/name: letters, digits, -, _ and ., no '--' or '..'); "
+            "write a local path starting with / or ./")
 
 
 def local_data_path(path: str) -> Path | None:

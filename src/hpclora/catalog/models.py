@@ -90,6 +90,29 @@ def target_modules_for(model_type: str) -> list[str] | None:
     return TARGET_MODULES.get(model_type)
 
 
+# Besides the projections above, the layers of each architecture that LoRA can adapt (embeddings, output head), by
+# the last part of their module name, which is how lora.target_modules names them. Not listed: architectures whose
+# expert layers vary between transformers versions (mixtral). tests/test_model.py checks llama's against a model.
+OTHER_LAYERS = {
+    **{t: ["embed_tokens", "lm_head"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    "gpt_neox": ["embed_in", "embed_out"],
+    "bloom": ["word_embeddings", "lm_head"],
+    "falcon": ["word_embeddings", "lm_head"],
+    "gpt2": ["wte", "wpe", "lm_head"],
+    "gptj": ["wte", "lm_head"],
+    "opt": ["embed_tokens", "embed_positions", "lm_head", "project_in", "project_out"],
+}
+
+
+def missing_targets(model_type: str, targets) -> tuple[list[str], list[str]] | None:
+    """(the lora.target_modules that a `model_type` model does not have, the ones it has), or None where the
+    architecture's layers are not known here (the job checks them in the loaded model)."""
+    if targets == "auto" or model_type not in OTHER_LAYERS:
+        return None
+    layers = [*TARGET_MODULES[model_type], *OTHER_LAYERS[model_type]]
+    return [t for t in targets if t not in layers], layers
+
+
 # Dimensions of checkpoints users ask for, so that `hpclora plan` works on a login node without the
 # model on disk: (model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings,
 # context in tokens: max_position_embeddings, 0 for ALiBi models, which have no fixed limit).

@@ -8,7 +8,7 @@ whose bf16 matmuls are several times slower than fp32 without dedicated units.
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import ConfigError
 
 # bitsandbytes' 8-bit and paged optimizers keep their states per parameter and cannot step FSDP2's sharded
 # DTensor parameters (bitsandbytes issue 1633).
@@ -24,7 +24,7 @@ def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple
             return "bf16", "GPU supports bf16"
         return "fp16", "GPU has no bf16 (e.g. V100, T4): fp16 autocast with fp32 master weights and loss scaling"
     if requested == "bf16" and device == "cuda" and not bf16_supported:
-        raise UserError("train.precision: bf16 is not supported on this GPU (V100/T4 have no bf16): use train.precision=fp16 or auto")
+        raise ConfigError([("train.precision", "bf16 is not supported on this GPU (V100/T4 have no bf16): use train.precision=fp16 or auto")])
     if requested == "fp16" and device == "cpu":
         return "fp16", ("set by train.precision; on this CPU the V100/T4 path runs for real (fp16 weights and autocast, "
                         "fp32 LoRA weights, loss scaling), several times slower than fp32: for trying it before the queue")

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, UserError
 from .rules import check_values
-from .schema import REQUIRED, SECTIONS, RunConfig
+from .schema import SECTIONS, RunConfig
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -40,6 +40,9 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     known = _drop_mistyped(_drop_unknown(raw, problems), problems)
     cfg, missing = _to_dataclasses(_literal(known))
     problems.extend((key, "required, but not set") for key in missing)
+    unusable = _path_problems(cfg)
+    if unusable:  # paths that the file system cannot even look up: nothing further can be checked with them
+        raise ConfigError(problems + unusable)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
     reported = {key for key, _ in problems}
     for key, message in check_values(cfg, check_files):  # one problem per key: the first is the one to fix
@@ -320,6 +323,30 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
     except OmegaConfBaseException as exc:  # a value _drop_mistyped let through: still the user's to fix
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError([(key, f"cannot be read: {str(exc).splitlines()[0]}")]) from None
+
+
+# Directories and files a config names; an empty one would resolve to wherever hpclora happens to run.
+PATH_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home", "container.image")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file name and in a whole path (Linux)
+
+
+def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Paths no file system can hold: empty, with a NUL byte, or a name or path longer than Linux allows."""
+    found = []
+    named = [(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])) for key in (*PATH_KEYS, "data.path", "model.name")]
+    named += [(f"container.binds[{i}]", bind.split(":")[0]) for i, bind in enumerate(cfg.container.binds)]
+    for key, value in named:
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if key in PATH_KEYS and not value.strip():
+            nullable = typing.get_origin(_field_types(section)[name]) is typing.Union
+            found.append((key, "is empty: give a path" + (", or null" if nullable else "")))
+        elif "\0" in value:
+            found.append((key, "holds a NUL byte, which no file name can: write the path without it"))
+        elif len(os.fsencode(value)) > PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in value.split("/")):
+            found.append((key, f"too long for a file system: at most {NAME_MAX} bytes per name and {PATH_MAX} per path"))
+    return found
 
 
 def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:

@@ -10,11 +10,11 @@ import math
 import re
 from typing import Any
 
-from ..catalog.hub import local_data_path
-from ..catalog.models import packing_problem
+from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, local_model_path
+from ..catalog.models import BUNDLED_NAME, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
 from .schema import SECTIONS, RunConfig
-from .slurm_syntax import SLURM_MEM, SLURM_TIME, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem
+from .slurm_syntax import SLURM_MEM, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem, slurm_time_problem
 
 
 def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, str]]:
@@ -34,8 +34,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
     if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
-    if check_files and (data := local_data_path(cfg.data.path)) is not None and not data.exists():
-        problems.append(("data.path", f"file not found: {cfg.data.path}"))
+    problems.extend(source_problems(cfg, check_files))
     if cfg.data.format == "text" and cfg.data.template != "none":
         problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
     if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length)) is not None:
@@ -49,14 +48,36 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("lora.bias", problem))
     if cfg.lora.use_dora and cfg.quant.bits == 8:
         problems.append(("lora.use_dora", "DoRA is not supported on 8-bit bitsandbytes layers; use quant.bits=4 or null"))
+    if cfg.train.cpu_ranks > 1 and cfg.slurm.gpus > 0:
+        problems.append(("train.cpu_ranks", f"sets CPU ranks of a CPU job, but slurm.gpus={cfg.slurm.gpus} trains a rank per GPU: "
+                                            "drop train.cpu_ranks, or set slurm.gpus=0"))
     problems.extend(check_slurm(cfg.slurm))
     problems.extend(check_strategy(cfg))
     problems.extend(secret_values(cfg))
-    if cfg.slurm.time != "auto" and SLURM_TIME.match(cfg.slurm.time):
+    if cfg.slurm.time != "auto" and slurm_time_problem(cfg.slurm.time) is None:
         grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
         if grace:
             problems.append(("train.preempt_grace_s", grace))
     problems.extend(check_container(cfg.container))
+    return problems
+
+
+def source_problems(cfg: RunConfig, check_files: bool) -> list[tuple[str, str]]:
+    """data.path and model.name: a local file (directory) that is there, or a well-formed hub id."""
+    problems = []
+    data = local_data_path(cfg.data.path)
+    if data is None:
+        if problem := hub_id_problem(cfg.data.path, "data file"):
+            problems.append(("data.path", problem))
+    elif check_files and not data.exists():
+        problems.append(("data.path", f"file not found: {cfg.data.path}"))
+    elif check_files and data.is_dir():
+        problems.append(("data.path", f"{cfg.data.path} is a directory: give one data file in it ({', '.join(LOCAL_DATA_SUFFIXES)})"))
+    elif check_files and not data.is_file():
+        problems.append(("data.path", f"{cfg.data.path} is not a regular file (a device or a pipe): give a data file"))
+    if cfg.model.name != BUNDLED_NAME and local_model_path(cfg.model.name) is None:
+        if problem := hub_id_problem(cfg.model.name, "model directory"):
+            problems.append(("model.name", problem))
     return problems
 
 
@@ -99,8 +120,6 @@ def secret_values(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
     problems = []
-    if container.image is not None and not container.image.strip():
-        problems.append(("container.image", "must be a path to an image, or null"))
     for i, bind in enumerate(container.binds):
         if not bind.strip() or any(c in bind for c in "\n\r,"):
             problems.append((f"container.binds[{i}]", f"expected one path or src:dst[:ro], got {bind!r}"))
@@ -116,8 +135,8 @@ def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
 
 def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
     problems = []
-    if slurm.time != "auto" and not SLURM_TIME.match(slurm.time):
-        problems.append(("slurm.time", f"not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS): {slurm.time!r}"))
+    if slurm.time != "auto" and (problem := slurm_time_problem(slurm.time)):
+        problems.append(("slurm.time", problem))
     if not SLURM_MEM.match(slurm.mem):
         problems.append(("slurm.mem", f"expected a size such as 32G or 64000M, got {slurm.mem!r}"))
     for key, pattern in SLURM_WORDS.items():
@@ -143,9 +162,15 @@ def _choice(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _same_choice(value: Any, choice: Any) -> bool:
+    """`value` is `choice` itself, not merely equal to it: 0 and 1 equal false and true in Python, but
+    `data.packing=0` is no answer to a yes-or-no key."""
+    return value == choice and type(value) is type(choice)
+
+
 def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
     choices = meta.get("choices")
-    if choices is not None and value not in choices:
+    if choices is not None and not any(_same_choice(value, c) for c in choices):
         shown = ", ".join(map(_choice, choices))
         near = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""

@@ -48,7 +48,21 @@ REFUSED_OPTIONS = {
     "wrap": "sbatch runs hpclora's job script, which --wrap would replace",
     "open-mode": "a requeued job must append to its log (the script sets --open-mode=append)",
     "parsable": "hpclora reads sbatch's answer itself",
+    "test-only": "it queues no job; `hpclora submit --dry-run` writes the script, and `sbatch --test-only` on it estimates the start",
 }
+
+
+def slurm_time_problem(time: str) -> str | None:
+    """Why `time` is no Slurm time, or None. Beyond the form, minutes and seconds after an hour count stay below 60 and
+    hours after a day count below 24 (`00:99:99` is a typo, not 100 minutes)."""
+    if not SLURM_TIME.match(time):
+        return f"not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS): {time!r}"
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    limits = [24, 60, 60] if days else {1: [None], 2: [None, 60], 3: [None, 60, 60]}[len(parts)]
+    if any(limit is not None and part >= limit for part, limit in zip(parts, limits)):
+        return f"not a Slurm time: {time!r} counts {'hours past 23 or ' if days else ''}minutes or seconds past 59"
+    return None
 
 
 def slurm_seconds(time: str) -> int:
@@ -92,6 +106,10 @@ def sbatch_option_problem(option: str) -> str | None:
         return (f"expected one sbatch option as --name or --name=value, without spaces, quotes or backslashes, "
                 f"got {option!r}")
     name, value = match.group("name"), match.group("value")
+    # sbatch takes any unambiguous start of a long option for the whole (`--outp` is --output): judge the whole.
+    checked = [*OWNED_OPTIONS, *REFUSED_OPTIONS, "export"]
+    if name not in checked and (meant := sorted(o for o in checked if o.startswith(name))):
+        return f"sbatch reads --{name} as {' or '.join('--' + o for o in meant)} (it takes abbreviations): write options whole"
     if name == "export" and value and not value.startswith("ALL"):
         return "jobs need your environment (tokens, PATH, modules): only --export=ALL[,NAME=value...] is allowed"
     if name in OWNED_OPTIONS:

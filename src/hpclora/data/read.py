@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,13 +84,30 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
     for number, line in _text_lines(path):
         if not line.strip():
             continue  # blank lines (a trailing newline) are not rows
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(str(path), f"not valid JSON: {exc.msg} (column {exc.colno})", number) from None
+        value = _json_value(path, line, number)
         if not isinstance(value, dict):
             raise DataError(str(path), f"expected a JSON object per line, got {type(value).__name__}", number)
         yield RawRow(value, number, "line")
+
+
+def _json_value(path: Path, text: str, line: int | None):
+    """`text` parsed, or a DataError at `line` (of a JSON Lines file; None: the whole file, located by the parser)
+    for what Python's JSON reader cannot hold as well as for what is no JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f" (column {exc.colno})" if line is not None else ""
+        raise DataError(str(path), f"not valid JSON: {exc.msg}{where}", line or exc.lineno) from None
+    except RecursionError:
+        raise DataError(str(path), f"nested more than {sys.getrecursionlimit()} levels deep: no row of data is", line) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+        raise DataError(str(path), f"cannot be read: {str(exc).split(';')[0]}; write such a number as text", line) from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(str(path), f"holds a lone UTF-16 surrogate ({exc.object[exc.start]!a}), half of a character that "
+                                   "the tool which wrote the file split: fix or drop that text", line) from None
+    return value
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
@@ -99,12 +117,12 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     except UnicodeDecodeError as exc:
         raise not_utf8(path, data, exc, data[: exc.start].count(b"\n") + 1) from None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON Lines saved with a .json suffix
+        value = _json_value(path, text, None)
+    except DataError as exc:
+        if "Extra data" in str(exc):  # JSON Lines saved with a .json suffix
             yield from _read_jsonl(path)
             return
-        raise DataError(str(path), f"not valid JSON: {exc.msg}", exc.lineno) from None
+        raise
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:

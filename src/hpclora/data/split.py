@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from ..errors import UserError
+from ..errors import ConfigError
 
 
 def validation_rows(n: int, val_size: float) -> int:
@@ -15,7 +15,8 @@ def validation_rows(n: int, val_size: float) -> int:
     if val_size > 0 and held == 0 and n >= 2:
         held = 1
     if held >= n:
-        raise UserError(f"data.val_size: {val_size} leaves no training rows out of {n}")
+        raise ConfigError([("data.val_size", f"{val_size:g} leaves none of the {n} rows (after data.max_rows) to "
+                                             f"train on: use a fraction such as 0.1, or a count below {n}")])
     return held
 
 

@@ -16,8 +16,8 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
 
     with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
         cfg = config.load(config_path, overrides)
-        hub.use_cache(cfg)  # before check_context asks the cache: the hub libraries read HF_HOME once
-        preflight.check_context(cfg)
+        hub.use_cache(cfg)  # before check_model asks the cache: the hub libraries read HF_HOME once
+        preflight.check_model(cfg)
         hub.require_staged(cfg, config_path)  # offline and not staged: say so now, not after loading
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
         from .distributed import world

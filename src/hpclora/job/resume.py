@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..rundir import CONFIG_FILE, config_hash, write_text_atomic
+from ..rundir import metric_entries as rundir_metric_entries
 from . import checkpoint
 from .progress import emit
 
@@ -43,25 +44,18 @@ def reusable_base_loss(run_dir: Path, config_sha256: str) -> float | None:
     old_config, metrics = run_dir / CONFIG_FILE, run_dir / "metrics.jsonl"
     if not (old_config.is_file() and metrics.is_file()) or config_hash(old_config.read_text(encoding="utf-8")) != config_sha256:
         return None
-    for entry in metric_entries(metrics, say=False):  # keep_metrics_up_to says what it drops
-        if entry.get("eval") == "base" and isinstance(entry.get("val_loss"), (int, float)):
+    for entry in rundir_metric_entries(metrics):  # keep_metrics_up_to says what it drops
+        if entry.get("eval") == "base" and "val_loss" in entry:
             return entry["val_loss"]
     return None
 
 
-def metric_entries(path: Path, say: bool = True) -> list[dict]:
-    """The entries of a metrics.jsonl, without a line that a kill while it was appended left cut (or any other
-    line that is no JSON object): such a line is skipped (and, with `say`, named), never a reason to stop a resume."""
-    entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if isinstance(entry, dict):
-            entries.append(entry)
-        elif line.strip() and say:
-            emit(f"{path}: line {number} is not a whole entry (cut by a kill while it was written?): dropped")
+def metric_entries(path: Path) -> list[dict]:
+    """rundir.metric_entries, each line it drops named in the log."""
+    dropped: list[int] = []
+    entries = rundir_metric_entries(path, dropped)
+    for number in dropped:
+        emit(f"{path}: line {number} is not a whole entry (cut by a kill while it was written?): dropped")
     return entries
 
 
@@ -81,5 +75,5 @@ def record_attempt(run_dir: Path, resume: Path | None) -> int:
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint (step -1: all of them): the resumed run logs those steps again."""
     if path.exists():
-        kept = [entry for entry in metric_entries(path) if isinstance(entry.get("step", 0), int) and entry.get("step", 0) <= step]
+        kept = [entry for entry in metric_entries(path) if entry["step"] <= step]
         write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in kept))

@@ -9,7 +9,6 @@ started the job, and the model's staging is checked by the job's own `hpclora tr
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -32,6 +32,7 @@ class Sbatch:
     """The rendered job.sbatch, submitted with `sbatch --parsable`."""
 
     name = "sbatch"
+    queues = True  # the job waits in a Slurm queue: what no node can give is refused before
 
     def describe(self, job) -> str:
         return f"sbatch {shlex.quote(str(job.script_path))}"
@@ -54,6 +55,7 @@ class Submitit:
 
     def __init__(self, cluster: str | None = None):
         self.cluster = cluster
+        self.queues = cluster not in ("local", "debug")
 
     def describe(self, job) -> str:
         return f"submitit AutoExecutor(cluster={self.cluster or 'auto'}) in {job.directory / 'submitit'}"
@@ -87,6 +89,7 @@ class Local:
     """The job's command on this machine, now, one run after the other; USR1 or TERM checkpoints."""
 
     name = "local"
+    queues = False
 
     def describe(self, job) -> str:
         return "the job's command on this machine, now"

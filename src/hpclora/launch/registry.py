@@ -25,8 +25,27 @@ def record(entry: dict) -> None:
         fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
+TEXT, MAYBE_TEXT = (str,), (str, type(None))
+# What each record hpclora writes holds (submit.launch): read back only when it does.
+RECORD_FIELDS = {"kind": TEXT, "job_id": MAYBE_TEXT, "launcher": TEXT, "dir": TEXT}
+TRIAL_FIELDS = {"task": (int,), "overrides": (list,), "run_dir": TEXT, "log": MAYBE_TEXT}
+
+
+def record_problem(record: dict) -> str | None:
+    """What a job.json, sweep.json or job index entry lacks of what submit writes, or None."""
+    trial = "sweep_dir" in record
+    fields = {**TRIAL_FIELDS, "job_id": MAYBE_TEXT, "sweep_dir": TEXT} if trial else RECORD_FIELDS
+    wrong = [key for key, types in fields.items() if not isinstance(record.get(key), types) or isinstance(record.get(key), bool)]
+    if not trial and record.get("kind") == "sweep":
+        trials = record.get("trials", [])
+        if not isinstance(trials, list) or not all(isinstance(t, dict) and not any(
+                not isinstance(t.get(k), types) or isinstance(t.get(k), bool) for k, types in TRIAL_FIELDS.items()) for t in trials):
+            wrong.append("trials")
+    return f"{', '.join(wrong)} missing or of the wrong kind" if wrong else None
+
+
 def entries() -> list[dict]:
-    """All remembered submissions, oldest first; unreadable lines are skipped."""
+    """All remembered submissions, oldest first; lines that are no such record are skipped."""
     try:
         lines = index_path().read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -34,9 +53,11 @@ def entries() -> list[dict]:
     found = []
     for line in lines:
         try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(entry, dict) and record_problem(entry) is None:
+            found.append(entry)
     return found
 
 

@@ -83,7 +83,11 @@ def sbatch(script: str) -> str:
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().replace("sbatch: error: ", "")
         raise NotSubmitted(f"sbatch refused the job: {message}")
-    return done.stdout.strip().split(";")[0]  # `--parsable` prints `id` or `id;cluster`
+    job_id = done.stdout.strip().split(";")[0]  # `--parsable` prints `id` or `id;cluster`
+    if not job_id.isdigit():  # an sbatch option that submits nothing, or a wrapper that prints something else
+        said = " ".join((done.stdout + done.stderr).split())[:300] or "nothing"
+        raise NotSubmitted(f"sbatch queued no job (it said: {said})")
+    return job_id
 
 
 def queued_job_of(script: str) -> str | None:

@@ -21,6 +21,7 @@ from ..config import RunConfig, world_size
 from ..errors import ConfigError, NotSubmitted, UserError
 from ..rundir import CONFIG_FILE, JOB_FILE, JOB_SCRIPT, SWEEP_FILE, config_hash, mark_run_dir, new_run_dir, write_config, write_json, write_text_atomic
 from ..plan import check_before_submit, preflight
+from ..site import cluster
 from . import registry, render
 from .sweep import parse_grid, trials
 
@@ -108,7 +109,32 @@ def prepare_sweep(
     payload = render.Payload(python=python, sweep_dir=str(directory), trials=len(cfgs), max_parallel=max_parallel,
                              trials_per_task=trials_per_node)
     script = render.render_script(first, payload, submitted_by="hpclora sweep")
+    refuse_per_script_keys(cfgs, trial_overrides, payload, script)
     return PreparedJob("sweep", first, directory, script, cfgs, trial_overrides, max_parallel, trials_per_node, plan_lines=lines)
+
+
+def refuse_per_script_keys(cfgs: list[RunConfig], trial_overrides: list[list[str]], payload, script: str) -> None:
+    """A job array runs one script for all its trials: a grid key that the script holds (cache.hf_home,
+    train.cpu_ranks, train.preempt_grace_s, what a container binds, ...) would quietly take the first trial's value
+    for every trial. Named by comparing each trial's own script with the first's."""
+    varying = set()
+    for cfg, extra in zip(cfgs[1:], trial_overrides[1:]):
+        changed = [item.partition("=")[0] for item, first in zip(extra, trial_overrides[0]) if item != first]
+        # The grid is a full product: each key's values appear in trials that differ from the first in it alone.
+        if len(changed) == 1 and render.render_script(cfg, payload, submitted_by="hpclora sweep") != script:
+            varying.add(changed[0])
+    if varying:
+        raise ConfigError([(key, "cannot vary within one sweep: every trial of a job array runs the same job script, and "
+                                 "this key is written into it; run a sweep per value instead") for key in sorted(varying)])
+
+
+def what_no_node_has(job: PreparedJob, launcher) -> list[tuple[str, str]]:
+    """What the job asks beyond the partition's nodes (CPUs, memory, GPUs, nodes), with the fix, where Slurm answers
+    `sinfo`: such a job pends forever, or is refused after the wait. `submit` refuses it; `--dry-run` warns."""
+    parts = cluster.partitions() if launcher.queues else None
+    part = cluster.target_partition(job.cfg.slurm, parts) if parts else None
+    problems = cluster.request_problems(job.cfg.slurm, part, parts) if part is not None else []
+    return [(key, f"{problem} (`hpclora doctor` shows the partitions): set {fix}") for key, problem, fix in problems]
 
 
 def write(job: PreparedJob) -> None:

@@ -4,7 +4,6 @@ state (squeue, then sacct), its log and the last progress line in it.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import JOB_FILE, SWEEP_FILE, read_json
+from ..rundir import JOB_FILE, SWEEP_FILE, metric_entries, read_json
 from . import registry, slurm
 
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -65,13 +64,23 @@ def resolve(target: str | None) -> Target:
     raise UserError(f"{target}: neither a job id (123 or 123_4) nor a run or sweep directory")
 
 
+def _record(path: Path) -> dict | None:
+    """The record at `path`, or None without one; a UserError for one that is no longer what submit wrote."""
+    record = read_json(path)
+    if record is None and path.exists():
+        raise UserError(f"{path}: not a JSON record (cut short, or edited?); `hpclora status JOB_ID` asks Slurm instead")
+    if record is not None and (problem := registry.record_problem(record)):
+        raise UserError(f"{path}: not the record hpclora wrote ({problem}); `hpclora status JOB_ID` asks Slurm instead")
+    return record
+
+
 def _directory_target(path: Path) -> Target:
-    sweep = read_json(path / SWEEP_FILE)
+    sweep = _record(path / SWEEP_FILE)
     if sweep:
         return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [], table=True)
-    job = read_json(path / JOB_FILE)
+    job = _record(path / JOB_FILE)
     if job and "sweep_dir" in job:  # one trial of a sweep
-        return Target([_trial_row(job["job_id"], job)], f"trial {job.get('trial', job['task'])} of sweep {job['sweep_dir']}", [])
+        return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
     if job:
         return Target(_entry_rows(job), f"run {path}", [])
     if (path / "config.yaml").exists():
@@ -155,13 +164,12 @@ def _progress_from_metrics(row: Row) -> str:
     if not row.run_dir:
         return ""
     try:
-        last = (Path(row.run_dir) / "metrics.jsonl").read_text(encoding="utf-8").strip().splitlines()[-1]
-        entry = json.loads(last)
-    except (OSError, IndexError, json.JSONDecodeError):
+        entry = metric_entries(Path(row.run_dir) / "metrics.jsonl")[-1]
+    except (OSError, IndexError):
         return ""
-    if "eval" in entry:
-        return f"eval {entry['eval']} @ step {entry['step']} | val_loss {entry['val_loss']:.4f}"
-    return f"step {entry['step']}/{entry['max_steps']} | loss {entry['loss']:.4f}"
+    if "val_loss" in entry:
+        return f"eval {entry.get('eval', '')} @ step {entry['step']} | val_loss {entry['val_loss']:.4f}"
+    return f"step {entry['step']}/{entry.get('max_steps', '?')} | loss {entry['loss']:.4f}"
 
 
 def format_status(target: Target) -> str:

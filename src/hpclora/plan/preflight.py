@@ -4,8 +4,10 @@
   row 3 fails here with the same `file:line` error, not in the job. Rows are streamed (a large file is
   never held in memory) and no torch is imported; a file is checked once per version, so a sweep of many
   trials on the same data reads it once.
-- data.max_length must fit the model's context (max_position_embeddings), known from its config.json on
-  disk or in the cache, or from the built-in table; an unknown model is not checked here.
+- data.max_length must fit the model's context (max_position_embeddings), and lora.target_modules must name
+  its layers, known from its config.json on disk or in the cache, or from the built-in tables; an unknown
+  model is not checked here.
+- slurm.gpu_type rules out bf16, and FSDP in fp16, on GPUs without bf16 (V100, T4).
 
 Hub datasets are read in the job (or by `hpclora stage`), so they are not checked here.
 """
@@ -13,26 +15,49 @@ Hub datasets are read in the job (or by `hpclora stage`), so they are not checke
 from __future__ import annotations
 
 from ..catalog.dims import find_dims
+from ..catalog.models import missing_targets
+from ..catalog.precision import fsdp_problem
 from ..catalog.hub import local_data_path
 from ..config import RunConfig
-from ..data import check_rows
+from ..data import check_rows, validation_rows
 from ..errors import ConfigError, UserError
+from .make import device_for, precision_for
 
 _checked: dict[tuple, dict] = {}  # data file version and reading settings -> what check_rows found
 
 
 def check(cfg: RunConfig, data: bool = True) -> dict | None:
-    """Check the model's context and (with `data`) every data row; returns the row count and format of a
-    local data file, or None. Raises ConfigError or DataError."""
-    check_context(cfg)
+    """Check the GPU type's precision, the model's context and (with `data`) every data row; returns the row count
+    and format of a local data file, or None. Raises ConfigError or DataError."""
+    check_device(cfg)
+    check_model(cfg)
     return check_data(cfg) if data else None
 
 
-def check_context(cfg: RunConfig) -> None:
+def check_device(cfg: RunConfig) -> None:
+    """What slurm.gpu_type rules out, by the rules the planner and the job apply: bf16 on a GPU without it (V100, T4),
+    and FSDP in the precision such a GPU trains in. A type the planner does not know is `plan`'s to report."""
+    if cfg.slurm.gpus == 0 or not cfg.slurm.gpu_type:
+        return
+    try:
+        device = device_for(cfg, None)
+    except UserError:
+        return
+    precision, _ = precision_for(cfg, device)  # raises ConfigError for bf16 on a GPU without it
+    if cfg.train.distributed == "fsdp" and (problem := fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer)):
+        raise ConfigError([("train.distributed", f"on {device.name}: {problem}")])
+
+
+def check_model(cfg: RunConfig) -> None:
     try:
         dims, source = find_dims(cfg)
+    except ConfigError:  # a config.json that no library can read
+        raise
     except UserError:  # dimensions unknown on this node: `plan` says so; the job checks when it loads the model
         return
+    if (found := missing_targets(dims.model_type, cfg.lora.target_modules)) and found[0]:
+        raise ConfigError([("lora.target_modules", f"{found[0]} not found in {cfg.model.name}, a {dims.model_type} model "
+                                                   f"(from {source}); its layers are {found[1]}")])
     if dims.context and cfg.data.max_length > dims.context:
         raise ConfigError([("data.max_length", (
             f"{cfg.data.max_length} tokens do not fit the context of {cfg.model.name}, {dims.context} tokens "
@@ -47,4 +72,5 @@ def check_data(cfg: RunConfig) -> dict | None:
     key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows)
     if key not in _checked:
         _checked[key] = check_rows(d)
+    validation_rows(_checked[key]["rows"], d.val_size)  # refuses a split that leaves nothing to train on
     return _checked[key]

@@ -11,7 +11,11 @@ from pathlib import Path
 
 from ..config import load_run_config
 from ..errors import UserError
+from .adapter import checked_adapter
 from .text import side_by_side
+
+
+MAX_NEW_TOKENS = 1_000_000  # beyond any model's context; an answer also stops where the model's context is full
 
 
 @dataclass
@@ -30,7 +34,7 @@ class Sampling:
         import math
 
         rules = [
-            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
+            ("--max-new-tokens", self.max_new_tokens, 1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"from 1 to {MAX_NEW_TOKENS:,}"),
             ("--temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
             ("--top-p", self.top_p, 0 < self.top_p <= 1, "above 0 and at most 1"),
             ("--top-k", self.top_k, self.top_k >= 0, "0 (no limit) or more"),
@@ -77,11 +81,10 @@ def load_run(run_dir: str | Path):
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a run directory (no config.yaml)")
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"{run}: has no finished adapter yet (adapter/ is missing); is the run still going or did it fail?")
+    adapter = checked_adapter(run)
     cfg = load_run_config(run / "config.yaml")
     base, tokenizer = load_model(cfg)
-    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
     return model, tokenizer, cfg
 
@@ -95,8 +98,11 @@ def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: 
 
     messages = [{"role": "user", "content": prompt, "input": ""}] if isinstance(prompt, str) else prompt
     ids, _ = encode(render(template, messages, tokenizer), tokenizer, template)
+    context = getattr(model.config, "max_position_embeddings", None) or None
+    if context and len(ids) >= context:
+        raise UserError(f"the prompt is {len(ids):,} tokens, and the model reads at most {context:,}: shorten it")
     input_ids = torch.tensor([ids], device=model.device)
-    kwargs = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample,
+    kwargs = {"max_new_tokens": min(sampling.max_new_tokens, context - len(ids)) if context else sampling.max_new_tokens, "do_sample": sampling.do_sample,
               "repetition_penalty": sampling.repetition_penalty}
     if sampling.do_sample:
         torch.manual_seed(sampling.seed)
@@ -143,6 +149,12 @@ def generate_command(run_dir, prompts: list[str], sampling: Sampling, compare: b
         raise UserError("generate: give at least one --prompt TEXT")
     if compare and no_adapter:
         raise UserError("generate: --compare and --no-adapter exclude each other")
+    for i, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the shell passed bytes that are no UTF-8 (Python keeps them as surrogates)
+            raise UserError(f"generate: --prompt {i} is not UTF-8 text (byte {ord(exc.object[exc.start]) - 0xDC00:#x} at "
+                            f"character {exc.start}): set the terminal to UTF-8 (`locale` shows it)") from None
     mode = "compare" if compare else "base" if no_adapter else "adapter"
     for row in generate(run_dir, prompts, sampling, mode):
         print(f"\n>>> {row['prompt']}")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from .adapter import checked_adapter
 from ..rundir import MERGED_DIR, staged
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -27,9 +28,7 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16
 
     run = Path(run_dir)
     target = run / MERGED_DIR if out is None else Path(out).expanduser()
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{run}: no finished adapter (adapter/adapter_config.json is missing)")
+    adapter = checked_adapter(run)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
     cfg = load_run_config(run / "config.yaml")

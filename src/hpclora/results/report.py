@@ -7,13 +7,13 @@ so it runs on a login node.
 
 from __future__ import annotations
 
-import json
+import sys
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import SWEEP_FILE, read_json, verdict, write_text_atomic
+from ..rundir import SWEEP_FILE, metric_entries, read_json, verdict, write_text_atomic
 
 
 @dataclass
@@ -26,19 +26,14 @@ def read_curves(run_dir: Path) -> Curves:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl yet (training has not logged a step)")
-    train, val = [], {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break  # a line being written right now
-            raise UserError(f"{path}, line {n}: not JSON") from None
+    train, val, dropped = [], {}, []
+    for entry in metric_entries(path, dropped):
         if "val_loss" in entry:
             val[entry["step"]] = entry["val_loss"]  # "final" repeats the last evaluation's step
         elif "loss" in entry:
             train.append((entry["step"], entry["loss"]))
+    for number in dropped:
+        print(f"warning: {path}, line {number}: not a whole entry: left out of the curves", file=sys.stderr)
     return Curves(train, sorted(val.items()))
 
 

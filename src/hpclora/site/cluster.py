@@ -4,12 +4,13 @@ and which of the planner's GPU names each `sinfo` type means. No torch: `hpclora
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from dataclasses import dataclass, field
 
 from ..catalog.node import run
-from ..config.slurm_syntax import slurm_seconds
+from ..config.slurm_syntax import slurm_mem_mib, slurm_seconds
 
 # Planner GPU families by how sinfo types usually spell them (`v100`, `tesla_v100-sxm2-32gb`, `a100_80g`, `nvidia_h100_80gb_hbm3`).
 FAMILIES = ("v100", "a100", "h100", "t4", "l4", "rtx3060")
@@ -31,8 +32,8 @@ class Partition:
     available: bool
     time_limit: str  # sinfo's spelling: `infinite`, `2-00:00:00`, `30:00`
     nodes: int
-    cpus: int  # per node (the smallest where nodes differ)
-    memory_mb: int  # per node (the smallest)
+    cpus: int  # per node (the largest where nodes differ: what a job may ask at most)
+    memory_mb: int  # per node (the largest)
     gpus: list[Gres] = field(default_factory=list)  # per node
 
     @property
@@ -74,7 +75,7 @@ def parse_sinfo(text: str) -> list[Partition]:
             partitions[name] = Partition(name, default, avail == "up", limit, int(nodes), cpus_n, memory_mb, parse_gres(gres))
             continue
         p.nodes += int(nodes)
-        p.cpus, p.memory_mb = min(p.cpus, cpus_n), min(p.memory_mb, memory_mb)
+        p.cpus, p.memory_mb = max(p.cpus, cpus_n), max(p.memory_mb, memory_mb)
         known = {(g.name, g.type) for g in p.gpus}
         p.gpus += [g for g in parse_gres(gres) if (g.name, g.type) not in known]
     for p in partitions.values():
@@ -132,3 +133,43 @@ def runs_here(partition: str | None) -> bool:
     department server with Slurm is, or a partition of this host alone. Its local paths are then theirs too."""
     names = node_names(partition)
     return bool(names) and names == {socket.gethostname().split(".")[0]}
+
+
+def request_problems(slurm, part: Partition, parts: list[Partition] | None) -> list[tuple[str, str, str]]:
+    """(key, what is wrong, the fix) for each thing `slurm` asks per node that no node of `part` has: such a job
+    pends forever (or sbatch refuses it). `doctor` reports them; `submit` refuses them."""
+    found = []
+    name = f"partition {part.name}"
+    if slurm.gpus > 0:
+        wanted = (slurm.gpu_type or "").lower()
+        offered = [g for g in part.gpus if not wanted or (g.type or "").lower() == wanted]
+        if not offered:
+            types = ", ".join(sorted({g.type or "untyped" for g in part.gpus})) or "no GPUs"
+            elsewhere = [q.name for q in parts or [] if any((g.type or "").lower() == wanted for g in q.gpus)]
+            found.append(("slurm.gpus", f"{slurm.gpus} x gpu{':' + slurm.gpu_type if slurm.gpu_type else ''} asked; {name} has {types}",
+                          f"slurm.partition={elsewhere[0]}" if elsewhere else f"slurm.gpu_type to one of: {types}"))
+        elif (most := max(g.count for g in offered)) < slurm.gpus:
+            found.append(("slurm.gpus", f"{slurm.gpus} GPUs per node asked; {name}'s nodes have {most}",
+                          f"slurm.gpus={most} with slurm.nodes={math.ceil(slurm.gpus / most)}"))
+    if part.cpus and slurm.cpus_per_task > part.cpus:
+        found.append(("slurm.cpus_per_task", f"{slurm.cpus_per_task} asked; {name}'s nodes have {part.cpus}", f"slurm.cpus_per_task={part.cpus}"))
+    if part.memory_mb and slurm_mem_mib(slurm.mem) > part.memory_mb:  # both in Slurm's MiB; 0 asks for all of a node's
+        found.append(("slurm.mem", f"{slurm.mem} asked; {name}'s nodes have {part.memory_mb}M ({part.memory_mb / 1024:.1f}G)",
+                      f"slurm.mem={part.memory_mb}M"))
+    if part.nodes and slurm.nodes > part.nodes:
+        found.append(("slurm.nodes", f"{slurm.nodes} asked; {name} has {part.nodes}", f"slurm.nodes={part.nodes}"))
+    return found
+
+
+def target_partition(slurm, parts: list[Partition]) -> Partition | None:
+    """The partition a job of `slurm` goes to: the first of slurm.partition, else the cluster's default."""
+    wanted = slurm.partition.split(",")[0] if slurm.partition else None
+    return next((p for p in parts if (p.name == wanted if wanted else p.default)), None)
+
+
+def whole_node_memory_gb(slurm) -> float | None:
+    """GB of the largest node of the target partition, which `slurm.mem: 0` (all of a node's memory) gets; None where
+    no Slurm answers."""
+    parts = partitions()
+    part = target_partition(slurm, parts) if parts else None
+    return part.memory_mb * 2 ** 20 / 1e9 if part and part.memory_mb else None

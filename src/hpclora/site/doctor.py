@@ -18,7 +18,7 @@ from pathlib import Path
 from . import cluster, storage
 from ..catalog import node
 from ..errors import UserError
-from ..config.slurm_syntax import slurm_mem_mib, slurm_seconds, slurm_time
+from ..config.slurm_syntax import slurm_seconds, slurm_time
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_SPACE_GB = {"cache.hf_home": 30.0, "run.output_root": 5.0, "slurm.log_dir": 1.0}  # a 7B model in fp16 is 14 GB
@@ -103,7 +103,7 @@ def check_slurm(report: Report) -> list[cluster.Partition] | None:
     for p in parts:
         gpus = ", ".join(describe_gpu(g, devices, aliases) for g in p.gpus) or "no GPUs"
         limit = "no time limit" if p.time_limit_s is None else f"time limit {p.time_limit}"
-        line = (f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s) of {p.cpus} CPUs and "
+        line = (f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s) of up to {p.cpus} CPUs and "
                 f"{p.memory_mb / 1024:.1f}G of memory, {gpus}, {limit}")
         unknown = [g.type or "(untyped)" for g in p.gpus if not cluster.planner_names(g.type, devices, aliases)]
         if not p.available:
@@ -200,23 +200,11 @@ def check_resources(report: Report, cfg, part, p, parts) -> None:
     """The run's request against what the partition's nodes have, and its time against the partition's limit."""
     s = cfg.slurm
     name = f"partition {part.name}"
-    if s.gpus > 0:
-        offered = [g for g in part.gpus if not s.gpu_type or (g.type or "").lower() == s.gpu_type.lower()]
-        if not offered:
-            types = ", ".join(sorted({g.type or "untyped" for g in part.gpus})) or "no GPUs"
-            elsewhere = [q.name for q in parts or [] if any((g.type or "").lower() == (s.gpu_type or "").lower() for g in q.gpus)]
-            report.add(FAIL, "slurm.gpus", f"{s.gpus} x gpu{':' + s.gpu_type if s.gpu_type else ''} asked; {name} has {types}",
-                       f"slurm.partition={elsewhere[0]}" if elsewhere else f"slurm.gpu_type to one of: {types}")
-        elif max(g.count for g in offered) < s.gpus:
-            report.add(FAIL, "slurm.gpus", f"{s.gpus} GPUs per node asked; {name}'s nodes have {max(g.count for g in offered)}",
-                       f"slurm.gpus={max(g.count for g in offered)} with slurm.nodes={math.ceil(s.gpus / max(g.count for g in offered))}")
-        else:
-            report.add(OK, "slurm.gpus", f"{s.gpus} x {offered[0].type or 'gpu'} per node: {name} has {offered[0].count}")
-    if part.cpus and s.cpus_per_task > part.cpus:
-        report.add(FAIL, "slurm.cpus_per_task", f"{s.cpus_per_task} asked; {name}'s nodes have {part.cpus}", f"slurm.cpus_per_task={part.cpus}")
-    if part.memory_mb and slurm_mem_mib(s.mem) > part.memory_mb:  # both in Slurm's MiB
-        report.add(FAIL, "slurm.mem", f"{s.mem} asked; {name}'s nodes have {part.memory_mb}M ({part.memory_mb / 1024:.1f}G)",
-                   f"slurm.mem={part.memory_mb}M")
+    for key, problem, fix in cluster.request_problems(s, part, parts):
+        report.add(FAIL, key, problem, fix)
+    offered = [g for g in part.gpus if not s.gpu_type or (g.type or "").lower() == s.gpu_type.lower()]
+    if s.gpus > 0 and offered and max(g.count for g in offered) >= s.gpus:
+        report.add(OK, "slurm.gpus", f"{s.gpus} x {offered[0].type or 'gpu'} per node: {name} has {offered[0].count}")
     limit = part.time_limit_s
     asked = slurm_seconds(s.time) if s.time != "auto" else None
     if limit is not None and asked is not None and asked > limit:

@@ -78,6 +78,12 @@ def record(run_dir: Path, job_id: str | None):
     if summary is None or facts is None:
         raise UserError(f"{run_dir}: the probe run has no {'summary.json' if facts else PROBE_FILE}: it did not finish; "
                         f"its log says why (`hpclora logs {job_id or run_dir}`)")
+    lacking = [f"summary.json: {key}" for key in ("tokens_per_s", "peak_mem_gb")
+               if isinstance(summary.get(key), bool) or not isinstance(summary.get(key), (int, float))]
+    lacking += [f"{PROBE_FILE}: host"] if not isinstance(facts.get("host"), str) else []
+    if lacking:
+        raise UserError(f"{run_dir}: the probe's records lack what it measures ({', '.join(lacking)}): were they edited or "
+                        "cut short? Run the probe again")
     cfg = load_run_config(run_dir / CONFIG_FILE)
     device = device_name(cfg, facts)
     planned = make_plan(cfg, device)  # the built-in estimate, uncalibrated
