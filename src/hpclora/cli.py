@@ -77,10 +77,21 @@ def cmd_sweep(args) -> int:
     return _launch(job, launcher, args)
 
 
+def what_no_node_has(job, launcher) -> list[tuple[str, str]]:
+    """What the job asks beyond the partition's nodes (CPUs, memory, GPUs, nodes), with the fix, where Slurm answers
+    `sinfo`: such a job pends forever, or is refused after the wait. `submit` refuses it; `--dry-run` warns."""
+    from .site import cluster
+
+    parts = cluster.partitions() if launcher.queues else None
+    part = cluster.target_partition(job.cfg.slurm, parts) if parts else None
+    problems = cluster.request_problems(job.cfg.slurm, part, parts) if part is not None else []
+    return [(key, f"{problem} (`hpclora doctor` shows the partitions): set {fix}") for key, problem, fix in problems]
+
+
 def _launch(job, launcher, args) -> int:
     from .launch import submit
 
-    beyond_nodes = submit.what_no_node_has(job, launcher)
+    beyond_nodes = what_no_node_has(job, launcher)
     if beyond_nodes and not args.dry_run:
         raise ConfigError(beyond_nodes)
     for line in [*job.plan_lines, *filter(None, [submit.staging_warning(job.cfg, args.config)])]:
@@ -102,7 +113,10 @@ def cmd_plan(args) -> int:
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
-    result = plan.make_plan(cfg, args.gpu, calibrated=True)
+    from .site.cluster import whole_node_memory_gb
+
+    whole_node = whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and cfg.slurm.mem.strip("0KMGT") == "" else None
+    result = plan.make_plan(cfg, args.gpu, capacity_gb=whole_node, calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 

@@ -21,7 +21,6 @@ from ..config import RunConfig, world_size
 from ..errors import ConfigError, NotSubmitted, UserError
 from ..rundir import CONFIG_FILE, JOB_FILE, JOB_SCRIPT, SWEEP_FILE, config_hash, mark_run_dir, new_run_dir, write_config, write_json, write_text_atomic
 from ..plan import check_before_submit, preflight
-from ..site import cluster
 from . import registry, render
 from .sweep import parse_grid, trials
 
@@ -126,15 +125,6 @@ def refuse_per_script_keys(cfgs: list[RunConfig], trial_overrides: list[list[str
     if varying:
         raise ConfigError([(key, "cannot vary within one sweep: every trial of a job array runs the same job script, and "
                                  "this key is written into it; run a sweep per value instead") for key in sorted(varying)])
-
-
-def what_no_node_has(job: PreparedJob, launcher) -> list[tuple[str, str]]:
-    """What the job asks beyond the partition's nodes (CPUs, memory, GPUs, nodes), with the fix, where Slurm answers
-    `sinfo`: such a job pends forever, or is refused after the wait. `submit` refuses it; `--dry-run` warns."""
-    parts = cluster.partitions() if launcher.queues else None
-    part = cluster.target_partition(job.cfg.slurm, parts) if parts else None
-    problems = cluster.request_problems(job.cfg.slurm, part, parts) if part is not None else []
-    return [(key, f"{problem} (`hpclora doctor` shows the partitions): set {fix}") for key, problem, fix in problems]
 
 
 def write(job: PreparedJob) -> None:

@@ -17,7 +17,6 @@ from ..catalog.precision import choose_precision, fsdp_problem
 from ..config import RunConfig, ranks_per_node, world_size
 from ..config.slurm_syntax import slurm_mem_gb, slurm_time
 from ..errors import UserError
-from ..site.cluster import whole_node_memory_gb
 from . import calibration
 from .memory import GB, lora_parameters, memory_gb, recomputed_layers
 from .speed import CPU_REFERENCE_CORES, cpu_speedup, rank_tokens_per_s, scaling
@@ -118,9 +117,9 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     elif device.name != "cpu":
         capacity = device.memory_gb
     else:  # CPU: the job's RAM; slurm.mem: 0 asks for all of a node's
-        capacity = slurm_mem_gb(cfg.slurm.mem) or whole_node_memory_gb(cfg.slurm)
-        if capacity is None:
-            raise UserError("slurm.mem: 0 asks for all of a node's memory, and no Slurm answers here to say how much that is: "
+        capacity = slurm_mem_gb(cfg.slurm.mem)
+        if not capacity:  # the caller passes the node's memory (capacity_gb) where Slurm can say it
+            raise UserError("slurm.mem: 0 asks for all of a node's memory, and no Slurm answered here to say how much that is: "
                             "give slurm.mem as a size (e.g. 32G) to plan")
     usable = capacity * 0.95
     world, per_node = world_size(cfg), ranks_per_node(cfg)
