@@ -113,9 +113,11 @@ def cmd_plan(args) -> int:
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
+    from .config.slurm_syntax import slurm_mem_mib
     from .site.cluster import whole_node_memory_gb
 
-    whole_node = whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and cfg.slurm.mem.strip("0KMGT") == "" else None
+    # slurm.mem: 0 (all of a node's memory) of a CPU job: as much as the partition's largest node has
+    whole_node = whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and slurm_mem_mib(cfg.slurm.mem) == 0 else None
     result = plan.make_plan(cfg, args.gpu, capacity_gb=whole_node, calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0 if result.fits else PLAN_DOES_NOT_FIT
