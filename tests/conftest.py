@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,18 @@ class StopAt(StopRequest):
         if self.reads == self.step:
             os.kill(os.getpid(), self.sig)
         return self.signal_name is not None
+
+
+@contextmanager
+def file_size_limit(max_bytes: int):
+    """`ulimit -f` for this process, as a quota or a full disk refuses a write: a file may not grow past `max_bytes`
+    (Python ignores SIGXFSZ, so the write fails with EFBIG). The hard limit stays, so the old limit comes back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

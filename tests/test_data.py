@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 
 import pytest
 
@@ -152,12 +153,19 @@ def test_sharegpt_errors_name_the_row_and_turn(tmp_path):
     ]))
     with pytest.raises(DataError, match=r"s\.json \(row 2\): turn 2: unknown role 'robot'"):
         load_conversations(data_cfg(path, tmp_path, "data.template=chat"))
+    for value, named in ((5, "int"), (["A"], "list")):  # a number or a list where the text belongs
+        path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": value}]}]))
+        with pytest.raises(DataError, match=rf"s\.json \(row 1\): turn 2 of 'conversations': field 'value' must be text, got {named}"):
+            load_conversations(data_cfg(path, tmp_path, "data.template=chat"))
 
 
 def test_csv_errors_name_the_line(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("instruction,input,output\nSay hi,,hi\nSay bye,,\n")
     with pytest.raises(DataError, match=r"a\.csv:3: field 'output' is empty"):
+        load_conversations(data_cfg(path, tmp_path))
+    path.write_text('instruction,input,output\nSay hi,,hi\n"Say bye,,bye\nSay yes,,yes\n')  # the quote swallows the rest
+    with pytest.raises(DataError, match=r"a\.csv:3: not valid CSV: a quote opened in this record is never closed"):
         load_conversations(data_cfg(path, tmp_path))
 
 
@@ -259,27 +267,43 @@ def jsonl_text(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-@pytest.mark.parametrize("encoding, named, iconv", [
-    ("shift_jis", "Shift_JIS (Windows CP932)", "CP932"),
-    ("euc_jp", "EUC-JP", "EUC-JP"),
-    ("utf_16", "UTF-16", "UTF-16"),
+EN_ROWS = [{"instruction": "Name the largest planet.", "input": "", "output": "Jupiter is the largest planet."}]
+
+
+@pytest.mark.parametrize("encoding, rows, named, iconv", [
+    ("shift_jis", JA_ROWS, "Shift_JIS (Windows CP932)", "CP932"),
+    ("euc_jp", JA_ROWS, "EUC-JP", "EUC-JP"),
+    ("iso2022_jp", JA_ROWS, "ISO-2022-JP (JIS)", "ISO-2022-JP"),  # 7-bit bytes: valid UTF-8 but for its ESC sequences
+    ("utf_16", JA_ROWS, "UTF-16", "UTF-16"),
+    ("utf_16_le", JA_ROWS, "UTF-16 little-endian without a byte-order mark", "UTF-16LE"),
+    ("utf_16_le", EN_ROWS, "UTF-16 little-endian without a byte-order mark", "UTF-16LE"),  # NUL bytes, all valid UTF-8
 ])
-def test_a_file_in_another_encoding_names_it_and_how_to_convert(tmp_path, encoding, named, iconv):
-    path = tmp_path / "ja.jsonl"
-    path.write_bytes(jsonl_text(JA_ROWS).encode(encoding))
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_file_in_another_encoding_names_it_and_the_iconv_line_that_gives_back_its_text(tmp_path, encoding, rows, named, iconv, suffix):
+    path = tmp_path / f"ja{suffix}"
+    text = jsonl_text(rows) if suffix == ".jsonl" else json.dumps(rows, ensure_ascii=False)
+    path.write_bytes(text.encode(encoding))
     with pytest.raises(DataError) as err:
         load_conversations(data_cfg(path, tmp_path))
     message = str(err.value)
-    assert message.startswith(f"{path}:1: byte 0x") and "is not UTF-8" in message
-    assert f"looks like {named}" in message and f"`iconv -f {iconv} -t UTF-8 {path} > {tmp_path / 'ja.utf8.jsonl'}`" in message
+    assert message.startswith(f"{path}:1: ") and "not UTF-8" in message
+    command = f"iconv -f {iconv} -t UTF-8 {path} > {tmp_path / f'ja.utf8{suffix}'}"
+    assert f"looks like {named} (line 1 then reads " in message and f"`{command}`" in message
+    subprocess.run(command, shell=True, check=True)  # the advice, followed, gives back the text as written
+    assert (tmp_path / f"ja.utf8{suffix}").read_text(encoding="utf-8").lstrip("\ufeff") == text
 
 
-def test_latin1_csv_is_refused_at_its_line_with_the_iconv_fix(tmp_path):
+def test_latin1_is_named_as_the_western_code_page_and_its_conversion_keeps_the_accents(tmp_path):
     path = tmp_path / "a.csv"
-    path.write_bytes("instruction,input,output\nSay hi,,hi\nDescribe a café,,Señor Müller's café.\n".encode("latin-1"))
+    text = "instruction,input,output\nSay hi,,hi\nDescribe a café,,Señor Müller's café très élégant.\n"
+    path.write_bytes(text.encode("latin-1"))
     with pytest.raises(DataError) as err:
         load_conversations(data_cfg(path, tmp_path))
-    assert str(err.value).startswith(f"{path}:3: byte 0xe9 is not UTF-8") and "iconv -f " in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: byte 0xe9 is not UTF-8: the file looks like Windows-1252") and "reads 'Describe a café" in message
+    assert "it may be Windows-1250 (Central European)" in message  # the detector cannot tell them apart: the doubt is said
+    subprocess.run(message.split("`")[1], shell=True, check=True)
+    assert (tmp_path / "a.utf8.csv").read_text(encoding="utf-8") == text
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])

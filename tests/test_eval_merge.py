@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import alpaca_rows, write_jsonl
+from conftest import alpaca_rows, file_size_limit, write_jsonl
 
 
 def logits_of(model, tokenizer, text: str):
@@ -62,6 +62,16 @@ def test_merge_refuses_nan_and_never_overwrites(real_run, tmp_path, cli):
     (out / "keep.txt").write_text("mine")
     done = cli("merge", str(real_run), "--out", str(out))
     assert done.returncode == 2 and "already exists" in done.stderr and (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_merge_the_file_system_refuses_says_where_and_how_much_and_leaves_nothing(real_run, tmp_path, cli):
+    out = tmp_path / "merged"
+    with file_size_limit(1_000_000):  # a quota, or a full disk, that the 135M-parameter model does not fit
+        done = cli("merge", str(real_run), "--out", str(out), "--dtype", "fp16")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: merged was not written (nothing was replaced): {tmp_path}: the file is larger than allowed here" in done.stderr
+    assert "about 269." in done.stderr and "MB to write" in done.stderr  # 134.5M parameters x 2 bytes
+    assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))
 
 
 def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run, cli):

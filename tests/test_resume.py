@@ -24,7 +24,9 @@ from hpclora.job import checkpoint
 from hpclora.job.preempt import StopRequest
 from hpclora.stops import CHECKPOINTED_EXIT
 
-from conftest import StopAt, tiny_run_yaml
+from hpclora.errors import UserError
+
+from conftest import StopAt, file_size_limit, tiny_run_yaml
 
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
 
@@ -237,6 +239,27 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_it_resume
     assert (run_dir / "checkpoints" / f"damaged-{newest.name}").is_dir()  # kept for a look, never used
     assert_same_adapter(run_dir, reference)
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_file_system_that_refuses_a_checkpoint_keeps_the_one_before_and_says_how_much_was_needed(tmp_path, tiny_llama_dir, reference, capsys):
+    """A full quota, as a file-size limit: the write of checkpoint-10's optimizer state fails mid-file."""
+    config = resume_config(tmp_path, tiny_llama_dir, save_every=5)
+    run_dir = tmp_path / "run"
+    train_here(config, run_dir, 5)
+    kept = checkpoint.latest(run_dir / "checkpoints")
+    largest = max(f.stat().st_size for f in kept.iterdir())
+    with file_size_limit(largest - 1), pytest.raises(UserError) as refused:
+        train_here(config, run_dir)
+    message = str(refused.value)
+    assert message.startswith("a checkpoint was not written: ") and "the file is larger than allowed here (`ulimit -f`)" in message
+    assert "MB to write" in message and f"files limited to {(largest - 1) / 1e6:,.1f} MB" in message
+    assert "checkpoint-5 is kept, whole: the same command resumes from it" in message
+    assert checkpoint.latest(run_dir / "checkpoints") == kept and checkpoint.damage(kept) is None
+    assert not (run_dir / "checkpoints" / checkpoint.STAGING).exists()  # the partial files are gone, their space freed
+
+    run, log = train_here(config, run_dir, capsys=capsys)
+    assert run.finished and "resumed from step 5" in log
+    assert_same_adapter(run_dir, reference)
 
 
 def test_a_second_training_in_the_same_run_directory_is_refused_until_the_first_dies(tmp_path, tiny_llama_dir, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 USER_ERROR_EXIT = 2
 
@@ -23,6 +24,23 @@ def file_system_refusal(exc: OSError) -> str:
     """`PATH: reason: what to do` for an OSError of FILE_SYSTEM_REFUSALS."""
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{FILE_SYSTEM_REFUSALS[exc.errno]}"
+
+
+# How libraries written in Rust or C++ (safetensors, tokenizers) carry the errno in their message text.
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def refusal_errno(exc: BaseException) -> int | None:
+    """The errno of FILE_SYSTEM_REFUSALS behind `exc`: of an OSError in its chain of causes, or written in its text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FILE_SYSTEM_REFUSALS:
+            return seen.errno
+        found = _ERRNO_IN_TEXT.search(str(seen))
+        if found and int(found.group(1) or found.group(2)) in FILE_SYSTEM_REFUSALS:
+            return int(found.group(1) or found.group(2))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class UserError(Exception):

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import os
 import re
+import resource
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .config import RunConfig, to_yaml
+from .errors import FILE_SYSTEM_REFUSALS, UserError, refusal_errno
 
 CONFIG_FILE = "config.yaml"  # the resolved config the job runs with
 JOB_FILE = "job.json"  # the submission record of a run (launch/submit.py)
@@ -186,15 +189,56 @@ def publish_dir(staging: Path, target: Path) -> None:
     _fsync(target.parent)
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when there is nothing)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def write_refusal(exc: BaseException, directory: Path, needed_bytes: int) -> str | None:
+    """What stopped a write into `directory`, as one line for the user, or None when it was not the file system.
+    torch.save under a full disk or a file-size limit says only "unexpected pos ...": where the exception carries
+    no errno, the limit and the free space of `directory` tell which it was."""
+    code = refusal_errno(exc)
+    if code is None and isinstance(exc, (OSError, RuntimeError)):
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY and soft <= needed_bytes:
+            code = errno.EFBIG
+        elif _free_bytes(directory) < max(needed_bytes // 10, 1 << 20):
+            code = errno.ENOSPC
+    if code is None:
+        return None
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    size = f"about {mb(needed_bytes)} to write, {mb(_free_bytes(directory))} free there"
+    if code == errno.EFBIG:
+        size += f", files limited to {mb(resource.getrlimit(resource.RLIMIT_FSIZE)[0])}"
+    return f"{directory}: {FILE_SYSTEM_REFUSALS[code]} ({size})"
+
+
+def _free_bytes(directory: Path) -> int:
+    for place in (directory, *directory.parents):
+        if place.exists():
+            return shutil.disk_usage(place).free
+    return 0
+
+
 @contextmanager
-def staged(target: Path):
+def staged(target: Path, needed_bytes: int = 0):
     """A directory to write `target`'s contents into: published as `target` (publish_dir) when the block ends,
-    removed without a trace when it raises. Never leaves a half-written `target`."""
+    removed without a trace when it raises. Never leaves a half-written `target`; a refusal of the file system
+    (full, file-size limit, read-only) becomes a UserError naming the place, the size and the free space.
+    `needed_bytes`: what the writer expects to write, when it knows better than what was written when it failed."""
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         yield staging
         publish_dir(staging, target)
+    except Exception as exc:  # safetensors' SafetensorError is neither OSError nor RuntimeError
+        refusal = write_refusal(exc, target.parent, max(needed_bytes, tree_bytes(staging)))
+        if refusal is None:
+            raise
+        raise UserError(f"{target.name} was not written (nothing was replaced): {refusal}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)

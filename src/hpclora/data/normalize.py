@@ -110,9 +110,8 @@ def _turns(values: dict, list_key: str, role_key: str, text_key: str, roles: dic
         role = roles.get(str(turn[role_key]).lower())
         if role is None:
             fail(f"turn {i}: unknown role {turn[role_key]!r} (expected one of {sorted(roles)})")
-        if not isinstance(turn[text_key], str) or not turn[text_key].strip():
-            fail(f"turn {i}: empty '{text_key}'")
-        messages.append(_msg(role, turn[text_key]))
+        text = _text_field(turn, text_key, lambda message, i=i: fail(f"turn {i} of '{list_key}': {message}"))
+        messages.append(_msg(role, text))
     # A conversation cut so that it opens with the assistant has no prompt for those turns.
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)

@@ -22,10 +22,21 @@ from ..catalog.hub import dataset_in_cache, hf_home, is_offline, local_data_path
 ENCODINGS = {
     "cp932": ("Shift_JIS (Windows CP932)", "CP932"), "shift_jis": ("Shift_JIS", "SHIFT_JIS"),
     "euc_jp": ("EUC-JP", "EUC-JP"), "euc_jis_2004": ("EUC-JP", "EUC-JP"), "euc_jisx0213": ("EUC-JP", "EUC-JP"),
-    "iso2022_jp": ("ISO-2022-JP", "ISO-2022-JP"), "utf_16": ("UTF-16", "UTF-16"), "utf_32": ("UTF-32", "UTF-32"),
-    "latin_1": ("Latin-1", "LATIN1"), "cp1252": ("Windows-1252", "CP1252"), "gb18030": ("GB18030", "GB18030"),
+    "iso2022_jp": ("ISO-2022-JP (JIS)", "ISO-2022-JP"), "utf_16": ("UTF-16", "UTF-16"), "utf_32": ("UTF-32", "UTF-32"),
+    "utf_16_le": ("UTF-16 little-endian without a byte-order mark", "UTF-16LE"),
+    "utf_16_be": ("UTF-16 big-endian without a byte-order mark", "UTF-16BE"),
+    "utf_32_le": ("UTF-32 little-endian", "UTF-32LE"), "utf_32_be": ("UTF-32 big-endian", "UTF-32BE"),
+    "latin_1": ("Latin-1 (ISO-8859-1)", "LATIN1"), "cp1252": ("Windows-1252 (Western European, Latin-1's superset)", "CP1252"),
+    "cp1250": ("Windows-1250 (Central European)", "CP1250"), "cp1257": ("Windows-1257 (Baltic)", "CP1257"), "gb18030": ("GB18030", "GB18030"),
     "big5": ("Big5", "BIG5"), "euc_kr": ("EUC-KR", "EUC-KR"),
 }
+# Where the detector finds several encodings that read the bytes equally well (a French text is as plausible in
+# cp1250 as in cp1252: only the accented letters differ), the one most files in the wild are written in.
+MOST_USED = ("utf_16_le", "utf_16_be", "utf_16", "cp932", "euc_jp", "iso2022_jp", "cp1252", "latin_1")
+# Bytes UTF-8 allows that a text data file in UTF-8 never holds: NUL (UTF-16 and UTF-32 are full of them) and ESC
+# (ISO-2022-JP switches character sets with ESC sequences, in otherwise 7-bit bytes).
+FOREIGN_BYTES = (b"\x00", b"\x1b")
+SAMPLE_BYTES = 262144  # what the encoding detector reads
 
 
 @dataclass
@@ -55,18 +66,32 @@ def _read_local(path: Path) -> Iterator[RawRow]:
     return readers[suffix](path)
 
 
-def not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, line: int) -> DataError:
-    """The error for a text file that is not UTF-8: where, which encoding it seems to be, how to convert it."""
+def not_utf8(path: Path, data: bytes, line: int, bad: str) -> DataError:
+    """The error for a text file that is not UTF-8: where (`bad`: which byte), the encoding it seems to be in, how
+    the line reads in it (so that the user can tell a wrong guess), and how to convert it."""
     import charset_normalizer
 
-    best = charset_normalizer.from_bytes(data[:262144]).best()
-    bad = f"byte {error.object[error.start]:#04x} is not UTF-8"
     target = path.with_name(f"{path.stem}.utf8{path.suffix}")
-    if best is None or best.encoding in ("utf_8", "ascii"):
+    matches = list(charset_normalizer.from_bytes(data))
+    if not matches or matches[0].encoding in ("utf_8", "ascii"):
         return DataError(str(path), f"{bad}: save the file as UTF-8 (`iconv -f ENCODING -t UTF-8 {path} > {target}`)", line)
-    name, iconv = ENCODINGS.get(best.encoding, (best.encoding, best.encoding.upper().replace("_", "-")))
-    return DataError(str(path), f"{bad}: the file looks like {name}; convert it with `iconv -f {iconv} -t UTF-8 {path} > {target}` "
-                                "and point data.path at the result", line)
+    tied = [m.encoding for m in matches if (m.chaos, m.coherence) == (matches[0].chaos, matches[0].coherence)]
+    best = min(tied, key=lambda e: MOST_USED.index(e) if e in MOST_USED else len(MOST_USED))
+    name, iconv = ENCODINGS.get(best, (best, best.upper().replace("_", "-")))
+    reads = _line_in(data, best, line)
+    others = [ENCODINGS.get(e, (e,))[0] for e in tied if e != best]
+    doubt = f"; if its accents come out wrong, it may be {others[0]}" if others else ""
+    return DataError(str(path), f"{bad}: the file looks like {name} (line {line} then reads '{reads}'){doubt}; convert it with "
+                                f"`iconv -f {iconv} -t UTF-8 {path} > {target}` and point data.path at the result", line)
+
+
+def _line_in(data: bytes, encoding: str, line: int, width: int = 60) -> str:
+    """Line `line` of `data` decoded as `encoding`, from a little before its first letter beyond ASCII."""
+    lines = data.decode(encoding, errors="replace").splitlines() or [""]
+    text = lines[min(line, len(lines)) - 1].strip()
+    beyond = next((i for i, c in enumerate(text) if ord(c) > 127), 0)
+    shown = "".join(c if c.isprintable() else "?" for c in text[max(0, beyond - 20):][:width])
+    return ("…" if beyond > 20 else "") + shown + ("…" if len(text) > max(0, beyond - 20) + width else "")
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -74,10 +99,16 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                fh.seek(0)
-                raise not_utf8(path, fh.read(262144), exc, number) from None
+                bad = f"byte {exc.object[exc.start]:#04x} is not UTF-8"
+            else:
+                if not any(b in raw for b in FOREIGN_BYTES):
+                    yield number, text
+                    continue
+                bad = "its bytes are not UTF-8 text (NUL or ESC bytes)"
+            fh.seek(0)
+            raise not_utf8(path, fh.read(SAMPLE_BYTES), number, bad) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
@@ -115,7 +146,11 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise not_utf8(path, data, exc, data[: exc.start].count(b"\n") + 1) from None
+        bad = f"byte {data[exc.start]:#04x} is not UTF-8"
+        raise not_utf8(path, data[:SAMPLE_BYTES], data[: exc.start].count(b"\n") + 1, bad) from None
+    if found := [data.index(b) for b in FOREIGN_BYTES if b in data]:
+        bad = "its bytes are not UTF-8 text (NUL or ESC bytes)"
+        raise not_utf8(path, data[:SAMPLE_BYTES], data[: min(found)].count(b"\n") + 1, bad)
     try:
         value = _json_value(path, text, None)
     except DataError as exc:
@@ -138,14 +173,22 @@ def _read_json(path: Path) -> Iterator[RawRow]:
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
     lines = (text for _, text in _text_lines(path))
-    reader = csv.DictReader(lines)
+    # strict: a quote never closed is an error, not a cell that swallows the rest of the file
+    reader = csv.DictReader(lines, strict=True)
+    start = 1  # the line the record being read starts on
     try:
+        if reader.fieldnames is not None:
+            start = reader.line_num + 1
         for record in reader:
             # DictReader counts physical lines, so quoted multi-line cells keep the numbering right.
             if None in record:
                 raise DataError(str(path), "more cells than header columns", reader.line_num)
             yield RawRow(dict(record), reader.line_num, "line")
+            start = reader.line_num + 1
     except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise DataError(str(path), 'not valid CSV: a quote opened in this record is never closed (a cell holding a " '
+                                       'is written in quotes with the " doubled: "say ""hi""")', start) from None
         raise DataError(str(path), f"not valid CSV: {exc}", reader.line_num) from None
 
 

@@ -17,7 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ..rundir import publish_dir, sha256_file
+from ..errors import UserError
+from ..rundir import publish_dir, sha256_file, tree_bytes, write_refusal
 
 COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
 STATE = "hpclora_state.json"
@@ -111,3 +112,19 @@ def newest_sound(root: Path, say) -> Path | None:
         os.replace(found, aside)
         say(f"warning: {found.name} is damaged ({problem}): moved to {aside.name}; using the checkpoint before it")
     return None
+
+
+def save_refusal(exc: BaseException, root: Path) -> UserError | None:
+    """The error to show when training failed because the file system refused a checkpoint being written (the
+    staging area holds its files): which place, how much, and the checkpoint kept. None for any other failure."""
+    staging = root / STAGING
+    if not staging.is_dir() or not any(staging.rglob("*")):
+        return None
+    kept = latest(root)
+    refusal = write_refusal(exc, root, max(tree_bytes(kept) if kept else 0, tree_bytes(staging)))
+    if refusal is None:
+        return None
+    shutil.rmtree(staging, ignore_errors=True)  # never used, and the space is needed
+    then = (f"{kept.name} is kept, whole: the same command resumes from it once there is room" if kept
+            else "there is no earlier checkpoint: the same command starts again from step 0 once there is room")
+    return UserError(f"a checkpoint was not written: {refusal}; {then}")

@@ -157,7 +157,12 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         if base_loss is not None:
             emit(f"restart {restart} from step 0 (no checkpoint yet) | val_loss base {base_loss:.4f} (measured by the first start)")
     tokens_before = trainer.tokens_seen
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as exc:
+        if (refusal := checkpoint.save_refusal(exc, out / "checkpoints")) is None:
+            raise
+        raise refusal from exc
     step = trainer.state.global_step
     if step < steps:  # the ranks agreed on a stop (StopAtStepBoundary), which published this step's checkpoint
         return stopped(out, model, tokenizer, stop, step, steps, world)

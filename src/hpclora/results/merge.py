@@ -54,7 +54,8 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16
         raise UserError(f"--dtype {dtype}: weights overflow in {', '.join(overflow[:3])}; use --dtype bf16 or fp32. Nothing was written")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with staged(target) as staging:  # an existing target is empty (checked above)
+    weight_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    with staged(target, needed_bytes=weight_bytes) as staging:  # an existing target is empty (checked above)
         merged.save_pretrained(staging, safe_serialization=True)
         load_tokenizer(cfg.model).save_pretrained(staging)
         (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")
