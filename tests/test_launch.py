@@ -295,7 +295,8 @@ def test_data_in_another_encoding_is_refused_by_submit_with_the_conversion(tmp_p
     proc = subprocess.run([sys.executable, "-m", "hpclora", "submit", "--dry-run", str(ROOT / "configs" / "demo-cpu.yaml"),
                            f"data.path={data}"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "looks like Shift_JIS (Windows CP932); convert it with `iconv -f CP932 -t UTF-8" in proc.stderr
+    assert "looks like Shift_JIS (Windows CP932) (line 1 then reads '{\"instruction\": \"富士山の高さは？" in proc.stderr
+    assert "; convert it with `iconv -f CP932 -t UTF-8" in proc.stderr
 
 
 def test_max_length_beyond_the_model_context_is_refused_before_the_queue(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_slurm, tiny_run_yaml
+from conftest import ROOT, alpaca_rows, require_slurm, tiny_run_yaml, write_jsonl
 from hub_standin import FAKE_RUNTIME, staged_offline_job
 
 SECRET = "hf_do_not_leak_0123456789"
@@ -119,12 +119,59 @@ def test_a_job_with_a_hostile_name_runs_and_status_logs_and_follow_report_it(tmp
     assert "progress   adapter saved to" in status
 
 
-def test_cancel_stops_a_job(tmp_path, tiny_llama_dir, env):
+def test_cancel_of_a_job_that_has_not_begun_training_is_at_once_and_logs_say_why_there_is_none(tmp_path, tiny_llama_dir, env):
+    """One job still in its setup, one pending: nothing to save, so both are cancelled at once."""
     slow = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"setup": ["sleep 300"]})
-    job_id = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
-    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    setting_up = job_id_from(hpclora("submit", slow, "run.name=slow", env=env, cwd=tmp_path).stdout)
+    pending = job_id_from(hpclora("submit", slow, "run.name=later", "slurm.extra=[--begin=now+3600]", env=env, cwd=tmp_path).stdout)
+    log = tmp_path / "logs" / f"later-{pending}.out"
+    waiting = hpclora("logs", pending, env=env, cwd=tmp_path, check=False)
+    assert waiting.returncode == 2 and waiting.stderr.strip() == (
+        f"error: {log}: the log does not exist yet (job {pending} PENDING); try again with -f to wait for it")
+    for job_id in (setting_up, pending):
+        assert hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout.strip() == f"cancelled {job_id}"
+        assert wait_for(job_id)[job_id][0] == "CANCELLED"
+        assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    for follow in ([], ["-f"]):
+        never = hpclora("logs", pending, *follow, env=env, cwd=tmp_path, check=False)
+        assert never.returncode == 2 and never.stderr.strip() == f"error: {log}: no log: job {pending} ended CANCELLED before it started, so it wrote none"
+
+
+# Micro-batches per step: enough that one step of the tiny model outlasts the test cluster's KillWait (10 s), after
+# which scancel's TERM is followed by KILL.
+SLOW_STEP_ACCUM = 250
+SLOW_STEP_ROWS = 2000
+
+
+def test_cancel_of_a_training_job_keeps_a_whole_checkpoint_though_a_step_outlasts_killwait(tmp_path, tiny_llama_dir, env):
+    kill_wait = int(next(l.split("=")[1].split()[0] for l in subprocess.run(["scontrol", "show", "config"], capture_output=True,
+                                                                           text=True).stdout.splitlines() if l.startswith("KillWait")))
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 50, "grad_accum": SLOW_STEP_ACCUM, "log_every": 1, "save_every": 0})
+    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(SLOW_STEP_ROWS))  # enough rows for those micro-batches
+    job_id = job_id_from(hpclora("submit", cfg, "run.name=long", env=env, cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or '"loss"' not in (run_dir / "metrics.jsonl").read_text():
+        assert time.time() < deadline, f"job {job_id} logged no step"
+        time.sleep(0.5)
+    asked = time.time()
+    done = hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    took = time.time() - asked
+    assert f"job {job_id}: asked to save a checkpoint at its next step boundary and end" in done
+    said = done.strip().splitlines()[-1]
+    assert said.startswith(f"cancelled {job_id}: stopped by `hpclora cancel` at step ")
+    assert said.endswith(f"checkpoint saved; `sbatch {run_dir / 'job.sbatch'}` goes on from it")
+    step = int(said.split(" at step ")[1].split("/")[0])
     assert wait_for(job_id)[job_id][0] == "CANCELLED"
-    assert "CANCELLED" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+    log = (tmp_path / "logs" / f"long-{job_id}.out").read_text()
+    assert f"`hpclora cancel` asked for it: cancelling job {job_id} instead of requeueing" in log and "requeueing job" not in log
+    saved = run_dir / "checkpoints" / f"checkpoint-{step}"
+    assert (saved / "COMPLETE").is_file() and (saved / "adapter_model.safetensors").is_file()
+    assert not (run_dir / "adapter").exists()
+    elapsed = [0.0] + [e["elapsed_s"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    step_s = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    assert len(step_s) == step and min(step_s) > kill_wait, step_s  # every step outlasted KillWait: scancel would lose it
+    assert took > kill_wait
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_llama_dir, env):
@@ -477,14 +524,17 @@ def test_slurm_launchers_run_the_job_offline_from_the_shared_cache_in_the_image(
     assert f"-B {tmp_path / 'hf'}" in call and f"{tmp_path / 'image.sif'} hpclora train {run_dir}/config.yaml" in call
 
 
-@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
-def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, env, launcher):
-    """scancel sends TERM: training checkpoints and exits 75 as on preemption, but the job is not requeued."""
+@pytest.mark.parametrize("launcher, now", [("sbatch", True), ("submitit", False)])
+def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, env, launcher, now):
+    """`cancel --now` is scancel: TERM, and training checkpoints and exits 75 as on preemption (in time when its step
+    is short), but the job is not requeued. Without --now (here through submitit) the job is asked to checkpoint and
+    cancels itself."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "save_every": 0})
     job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=env, cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     wait_until(lambda: any(s >= 5 for s in metrics_steps(run_dir)), "step 5")
-    assert f"cancelled {job_id}" in hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    done = hpclora("cancel", job_id, *(["--now"] if now else []), env=env, cwd=tmp_path).stdout
+    assert done.startswith(f"cancelled {job_id}") if now else f"cancelled {job_id}: stopped by `hpclora cancel` at step " in done
     assert wait_for(job_id)[job_id][0] == "CANCELLED"
     def left_queue():  # the batch shell has ended (COMPLETING until then): a requeue would have happened by now
         return not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()

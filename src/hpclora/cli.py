@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import FILE_SYSTEM_REFUSALS, USER_ERROR_EXIT, ConfigError, UserError, file_system_refusal
+from .stops import CANCEL_WAIT_S
 
 PLAN_DOES_NOT_FIT = 3  # `hpclora plan`'s exit status for a run that does not fit, so that scripts can test for it
 
@@ -174,9 +175,9 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from .launch import watch
+    from .launch.cancel import cancel
 
-    print("\n".join(watch.cancel(args.target)))
+    print("\n".join(cancel(args.target, now=args.now, wait_s=args.wait)))
     return 0
 
 
@@ -336,8 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("cancel", help="cancel a job (or a whole sweep) with scancel")
+    p = sub.add_parser("cancel", help="cancel a job (or a whole sweep), keeping its work: a training job saves a checkpoint first")
     p.add_argument("target", help="a job id (123 or 123_4), run directory or sweep directory")
+    p.add_argument("--now", action="store_true", help="scancel at once, without a checkpoint (the steps since the last one are lost)")
+    p.add_argument("--wait", type=float, default=CANCEL_WAIT_S, metavar="S",
+                   help=f"seconds to wait for the checkpoints before leaving the jobs to finish the cancel themselves (default {CANCEL_WAIT_S})")
     p.set_defaults(func=cmd_cancel)
     return parser
 

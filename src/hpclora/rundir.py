@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import RunConfig, to_yaml
 from .errors import FILE_SYSTEM_REFUSALS, UserError, refusal_errno
+from .stops import CANCEL_REQUEST
 
 CONFIG_FILE = "config.yaml"  # the resolved config the job runs with
 JOB_FILE = "job.json"  # the submission record of a run (launch/submit.py)
@@ -45,7 +46,7 @@ RUN_MARKER = ".hpclora-run"
 RUN_ENTRIES = frozenset({
     RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", "attempts.jsonl",
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
-    "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR,
+    "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR, CANCEL_REQUEST,
 })
 
 

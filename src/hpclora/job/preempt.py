@@ -6,7 +6,9 @@ runs the very same command and resumes from that checkpoint.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
+from ..stops import CANCELLED
 from ..stops import STOP_SIGNALS as STOP_SIGNAL_NAMES
 
 STOP_SIGNALS = tuple(signal.Signals[f"SIG{name}"] for name in STOP_SIGNAL_NAMES)
@@ -18,6 +20,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict = {}
+        self._request: tuple[Path, str] | None = None
 
     def __enter__(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
@@ -36,6 +39,22 @@ class StopRequest:
             self.signal_name = name
             print(f"{self.signal_name} received: checkpointing at the next step boundary", flush=True)
 
+    def watch(self, request: Path, job: str | None) -> None:
+        """Stop also when `request` (written by `hpclora cancel`) names this job. One naming another job (an
+        earlier one in this run directory, cancelled before it trained) is removed: it asks nothing of this one."""
+        if job is None:
+            return
+        if request.is_file() and request.read_text(encoding="utf-8").strip() != job:
+            request.unlink(missing_ok=True)
+        self._request = (request, job)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.signal_name == CANCELLED
+
     @property
     def requested(self) -> bool:
+        if self.signal_name is None and self._request is not None and self._request[0].is_file():
+            self.signal_name = CANCELLED
+            print("`hpclora cancel` asked for a stop: checkpointing at the next step boundary", flush=True)
         return self.signal_name is not None

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..rundir import CONFIG_FILE, config_hash, write_text_atomic
 from ..rundir import metric_entries as rundir_metric_entries
+from ..stops import job_label
 from . import checkpoint
 from .progress import emit
 
@@ -65,6 +66,7 @@ def record_attempt(run_dir: Path, resume: Path | None) -> int:
     before = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
     entry = {
         "restart": before, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job": job_label(),  # as squeue names it (`hpclora cancel` asks whether this job has begun training)
         "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "resumed_from": checkpoint.step_of(resume) if resume else None,
     }
     with open(path, "a", encoding="utf-8") as fh:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import RunConfig, to_yaml
 from ..config.slurm_syntax import slurm_time
 from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, staged, verdict, write_config, write_json
+from ..stops import CANCEL_REQUEST, CANCELLED, job_label
 from . import checkpoint, distributed
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
@@ -83,6 +84,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     config_sha256 = config_hash(to_yaml(cfg))
     resume, base_loss = None, None
     if world.main:  # rank 0 decides about the run directory; every rank resumes from what it chose
+        stop.watch(out / CANCEL_REQUEST, job_label())  # the ranks stop together on what rank 0 hears (sum_over_ranks)
         resume = find_resume_point(out, config_sha256, world.size)  # before config.yaml is written: refuse, lose nothing
         base_loss = reusable_base_loss(out, config_sha256) if resume is None else None  # before config.yaml is rewritten
         if trackers:
@@ -167,7 +169,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     if step < steps:  # the ranks agreed on a stop (StopAtStepBoundary), which published this step's checkpoint
         return stopped(out, model, tokenizer, stop, step, steps, world)
     if stop.requested:  # every step is done: finishing costs less than a requeue would
-        emit(f"{stop.signal_name} received after the last step: finishing (final evaluation, adapter) instead of checkpointing")
+        emit(f"{stop_name(stop)} asked for a stop after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
     final_loss = None
     if data.val is not None:
@@ -212,11 +214,16 @@ def stopped(out: Path, model, tokenizer, stop: StopRequest, step: int, steps: in
     at = checkpoint.step_of(saved) if saved else 0
     what = ("checkpoint saved; the same command resumes from it" if at == step
             else f"the newest checkpoint is of step {at}; the same command resumes from there")
-    by = stop.signal_name or "a stop signal to another rank"
+    by = stop_name(stop) if stop.requested else "a stop signal to another rank"
     emit(f"stopped by {by} at step {step}/{steps}: {what}")
-    if world.main:
-        Path(os.environ.get(STOP_MARKER_VAR) or out / STOPPED_MARKER).write_text(f"{step}\n", encoding="utf-8")
+    if world.main:  # `<step> cancel`: the job script cancels the job instead of requeueing it
+        why = CANCELLED if stop.cancelled else "stop"
+        Path(os.environ.get(STOP_MARKER_VAR) or out / STOPPED_MARKER).write_text(f"{step} {why}\n", encoding="utf-8")
     return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
+
+
+def stop_name(stop: StopRequest) -> str:
+    return "`hpclora cancel`" if stop.cancelled else stop.signal_name
 
 
 def save_adapter(model, tokenizer, out: Path, weights: dict | None = None) -> Path:

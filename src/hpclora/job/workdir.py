@@ -17,15 +17,12 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import UserError
 from ..rundir import LOCK_FILE, config_hash, foreign_entries, is_run_dir, mark_run_dir, run_dir_path
+from ..stops import job_label
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
     """<output_root>/<name>-<id>: the Slurm job id (an array task's `ID_TASK`), stable across requeues, or the time."""
-    env = os.environ
-    job = env.get("SLURM_JOB_ID")
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return run_dir_path(cfg.run.output_root, cfg.run.name, job)
+    return run_dir_path(cfg.run.output_root, cfg.run.name, job_label())
 
 
 SLURM_VARS = (

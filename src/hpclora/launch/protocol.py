@@ -14,7 +14,7 @@ The protocol reads a few shell variables its script sets first:
 
 from __future__ import annotations
 
-from ..stops import CHECKPOINTED_EXIT, STOP_SIGNALS
+from ..stops import CANCELLED, CHECKPOINTED_EXIT, STOP_SIGNALS
 from ..rundir import STOP_MARKER_VAR
 
 # How often a stop signal is passed on again until training has ended: one that arrives while training is still
@@ -91,6 +91,7 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
         "status=0",
         'wait "$child" || status=$?',
         f'if $RANKS && [ -f "$STOP_MARKER" ]; then status={CHECKPOINTED_EXIT}; fi  # checkpointed, not finished',
+        f'cancelled=false; case "$(cat "$STOP_MARKER" 2>/dev/null)" in *" {CANCELLED}"*) cancelled=true;; esac  # `hpclora cancel`',
         'rm -f "$STOP_MARKER"',
         f'if [ "$status" -eq {CHECKPOINTED_EXIT} ]; then',
         '    if [ -z "${SLURM_JOB_ID:-}" ]; then',
@@ -103,7 +104,10 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
         "        # COMPLETING by now and stays cancelled; a running one (time limit ahead, preemption) is requeued,",
         "        # runs this script again, and training resumes from its newest checkpoint.",
         '        state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)',
-        '        if [ -n "$state" ] && [ "$state" != RUNNING ]; then',
+        '        if $cancelled; then',
+        '            echo "hpclora: checkpoint saved; \\`hpclora cancel\\` asked for it: cancelling job $JOB_LABEL instead of requeueing; submit it again to resume"',
+        '            scancel "$SLURM_JOB_ID" 2>/dev/null || true',
+        '        elif [ -n "$state" ] && [ "$state" != RUNNING ]; then',
         '            echo "hpclora: checkpoint saved; job ${SLURM_JOB_ID} is ${state} (cancelled): not requeueing; submit it again to resume"',
         '        elif [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then',
         '            echo "hpclora: checkpoint saved; requeueing job ${SLURM_JOB_ID} (restart $((${SLURM_RESTART_COUNT:-0} + 1)) of at most $MAX_REQUEUES)"',

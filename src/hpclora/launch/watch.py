@@ -298,23 +298,20 @@ def show_log(job: str, follow_it: bool, out=sys.stdout) -> None:
     row, path = find_log(job)
     if follow_it:
         follow(path, row.job_id, out=out)
+        if not path.exists():
+            raise no_log(row, path)
         return
     try:
         out.write(path.read_text(encoding="utf-8", errors="replace"))
     except FileNotFoundError:
-        raise UserError(f"{path}: the log does not exist yet (a pending job has not started); try again with -f to wait for it") from None
+        raise no_log(row, path) from None
 
 
-def cancel(target: str) -> list[str]:
-    """`hpclora cancel TARGET`: scancel every job of a target that has not ended; what was done, in words."""
-    found = resolve(target)
-    ids = cancel_ids(found)
-    if not ids:
-        raise UserError(f"{target}: no Slurm job to cancel (it ran in-process)")
-    fill_states(found)
-    require_known(found)
-    if ended(found):
-        return [f"{target}: already ended ({', '.join(sorted({r.state for r in found.rows}))}): nothing to cancel"]
-    for job_id in ids:
-        slurm.cancel(job_id)
-    return [f"cancelled {job_id}" for job_id in ids]
+def no_log(row: Row, path: Path) -> UserError:
+    """Why a job has no log: it has not started yet, or it ended (cancelled, failed) before it did."""
+    fill_states(Target([row], "", []))
+    state = row.state.split()[0] if row.state else ""
+    if state in slurm.FINAL_STATES:
+        return UserError(f"{path}: no log: job {row.job_id} ended {state} before it started, so it wrote none")
+    return UserError(f"{path}: the log does not exist yet (job {row.job_id} {state or 'has not started'}); "
+                     "try again with -f to wait for it")
