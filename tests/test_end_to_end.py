@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -76,6 +77,13 @@ def test_generate_compare_differs_from_base(trained, cli):
     adapter_text = " ".join(r.split(" | ")[1] for r in rows if " | " in r).split()
     assert base_text != adapter_text
     assert "【Answer】" in " ".join(adapter_text) and "【Answer】" not in " ".join(base_text)  # it learned the house style
+    # What happened meanwhile, on stderr, as plain lines: the answers alone are on stdout.
+    said = done.stderr.splitlines()
+    assert said[0].startswith("loading ") and said[0].endswith(f"and the adapter {trained.run_dir / 'adapter'} ...")
+    assert said[1].startswith("loaded on cpu in ") and "\r" not in done.stderr and "Loading weights" not in done.stderr
+    assert [line.split(":")[0] for line in said[2:]] == ["prompt 1 of 1, base model ...", "prompt 1 of 1, base model",
+                                                           "prompt 1 of 1, with adapter ...", "prompt 1 of 1, with adapter"]
+    assert re.fullmatch(r"prompt 1 of 1, with adapter: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", said[-1])
 
 
 def test_generate_on_a_run_without_adapter_is_a_user_error(tmp_path, cli):

@@ -88,6 +88,9 @@ def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run, cli):
     assert len(result["samples"]) == 2 and all(s["reference"] in references and s["base"] and s["adapter"] for s in result["samples"])
     markdown = (real_run / "eval.md").read_text()
     assert "| base model |" in markdown and "| reference | base model | with adapter |" in markdown
+    said = done.stderr
+    assert "loss on 4 held-out examples" in said and f"loss: with adapter {result['adapter']['loss']:.4f}" in said
+    assert f"sample 2 of up to 2 (row {result['samples'][1]['row']}), with adapter: " in said and "\r" not in said
 
 
 def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path, cli):

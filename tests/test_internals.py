@@ -107,3 +107,26 @@ def test_accelerate_takes_the_fsdp_plugin_set_for_cpu_ranks(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "check.py"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup"])
+def test_transformers_schedules_are_lambda_factors_and_warmup_starts_above_zero(schedule):
+    import torch
+    from transformers import get_scheduler
+
+    from hpclora.internals import warmup_from_the_first_step
+
+    def learning_rates(shift: bool) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        made = get_scheduler(schedule, optimizer=optimizer, num_warmup_steps=4, num_training_steps=20)
+        scheduler = warmup_from_the_first_step(made, 4) if shift else made
+        rates = []
+        for _ in range(20):
+            rates.append(optimizer.param_groups[0]["lr"])  # the rate this step trains at
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    plain, shifted = learning_rates(False), learning_rates(True)
+    assert plain[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # transformers' own: the first step at 0
+    assert shifted[:4] == [0.25, 0.5, 0.75, 1.0] and shifted[4:] == plain[4:]

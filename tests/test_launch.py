@@ -239,12 +239,20 @@ def test_login_node_commands_do_not_import_heavy_libraries(name, tmp_path):
     assert "HEAVY []" in proc.stdout
 
 
-def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir, monkeypatch):
+def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir, monkeypatch, capfd):
+    """... and the job says why each `auto` setting has the value submit decided for it (run.decided)."""
     monkeypatch.setenv("HPCLORA_STATE_DIR", str(tmp_path / "state"))
     cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir))
+    assert cfg.train.gradient_checkpointing == "auto" and cfg.data.packing == "auto"
     job = submit.prepare_job(cfg)
     entry, code = submit.launch(job, launchers.Local())
     assert code == 0 and entry["job_id"] is None and (job.directory / "adapter" / "adapter_config.json").exists()
+    written = config.load(job.directory / "config.yaml")
+    assert written.train.gradient_checkpointing is False and written.data.packing is True
+    assert written.run.decided["train.gradient_checkpointing"].startswith("auto, decided at submit for cpu: the run fits in ")
+    log = capfd.readouterr().out
+    assert f"gradient checkpointing off: {written.run.decided['train.gradient_checkpointing']}" in log
+    assert "data: auto, decided at submit: packed: several examples per row" in log
     assert (job.directory / "job.sbatch").exists() and json.loads((job.directory / "job.json").read_text())["launcher"] == "local"
     target = watch.resolve(str(job.directory))
     watch.fill_states(target)

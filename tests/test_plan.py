@@ -293,3 +293,13 @@ def test_a_calibration_file_that_cannot_be_read_is_named_and_plans_go_on_with_th
     done = cli("plan", ROOT / "configs" / "demo-cpu.yaml", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["tokens_per_s_note"].startswith("estimate")
     assert f"warning: {tmp_path / 'state' / 'calibration.json'} is not a calibration file hpclora can read" in done.stderr
+
+
+def test_plan_says_whether_the_memory_the_config_asks_is_enough(tmp_path):
+    """Recommending mem=24G beside a config's 48G read as advice to lower it; beside 7G it is a warning."""
+    base = ["model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "slurm.gpus=1"]
+    recommended = plan.make_plan(cfg_for(tmp_path, *base), gpu="v100-16gb").recommended["mem"]
+    assert plan.make_plan(cfg_for(tmp_path, *base, "slurm.mem=48G"), gpu="v100-16gb").memory_note == "slurm.mem=48G is enough"
+    short = plan.make_plan(cfg_for(tmp_path, *base, "slurm.mem=7G"), gpu="v100-16gb")
+    assert short.memory_note == f"slurm.mem=7G is less than mem={recommended}: the job may be killed for running out of memory"
+    assert short.memory_note in plan.format_plan(short)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from hpclora.results.report import trial_overrides, trial_style
+
 from conftest import tiny_run_yaml
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +46,16 @@ def test_sweep_report_ranks_trials_and_marks_the_best(tmp_path, tiny_llama_dir, 
     assert f"{min(losses):.4f}" in rows[0] and f"{max(losses):.4f}" in rows[1]
     assert (sweep_dir / "val_loss.png").read_bytes()[:8] == PNG_MAGIC
     assert (sweep_dir / best / "report.md").is_file()
+    # Each trial's own plot is titled with what it changed.
+    assert [trial_overrides(sweep_dir / t) for t in ("trial-000", "trial-001")] == ["train.lr=1e-6", "train.lr=1e-2"]
+    assert trial_overrides(tmp_path) is None
+
+
+def test_sweep_trials_each_get_a_look_of_their_own():
+    """Forty trials, no two with the same colour and line style, and no two neighbours alike in any of the three."""
+    looks = [trial_style(i) for i in range(40)]
+    assert len({(look["color"], look["linestyle"]) for look in looks}) == 40
+    assert all(a[key] != b[key] for a, b in zip(looks, looks[1:]) for key in ("color", "linestyle", "marker"))
 
 
 def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path, cli):

@@ -29,13 +29,14 @@ from hpclora.errors import UserError
 from conftest import StopAt, file_size_limit, tiny_run_yaml
 
 STEPS = 24  # 20 training rows / 4 per step = 5 steps per epoch: about 5 epochs
+WARMUP_STEPS = 4  # a resumed run must also resume its learning-rate schedule
 
 
 def resume_config(tmp_path: Path, model_dir: Path, data: dict | None = None, **train) -> Path:
     return tiny_run_yaml(
         tmp_path, model_dir, run={"name": "resume"}, data=data or {},
         lora={"dropout": 0.1},  # dropout draws random numbers: the RNG state must be restored too
-        train={"max_steps": STEPS, "eval_every": 7, **train},
+        train={"max_steps": STEPS, "eval_every": 7, "warmup_ratio": WARMUP_STEPS / STEPS, **train},
     )
 
 
@@ -97,6 +98,9 @@ def reference(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("reference")
     run, _ = train_here(resume_config(tmp, tiny_llama_dir), tmp / "run")
     assert run.finished
+    rates = [e["lr"] for e in map(json.loads, (tmp / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in e]
+    peak = 2e-4  # train.lr by default
+    assert rates[:WARMUP_STEPS] == pytest.approx([peak * (i + 1) / WARMUP_STEPS for i in range(WARMUP_STEPS)])  # none at 0
     return tmp / "run"
 
 
@@ -115,6 +119,7 @@ def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_l
             assert f"resumed from step {previous} (restart {k})" in log
         assert not (run_dir / "adapter").exists()
         previous = step
+    trained_before_last = checkpoint.read_state(checkpoint.latest(run_dir / "checkpoints"))["trained_s"]  # steps 1-15
     run, log = train_here(config, run_dir, capsys=capsys)
     assert run.finished and f"resumed from step {previous} (restart 3)" in log
 
@@ -125,6 +130,18 @@ def test_three_interruptions_end_with_the_uninterrupted_adapter(tmp_path, tiny_l
     assert summary["restarts"] == 3 and summary["base_val_loss"] == json.loads((reference / "summary.json").read_text())["base_val_loss"]
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["restart"] for a in attempts] == [0, 1, 2, 3]
+    # The whole run and the last attempt, each said for what it is.
+    assert summary["attempt_steps"] == STEPS - 15 and summary["run_trained_s"] > trained_before_last > 0
+    assert summary["run_trained_s"] - trained_before_last >= summary["runtime_s"] - 0.2  # this attempt's share holds its own
+    assert summary["run_tokens_per_s"] == pytest.approx(summary["tokens"] / summary["run_trained_s"], rel=0.01)
+    assert f"done: {STEPS} steps in " in log and " of training over 4 attempts, " in log and "since the first start" in log
+    assert f"this attempt: {STEPS - 15} steps in " in log
+    from hpclora.results.report import restart_marks, run_report
+
+    assert restart_marks(run_dir) == [(3, "restart 1: from step 3"), (9, "restart 2: from step 9"), (15, "restart 3: from step 15")]
+    report = run_report(run_dir).read_text()
+    assert "| tokens/s, whole run |" in report and "| training time, all 4 attempts |" in report
+    assert f"| last attempt | {STEPS - 15} steps in " in report
 
 
 def test_the_command_line_exits_75_on_a_stop_and_the_same_command_resumes(tmp_path, tiny_llama_dir, reference):

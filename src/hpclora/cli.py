@@ -198,11 +198,13 @@ def cmd_doctor(args) -> int:
 def cmd_probe(args) -> int:
     from .site import probe
 
+    if args.forget:
+        return probe.forget(args.forget, args.config, args.overrides)
     if args.read:
-        return probe.read_probe(args.read)
+        return probe.read_probe(args.read, accept=args.accept)
     if not args.config:
         raise UserError("probe: give a config file (or --read RUN_DIR of a probe that has ended)")
-    return probe.run_probe(args.config, args.overrides, args.steps, args.launcher, args.force, wait=not args.no_wait)
+    return probe.run_probe(args.config, args.overrides, args.steps, args.launcher, args.force, wait=not args.no_wait, accept=args.accept)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .launch.container import DEFAULT_DEF
     from .launch.launchers import LAUNCHERS
-    from .site.probe import DEFAULT_STEPS
+    from .site.probe import DEFAULT_STEPS, FAR_OFF
 
     def with_launcher(p):
         p.add_argument("--dry-run", action="store_true", help="print the job script and what would be run; submit nothing")
@@ -327,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("sbatch", "local"), default="sbatch", help="sbatch (default), or local: here, now")
     p.add_argument("--no-wait", action="store_true", help="submit and return; read the result later with --read RUN_DIR")
     p.add_argument("--read", metavar="RUN_DIR", help="record the result of a probe run that has ended")
+    p.add_argument("--accept", action="store_true", help=f"keep a measurement even when it is more than x{FAR_OFF:g} off the estimate")
+    p.add_argument("--forget", metavar="DEVICE", help="drop the measurements of DEVICE (cpu, v100-16gb, ...; with CONFIG: of its model only)")
     p.add_argument("--force", action="store_true", help="submit even when the planner predicts that it does not fit")
     p.set_defaults(func=cmd_probe)
 

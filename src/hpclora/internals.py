@@ -8,7 +8,9 @@ and tests/test_internals.py fails loudly when a library release changes it.
   first no-grad forward unless told not to;
 - the Hugging Face hub libraries, which read HF_HOME once, when they are first imported;
 - accelerate's loss scaler, given to the Trainer for fp16 on a CPU, where accelerate refuses fp16 itself;
-- accelerate's distributed type and FSDP plugin, set for FSDP over CPU ranks, where accelerate would train DDP.
+- accelerate's distributed type and FSDP plugin, set for FSDP over CPU ranks, where accelerate would train DDP;
+- the factor functions of transformers' learning-rate schedules (a torch LambdaLR's `lr_lambdas`), shifted so
+  that warmup does not give the first step a learning rate of 0.
 
 Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
 """
@@ -112,3 +114,20 @@ def fsdp_on_cpu(trainer) -> None:
     # Both shared states, as accelerate sets them for GPUs: each later AcceleratorState() copies the partial one's.
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+def warmup_from_the_first_step(scheduler, warmup_steps: int):
+    """transformers' schedule with its warmup one step earlier: its warmup factor is step / warmup_steps, so the first
+    step trains at a learning rate of 0 (with 20 steps and a warmup ratio of 0.05, the only warmup step is wasted).
+    Step s < warmup_steps takes the factor of s + 1 (the first at lr / warmup_steps); from then on the schedule is
+    unchanged. A schedule that is not a LambdaLR is returned as it is."""
+    import torch
+
+    if not warmup_steps or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return scheduler
+
+    def shifted(factor):
+        return lambda step: factor(step + 1) if step < warmup_steps else factor(step)
+
+    # The optimizer's `initial_lr`, set by the first scheduler, is the base of this one too.
+    return torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])

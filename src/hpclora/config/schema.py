@@ -41,6 +41,10 @@ class RunSection:
     probe: bool = opt(
         False, "A measuring run (`hpclora probe` sets it): the job also records its node's GPU, driver, kernels and network in probe.json.",
     )
+    decided: Dict[str, str] = opt(
+        {}, "Written by `submit` into the run's config: why each `auto` setting it decided has its value, which the job's log repeats "
+            "(`train.gradient_checkpointing: auto, decided at submit for v100-16gb: ...`). Not for your own configs: submit rewrites it.",
+    )
 
 
 @dataclass
@@ -132,7 +136,7 @@ class TrainSection:
         "Learning-rate schedule after warmup.",
         choices=("cosine", "linear", "constant", "constant_with_warmup"),
     )
-    warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up from 0.", min=0, lt=1)
+    warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up (the first step trains at lr divided by the warmup steps, not at 0).", min=0, lt=1)
     micro_batch_size: int = opt(4, "Rows per forward/backward pass (per GPU); memory grows with it.", min=1, max=4096)
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step; effective batch = micro_batch_size * grad_accum.", min=1, max=65_536)
     precision: str = opt(

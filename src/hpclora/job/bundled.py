@@ -8,8 +8,12 @@ user cache; every later load takes under a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from ..catalog.models import BUNDLED_NAME
@@ -78,8 +82,13 @@ def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name}
+    started = time.time()
+    print(f"converting the bundled model {gguf.name} to a Hugging Face model (once) ...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # transformers de-quantizes GGUF tensors under a tqdm bar of its own (no switch turns it off): its carriage
+    # returns would land in the job log, so it draws into nothing, and this line says when it is done instead.
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     # The GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and copy
     # the de-quantized weights over.
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
@@ -91,3 +100,4 @@ def _convert(gguf: Path, out: Path) -> None:
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    print(f"converted in {time.time() - started:.0f} s", file=sys.stderr, flush=True)

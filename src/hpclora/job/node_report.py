@@ -17,6 +17,8 @@ def node_report(device: str) -> dict:
     found["torch"], found["torch_cuda"] = torch.__version__, torch.version.cuda
     found["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     found["cpu"] = cpu_model()
+    found["load_1m"] = round(os.getloadavg()[0], 2)  # what else the node was doing when the probe started
+    found["other_jobs"] = other_jobs_on_this_node()
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability(0)
         built = torch.cuda.get_arch_list()
@@ -44,6 +46,29 @@ def has_kernels(arch_list: list[str], major: int, minor: int) -> bool:
         if kind == "compute" and version <= want:
             return True
     return False
+
+
+def other_jobs_on_this_node() -> list[str] | None:
+    """The other running jobs on this node, as `JOBID: N CPUs[, GRES]` (squeue); None where squeue is not at hand
+    (inside a container, outside Slurm)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if not shutil.which("squeue") or not os.environ.get("SLURM_JOB_ID"):
+        return None
+    try:
+        done = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-w", socket.gethostname().split(".")[0], "-o", "%i|%A|%C|%b"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    mine = os.environ["SLURM_JOB_ID"]
+    jobs = []
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        label, raw_id, cpus, gres = (line.split("|") + ["", "", ""])[:4]
+        if raw_id != mine:
+            jobs.append(f"{label}: {cpus} CPUs" + (f", {gres}" if gres and gres not in ("(null)", "N/A") else ""))
+    return jobs
 
 
 def cpu_model() -> str:

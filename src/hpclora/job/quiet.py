@@ -19,6 +19,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    # Loading weights is said by our own lines (results.generate.note, the job log): its bar would be carriage returns.
+    transformers.logging.disable_progress_bar()
     if not sys.stdout.isatty():
         datasets.disable_progress_bars()
-        transformers.logging.disable_progress_bar()

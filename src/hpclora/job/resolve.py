@@ -54,7 +54,7 @@ def strategy_for(cfg: RunConfig, world: distributed.World, device: str, precisio
     the one rule allows it (catalog.precision.fsdp_problem), as the planner checked on the login node."""
     if world.size == 1:
         return "single", "one rank"
-    strategy, why = cfg.train.distributed, "train.distributed"
+    strategy, why = cfg.train.distributed, cfg.run.decided.get("train.distributed", "train.distributed")
     if strategy == "auto":
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
         slurm = dataclasses.replace(cfg.slurm, nodes=world.size // per_node, gpus=per_node if device == "cuda" else 0)
@@ -88,6 +88,7 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
 
     model_type = model_type_of(cfg)
     packing, packing_why = packing_choice(cfg.data.packing, model_type, cfg.data.max_length)
+    packing_why = cfg.run.decided.get("data.packing", packing_why)  # what submit decided for `auto`, and why
     checkpointing, layers = cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers
     if checkpointing == "auto":
         try:
@@ -97,6 +98,8 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
             # Unplanned, the choice that fits: on costs time, off may run out of memory after the queue wait.
             checkpointing, layers = True, None
             checkpointing_why = f"auto, but the planner could not plan this run ({exc}): on, which fits where off might not"
+    elif "train.gradient_checkpointing" in cfg.run.decided:
+        checkpointing_why = cfg.run.decided["train.gradient_checkpointing"]
     else:
         checkpointing_why = f"train.gradient_checkpointing={str(checkpointing).lower()}"
         if checkpointing and layers:

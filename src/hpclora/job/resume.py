@@ -74,6 +74,17 @@ def record_attempt(run_dir: Path, resume: Path | None) -> int:
     return before
 
 
+def first_start(run_dir: Path) -> float | None:
+    """When training first started in this run directory (attempts.jsonl), as a Unix time; None if unknown."""
+    import datetime
+
+    try:
+        first = json.loads((run_dir / "attempts.jsonl").read_text(encoding="utf-8").splitlines()[0])
+        return datetime.datetime.strptime(first["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint (step -1: all of them): the resumed run logs those steps again."""
     if path.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from . import checkpoint, distributed
 from .preempt import StopRequest
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
-from .resume import find_resume_point, keep_metrics_up_to, record_attempt, reusable_base_loss
+from .resume import find_resume_point, first_start, keep_metrics_up_to, record_attempt, reusable_base_loss
 from .tracking import report_to, start_wandb
 from .workdir import environment, job_header, prepare_run_dir
 
@@ -144,12 +145,17 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, liger, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
                                                       "base_val_loss": base_loss, "config_sha256": config_sha256,
-                                                      "world_size": world.size})
+                                                      "world_size": world.size, "trained_s": round(trained_s(), 1)})
+    trained_before, resumed_step = 0.0, 0  # the training time and steps of the attempts before this one, as checkpointed
+
+    def trained_s() -> float:  # the whole run's, up to now: what earlier attempts checkpointed, and this attempt's
+        return trained_before + time.monotonic() - attempt_started
 
     restart = distributed.share(record_attempt(out, resume) if world.main else None)
     if resume is not None:
         state = checkpoint.read_state(resume)
         base_loss, trainer.tokens_seen = state["base_val_loss"], state["tokens_seen"]
+        trained_before, resumed_step = state.get("trained_s", 0.0), state["step"]
         if world.main:
             keep_metrics_up_to(out / "metrics.jsonl", state["step"])
         emit(f"resumed from step {state['step']} (restart {restart})")
@@ -158,7 +164,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             keep_metrics_up_to(out / "metrics.jsonl", 0 if base_loss is not None else -1)
         if base_loss is not None:
             emit(f"restart {restart} from step 0 (no checkpoint yet) | val_loss base {base_loss:.4f} (measured by the first start)")
-    tokens_before = trainer.tokens_seen
+    tokens_before, attempt_started = trainer.tokens_seen, time.monotonic()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as exc:
@@ -193,7 +199,13 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         "tokens": trainer.tokens_seen,
         "restarts": restart,
         "runtime_s": round(runtime, 1),  # this attempt's
-        "tokens_per_s": round((trainer.tokens_seen - tokens_before) / max(runtime, 1e-9), 1),
+        "tokens_per_s": round((trainer.tokens_seen - tokens_before) / max(runtime, 1e-9), 1),  # this attempt's
+        "attempt_steps": trainer.state.global_step - resumed_step,
+        # The whole run, all attempts: the training time of the work kept (steps redone after a restart are counted
+        # once), and the time from the first start, queue waits between attempts included.
+        "run_trained_s": round(trained_s(), 1),
+        "run_tokens_per_s": round(trainer.tokens_seen / max(trained_s(), 1e-9), 1),
+        "run_span_s": None if (first := first_start(out)) is None else round(time.time() - first, 1),
         "peak_mem_gb": round(peak_memory_gb(), 3),
         "peak_mem_allocated_gb": None if (allocated := peak_allocated_gb()) is None else round(allocated, 3),
         "precision": precision,
@@ -249,7 +261,15 @@ def describe_data(stats: dict) -> str:
 
 
 def describe_result(summary: dict, out: Path) -> str:
-    lines = [f"done: {summary['steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, peak mem {summary['peak_mem_gb']:.1f} GB"]
+    if not summary["restarts"]:
+        lines = [f"done: {summary['steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, "
+                 f"peak mem {summary['peak_mem_gb']:.1f} GB"]
+    else:  # the whole run first: the last attempt alone is a part of it
+        span = f"; {slurm_time(summary['run_span_s'])} since the first start, queue waits included" if summary["run_span_s"] else ""
+        lines = [f"done: {summary['steps']} steps in {slurm_time(summary['run_trained_s'])} of training over {summary['restarts'] + 1} "
+                 f"attempts, {summary['run_tokens_per_s']:,.0f} tok/s{span}",
+                 f"this attempt: {summary['attempt_steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, "
+                 f"peak mem {summary['peak_mem_gb']:.1f} GB"]
     if summary["base_val_loss"] is not None:
         change = summary["val_loss_change"]
         lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} "

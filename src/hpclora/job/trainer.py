@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..internals import fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback
+from ..internals import fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback, warmup_from_the_first_step
 from . import checkpoint, distributed
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
@@ -52,6 +52,12 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             weights = distributed.gathered_trainable_state(self.model)
             if self.args.should_save:
                 self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:  # made once; no step of warmup at a learning rate of 0
+                made = super().create_scheduler(num_training_steps, optimizer)
+                self.lr_scheduler = warmup_from_the_first_step(made, self.args.get_warmup_steps(num_training_steps))
+            return self.lr_scheduler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.local_tokens += int(inputs.pop("num_tokens", 0))

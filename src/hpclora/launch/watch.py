@@ -260,17 +260,19 @@ def job_states(target: str) -> dict[str, str]:
     return {row.job_id or str(row.run_dir): row.state.split()[0] if row.state else "" for row in found.rows}
 
 
-def wait(target: str, poll_s: float = 5.0, timeout: float | None = None, say=None) -> dict[str, str]:
+def wait(target: str, poll_s: float = 5.0, timeout: float | None = None, say=None, progress=None) -> dict[str, str]:
     """Until every job of a target (a run or sweep directory, or a job id) has ended, requeues included; the final
-    state of each by job id (run directory for an in-process run). `say(states)` hears every change. The one wait
-    loop: `Submission.wait` and `hpclora probe` use it. Raises TimeoutError after `timeout` s."""
+    state of each by job id (run directory for an in-process run). `say(states)` hears every change, of the states
+    or of what `progress()` says (the probe's step). The one wait loop: `Submission.wait` and `hpclora probe` use
+    it. Raises TimeoutError after `timeout` s."""
     deadline = None if timeout is None else time.time() + timeout
     last = None
     while True:
         states = job_states(target)
-        if say is not None and states != last:
+        now = (states, progress() if progress else None)
+        if say is not None and now != last:
             say(states)
-            last = states
+            last = now
         if states and all(s in slurm.FINAL_STATES or s == "finished" for s in states.values()):
             return states
         if deadline is not None and time.time() > deadline:

@@ -85,6 +85,15 @@ def record(m: Measurement) -> Path:
     return path()
 
 
+def forget(device: str, model: str | None = None) -> list[str]:
+    """Remove the measurements of `device` (of `model` only, if given); the keys removed."""
+    rows = load()
+    gone = [k for k, m in rows.items() if m.device == device and (model is None or m.model == model)]
+    if gone:
+        write_json(path(), {k: asdict(v) for k, v in rows.items() if k not in gone})
+    return gone
+
+
 def memory_settings(cfg, checkpointing: bool, checkpointed_layers: int | None) -> dict:
     """The settings a peak memory depends on, beyond the device and model (checkpointing as the plan resolved it)."""
     return {

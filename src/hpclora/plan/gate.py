@@ -38,13 +38,18 @@ def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
             if p.recommended["time"] is None:
                 raise UserError("slurm.time: auto needs the number of steps: set train.max_steps, or use a local data file")
             times.append(p.recommended["time"])
-        # The job trains with what the planner chose, which its config.yaml records.
+        # The job trains with what the planner chose, which its config.yaml records, and says why (run.decided).
+        cfg.run.decided = {}
         if cfg.train.distributed == "auto" and p.world_size > 1:
             cfg.train.distributed = p.strategy
+            cfg.run.decided["train.distributed"] = f"auto, decided at submit for {p.device}: {p.strategy_reason}"
         if cfg.train.gradient_checkpointing == "auto":
             cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers = p.gradient_checkpointing, p.checkpointed_layers
+            cfg.run.decided["train.gradient_checkpointing"] = (f"auto, decided at submit for {p.device}: "
+                                                               f"{p.checkpointing_reason.removeprefix('auto: ')}")
         if cfg.data.packing == "auto":
             cfg.data.packing = p.packing
+            cfg.run.decided["data.packing"] = f"auto, decided at submit: {p.packing_reason}"
         world = f" per rank, {p.world_size} ranks with {p.strategy.upper()} ({p.strategy_reason})" if p.world_size > 1 else ""
         lines.append(f"plan: {label}peak {p.peak_gb:.1f} of {p.capacity_gb:.1f} GB on {p.device}{world}, {p.precision}, "
                      f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}" + ("" if p.fits else " (DOES NOT FIT: forced)"))

@@ -15,7 +15,7 @@ from ..catalog.dims import find_dims, parameter_counts
 from ..catalog.models import packing_choice
 from ..catalog.precision import choose_precision, fsdp_problem
 from ..config import RunConfig, ranks_per_node, world_size
-from ..config.slurm_syntax import slurm_mem_gb, slurm_time
+from ..config.slurm_syntax import slurm_mem_gb, slurm_mem_mib, slurm_time
 from ..errors import UserError
 from . import calibration
 from .memory import GB, lora_parameters, memory_gb, recomputed_layers
@@ -71,6 +71,7 @@ class Plan:
     checkpointing_reason: str = ""
     packing: bool = False  # data.packing, `auto` resolved for the architecture
     packing_reason: str = ""
+    memory_note: str = ""  # the config's slurm.mem beside the recommendation
     peak_note: str = ""  # where a measured peak replaced the estimate (hpclora probe)
 
     def to_json(self) -> str:
@@ -188,6 +189,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     if steps is not None and tokens_per_s > 0:  # a device described without its speed (a job's own GPU) gives no time
         tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
+    recommended = resources(cfg, device, counts, parts, seconds)
     return Plan(
         model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
         precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
@@ -195,12 +197,22 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=peak_gb, capacity_gb=round(capacity, 3),
         fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
-        time=slurm_time(seconds) if seconds else None, recommended=resources(cfg, device, counts, parts, seconds), breakdown=parts,
+        time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
+        memory_note=asked_memory(cfg.slurm.mem, recommended["mem"]),
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
         strategy_problem=problem or "",
         peak_by_strategy_gb=peaks, scaling_efficiency=world_scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
         checkpointed_layers=cfg.train.checkpointed_layers if checkpointing else None, checkpointing_reason=checkpointing_why, packing=packing, packing_reason=packing_why, peak_note=peak_note,
     )
+
+
+def asked_memory(asked: str | None, recommended: str) -> str:
+    """The config's slurm.mem beside the recommended one: enough, or too little (killed while it loads the model)."""
+    if not asked or asked == "0" or not asked[0].isdigit():
+        return ""
+    if slurm_mem_mib(asked) >= slurm_mem_mib(recommended):
+        return f"slurm.mem={asked} is enough"
+    return f"slurm.mem={asked} is less than mem={recommended}: the job may be killed for running out of memory"
 
 
 def resources(cfg: RunConfig, device: Device, counts: dict, parts: dict, seconds: float | None) -> dict:

@@ -48,7 +48,7 @@ def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -
 
 def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
     from ..data import tokenized
-    from .generate import Sampling, answer, load_run
+    from .generate import Sampling, load_run, note, timed_answer
 
     run = Path(run_dir)
     model, tokenizer, cfg = load_run(run)
@@ -57,9 +57,12 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
     if not examples:
         raise UserError(f"eval: no held-out row has a response left after truncation to data.max_length={cfg.data.max_length} ({source})")
     batch = cfg.train.micro_batch_size
+    note(f"loss on {len(examples)} held-out examples ({source}): base model ...")
     with model.disable_adapter():
         base_loss, tokens = mean_loss(model, examples, tokenizer.pad_token_id, batch)
+    note(f"loss: base model {base_loss:.4f}; with adapter ...")
     adapter_loss, _ = mean_loss(model, examples, tokenizer.pad_token_id, batch)
+    note(f"loss: with adapter {adapter_loss:.4f}")
 
     samples = []
     greedy = Sampling(max_new_tokens=max_new_tokens)
@@ -68,11 +71,11 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
             break
         if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
             continue  # plain text has no prompt to answer
-        prompt = conversation[:-1]
+        prompt, what = conversation[:-1], f"sample {len(samples) + 1} of up to {n} (row {number})"
         with model.disable_adapter():
-            base_answer = answer(model, tokenizer, cfg.data.template, prompt, greedy)
+            base_answer = timed_answer(model, tokenizer, cfg.data.template, prompt, greedy, f"{what}, base model")
         samples.append({"row": number, "prompt": _prompt_text(prompt), "reference": conversation[-1]["content"],
-                        "base": base_answer, "adapter": answer(model, tokenizer, cfg.data.template, prompt, greedy)})
+                        "base": base_answer, "adapter": timed_answer(model, tokenizer, cfg.data.template, prompt, greedy, f"{what}, with adapter")})
 
     result = {
         "held_out": source, "rows": len(conversations), "examples": len(examples), "response_tokens": tokens,

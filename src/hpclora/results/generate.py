@@ -6,6 +6,8 @@ is loaded; base answers come from the same model with the adapter switched off.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,10 +85,30 @@ def load_run(run_dir: str | Path):
         raise UserError(f"{run}: not a run directory (no config.yaml)")
     adapter = checked_adapter(run)
     cfg = load_run_config(run / "config.yaml")
+    started = time.time()
+    note(f"loading {cfg.model.name} and the adapter {adapter} ...")
     base, tokenizer = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
+    note(f"loaded on {model.device} in {time.time() - started:.1f} s")
     return model, tokenizer, cfg
+
+
+def note(line: str) -> None:
+    """A progress line, on stderr: what is happening while a model loads and answers (stdout holds the answers).
+    Plain lines, as a job log or `tail -f` wants them."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def timed_answer(model, tokenizer, template: str, prompt, sampling: "Sampling", what: str) -> str:
+    """answer(), said as it happens: `what` first, then how many tokens in how long."""
+    note(f"{what} ...")
+    started = time.time()
+    text = answer(model, tokenizer, template, prompt, sampling)
+    seconds = time.time() - started
+    tokens = len(tokenizer.encode(text, add_special_tokens=False))
+    note(f"{what}: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
+    return text
 
 
 def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: Sampling, streamer=None) -> str:
@@ -132,13 +154,13 @@ def generate(run_dir, prompts: list[str], sampling: Sampling, mode: str = "adapt
     """Answers per prompt: mode "adapter", "base", or "compare" (both)."""
     model, tokenizer, cfg = load_run(run_dir)
     results = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts, start=1):
         row = {"prompt": prompt}
         if mode in ("base", "compare"):
             with model.disable_adapter():
-                row["base"] = answer(model, tokenizer, cfg.data.template, prompt, sampling)
+                row["base"] = timed_answer(model, tokenizer, cfg.data.template, prompt, sampling, f"prompt {i} of {len(prompts)}, base model")
         if mode in ("adapter", "compare"):
-            row["adapter"] = answer(model, tokenizer, cfg.data.template, prompt, sampling)
+            row["adapter"] = timed_answer(model, tokenizer, cfg.data.template, prompt, sampling, f"prompt {i} of {len(prompts)}, with adapter")
         results.append(row)
     return results
 

@@ -7,11 +7,13 @@ so it runs on a login node.
 
 from __future__ import annotations
 
+import json
 import sys
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.slurm_syntax import slurm_time
 from ..errors import UserError
 from ..rundir import SWEEP_FILE, metric_entries, read_json, verdict, write_text_atomic
 
@@ -37,13 +39,52 @@ def read_curves(run_dir: Path) -> Curves:
     return Curves(train, sorted(val.items()))
 
 
-def plot_run(curves: Curves, title: str, out: Path) -> Path:
+# One look per sweep trial, none repeated within LINE_COLORS x LINE_STYLES trials: colour, line style and marker all
+# differ between neighbours, so that equal curves drawn on top of each other still show as two lines.
+LINE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def trial_style(i: int) -> dict:
+    """The colour, line style and marker of the i-th trial's curve."""
+    return {"color": LINE_COLORS[i % len(LINE_COLORS)], "linestyle": LINE_STYLES[(i // len(LINE_COLORS) + i) % len(LINE_STYLES)],
+            "marker": MARKERS[i % len(MARKERS)]}
+
+
+def restart_marks(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, label) for each restart of a run (attempts.jsonl): where training resumed, and from what."""
+    path = run_dir / "attempts.jsonl"
+    marks = []
+    for line in path.read_text(encoding="utf-8").splitlines()[1:] if path.is_file() else []:
+        try:
+            attempt = json.loads(line)
+            step, number = attempt.get("resumed_from"), int(attempt["restart"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line cut by a kill: its restart shows in the next one's number
+        marks.append((step or 0, f"restart {number}: from step {step}" if step else f"restart {number}: from the start"))
+    return marks
+
+
+def trial_overrides(run_dir: Path) -> str | None:
+    """The overrides of a sweep's trial (its sweep directory's sweep.json), or None for a run of its own."""
+    sweep = read_json(run_dir.parent / SWEEP_FILE) or {}
+    for trial in sweep.get("trials", []) if isinstance(sweep.get("trials"), list) else []:
+        if isinstance(trial, dict) and Path(str(trial.get("run_dir"))).name == run_dir.name:
+            return " ".join(map(str, trial.get("overrides", [])))
+    return None
+
+
+def plot_run(curves: Curves, title: str, out: Path, restarts: list[tuple[int, str]] = ()) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if curves.train:
         ax.plot(*zip(*curves.train), label="train loss", color="tab:blue", alpha=0.8)
     if curves.val:
         ax.plot(*zip(*curves.val), label="validation loss (step 0: base model)", color="tab:orange", marker="o")
+    for n, (step, label) in enumerate(restarts):
+        ax.axvline(step, color="tab:red", linestyle="--", alpha=0.6, label="restart (requeue or resubmit)" if n == 0 else None)
+        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -59,7 +100,8 @@ def run_report(run_dir: Path) -> Path:
     """report.md and loss.png in the run directory; returns report.md's path."""
     curves = read_curves(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
-    png = plot_run(curves, run_dir.name, run_dir / "loss.png")
+    overrides = trial_overrides(run_dir)
+    png = plot_run(curves, f"{run_dir.name}: {overrides}" if overrides else run_dir.name, run_dir / "loss.png", restart_marks(run_dir))
     lines = [f"# {run_dir.name}", ""]
     base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
     if base is not None and final is not None:
@@ -68,11 +110,17 @@ def run_report(run_dir: Path) -> Path:
     elif not summary:
         lines += ["Training has not finished: the figures below are what it has logged so far.", ""]
     lines += ["| | |", "|---|---|"]
-    for key, label in (("steps", "steps"), ("tokens", "tokens trained"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak memory (GB)"),
+    restarted = bool(summary.get("restarts")) and summary.get("run_trained_s") is not None
+    speeds = ((("run_tokens_per_s", "tokens/s, whole run"), ("tokens_per_s", "tokens/s, last attempt")) if restarted
+              else (("tokens_per_s", "tokens/s"),))
+    for key, label in (("steps", "steps"), ("tokens", "tokens trained"), *speeds, ("peak_mem_gb", "peak memory (GB)"),
                        ("precision", "precision"), ("trainable_params", "trainable parameters"), ("restarts", "restarts")):
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"| {label} | {value:,} |" if isinstance(value, int) else f"| {label} | {value} |")
+    if restarted:  # the whole run over its attempts, and the last attempt alone
+        lines.append(f"| training time, all {summary['restarts'] + 1} attempts | {slurm_time(summary['run_trained_s'])} |")
+        lines.append(f"| last attempt | {summary['attempt_steps']} steps in {slurm_time(summary['runtime_s'])} |")
     if curves.train:
         lines.append(f"| training loss (first -> last log) | {curves.train[0][1]:.4f} -> {curves.train[-1][1]:.4f} |")
     lines += ["", f"![loss curves]({png.name})", ""]
@@ -119,12 +167,14 @@ def sweep_report(sweep_dir: Path, states: dict[str, str] | None = None) -> Path:
 
 
 def _plot_sweep(trials: list[dict], sweep_dir: Path, out: Path) -> Path:
-    """Final validation loss per trial (best in green) beside each trial's validation curve."""
+    """Final validation loss per trial (the best first) beside each trial's validation curve, each trial in a look of its own."""
     plt = _pyplot()
     fig, (final, curves) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     xs = range(len(trials))
-    final.scatter(xs, [t["val_loss"] for t in trials], s=60, zorder=3,
-                  color=["tab:green" if i == 0 else "tab:blue" for i in xs])
+    looks = [trial_style(i) for i in xs]  # a trial's look is the same in both panels
+    for x, t, look in zip(xs, trials, looks):
+        final.scatter([x], [t["val_loss"]], s=110 if x == 0 else 60, zorder=3, color=look["color"], marker=look["marker"],
+                      edgecolors="black" if x == 0 else "none")
     for x, t in zip(xs, trials):
         final.annotate(f"{t['val_loss']:.3f}", (x, t["val_loss"]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     base = next((t["base_val_loss"] for t in trials if t["base_val_loss"] is not None), None)
@@ -133,12 +183,12 @@ def _plot_sweep(trials: list[dict], sweep_dir: Path, out: Path) -> Path:
         final.legend(fontsize=8)
     final.set_xticks(list(xs), [f"{t['trial']}\n{t['overrides']}" for t in trials], fontsize=7, rotation=30, ha="right")
     final.set_ylabel("final validation loss")
-    final.set_title("final validation loss per trial (best in green)")
+    final.set_title("final validation loss per trial (best first, outlined)")
     final.grid(alpha=0.3)
     for i, t in enumerate(trials):
         val = read_curves(sweep_dir / t["trial"]).val
         if val:
-            curves.plot(*zip(*val), marker="o", markersize=3, label=f"{t['trial']}: {t['overrides']}", color="tab:green" if i == 0 else None)
+            curves.plot(*zip(*val), markersize=4, label=f"{t['overrides']} ({t['trial']})", linewidth=2.5 if i == 0 else 1.3, **looks[i])
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("validation loss")
     curves.set_title("validation loss during training")
