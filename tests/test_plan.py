@@ -5,6 +5,7 @@ How close its predictions come to measured peaks is a benchmark (benchmarks/), n
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -303,3 +304,13 @@ def test_plan_says_whether_the_memory_the_config_asks_is_enough(tmp_path):
     short = plan.make_plan(cfg_for(tmp_path, *base, "slurm.mem=7G"), gpu="v100-16gb")
     assert short.memory_note == f"slurm.mem=7G is less than mem={recommended}: the job may be killed for running out of memory"
     assert short.memory_note in plan.format_plan(short)
+
+
+def test_a_hub_dataset_cut_to_max_rows_is_planned_with_that_many_rows(tmp_path):
+    """The rows of a hub dataset are not read on the login node; data.max_rows bounds them (the swallow config's
+    2000), so the plan has a step count and a time instead of `time unknown`."""
+    cfg = cfg_for(tmp_path, "data.max_rows=100", "data.val_size=10", "train.micro_batch_size=2", "train.grad_accum=3",
+                  "train.epochs=2", "slurm.gpus=1")
+    p = plan.make_plan(cfg, gpu="a100-80gb")
+    assert p.steps == 2 * math.ceil(math.ceil(90 / 2) / 3) and p.time is not None
+    assert plan.make_plan(cfg_for(tmp_path, "slurm.gpus=1"), gpu="a100-80gb").time is None  # no bound: unknown

@@ -568,6 +568,9 @@ def test_submit_refuses_what_no_node_of_the_partition_has_and_mem_0_plans_with_a
         assert f"warning: {key}: " in warned.stderr
     planned = hpclora("plan", cfg, "slurm.mem=0", env=env, cwd=tmp_path)
     assert "GB of 16.8 GB: fits" in planned.stdout, planned.stdout  # 16000M
+    for command in (["submit", cfg], ["sweep", cfg, "--grid", "lora.r=2,4"]):  # the same plan before the queue
+        dry = hpclora(*command, "slurm.mem=0", "--dry-run", env=env, cwd=tmp_path)
+        assert "of 16.8 GB on cpu" in dry.stderr and "no memory check" not in dry.stderr, dry.stderr
 
 
 # A stand-in for apptainer (neither it nor Singularity installs here): FAKE_RUNTIME, which also keeps the words

@@ -65,17 +65,29 @@ def cmd_submit(args) -> int:
     from .launch import launchers, submit
 
     launcher = launchers.launcher(args.launcher, args.cluster)
-    job = submit.prepare_job(config.load(args.config, args.overrides), args.force)
+    cfg = config.load(args.config, args.overrides)
+    job = submit.prepare_job(cfg, args.force, whole_node_gb=whole_node_gb(cfg))
     return _launch(job, launcher, args)
 
 
 def cmd_sweep(args) -> int:
+    from . import config
     from .launch import launchers, submit
 
     launcher = launchers.launcher(args.launcher, args.cluster)
+    whole_node = whole_node_gb(config.load(args.config, args.overrides, check_files=False))  # the grid keeps slurm.*
     job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, force=args.force,
-                               trials_per_node=args.trials_per_node)
+                               trials_per_node=args.trials_per_node, whole_node_gb=whole_node)
     return _launch(job, launcher, args)
+
+
+def whole_node_gb(cfg) -> float | None:
+    """For a CPU job of slurm.mem=0 (all of a node's memory): the memory of the partition's largest node, which the
+    planner takes as the job's (from sinfo; None where Slurm does not answer, or for other jobs)."""
+    from .config.slurm_syntax import slurm_mem_mib
+    from .site.cluster import whole_node_memory_gb
+
+    return whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and slurm_mem_mib(cfg.slurm.mem) == 0 else None
 
 
 def what_no_node_has(job, launcher) -> list[tuple[str, str]]:
@@ -114,12 +126,7 @@ def cmd_plan(args) -> int:
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
-    from .config.slurm_syntax import slurm_mem_mib
-    from .site.cluster import whole_node_memory_gb
-
-    # slurm.mem: 0 (all of a node's memory) of a CPU job: as much as the partition's largest node has
-    whole_node = whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and slurm_mem_mib(cfg.slurm.mem) == 0 else None
-    result = plan.make_plan(cfg, args.gpu, capacity_gb=whole_node, calibrated=True)
+    result = plan.make_plan(cfg, args.gpu, capacity_gb=whole_node_gb(cfg), calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 

@@ -58,18 +58,18 @@ class PreparedJob:
         return render.log_path(self.cfg, job_id, task)
 
 
-def check_runs(cfgs: list[RunConfig], force: bool) -> list[str]:
+def check_runs(cfgs: list[RunConfig], force: bool, whole_node_gb: float | None = None) -> list[str]:
     """Everything the login node checks before a job is queued: each config's data rows and model context
     (plan.preflight), then the planner (plan.gate), which may refuse and which decides the `auto` settings the
     job's config.yaml records. Returns the planner's lines."""
     for cfg in cfgs:
         preflight.check(cfg)
-    return check_before_submit(cfgs, force)
+    return check_before_submit(cfgs, force, whole_node_gb)
 
 
-def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executable) -> PreparedJob:
+def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executable, whole_node_gb: float | None = None) -> PreparedJob:
     """One run, checked (check_runs) and rendered: its new run directory (not made yet) and job script."""
-    lines = check_runs([cfg], force)
+    lines = check_runs([cfg], force, whole_node_gb)
     directory = new_run_dir(cfg.run.output_root, cfg.run.name)
     script = render.render_script(cfg, render.Payload(python=python, run_dir=str(directory)))
     return PreparedJob("run", cfg, directory, script, plan_lines=lines)
@@ -77,7 +77,7 @@ def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executabl
 
 def prepare_sweep(
     config_path: str, overrides: list[str], grid_specs: list[str], max_parallel: int | None,
-    force: bool = False, trials_per_node: int = 1, python: str = sys.executable,
+    force: bool = False, trials_per_node: int = 1, python: str = sys.executable, whole_node_gb: float | None = None,
 ) -> PreparedJob:
     """Resolve and check every trial first (check_runs): a bad value in any trial stops the sweep before anything
     is written. `trials_per_node` > 1 packs that many one-GPU (or one-process CPU) trials into each array task."""
@@ -96,7 +96,7 @@ def prepare_sweep(
             problems += [(f"trial {i} ({' '.join(extra)}): {key}", msg) for key, msg in exc.problems]
     if problems:
         raise ConfigError(problems)
-    lines = check_runs(cfgs, force)  # may refuse, and fills slurm.time: auto, before anything is rendered
+    lines = check_runs(cfgs, force, whole_node_gb)  # may refuse, and fills slurm.time: auto, before anything is rendered
     first = cfgs[0]
     if trials_per_node > 1 and (first.slurm.gpus > 1 or world_size(first) > 1):
         raise UserError(

@@ -10,15 +10,16 @@ from .format import shrink_advice
 from .make import make_plan
 
 
-def check_before_submit(cfgs: list[RunConfig], force: bool) -> list[str]:
+def check_before_submit(cfgs: list[RunConfig], force: bool, whole_node_gb: float | None = None) -> list[str]:
     """What `submit` and `sweep` learn from the planner: refuse a run that does not fit (unless forced),
     fill `slurm.time: auto` (the longest trial's estimate) and `train.distributed: auto` (the strategy it
-    chose), and return lines to print."""
+    chose), and return lines to print. `whole_node_gb`: a node's memory, for CPU jobs of slurm.mem=0 (all of it),
+    where the caller could ask Slurm."""
     lines, times = [], []
     for i, cfg in enumerate(cfgs):
         label = f"trial {i}: " if len(cfgs) > 1 else ""
         try:
-            p = make_plan(cfg, calibrated=True)
+            p = make_plan(cfg, calibrated=True, capacity_gb=whole_node_gb)
         except ConfigError:  # the config cannot train this model (data.packing on BLOOM)
             raise
         except UserError as exc:

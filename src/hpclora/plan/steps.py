@@ -26,8 +26,10 @@ def planned_steps(cfg: RunConfig) -> int | None:
     from .preflight import check_data
 
     checked = check_data(cfg)
-    if checked is None:
+    if checked is None and not cfg.data.max_rows:
         return None
-    rows = checked["rows"]  # data.max_rows already applied
+    # A hub dataset is not read here: cut to data.max_rows, it has at most that many rows (an upper bound, as the
+    # plan's full-length rows are).
+    rows = checked["rows"] if checked is not None else cfg.data.max_rows  # data.max_rows already applied
     train_rows = rows - validation_rows(rows, cfg.data.val_size)
     return total_steps(math.ceil(train_rows / cfg.train.micro_batch_size), cfg, world_size(cfg))
