@@ -55,8 +55,9 @@ def cancel(target: str, now: bool = False, wait_s: float = CANCEL_WAIT_S, say=pr
         time.sleep(POLL_S)
         states, _ = slurm.job_states(sorted({job_id.split("_")[0] for job_id in waiting}))
         for job_id in [j for j in waiting if j not in states or ended_state(states[j].state)]:
+            waiting[job_id].state = states[job_id].state if job_id in states else waiting[job_id].state
             del waiting[job_id]
-    done = [f"cancelled {r.job_id}: {_saved(r)}" for r in training if r.job_id not in waiting]
+    done = [_saved(r) for r in training if r.job_id not in waiting]
     return done + [f"job {job_id}: still saving its checkpoint after {wait_s:.0f} s; it cancels itself once the checkpoint "
                    f"is whole (`hpclora status {job_id}` shows when; `hpclora cancel {job_id} --now` stops it at once)"
                    for job_id in waiting]
@@ -80,12 +81,15 @@ def _is_training(row: Row) -> bool:
 
 
 def _saved(row: Row) -> str:
-    """What the job's log says it saved, in its own words, and how to go on."""
+    """How the job ended: what its log says it saved, in its own words, and how to go on; or that it finished
+    (or failed) before it could stop."""
     try:
         lines = Path(row.log).read_text(encoding="utf-8", errors="replace").splitlines() if row.log else []
     except OSError:
         lines = []
     said = [line.strip().split(": ")[0] for line in lines if line.lstrip().startswith("stopped by ")]
+    if not said:
+        return f"job {row.job_id} ended {row.state.split()[0] if row.state else ''} before it stopped: its log has the rest"
     script = Path(row.run_dir) / JOB_SCRIPT
     go_on = f"; `sbatch {shlex.quote(str(script))}` goes on from it" if script.is_file() else ""
-    return f"{said[-1]}: checkpoint saved{go_on}" if said else "it ended before its log said what it saved"
+    return f"cancelled {row.job_id}: {said[-1]}: checkpoint saved{go_on}"
