@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import errno
 import os
 import re
 import resource
@@ -39,12 +39,13 @@ LOCK_FILE = ".lock"  # held by the training that uses the directory
 # 0 (torchrun reports other codes as failures), and this says "checkpointed, not finished".
 STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"
 # Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.
 RUN_ENTRIES = frozenset({
-    RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", "attempts.jsonl",
+    RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", ATTEMPTS_FILE,
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
     "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR, CANCEL_REQUEST,
 })
@@ -100,6 +101,23 @@ def metric_entries(path: Path, dropped: list[int] | None = None) -> list[dict]:
         elif line.strip() and dropped is not None:
             dropped.append(number)
     return entries
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    """The starts of training recorded in a run directory, oldest first; a line cut by a kill is left out."""
+    try:
+        lines = (run_dir / ATTEMPTS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            found.append(entry)
+    return found
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> str:

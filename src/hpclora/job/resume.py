@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import CONFIG_FILE, config_hash, write_text_atomic
+from ..rundir import ATTEMPTS_FILE, CONFIG_FILE, attempts, config_hash, write_text_atomic
 from ..rundir import metric_entries as rundir_metric_entries
 from ..stops import job_label
 from . import checkpoint
@@ -62,7 +62,7 @@ def metric_entries(path: Path) -> list[dict]:
 
 def record_attempt(run_dir: Path, resume: Path | None) -> int:
     """Append this start to attempts.jsonl; return how many starts came before it (the restart number)."""
-    path = run_dir / "attempts.jsonl"
+    path = run_dir / ATTEMPTS_FILE
     before = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
     entry = {
         "restart": before, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -79,9 +79,8 @@ def first_start(run_dir: Path) -> float | None:
     import datetime
 
     try:
-        first = json.loads((run_dir / "attempts.jsonl").read_text(encoding="utf-8").splitlines()[0])
-        return datetime.datetime.strptime(first["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return datetime.datetime.strptime(attempts(run_dir)[0]["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (ValueError, IndexError, KeyError, TypeError):
         return None
 
 

@@ -9,13 +9,12 @@ and are cancelled at once, as is everything with `--now`.
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import JOB_SCRIPT
+from ..rundir import JOB_SCRIPT, attempts
 from ..stops import CANCEL_REQUEST, CANCEL_WAIT_S
 from . import slurm
 from .watch import Row, cancel_ids, ended, fill_states, require_known, resolve
@@ -72,12 +71,8 @@ def _is_training(row: Row) -> bool:
     is there work to save."""
     if not (row.job_id and row.run_dir and row.state.startswith("RUNNING")):
         return False
-    attempts = Path(row.run_dir) / "attempts.jsonl"
-    try:
-        last = json.loads(attempts.read_text(encoding="utf-8").splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return False
-    return isinstance(last, dict) and last.get("slurm_job") == row.job_id
+    started = attempts(Path(row.run_dir))
+    return bool(started) and started[-1].get("slurm_job") == row.job_id
 
 
 def _saved(row: Row) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import JOB_FILE, SWEEP_FILE, metric_entries, read_json
+from ..rundir import JOB_FILE, SWEEP_FILE, attempts, metric_entries, read_json
 from . import registry, slurm
 
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -130,10 +130,7 @@ def fill_states(target: Target) -> None:
 
 def _restarts(row: Row) -> str:
     """Restarts recorded by training in attempts.jsonl (one line per start)."""
-    try:
-        starts = (Path(row.run_dir) / "attempts.jsonl").read_text(encoding="utf-8").count("\n") if row.run_dir else 0
-    except OSError:
-        return ""
+    starts = len(attempts(Path(row.run_dir))) if row.run_dir else 0
     return str(starts - 1) if starts else ""
 
 

@@ -7,7 +7,6 @@ so it runs on a login node.
 
 from __future__ import annotations
 
-import json
 import sys
 import math
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from ..config.slurm_syntax import slurm_time
 from ..errors import UserError
-from ..rundir import SWEEP_FILE, metric_entries, read_json, verdict, write_text_atomic
+from ..rundir import SWEEP_FILE, attempts, metric_entries, read_json, verdict, write_text_atomic
 
 
 @dataclass
@@ -54,14 +53,12 @@ def trial_style(i: int) -> dict:
 
 def restart_marks(run_dir: Path) -> list[tuple[int, str]]:
     """(step, label) for each restart of a run (attempts.jsonl): where training resumed, and from what."""
-    path = run_dir / "attempts.jsonl"
     marks = []
-    for line in path.read_text(encoding="utf-8").splitlines()[1:] if path.is_file() else []:
+    for attempt in attempts(run_dir)[1:]:
         try:
-            attempt = json.loads(line)
             step, number = attempt.get("resumed_from"), int(attempt["restart"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a line cut by a kill: its restart shows in the next one's number
+        except (KeyError, TypeError, ValueError):
+            continue
         marks.append((step or 0, f"restart {number}: from step {step}" if step else f"restart {number}: from the start"))
     return marks
 
