@@ -103,21 +103,27 @@ def metric_entries(path: Path, dropped: list[int] | None = None) -> list[dict]:
     return entries
 
 
-def attempts(run_dir: Path) -> list[dict]:
-    """The starts of training recorded in a run directory, oldest first; a line cut by a kill is left out."""
+def json_lines(path: Path) -> list[dict]:
+    """The objects of a JSON Lines file that hpclora appends to, oldest first; a line cut by a kill, or edited into
+    something else, is left out. No file: none."""
     try:
-        lines = (run_dir / ATTEMPTS_FILE).read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     found = []
     for line in lines:
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(entry, dict):
             found.append(entry)
     return found
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    """The starts of training recorded in a run directory, oldest first."""
+    return json_lines(run_dir / ATTEMPTS_FILE)
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> str:

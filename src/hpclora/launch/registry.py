@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..catalog.state import state_dir
+from ..rundir import json_lines
 
 
 def index_path() -> Path:
@@ -46,19 +47,7 @@ def record_problem(record: dict) -> str | None:
 
 def entries() -> list[dict]:
     """All remembered submissions, oldest first; lines that are no such record are skipped."""
-    try:
-        lines = index_path().read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(entry, dict) and record_problem(entry) is None:
-            found.append(entry)
-    return found
+    return [entry for entry in json_lines(index_path()) if record_problem(entry) is None]
 
 
 def find(job_id: str) -> dict | None:
