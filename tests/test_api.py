@@ -65,14 +65,17 @@ def test_a_sweep_through_submitit_returns_its_jobs(tmp_path, tiny_llama_dir):
     assert ranks == [2, 4]
 
 
-def test_the_job_function_in_a_users_own_executor_checkpoints_requeues_and_resumes(tmp_path, tiny_llama_dir):
+def test_the_job_function_in_a_users_own_executor_checkpoints_requeues_and_resumes(tmp_path, tiny_llama_dir, monkeypatch):
     """USR2, what submitit has Slurm send before the time limit, makes hpclora's job function checkpoint and requeue
     the job, which resumes from the checkpoint; stopped again it is out of requeues (slurm.max_requeues=1), and
     `result()` says so. The run is too long to end by itself, so no signal races its last step."""
     require_slurm()
     import submitit
 
-    from test_slurm import LONG_RUN, attempt
+    from test_slurm import LONG_RUN, attempt, paced
+
+    for name, value in paced({}, 1).items():  # the job inherits this process's environment
+        monkeypatch.setenv(name, value)
 
     cfg = hpclora.load_config(tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, slurm={"max_requeues": 1}))
     run_dir = hpclora.prepare_run(cfg)

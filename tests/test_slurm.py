@@ -68,6 +68,16 @@ def wait_for(job_id: str, tasks: int = 0, timeout: float = 300) -> dict[str, tup
     raise AssertionError(f"job {job_id} not finished after {timeout}s: {rows}")
 
 
+PACING_SITE = ROOT / "tests" / "slurm" / "site"
+
+
+def paced(env: dict, step_s: float, **more: str) -> dict:
+    """`env` for jobs whose every step ends `step_s` seconds later, asleep (tests/slurm/site/sitecustomize.py): a run
+    that waits for the test's signals then spends the wait idle, not training on the cores the other tests share."""
+    path = os.pathsep.join(filter(None, [str(PACING_SITE), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, "HPCLORA_TEST_STEP_S": str(step_s), **more}
+
+
 def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
 
@@ -137,18 +147,12 @@ def test_cancel_of_a_job_that_has_not_begun_training_is_at_once_and_logs_say_why
         assert never.returncode == 2 and never.stderr.strip() == f"error: {log}: no log: job {pending} ended CANCELLED before it started, so it wrote none"
 
 
-# Micro-batches per step: enough that one step of the tiny model outlasts the test cluster's KillWait (10 s), after
-# which scancel's TERM is followed by KILL.
-SLOW_STEP_ACCUM = 250
-SLOW_STEP_ROWS = 2000
-
-
 def test_cancel_of_a_training_job_keeps_a_whole_checkpoint_though_a_step_outlasts_killwait(tmp_path, tiny_llama_dir, env):
     kill_wait = int(next(l.split("=")[1].split()[0] for l in subprocess.run(["scontrol", "show", "config"], capture_output=True,
                                                                            text=True).stdout.splitlines() if l.startswith("KillWait")))
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 50, "grad_accum": SLOW_STEP_ACCUM, "log_every": 1, "save_every": 0})
-    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(SLOW_STEP_ROWS))  # enough rows for those micro-batches
-    job_id = job_id_from(hpclora("submit", cfg, "run.name=long", env=env, cwd=tmp_path).stdout)
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 50, "log_every": 1, "save_every": 0})
+    # Every step lasts 3 s longer than KillWait, after which scancel's TERM is followed by KILL.
+    job_id = job_id_from(hpclora("submit", cfg, "run.name=long", env=paced(env, kill_wait + 3), cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").is_file() or '"loss"' not in (run_dir / "metrics.jsonl").read_text():
@@ -206,10 +210,10 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
 def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path, tiny_llama_dir, env):
     """`sweep --trials-per-node 2` on one-GPU trials: one array task asks for 2 GPUs (the test cluster's fake
     ones: their device files exist, the tiny model trains on the CPU) and runs both trials at once, one GPU
-    each, each with its own run directory, log and adapter. Each trial trains long enough (300 steps) to outlast
-    the other's start-up, which two processes loading at once on two cores can delay by seconds."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 300}, slurm={"gpus": 1, "gpu_type": "v100"})
-    out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=env, cwd=tmp_path).stdout
+    each, each with its own run directory, log and adapter. Each trial trains long enough (40 steps of half a
+    second) to outlast the other's start-up, which two processes loading at once on two cores can delay by seconds."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"gpus": 1, "gpu_type": "v100"})
+    out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=paced(env, 0.5), cwd=tmp_path).stdout
     job_id = job_id_from(out)
     assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("COMPLETED", "0:0")}  # one task for two trials
 
@@ -311,25 +315,6 @@ def same_weights(a: Path, b: Path, tolerance: float = 0.0) -> None:
 LONG_RUN = {"max_steps": 100000, "eval_every": 0, "log_every": 1, "save_every": 1, "keep_checkpoints": 1000}
 
 
-# Loaded by every Python of a job whose PYTHONPATH leads here: once the file SLOW names exists, the next checkpoint
-# rank 0 publishes takes 40 s longer, more than the 30 s torchrun gives its ranks between a TERM and SIGKILL.
-SLOW_CHECKPOINT = """
-import os, pathlib, time
-import hpclora.job.checkpoint as checkpoint
-
-publish, slow = checkpoint.publish, pathlib.Path(os.environ["SLOW"])
-
-def slow_publish(*args, **kwargs):
-    if slow.exists():
-        slow.unlink()
-        print("test: this checkpoint takes 40 s", flush=True)
-        time.sleep(40)
-    return publish(*args, **kwargs)
-
-checkpoint.publish = slow_publish
-"""
-
-
 def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_requeues_and_resumes_exactly(tmp_path, tiny_llama_dir, env):
     """`sbatch --gres=gpu:v100:2 jobs/train.sbatch`: two ranks through srun and torchrun (the test cluster's GPUs are
     fake, so the ranks train on the CPU with gloo). TERM to every process of the job, as slurmstepd sends it on
@@ -340,10 +325,8 @@ def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_reque
     it is meant for, none races the end."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, lora={"dropout": 0.0})
     (tmp_path / "logs").mkdir(exist_ok=True)  # the template logs to logs/ where it is submitted
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_CHECKPOINT)
     slow = tmp_path / "slow-checkpoint"
-    job_env = {**env, "HPCLORA_MAX_REQUEUES": "1", "PYTHONPATH": str(tmp_path / "site"), "SLOW": str(slow)}
+    job_env = paced(env, 1, HPCLORA_MAX_REQUEUES="1", HPCLORA_TEST_SLOW_CHECKPOINT=str(slow))
     done = subprocess.run(["sbatch", "--parsable", "--gres=gpu:v100:2", "--cpus-per-task=2", "--mem=4G", "--time=10:00",
                            str(ROOT / "jobs" / "train.sbatch"), str(cfg), "run.name=two"],
                           env=job_env, cwd=tmp_path, capture_output=True, text=True)
@@ -385,7 +368,7 @@ def test_a_job_of_two_nodes_trains_one_world_across_them_and_a_usr1_requeues_and
     The run is too long to end by itself: no signal races it."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "cpu_ranks": 1}, lora={"dropout": 0.0},
                         slurm={**TWO_NODES, "max_requeues": 1})
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    job_id = job_id_from(hpclora("submit", cfg, env=paced(env, 1), cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     script = (run_dir / "job.sbatch").read_text()
     assert "#SBATCH --nodes=2\n" in script and "SRUN_RANKS=true" in script and "--rdzv-endpoint=\"$HEAD:$PORT\"" in script
@@ -479,7 +462,7 @@ def test_usr1_term_and_a_time_limit_each_checkpoint_and_requeue_until_the_requeu
     uninterrupted run writes at that step, bit for bit. The run is too long to end by itself: no signal races it."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "preempt_grace_s": 300}, lora={"dropout": 0.1},
                         slurm={"max_requeues": 2, "time": "10"})
-    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    job_id = job_id_from(hpclora("submit", cfg, env=paced(env, 1), cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     signal_after(job_id, run_dir, 0, 3, ["--signal=USR1", "--batch"])
     signal_after(job_id, run_dir, 1, 3, ["--signal=TERM", "--batch"])
@@ -530,7 +513,7 @@ def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, en
     is short), but the job is not requeued. Without --now (here through submitit) the job is asked to checkpoint and
     cancels itself."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "save_every": 0})
-    job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=env, cwd=tmp_path).stdout)
+    job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=paced(env, 0.5), cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     wait_until(lambda: any(s >= 5 for s in metrics_steps(run_dir)), "step 5")
     done = hpclora("cancel", job_id, *(["--now"] if now else []), env=env, cwd=tmp_path).stdout
