@@ -81,6 +81,8 @@ class ResumableTraining:
 
     def __call__(self, run_dir: str) -> dict:
         import json
+        import os
+        import signal
         import time
 
         from ..stops import CHECKPOINTED_EXIT
@@ -90,9 +92,12 @@ class ResumableTraining:
         summary = Path(run_dir) / "summary.json"
         if code == 0 and (Path(run_dir) / "adapter").is_dir() and summary.is_file():
             return json.loads(summary.read_text(encoding="utf-8"))
-        if code == 0:  # requeued by the script (or another node's task, whose task 0 decides): Slurm ends this attempt
+        # Requeued by the script (or by another node's task, whose task 0 decides), or the script itself ended by the
+        # TERM with which Slurm ends an attempt (a requeue, cancel or preemption): Slurm ends this attempt too. A result
+        # written now would be read as the job's, even where a requeued attempt follows.
+        if code == 0 or (code in (128 + signal.SIGTERM, -signal.SIGTERM) and os.environ.get("SLURM_JOB_ID")):
             time.sleep(REQUEUE_WAIT_S)
-            raise RuntimeError(f"training in {run_dir} checkpointed and the job was requeued, but Slurm did not end this attempt")
+            raise RuntimeError(f"training in {run_dir} stopped (exit code {code}), but Slurm did not end this attempt")
         if code == CHECKPOINTED_EXIT:
             raise RuntimeError(f"training in {run_dir} saved a checkpoint and the job was not requeued (cancelled, out of "
                                "requeues, or not under Slurm: its log says which): submit it again to resume")
