@@ -165,8 +165,8 @@ def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, 
     assert manifest["model"]["id"] == "lab/tiny-llama" and manifest["model"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
     for name, digest in manifest["model"]["files"].items():
         assert digest == hashlib.sha256((repo / name).read_bytes()).hexdigest()
-    assert manifest["dataset"]["id"] == "lab/tiny-data"
-    assert manifest["dataset"]["files"] == {"train.jsonl": hashlib.sha256((data_repo / "train.jsonl").read_bytes()).hexdigest()}
+    assert manifest["datasets"][0]["id"] == "lab/tiny-data"
+    assert manifest["datasets"][0]["files"] == {"train.jsonl": hashlib.sha256((data_repo / "train.jsonl").read_bytes()).hexdigest()}
     assert manifest["tokenized"]["cache_dir"] == str(tmp_path / "hf" / "hpclora" / "tokenized")
     assert manifest["tokenized"]["train_examples"] == 10
 

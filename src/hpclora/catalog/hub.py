@@ -112,15 +112,21 @@ def dataset_in_cache(home: Path, dataset_id: str) -> bool:
     return any(r.repo_type == "dataset" and r.repo_id == dataset_id and any(v.nb_files for v in r.revisions) for r in repos)
 
 
+def hub_datasets(cfg) -> list[str]:
+    """The hub datasets the run reads: data.path, or the paths of data.sources (which data/sources.py reads alike)."""
+    paths = [entry["path"] for entry in cfg.data.sources] or [cfg.data.path]
+    return [dataset for path in paths if (dataset := hub_dataset_id(path))]
+
+
 def missing_from_cache(cfg) -> list[str]:
     """What the run would fetch from the hub but is not in the cache, in words."""
     missing = []
     model = hub_model_id(cfg.model.name)
     if model and cached_model_file(cfg, "config.json") is None:
         missing.append(f"model {model} (revision {cfg.model.revision or 'main'})")
-    dataset = hub_dataset_id(cfg.data.path)
-    if dataset and not dataset_cached(cfg, dataset):
-        missing.append(f"dataset {dataset}")
+    for dataset in hub_datasets(cfg):
+        if not dataset_cached(cfg, dataset):
+            missing.append(f"dataset {dataset}")
     return missing
 
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from ..errors import ConfigError, UserError
 from .rules import check_values
-from .schema import SECTIONS, RunConfig
+from .value_types import shown, type_problems
+from .schema import ENTRIES, REQUIRED, SECTIONS, RunConfig
+from ..data.sources import data_sources
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -227,61 +229,31 @@ def _field_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section])
 
 
-BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    """Whether OmegaConf turns `value` into a `tp` the way a user means it (stricter than OmegaConf itself,
-    which reads 2 as true and lets [[1]] into a list of strings)."""
-    if tp is Any:
-        return True
-    if tp is bool:
-        return isinstance(value, bool) or isinstance(value, str) and value.strip().lower() in BOOL_WORDS
-    if isinstance(value, bool):
-        return False
-    if tp is int:
-        return isinstance(value, int) or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value) is not None
-    if tp is float:
-        if isinstance(value, (int, float)):
-            return True
-        try:
-            float(value)
-            return isinstance(value, str)
-        except (TypeError, ValueError):
-            return False
-    if tp is str:
-        return isinstance(value, (str, int, float))
-    if typing.get_origin(tp) is list:
-        return isinstance(value, list) and all(_fits(v, str) for v in value)
-    return False
-
-
-def _describe(tp: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(tp) or (
-        "a list such as [a, b]" if typing.get_origin(tp) is list else "a mapping such as {name: value}")
-
-
-def _shown(value: Any) -> str:
-    """A value as the user wrote it in YAML: null, true, 'text', [..]."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-
-
-def _type_problems(key: str, value: Any, tp: Any) -> list[tuple[str, str]]:
-    """Why `value` cannot be the field `key` of type `tp`, in the user's words (never OmegaConf's)."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
-        if value is None:
-            return []
-        tp = next(a for a in args if a is not type(None))
-        args = typing.get_args(tp)
-    if value is None:
-        return [] if tp is Any else [(key, f"must be {_describe(tp)}, not null")]
-    if typing.get_origin(tp) is dict:  # name each entry: data.columns.instruction
-        if not isinstance(value, dict):
-            return [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
-        return [(f"{key}.{name}", f"expected text, got {_shown(v)}") for name, v in value.items()
-                if not isinstance(name, str) or not _fits(v, str)]
-    return [] if _fits(value, tp) else [(key, f"expected {_describe(tp)}, got {_shown(value)}")]
+def _entries(key: str, value: Any, cls: type, problems: list[tuple[str, str]]) -> list[dict] | None:
+    """The entries of a list key such as data.sources, each against its own schema `cls`: unknown keys, types and
+    required keys are named by their place (data.sources[1].weight); the entries' values that fit are kept."""
+    if not isinstance(value, list):
+        problems.append((key, f"expected a list of entries such as [{{path: a.jsonl}}], got {shown(value)}"))
+        return None
+    fields = dataclasses.fields(cls)
+    names, types = [f.name for f in fields], typing.get_type_hints(cls)
+    kept = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            problems.append((where, f"expected a mapping such as {{path: a.jsonl, weight: 1}}, got {shown(entry)}"))
+            continue
+        clean = {}
+        for name, v in entry.items():
+            if name not in names:
+                problems.append((f"{where}.{name}", "unknown key" + _suggest(str(name), names, prefix=f"{where}.")))
+            elif found := type_problems(f"{where}.{name}", v, types[name]):
+                problems.extend(found)
+            else:
+                clean[name] = v
+        problems.extend((f"{where}.{f.name}", "required, but not set") for f in fields if f.default == REQUIRED and f.name not in entry)
+        kept.append(clean)
+    return kept
 
 
 def _drop_mistyped(known: dict, problems: list[tuple[str, str]]) -> dict:
@@ -290,7 +262,11 @@ def _drop_mistyped(known: dict, problems: list[tuple[str, str]]) -> dict:
     for section, values in known.items():
         kept[section] = {}
         for key, value in values.items():
-            found = _type_problems(f"{section}.{key}", value, _field_types(section)[key])
+            if (cls := ENTRIES.get(f"{section}.{key}")) is not None:
+                if (entries := _entries(f"{section}.{key}", value, cls, problems)) is not None:
+                    kept[section][key] = entries
+                continue
+            found = type_problems(f"{section}.{key}", value, _field_types(section)[key])
             if found:
                 problems.extend(found)
             else:
@@ -317,7 +293,8 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
         for section, cls in SECTIONS.items():
             for f in dataclasses.fields(cls):
                 if OmegaConf.is_missing(merged[section], f.name):
-                    missing.append(f"{section}.{f.name}")
+                    if not (section, f.name) == ("data", "path") or not merged.data.sources:  # a mix has no data.path
+                        missing.append(f"{section}.{f.name}")
                     merged[section][f.name] = ""
         return OmegaConf.to_object(merged), missing
     except OmegaConfBaseException as exc:  # a value _drop_mistyped let through: still the user's to fix
@@ -335,6 +312,8 @@ def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     found = []
     named = [(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])) for key in (*PATH_KEYS, "data.path", "model.name")]
     named += [(f"container.binds[{i}]", bind.split(":")[0]) for i, bind in enumerate(cfg.container.binds)]
+    if cfg.data.sources:
+        named += [(f"{source.key}.path", source.data.path) for source in data_sources(cfg.data)]
     for key, value in named:
         if value is None:
             continue
@@ -360,11 +339,18 @@ def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
         cfg.cache.hf_home = str(Path(cfg.cache.hf_home).expanduser().resolve())
         if not cfg.data.cache_dir:  # tokenized data goes to the shared cache too, where `stage` puts it
             cfg.data.cache_dir = str(Path(cfg.cache.hf_home) / "hpclora" / "tokenized")
-    data = Path(cfg.data.path).expanduser()
+    cfg.data.path = _found(cfg.data.path, config_dir)
+    for entry in cfg.data.sources:
+        entry["path"] = _found(entry["path"], config_dir)
+
+
+def _found(data_path: str, config_dir: Path) -> str:
+    """A data file's absolute path, looked up in the working directory, then next to the config; else as written."""
+    data = Path(data_path).expanduser()
     for candidate in (data, config_dir / data):
-        if candidate.exists():
-            cfg.data.path = str(candidate.resolve())
-            break
+        if data_path and candidate.exists():
+            return str(candidate.resolve())
+    return data_path
 
 
 def to_yaml(cfg: RunConfig) -> str:

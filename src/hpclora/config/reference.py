@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .rules import _choice
-from .schema import REQUIRED, SECTIONS
+from .schema import ENTRIES, REQUIRED, SECTIONS
 
 
 def _default(f) -> str:
@@ -19,14 +19,23 @@ def _bounds(meta) -> str:
     return ", ".join(f"{words[k]} {meta[k]}" for k in words if k in meta)
 
 
+def _tables():
+    """(name, doc, [(key, field)]) per section, and after its section each list of entries (data.sources[])."""
+    for section, cls in SECTIONS.items():
+        yield section, cls.__doc__.strip(), [(f"{section}.{f.name}", f) for f in dataclasses.fields(cls)]
+        for key, entry in ENTRIES.items():
+            if key.startswith(f"{section}."):
+                yield f"{key}[]", entry.__doc__.strip(), [(f"{key}[].{f.name}", f) for f in dataclasses.fields(entry)]
+
+
 def explain() -> str:
     """Every key with its type, default and documentation, for `hpclora validate --explain`."""
     lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"{section}:  # {cls.__doc__.strip()}")
-        for f in dataclasses.fields(cls):
+    for name, doc, fields in _tables():
+        lines.append(f"{name}:  # {doc}")
+        for key, f in fields:
             choices = f.metadata.get("choices")
-            lines.append(f"  {f.name}: {_default(f)}")
+            lines.append(f"  {key.rsplit('.', 1)[1]}: {_default(f)}")
             lines.append(f"      {f.metadata.get('help', '')}")
             if choices:
                 lines.append("      one of: " + ", ".join(map(_choice, choices)))
@@ -44,10 +53,10 @@ def markdown() -> str:
         "defaults. `hpclora validate --explain` prints the same. This page is generated from the schema",
         "(`src/hpclora/config/schema.py`): `hpclora validate --explain markdown > docs/configuration.md`.",
     ]
-    for section, cls in SECTIONS.items():
-        lines += ["", f"## `{section}`", "", cls.__doc__.strip(), "", "| key | default | values | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
+    for name, doc, fields in _tables():
+        lines += ["", f"## `{name}`", "", doc, "", "| key | default | values | meaning |", "|---|---|---|---|"]
+        for key, f in fields:
             choices = f.metadata.get("choices")
             values = ", ".join(f"`{_choice(c)}`" for c in choices) if choices else _bounds(f.metadata)
-            lines.append(f"| `{section}.{f.name}` | `{cell(_default(f))}` | {cell(values)} | {cell(f.metadata.get('help', ''))} |")
+            lines.append(f"| `{key}` | `{cell(_default(f))}` | {cell(values)} | {cell(f.metadata.get('help', ''))} |")
     return "\n".join(lines) + "\n"

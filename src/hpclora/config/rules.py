@@ -13,7 +13,8 @@ from typing import Any
 from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, local_model_path
 from ..catalog.models import BUNDLED_NAME, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
-from .schema import SECTIONS, RunConfig
+from .schema import ENTRIES, SECTIONS, RunConfig
+from ..data.sources import data_sources
 from .slurm_syntax import SLURM_MEM, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem, slurm_time_problem
 
 
@@ -23,6 +24,12 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             problems.extend(_check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata))
+    for key, cls in ENTRIES.items():
+        section, name = key.split(".")
+        for i, entry in enumerate(getattr(getattr(cfg, section), name)):
+            for f in dataclasses.fields(cls):
+                if f.name in entry:
+                    problems.extend(_check_field(f"{key}[{i}].{f.name}", entry[f.name], f.metadata))
 
     if not cfg.run.name.strip():
         problems.append(("run.name", "must not be empty"))
@@ -35,8 +42,6 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
     problems.extend(source_problems(cfg, check_files))
-    if cfg.data.format == "text" and cfg.data.template != "none":
-        problems.append(("data.template", f"plain-text data has no prompt to template: use data.template=none (got {cfg.data.template!r})"))
     if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length)) is not None:
         problems.append(packing)
     if cfg.quant.bits is None and (cfg.quant.type != "nf4" or cfg.quant.compute_dtype != "auto"):
@@ -63,22 +68,38 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
 
 
 def source_problems(cfg: RunConfig, check_files: bool) -> list[tuple[str, str]]:
-    """data.path and model.name: a local file (directory) that is there, or a well-formed hub id."""
+    """data.path (or each of data.sources) and model.name: a local file (directory) that is there, or a well-formed
+    hub id; data that can be templated as asked."""
     problems = []
-    data = local_data_path(cfg.data.path)
-    if data is None:
-        if problem := hub_id_problem(cfg.data.path, "data file"):
-            problems.append(("data.path", problem))
-    elif check_files and not data.exists():
-        problems.append(("data.path", f"file not found: {cfg.data.path}"))
-    elif check_files and data.is_dir():
-        problems.append(("data.path", f"{cfg.data.path} is a directory: give one data file in it ({', '.join(LOCAL_DATA_SUFFIXES)})"))
-    elif check_files and not data.is_file():
-        problems.append(("data.path", f"{cfg.data.path} is not a regular file (a device or a pipe): give a data file"))
+    if cfg.data.sources and cfg.data.path:
+        problems.append(("data.sources", f"and data.path ({cfg.data.path}) are both set: list every file of the mix in "
+                                         "data.sources, and leave data.path out"))
+    for source in data_sources(cfg.data):
+        problems.extend(data_file_problems(source.data.path, f"{source.key}.path", check_files))
+        if source.data.format == "text" and source.data.template != "none":
+            key = f"{source.key}.template"
+            problems.append((key, f"plain-text data has no prompt to template: use {key}=none (got {source.data.template!r})"))
     if cfg.model.name != BUNDLED_NAME and local_model_path(cfg.model.name) is None:
         if problem := hub_id_problem(cfg.model.name, "model directory"):
             problems.append(("model.name", problem))
     return problems
+
+
+def data_file_problems(path: str, key: str, check_files: bool) -> list[tuple[str, str]]:
+    data = local_data_path(path)
+    if data is None:
+        problem = hub_id_problem(path, "data file")
+    elif not check_files:
+        problem = None
+    elif not data.exists():
+        problem = f"file not found: {path}"
+    elif data.is_dir():
+        problem = f"{path} is a directory: give one data file in it ({', '.join(LOCAL_DATA_SUFFIXES)})"
+    elif not data.is_file():
+        problem = f"{path} is not a regular file (a device or a pipe): give a data file"
+    else:
+        problem = None
+    return [(key, problem)] if problem else []
 
 
 def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -96,7 +96,7 @@ class LoraSection:
 class DataSection:
     """The training data, its format and prompt template, and how rows become examples."""
 
-    path: str = opt(REQUIRED, "Local .jsonl/.json/.csv/.parquet file, or a hub dataset id (owner/name).")
+    path: str = opt(REQUIRED, "Local .jsonl/.json/.csv/.parquet file, or a hub dataset id (owner/name); or leave it out and list data.sources.")
     split: str = opt("train", "Split to read from a hub dataset (local files have one split).")
     format: str = opt(
         "auto",
@@ -122,6 +122,27 @@ class DataSection:
     )
     train_on_prompt: bool = opt(False, "Also train on prompt tokens; by default only responses (assistant turns) train.")
     cache_dir: Optional[str] = opt(None, "Where tokenized data is cached; null = <cache.hf_home>/hpclora/tokenized, or $HPCLORA_CACHE/tokenized, or ~/.cache/hpclora/tokenized.")
+    sources: List[Dict[str, Any]] = opt(
+        [],
+        "A mix of several files or hub datasets instead of data.path: a list of entries with the keys of data.sources[] "
+        "below (path and weight; split, format, template, columns, max_rows where a source differs from this section). "
+        "The validation rows are drawn from all of them together; the mix is the same on every resume.",
+    )
+
+
+@dataclass
+class DataSource:
+    """One entry of data.sources, a source of a mix. Keys left out are the data section's."""
+
+    path: str = opt(REQUIRED, "Local data file or hub dataset id, as data.path.")
+    weight: float = opt(
+        1.0, "How often each of its training rows is in the mix, per epoch: 2 = twice, 0.25 = a quarter of its rows "
+             "(drawn with run.seed); the job's log gives each source's share.", gt=0, max=1000)
+    split: Optional[str] = opt(None, "As data.split.")
+    format: Optional[str] = opt(None, "As data.format.", choices=(None, "auto", *FORMATS))
+    template: Optional[str] = opt(None, "As data.template: each source can have its own; chat and generate use data.template.", choices=(None, *TEMPLATES))
+    columns: Optional[Dict[str, str]] = opt(None, "As data.columns.")
+    max_rows: Optional[int] = opt(None, "As data.max_rows.", min=1, max=10**10)
 
 
 @dataclass
@@ -251,3 +272,5 @@ SECTIONS: dict[str, type] = {
     "data": DataSection, "train": TrainSection, "slurm": SlurmSection, "container": ContainerSection,
     "cache": CacheSection,
 }
+# Keys whose value is a list of entries with keys of their own.
+ENTRIES: dict[str, type] = {"data.sources": DataSource}

@@ -15,11 +15,13 @@ from ..errors import DataError, UserError
 from .normalize import check_columns, detect_format, normalize, rename_columns
 from .packing import Collator, length_grouped, pack
 from .read import read_rows
-from .split import split_indices, validation_rows
+from .sources import Source, data_sources
+from .split import mix_split, split_indices, validation_rows, weighted_positions
 from .templates import render
 from .tokenize import cache_key, encode, rendered_pieces, tokenize_dataset, tokenizer_fingerprint
 
-__all__ = ["prepare", "PreparedData", "Collator", "batched_by_length", "render", "encode", "check_rows", "load_conversations", "split_indices", "tokenized", "validation_rows"]
+__all__ = ["prepare", "PreparedData", "SourceRows", "Collator", "batched_by_length", "render", "encode", "check_rows", "load_conversations",
+           "load_sources", "split_indices", "tokenized", "validation_rows", "validation_sources"]
 
 
 @dataclass
@@ -30,9 +32,20 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def conversations(data_cfg) -> Iterator[tuple[list[dict], int, str]]:
-    """Each row as a normalised message list, with its source row number and the data format, one at a time.
-    A bad row stops the iteration with a DataError naming its file and line."""
+@dataclass
+class SourceRows:
+    """One source's rows, read and normalised: the conversations, their row numbers in the file, its format."""
+
+    source: Source
+    conversations: list[list[dict]]
+    numbers: list[int]
+    format: str
+
+
+def conversations(data_cfg, key: str = "data") -> Iterator[tuple[list[dict], int, str]]:
+    """Each row of one data file as a normalised message list, with its source row number and the data format, one
+    at a time. A bad row stops the iteration with a DataError naming its file and line. `key`: where the file is
+    configured (data, or data.sources[1]), for messages about its settings."""
     rows = read_rows(data_cfg.path, data_cfg.split)
     if data_cfg.max_rows:
         rows = itertools.islice(rows, data_cfg.max_rows)
@@ -44,30 +57,41 @@ def conversations(data_cfg) -> Iterator[tuple[list[dict], int, str]]:
         if fmt is None:  # ... and, renamed, its format
             fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(row, data_cfg.path)
             if fmt == "text" and data_cfg.template != "none":
-                raise UserError(f"data.template: plain-text data has no prompt to template: use data.template=none (got {data_cfg.template!r})")
+                raise UserError(f"{key}.template: plain-text data has no prompt to template: use {key}.template=none (got {data_cfg.template!r})")
         yield normalize(row, fmt, data_cfg.path), row.number, fmt
     if fmt is None:
         raise DataError(data_cfg.path, "the dataset has no rows")
 
 
-def load_conversations(data_cfg) -> tuple[list[list[dict]], list[int], str]:
-    """Every row as a normalised message list, with its source row number and the detected format."""
+def load_conversations(data_cfg, key: str = "data") -> tuple[list[list[dict]], list[int], str]:
+    """Every row of one data file as a normalised message list, with its source row number and the detected format."""
     messages, numbers, fmt = [], [], ""
-    for conversation, number, fmt in conversations(data_cfg):
+    for conversation, number, fmt in conversations(data_cfg, key):
         messages.append(conversation)
         numbers.append(number)
     return messages, numbers, fmt
 
 
-def check_rows(data_cfg) -> dict:
-    """Read and normalise every row as training will, keeping none of them: the login node's check that the
-    data will not fail in the job. Returns the row count and format."""
+def load_sources(data_cfg) -> list[SourceRows]:
+    """Every source of the run (data.path, or each of data.sources) read and normalised."""
+    return [SourceRows(source, *load_conversations(source.data, source.key)) for source in data_sources(data_cfg)]
+
+
+def check_rows(data_cfg, key: str = "data") -> dict:
+    """Read and normalise every row of one data file as training will, keeping none of them: the login node's check
+    that the data will not fail in the job. Returns the row count and format."""
     count, fmt = 0, ""
-    for _, _, fmt in conversations(data_cfg):
+    for _, _, fmt in conversations(data_cfg, key):
         count += 1
     return {"rows": count, "format": fmt}
 
 
+def validation_sources(data_cfg, seed: int) -> list[SourceRows]:
+    """The run's validation rows, each source's apart (they are tokenized with its template): the split training made."""
+    loaded = load_sources(data_cfg)
+    splits = mix_split([len(rows.conversations) for rows in loaded], data_cfg.val_size, seed)
+    return [SourceRows(rows.source, [rows.conversations[i] for i in val], [rows.numbers[i] for i in val], rows.format)
+            for rows, (_, val) in zip(loaded, splits)]
 
 
 def default_cache_dir() -> Path:
@@ -90,43 +114,69 @@ def tokenized(data_cfg, conversations: list[list[dict]], numbers: list[int], tok
 
 
 def prepare(data_cfg, tokenizer, seed: int, packed: bool = False) -> PreparedData:
-    """`packed`: data.packing as resolved for the model (models.packing_choice)."""
-    conversations, numbers, fmt = load_conversations(data_cfg)
-    if data_cfg.template == "chat":
-        try:
-            render("chat", conversations[0], tokenizer)
-        except ValueError as exc:
-            raise UserError(f"data.template: {exc}") from None
-    train_idx, val_idx = split_indices(len(conversations), data_cfg.val_size, seed)
-    stats = {"rows": len(conversations), "format": fmt, "template": data_cfg.template}
-    sets = {}
-    for split, idx in (("train", train_idx), ("val", val_idx)):
-        if not idx:
-            sets[split] = None
-            continue
-        ds, stats[f"{split}_cached"] = tokenized(data_cfg, [conversations[i] for i in idx], [numbers[i] for i in idx], tokenizer, split)
-        stats[f"{split}_rows"] = len(idx)
-        stats[f"{split}_examples"] = len(ds)
-        stats[f"{split}_dropped"] = len(idx) - len(ds)
-        if len(ds) == 0:  # every example dropped: the map's result has no columns at all
-            if split == "train":
-                raise DataError(data_cfg.path, f"no training example is left: every response of the {len(idx)} training rows lies "
-                                               f"beyond data.max_length={data_cfg.max_length} tokens; raise data.max_length, or "
-                                               "shorten the prompts")
-            stats.update({f"{split}_truncated": 0, f"{split}_tokens": 0})
-            sets[split] = None
-            continue
-        stats[f"{split}_truncated"] = int(sum(ds["truncated"]))
-        stats[f"{split}_tokens"] = int(sum(len(ids) for ids in ds["input_ids"]))
-        sets[split] = ds
+    """`packed`: data.packing as resolved for the model (models.packing_choice). Of a mix, each source is tokenized
+    with its own settings and weighted (weighted_positions); the mixed training examples are shuffled with `seed`
+    before packing, so that packed rows hold examples of every source."""
+    loaded = load_sources(data_cfg)
+    for rows in loaded:
+        if rows.source.data.template == "chat":
+            try:
+                render("chat", rows.conversations[0], tokenizer)
+            except ValueError as exc:
+                raise UserError(f"{rows.source.key}.template: {exc}") from None
+    splits = mix_split([len(rows.conversations) for rows in loaded], data_cfg.val_size, seed)
+    formats, templates = {rows.format for rows in loaded}, {rows.source.data.template for rows in loaded}
+    stats = {"rows": sum(len(rows.conversations) for rows in loaded), "format": formats.pop() if len(formats) == 1 else "mixed",
+             "template": templates.pop() if len(templates) == 1 else "mixed"}
+    parts: dict[str, list] = {"train": [], "val": []}
+    for i, (rows, indices) in enumerate(zip(loaded, splits)):
+        examples = 0
+        for split, idx in zip(("train", "val"), indices):
+            if not idx:
+                continue
+            ds, cached = tokenized(rows.source.data, [rows.conversations[j] for j in idx], [rows.numbers[j] for j in idx], tokenizer, split)
+            dropped = len(idx) - len(ds)
+            if split == "train" and rows.source.weight != 1 and len(ds):
+                ds = ds.select(weighted_positions(len(ds), rows.source.weight, seed + i)).flatten_indices()
+            examples += len(ds) if split == "train" else 0
+            parts[split].append((ds, len(idx), dropped, cached))
+        if len(loaded) > 1:
+            stats.setdefault("sources", []).append({"path": rows.source.data.path, "rows": len(rows.conversations), "format": rows.format,
+                                                    "template": rows.source.data.template, "weight": rows.source.weight,
+                                                    "train_examples": examples})
+    sets = {split: _joined(split, parts[split], stats) for split in ("train", "val")}
     if sets["train"] is None:
-        raise DataError(data_cfg.path, "no training rows: data.val_size takes every row")
+        if stats.get("train_rows"):  # every example dropped
+            raise DataError(loaded[0].source.data.path if len(loaded) == 1 else "data.sources",
+                            f"no training example is left: every response of the {stats['train_rows']} training rows lies "
+                            f"beyond data.max_length={data_cfg.max_length} tokens; raise data.max_length, or shorten the prompts")
+        raise DataError(data_cfg.path or "data.sources", "no training rows: data.val_size takes every row")
+    if len(loaded) > 1:
+        sets["train"] = sets["train"].shuffle(seed=seed).flatten_indices()
     if packed:
         for split in ("train", "val"):
             if sets[split] is not None and len(sets[split]):
                 sets[split] = _packed(sets[split], data_cfg.max_length)
                 stats[f"{split}_packed_rows"] = len(sets[split])
-    return PreparedData(sets["train"], sets["val"], fmt, stats)
+    return PreparedData(sets["train"], sets["val"], stats["format"], stats)
+
+
+def _joined(split: str, parts: list, stats: dict):
+    """One split's datasets of every source as one (None where no example is left), its numbers added to `stats`."""
+    import datasets
+
+    if not parts:
+        return None
+    stats[f"{split}_rows"] = sum(rows for _, rows, _, _ in parts)
+    stats[f"{split}_cached"] = all(cached for *_, cached in parts)
+    stats[f"{split}_dropped"] = sum(dropped for _, _, dropped, _ in parts)
+    kept = [ds for ds, *_ in parts if len(ds)]  # a dataset of no example has no columns at all
+    stats[f"{split}_examples"] = sum(len(ds) for ds in kept)
+    stats[f"{split}_truncated"] = sum(int(sum(ds["truncated"])) for ds in kept)
+    stats[f"{split}_tokens"] = sum(int(sum(len(ids) for ids in ds["input_ids"])) for ds in kept)
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else datasets.concatenate_datasets(kept)
 
 
 def _packed(ds, max_length: int):

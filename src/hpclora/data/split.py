@@ -26,3 +26,30 @@ def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[i
     random.Random(seed).shuffle(order)
     held = validation_rows(n, val_size)
     return sorted(order[held:]), sorted(order[:held])
+
+
+def weighted_positions(n: int, weight: float, seed: int) -> list[int]:
+    """Which of a source's `n` training examples go into the mix, and how often (data.sources[].weight): each
+    int(weight) times, and a seeded draw of round(the fraction x n) of them once more. The same on every resume."""
+    whole, part = _weighted(n, weight)
+    extra = sorted(random.Random(seed).sample(range(n), part)) if part else []
+    return [i for i in range(n) for _ in range(whole)] + extra
+
+
+def mix_split(rows: list[int], val_size: float, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Each source's (training, validation) row indices: data.val_size is held out of all the sources' `rows`
+    together, as from one file (split_indices), so that one source's rows alone are the single-file split."""
+    train, val = split_indices(sum(rows), val_size, seed)
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    return [([t - start for t in train if start <= t < start + n], [v - start for v in val if start <= v < start + n])
+            for start, n in zip(starts, rows)]
+
+
+def weighted_count(n: int, weight: float) -> int:
+    """len(weighted_positions(n, weight, seed)), for the planner."""
+    whole, part = _weighted(n, weight)
+    return whole * n + part
+
+
+def _weighted(n: int, weight: float) -> tuple[int, int]:
+    return int(weight), round((weight - int(weight)) * n)

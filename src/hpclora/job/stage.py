@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..rundir import sha256_file
 from ..catalog.hub import hf_home, hub_dataset_id, hub_model_id, is_offline, offline_switches, use_cache
+from ..data.sources import data_sources
 
 
 def _ask_hub(call, what: str):
@@ -66,21 +67,23 @@ def stage(cfg, config_path: str | None) -> dict:
         # By the name model.revision gives, so that the cache records that name for offline jobs to find.
         snapshot = Path(snapshot_download(model, revision=revision, ignore_patterns=_weights_patterns(files)))
         manifest["model"] = {"id": model, "revision": revision, "commit": snapshot.name, "files": _hashes(snapshot)}
-    dataset = hub_dataset_id(cfg.data.path)
-    if dataset:
-        info = _ask_hub(lambda: api.dataset_info(dataset), f"data.path: {dataset}")
-        print(f"dataset {dataset} (commit {info.sha}): downloading", flush=True)
-        manifest["dataset"] = {"id": dataset, "split": cfg.data.split, "commit": info.sha}
+    datasets = []  # each hub dataset of the run (data.path, or of data.sources) at the commit read now
+    for source in data_sources(cfg.data):
+        if dataset := hub_dataset_id(source.data.path):
+            info = _ask_hub(lambda: api.dataset_info(dataset), f"{source.key}.path: {dataset}")
+            print(f"dataset {dataset} (commit {info.sha}): downloading", flush=True)
+            datasets.append({"id": dataset, "split": source.data.split, "commit": info.sha})
 
     from ..data import default_cache_dir, prepare
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)  # reads the dataset (hub: into the cache) and tokenizes it
-    if dataset:  # the data files `datasets` fetched into the hub cache while reading
-        snapshot = snapshot_download(dataset, repo_type="dataset", revision=manifest["dataset"]["commit"],
-                                     cache_dir=home / "hub", local_files_only=True)
-        manifest["dataset"]["files"] = _hashes(Path(snapshot))
+    for dataset in datasets:  # the data files `datasets` fetched into the hub cache while reading
+        snapshot = snapshot_download(dataset["id"], repo_type="dataset", revision=dataset["commit"], cache_dir=home / "hub", local_files_only=True)
+        dataset["files"] = _hashes(Path(snapshot))
+    if datasets:
+        manifest["datasets"] = datasets
     manifest["tokenized"] = {
         "cache_dir": cfg.data.cache_dir or str(default_cache_dir()),
         **{k: v for k, v in data.stats.items() if k.endswith(("_examples", "_tokens"))},

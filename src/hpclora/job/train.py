@@ -250,6 +250,11 @@ def save_adapter(model, tokenizer, out: Path, weights: dict | None = None) -> Pa
 
 def describe_data(stats: dict) -> str:
     parts = [f"data {stats['rows']} rows ({stats['format']}, template {stats['template']})"]
+    if "sources" in stats:  # a mix: each source's part of the training examples
+        trained = sum(s["train_examples"] for s in stats["sources"]) or 1
+        parts = [f"data {stats['rows']} rows from {len(stats['sources'])} sources"] + [
+            f"{Path(s['path']).name}: {s['rows']} rows ({s['format']}, template {s['template']}) x{s['weight']:g} = "
+            f"{s['train_examples']} training examples ({s['train_examples'] / trained:.0%})" for s in stats["sources"]]
     for split in ("train", "val"):
         if f"{split}_examples" in stats:
             extra = f", {stats[f'{split}_packed_rows']} packed rows" if f"{split}_packed_rows" in stats else ""

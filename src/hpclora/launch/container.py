@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..config import RunConfig
+from ..data.sources import data_sources
 from ..errors import UserError
 from ..catalog.hub import local_data_path, local_model_path
 from ..catalog.node import find_runtime
@@ -43,8 +44,9 @@ def job_binds(cfg: RunConfig) -> list[str]:
     """What a job inside the image must see: output root (run directories), data, caches, a local model,
     and `container.binds`. Paths under another bound path are left out; order is kept."""
     wanted = [cfg.run.output_root]
-    if (data := local_data_path(cfg.data.path)) is not None:
-        wanted.append(str(data.parent))
+    for source in data_sources(cfg.data):
+        if (data := local_data_path(source.data.path)) is not None:
+            wanted.append(str(data.parent))
     for path in (cfg.data.cache_dir, cfg.cache.hf_home):
         if path:
             wanted.append(path)

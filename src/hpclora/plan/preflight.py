@@ -9,7 +9,8 @@
   model is not checked here.
 - slurm.gpu_type rules out bf16, and FSDP in fp16, on GPUs without bf16 (V100, T4).
 
-Hub datasets are read in the job (or by `hpclora stage`), so they are not checked here.
+Hub datasets are read in the job (or by `hpclora stage`), so they are not checked here. Each source of a mix
+(data.sources) is checked as a single file would be.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..catalog.models import missing_targets
 from ..catalog.precision import fsdp_problem
 from ..catalog.hub import local_data_path
 from ..config import RunConfig
+from ..data.sources import data_sources
 from ..data import check_rows, validation_rows
 from ..errors import ConfigError, UserError
 from .make import device_for, precision_for
@@ -65,12 +67,23 @@ def check_model(cfg: RunConfig) -> None:
 
 
 def check_data(cfg: RunConfig) -> dict | None:
-    path = local_data_path(cfg.data.path)
-    if path is None or not path.is_file():  # a hub id, or a missing file (which the config check reports)
+    """Every row of each local data file of the run (data.path, or each of data.sources); returns their row count
+    (`rows`, and `per_source`) and format, or None where a source is not a local file (a hub id, or a missing file,
+    which the config check reports)."""
+    counted = []
+    for source in data_sources(cfg.data):
+        path = local_data_path(source.data.path)
+        if path is None or not path.is_file():
+            counted.append(None)
+            continue
+        d, stat = source.data, path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows)
+        if key not in _checked:
+            _checked[key] = check_rows(d, source.key)
+        counted.append(_checked[key])
+    if None in counted:
         return None
-    d, stat = cfg.data, path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows)
-    if key not in _checked:
-        _checked[key] = check_rows(d)
-    validation_rows(_checked[key]["rows"], d.val_size)  # refuses a split that leaves nothing to train on
-    return _checked[key]
+    rows = [c["rows"] for c in counted]
+    validation_rows(sum(rows), cfg.data.val_size)  # refuses a split that leaves nothing to train on
+    formats = sorted({c["format"] for c in counted})
+    return {"rows": sum(rows), "per_source": rows, "format": formats[0] if len(formats) == 1 else " and ".join(formats)}

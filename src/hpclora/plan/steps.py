@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from ..config import RunConfig, world_size
-from ..data.split import validation_rows
+from ..data.sources import data_sources
+from ..data.split import mix_split, weighted_count
 
 
 def total_steps(micro_batches: int, cfg: RunConfig, world: int) -> int:
@@ -19,17 +20,20 @@ def total_steps(micro_batches: int, cfg: RunConfig, world: int) -> int:
 
 
 def planned_steps(cfg: RunConfig) -> int | None:
-    """total_steps for the rows of a local data file (counted once per file version by the login node's data
-    check), one row per micro-batch slot; None where the rows are not known here (a hub dataset)."""
+    """total_steps for the rows of the run's local data files (counted once per file version by the login node's
+    data check), split and weighted as the job does, one row per micro-batch slot; None where the rows are not
+    known here (a hub dataset without data.max_rows)."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
     from .preflight import check_data
 
+    sources = data_sources(cfg.data)
     checked = check_data(cfg)
-    if checked is None and not cfg.data.max_rows:
+    # A hub dataset is not read here: cut to max_rows, it has at most that many rows (an upper bound, as the plan's
+    # full-length rows are).
+    rows = checked["per_source"] if checked is not None else [source.data.max_rows for source in sources]
+    if None in rows:
         return None
-    # A hub dataset is not read here: cut to data.max_rows, it has at most that many rows (an upper bound, as the
-    # plan's full-length rows are).
-    rows = checked["rows"] if checked is not None else cfg.data.max_rows  # data.max_rows already applied
-    train_rows = rows - validation_rows(rows, cfg.data.val_size)
+    splits = mix_split(rows, cfg.data.val_size, cfg.run.seed)
+    train_rows = sum(weighted_count(len(train), source.weight) for source, (train, _) in zip(sources, splits))
     return total_steps(math.ceil(train_rows / cfg.train.micro_batch_size), cfg, world_size(cfg))

@@ -16,20 +16,20 @@ from ..errors import UserError
 from ..rundir import verdict, write_json, write_text_atomic
 
 
-def held_out(cfg, data_path: str | None) -> tuple[list[list[dict]], list[int], str]:
-    """(conversations, source row numbers, where they come from) of the rows to evaluate on."""
+def held_out(cfg, data_path: str | None) -> tuple[list, str]:
+    """The rows to evaluate on, each source's apart (SourceRows: its template tokenizes them), and where they come from."""
     from dataclasses import replace
 
-    from ..data import load_conversations, split_indices
+    from ..data.sources import Source
+    from ..data import SourceRows, load_conversations, validation_sources
 
     if data_path:
-        conversations, numbers, _ = load_conversations(replace(cfg.data, path=data_path, max_rows=None))
-        return conversations, numbers, f"every row of {data_path}"
+        data = replace(cfg.data, path=data_path, max_rows=None, sources=[])
+        return [SourceRows(Source(data, 1.0, "data"), *load_conversations(data))], f"every row of {data_path}"
     if not cfg.data.val_size:
         raise UserError("eval: this run kept no validation rows (data.val_size: 0): pass --data PATH with held-out rows")
-    conversations, numbers, _ = load_conversations(cfg.data)
-    _, val = split_indices(len(conversations), cfg.data.val_size, cfg.run.seed)
-    return [conversations[i] for i in val], [numbers[i] for i in val], f"the run's validation split of {cfg.data.path}"
+    groups = validation_sources(cfg.data, cfg.run.seed)
+    return groups, f"the run's validation split of {', '.join(rows.source.data.path for rows in groups)}"
 
 
 def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
@@ -52,8 +52,9 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
 
     run = Path(run_dir)
     model, tokenizer, cfg = load_run(run)
-    conversations, numbers, source = held_out(cfg, data_path)
-    examples = [dict(row) for row in tokenized(cfg.data, conversations, numbers, tokenizer, "eval" if data_path else "val")[0]]
+    groups, source = held_out(cfg, data_path)
+    examples = [dict(row) for rows in groups if rows.conversations
+                for row in tokenized(rows.source.data, rows.conversations, rows.numbers, tokenizer, "eval" if data_path else "val")[0]]
     if not examples:
         raise UserError(f"eval: no held-out row has a response left after truncation to data.max_length={cfg.data.max_length} ({source})")
     batch = cfg.train.micro_batch_size
@@ -66,19 +67,20 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
 
     samples = []
     greedy = Sampling(max_new_tokens=max_new_tokens)
-    for conversation, number in zip(conversations, numbers):
+    rows_of = [(rows.source.data, conversation, number) for rows in groups for conversation, number in zip(rows.conversations, rows.numbers)]
+    for data, conversation, number in rows_of:
         if len(samples) >= n:
             break
         if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
             continue  # plain text has no prompt to answer
-        prompt, what = conversation[:-1], f"sample {len(samples) + 1} of up to {n} (row {number})"
+        prompt, what = conversation[:-1], f"sample {len(samples) + 1} of up to {n} (row {number}{_of(data, groups)})"
         with model.disable_adapter():
-            base_answer = timed_answer(model, tokenizer, cfg.data.template, prompt, greedy, f"{what}, base model")
+            base_answer = timed_answer(model, tokenizer, data.template, prompt, greedy, f"{what}, base model")
         samples.append({"row": number, "prompt": _prompt_text(prompt), "reference": conversation[-1]["content"],
-                        "base": base_answer, "adapter": timed_answer(model, tokenizer, cfg.data.template, prompt, greedy, f"{what}, with adapter")})
+                        "base": base_answer, "adapter": timed_answer(model, tokenizer, data.template, prompt, greedy, f"{what}, with adapter")})
 
     result = {
-        "held_out": source, "rows": len(conversations), "examples": len(examples), "response_tokens": tokens,
+        "held_out": source, "rows": len(rows_of), "examples": len(examples), "response_tokens": tokens,
         "base": {"loss": base_loss, "perplexity": math.exp(base_loss)},
         "adapter": {"loss": adapter_loss, "perplexity": math.exp(adapter_loss)},
         "loss_change": adapter_loss - base_loss,
@@ -89,6 +91,11 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
     write_json(run / "eval.json", result)
     write_text_atomic(run / "eval.md", eval_markdown(run.name, result))
     return result
+
+
+def _of(data, groups: list) -> str:
+    """` of a.jsonl` where the rows come from several files."""
+    return f" of {Path(data.path).name}" if len(groups) > 1 else ""
 
 
 def _prompt_text(messages: list[dict]) -> str:

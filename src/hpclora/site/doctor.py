@@ -163,7 +163,8 @@ def check_config(report: Report, cfg, config_path: str, part):
     try:
         data = preflight.check(cfg)
         if data:
-            report.add(OK, "config.data", f"{cfg.data.path}: {data['rows']:,} rows of {data['format']} data read")
+            where = cfg.data.path or f"data.sources ({len(cfg.data.sources)} files)"
+            report.add(OK, "config.data", f"{where}: {data['rows']:,} rows of {data['format']} data read")
     except UserError as exc:
         for line in exc.lines():
             report.add(FAIL, "config.data", line)
