@@ -64,11 +64,12 @@ def test_a_mix_weights_each_source_templates_it_its_own_way_and_is_the_same_on_e
 def test_the_plan_counts_the_steps_of_the_mix_the_job_trains(tmp_path, tokenizer):
     from hpclora.plan.steps import planned_steps
 
-    cfg = mix_cfg(tmp_path, mix(tmp_path, weights=(1.5, 0.3)), "data.packing=false", "train.epochs=1", "train.micro_batch_size=4",
-                  "train.max_steps=null")
-    prepared = prepare(cfg.data, tokenizer, seed=cfg.run.seed)
-    assert prepared.stats["train_dropped"] == 0
-    assert planned_steps(cfg) == math.ceil(len(prepared.train) / 4)
+    cfg = mix_cfg(tmp_path, mix(tmp_path, weights=(1.5, 0.3)), "train.epochs=1", "train.micro_batch_size=4", "train.max_steps=null")
+    for packed in (False, True):
+        prepared = prepare(cfg.data, tokenizer, seed=cfg.run.seed, packed=packed)
+        counted = "packed rows" if packed else "examples"
+        assert planned_steps(cfg, packed) == (math.ceil(len(prepared.train) / 4), f"{counted} counted with the model's tokenizer")
+    assert len(prepared.train) < prepared.stats["train_examples"]  # packing made fewer rows than examples
 
 
 def test_mistakes_in_a_mix_are_named_by_their_place(tmp_path, cli):

@@ -258,17 +258,34 @@ def test_cpu_speed_scales_with_the_jobs_cores_and_is_shared_by_its_ranks(tmp_pat
 
 
 def test_the_planner_counts_the_steps_the_job_trains(tmp_path, tiny_llama_dir):
-    """One validation split and one step rule for both: 17 rows with val_size 0.1 hold out round(1.7) = 2 rows, so
-    15 rows train, one micro-batch each: 15 steps. (The planner once held out int(1.7) = 1 and planned 16.)"""
+    """One validation split, one cut and one packing rule for both, and the login node's tokens are the job's. 17 rows
+    with val_size 0.1 hold out round(1.7) = 2 rows (the planner once held out int(1.7) = 1); a row whose prompt fills
+    data.max_length trains nothing and is dropped; packed, several examples share a row (the planner once counted one
+    row per example: 40 steps where the demo trains 16). The login node reads the tokenizer's files without
+    transformers (catalog/tokenizer_files.py): its tokens equal transformers' for every template."""
+    from transformers import AutoTokenizer
+
+    from hpclora.catalog.tokenizer_files import file_tokenizer
+    from hpclora.data import encode, render
     from hpclora.job.train import train
     from hpclora.plan.steps import planned_steps
 
-    cfg_path = tiny_run_yaml(tmp_path, tiny_llama_dir, data={"val_size": 0.1, "packing": False},
-                             train={"max_steps": None, "epochs": 1, "micro_batch_size": 1, "log_every": 5})
-    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(17))
-    cfg = config.load(cfg_path)
-    assert planned_steps(cfg) == 15
-    assert train(cfg, run_dir=str(tmp_path / "run")).summary["steps"] == 15
+    rows = alpaca_rows(17)
+    rows[5]["instruction"] = "Say nothing. " * 80
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    steps = {}
+    for packing in (False, True):
+        cfg = config.load(tiny_run_yaml(tmp_path, tiny_llama_dir, data={"path": str(tmp_path / "rows.jsonl"), "val_size": 0.1, "max_length": 128, "packing": packing},
+                                        train={"max_steps": None, "epochs": 1, "micro_batch_size": 1, "log_every": 5}))
+        steps[packing], note = planned_steps(cfg, packing)
+        assert note == ("packed rows" if packing else "examples") + " counted with the model's tokenizer"
+        assert train(cfg, run_dir=str(tmp_path / f"run-{packing}")).summary["steps"] == steps[packing]
+    assert steps[False] in (14, 15) and steps[True] <= steps[False] / 2
+    tokenizer, on_files = AutoTokenizer.from_pretrained(tiny_llama_dir), file_tokenizer(cfg)
+    conversation = [{"role": "user", "content": "日本の首都は？", "input": "One word."}, {"role": "assistant", "content": "東京です。"},
+                    {"role": "user", "content": "And of France?"}, {"role": "assistant", "content": "Paris."}]
+    for template in ("alpaca", "alpaca_ja", "calm", "chat", "none"):
+        assert encode(render(template, conversation, on_files), on_files, template) == encode(render(template, conversation, tokenizer), tokenizer, template)
 
 
 def test_fsdp_is_chosen_and_allowed_only_where_the_job_can_run_it(tmp_path):

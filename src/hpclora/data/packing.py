@@ -15,23 +15,9 @@ from .tokenize import IGNORE
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> dict[str, list]:
-    """Best-fit decreasing: longest examples first, each into the fullest row it still fits."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    rows: list[list[int]] = []  # example indices per row
-    free: list[tuple[int, int]] = []  # (space left, row index), kept sorted
-    for i in order:
-        size = len(examples[i][0])
-        at = bisect.bisect_left(free, (size, -1))
-        if at < len(free):
-            space, row = free.pop(at)
-            rows[row].append(i)
-            bisect.insort(free, (space - size, row))
-        else:
-            rows.append([i])
-            bisect.insort(free, (max_length - size, len(rows) - 1))
+    """The examples (input ids, labels) packed into rows (pack_rows)."""
     packed = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in rows:
-        members.sort()  # keep the data order inside a row
+    for members in pack_rows([len(ids) for ids, _ in examples], max_length):
         ids, labels, positions = [], [], []
         for i in members:
             ids.extend(examples[i][0])
@@ -41,6 +27,25 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> dict[s
         packed["labels"].append(labels)
         packed["position_ids"].append(positions)
     return packed
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Which examples (by their `lengths`) share each row, in data order within a row: best-fit decreasing, the
+    longest examples first, each into the fullest row it still fits. The planner counts rows with it too."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (space left, row index), kept sorted
+    for i in order:
+        size = lengths[i]
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (space - size, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_length - size, len(rows) - 1))
+    return [sorted(members) for members in rows]  # keep the data order inside a row
 
 
 MEGABATCH = 50  # batches whose rows are drawn together at random, then sorted by length

@@ -65,6 +65,15 @@ def encode_many(all_pieces, tokenizer, template: str, train_on_prompt: bool):
     return out
 
 
+def trained_example(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool] | None:
+    """An encoded example as training takes it: cut to max_length (and whether it was cut), or None where no token
+    that trains is left."""
+    cut_ids, cut_labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in cut_labels):
+        return None
+    return cut_ids, cut_labels, len(ids) > max_length
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -103,10 +112,9 @@ def tokenize_dataset(rendered: list[str], rows: list[int], tokenizer, template: 
         encoded = encode_many(pieces, tokenizer, template, train_on_prompt)
         out = {"input_ids": [], "labels": [], "row": [], "truncated": []}
         for (ids, labels), row in zip(encoded, batch["row"]):
-            truncated = len(ids) > max_length
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(label == IGNORE for label in labels):
+            if (kept := trained_example(ids, labels, max_length)) is None:
                 continue
+            ids, labels, truncated = kept
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["row"].append(row)

@@ -27,7 +27,8 @@ def format_plan(p: Plan) -> str:
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
                         if p.max_micro_batch else f"not even 1 row fits: try {shrink_advice(p)}"),
         ("speed", f"~{p.tokens_per_s:,.{1 if p.tokens_per_s < 100 else 0}f} tokens/s ({p.tokens_per_s_note})"),
-        ("time", f"{p.time} for {p.steps} steps (full-length rows: an upper bound)" if p.time else "unknown (row count not known: set train.max_steps)"),
+        ("time", f"{p.time} for {p.steps} steps ({p.steps_note}; full-length rows: an upper bound)" if p.time
+                 else "unknown (row count not known: set train.max_steps)"),
         ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v) + (f" ({p.memory_note})" if p.memory_note else "")),
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)

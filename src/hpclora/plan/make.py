@@ -52,6 +52,7 @@ class Plan:
     max_micro_batch: int  # the largest that fits (0: not even one row)
     grad_accum: int  # keeps micro_batch x grad_accum when the micro-batch has to shrink
     steps: int | None
+    steps_note: str  # how the steps were counted (plan.steps.planned_steps)
     tokens_per_s: float  # the whole world's
     tokens_per_s_note: str
     time: str | None  # estimated wall time of the training, HH:MM:SS
@@ -168,7 +169,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     world_scaling = scaling(strategy, cfg.slurm.nodes, world)
     tokens_per_s = rank_tokens * world * world_scaling
     measured = calibration.find(device.name, cfg.model.name) if calibrated else None
-    steps = planned_steps(cfg)
+    steps, steps_note = planned_steps(cfg, packing)
     note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
     if device.name == "cpu":
         note = (f"estimate: {device.tflops} TFLOP/s of {CPU_REFERENCE_CORES} cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
@@ -195,7 +196,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
         weights_gb=parts["weights_gb"], optimizer_gb=round(parts["lora_gb"] + parts["optimizer_gb"], 3),
         activations_gb=round(parts["activations_gb"] + parts["logits_gb"], 3), peak_gb=peak_gb, capacity_gb=round(capacity, 3),
-        fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps,
+        fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps, steps_note=steps_note,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
         time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
         memory_note=asked_memory(cfg.slurm.mem, recommended["mem"]),
