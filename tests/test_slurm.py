@@ -207,37 +207,40 @@ def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_ll
     assert ambiguous.returncode == 2 and f"{job_id}_0, {job_id}_1, {job_id}_2" in ambiguous.stderr
 
 
-def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task(tmp_path, tiny_llama_dir, env):
+def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task_and_cancel_keeps_both(tmp_path, tiny_llama_dir, env):
     """`sweep --trials-per-node 2` on one-GPU trials: one array task asks for 2 GPUs (the test cluster's fake
     ones: their device files exist, the tiny model trains on the CPU) and runs both trials at once, one GPU
-    each, each with its own run directory, log and adapter. Each trial trains long enough (40 steps of half a
-    second) to outlast the other's start-up, which two processes loading at once on two cores can delay by seconds."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40}, slurm={"gpus": 1, "gpu_type": "v100"})
+    each, each with its own run directory, log and checkpoints. `hpclora cancel` of the task then asks both to
+    checkpoint: each keeps a whole checkpoint of its own, and the task ends CANCELLED, not requeued."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, slurm={"gpus": 1, "gpu_type": "v100"})
     out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=paced(env, 0.5), cwd=tmp_path).stdout
     job_id = job_id_from(out)
-    assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("COMPLETED", "0:0")}  # one task for two trials
-
     (sweep_dir,) = (tmp_path / "runs").iterdir()
     script = (sweep_dir / "job.sbatch").read_text()
     assert "#SBATCH --array=0-0" in script and "#SBATCH --gres=gpu:v100:2" in script and "#SBATCH --mem=4096M" in script
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
-    spans, gpus = [], set()
-    for trial in manifest["trials"]:
-        run_dir = Path(trial["run_dir"])
-        assert trial["task"] == 0 and json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 2 * (trial["trial"] + 1)
+    run_dirs = [Path(trial["run_dir"]) for trial in manifest["trials"]]
+    wait_until(lambda: all(any(s >= 3 for s in metrics_steps(run_dir)) for run_dir in run_dirs), "both trials training")  # at once
+
+    done = hpclora("cancel", job_id, env=env, cwd=tmp_path).stdout
+    assert wait_for(job_id, tasks=1) == {f"{job_id}_0": ("CANCELLED", "0:0")}  # one task for two trials
+    assert requeue_records(job_id) == ["CANCELLED"]
+    gpus = set()
+    for trial, run_dir in zip(manifest["trials"], run_dirs):
+        assert trial["task"] == 0 and Path(trial["log"]) == tmp_path / "logs" / f"tiny-{job_id}_{trial['trial']}.out"
         log = Path(trial["log"]).read_text()
-        assert Path(trial["log"]) == tmp_path / "logs" / f"tiny-{job_id}_{trial['trial']}.out"
-        assert "adapter saved to" in log and str(run_dir) in log and "Traceback" not in log
+        assert str(run_dir) in log and "Traceback" not in log and "`hpclora cancel` asked for a stop" in log
         gpus.add(log.split(", GPU ")[1].split()[0])
-        started = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])["started"]
-        spans.append((time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S%z")), (run_dir / "summary.json").stat().st_mtime))
+        said = f"cancelled {job_id}_0: stopped by `hpclora cancel` at step "
+        step = max(metrics_steps(run_dir))
+        saved = run_dir / "checkpoints" / f"checkpoint-{step}"
+        assert f"{said}{step}/" in done and (saved / "COMPLETE").is_file() and not (run_dir / "adapter").exists()
+        assert json.loads((saved / "adapter_config.json").read_text())["r"] == 2 * (trial["trial"] + 1)
     assert gpus == {"0", "1"}  # one GPU each
-    (a_start, a_end), (b_start, b_end) = spans
-    assert a_start < b_end and b_start < a_end  # side by side, not one after the other
     task_log = (tmp_path / "logs" / f"tiny-{job_id}_task0.out").read_text()
-    assert "trial 0 in" in task_log and "trial 1 in" in task_log
+    assert "trial 0 in" in task_log and "trial 1 in" in task_log and "instead of requeueing" in task_log
     status = hpclora("status", sweep_dir, env=env, cwd=tmp_path).stdout
-    assert [l.split()[:2] for l in status.splitlines() if l.startswith(job_id)] == [[f"{job_id}_0", "COMPLETED"]] * 2
+    assert [l.split()[:2] for l in status.splitlines() if l.startswith(job_id)] == [[f"{job_id}_0", "CANCELLED"]] * 2
 
 
 def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_log(tmp_path, tiny_llama_dir, env):
