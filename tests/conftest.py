@@ -27,7 +27,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # fixture is made once: the real small model's trained runs (`real_run`, test_end_to_end's `trained`), the resume
 # and distributed references. Every other test is handed to whichever worker is free.
 SHARED_FIXTURE_GROUPS = {
-    "test_eval_merge.py": "real-run", "test_chat.py": "real-run", "test_report.py": "real-run",
+    "test_eval_merge.py": "real-run", "test_chat.py": "real-run", "test_export.py": "real-run", "test_report.py": "real-run",
     "test_end_to_end.py": "end-to-end", "test_resume.py": "resume", "test_distributed.py": "distributed",
 }
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import FILE_SYSTEM_REFUSALS, USER_ERROR_EXIT, ConfigError, UserError, file_system_refusal
+from .results import llamacpp  # its type names only: no llama.cpp is loaded
 from .stops import CANCEL_WAIT_S
 
 PLAN_DOES_NOT_FIT = 3  # `hpclora plan`'s exit status for a run that does not fit, so that scripts can test for it
@@ -145,6 +146,12 @@ def cmd_merge(args) -> int:
 
     print(f"merged {args.run_dir}/adapter into its base: {merge(args.run_dir, args.out, args.dtype)} ({args.dtype} safetensors)")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .results.export import export_command
+
+    return export_command(args.run_dir, args.quant, args.out, args.adapter_only)
 
 
 def cmd_report(args) -> int:
@@ -313,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="new directory for the merged model (never overwritten; default: RUN_DIR/merged)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the saved weights (default: %(default)s)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a run's model (or its adapter alone) as GGUF for llama.cpp and Ollama, checked by llama.cpp")
+    p.add_argument("run_dir", help="a finished run directory with adapter/")
+    p.add_argument("--format", choices=("gguf",), default="gguf", help="the format to write (default: %(default)s)")
+    p.add_argument("--quant", choices=llamacpp.QUANT_TYPES, default="q8_0", help="GGUF type (default: %(default)s; an adapter: f32, f16, bf16 or q8_0)")
+    p.add_argument("--adapter-only", action="store_true", help="the LoRA adapter alone, for `llama-cli --lora` and Ollama's ADAPTER")
+    p.add_argument("--out", help="new directory for the GGUF, Modelfile and EXPORTED_FROM.json (default: RUN_DIR/gguf-[lora-]TYPE)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="loss curves (PNG) and a markdown summary of a run, or a ranking of a sweep's trials")
     p.add_argument("target", help="a run directory or sweep directory")

@@ -41,6 +41,7 @@ STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
+EXPORT_DIR = "gguf-{lora}{quant}"  # `hpclora export` without --out writes here (lora: "lora-" for an adapter alone)
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"
 # Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.
@@ -61,12 +62,33 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in (RUN_MARKER, LOCK_FILE, JOB_FILE))
 
 
+def training_holder(path: Path) -> str | None:
+    """Who is training in the run directory `path` now (host, pid, job, as its lock says), or None: the lock is free
+    or absent. The lock is a flock, which the OS drops when the training process ends however it ends."""
+    import fcntl
+
+    try:
+        handle = open(path / LOCK_FILE, encoding="utf-8")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        except OSError:  # a file system without locks: nothing can tell
+            return None
+    return None
+
+
 def foreign_entries(path: Path) -> list[str]:
     """What a directory holds that hpclora did not write (the `.NAME.tmp` and `.NAME.partial-PID` of an interrupted
     write of one of its own files count as hpclora's)."""
     def ours(name: str) -> bool:
         half_written = re.match(r"^\.(.+)\.(tmp|partial-\d+)$", name)
-        return name in RUN_ENTRIES or bool(half_written and half_written.group(1) in RUN_ENTRIES)
+        if half_written:
+            name = half_written.group(1)
+        return name in RUN_ENTRIES or re.fullmatch(r"gguf-(lora-)?[a-z0-9_]+", name) is not None  # EXPORT_DIR
 
     return sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir() if not ours(e.name))
 

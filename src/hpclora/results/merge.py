@@ -24,7 +24,7 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
     """`out` None: the run directory's merged/."""
     from ..config import load_run_config
-    from ..job.quiet import quiet_libraries
+    from ..job.model import load_tokenizer
 
     run = Path(run_dir)
     target = run / MERGED_DIR if out is None else Path(out).expanduser()
@@ -32,12 +32,25 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
     cfg = load_run_config(run / "config.yaml")
+    merged = merged_model(cfg, adapter, dtype, other_dtypes="use --dtype bf16 or fp32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with staged(target, needed_bytes=weight_bytes(merged)) as staging:  # an existing target is empty (checked above)
+        save_merged(merged, load_tokenizer(cfg.model), staging)
+        (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def merged_model(cfg, adapter: Path, dtype: str, other_dtypes: str):
+    """The base with `adapter` folded in, every weight finite, cast to `dtype` (a DTYPES key). `other_dtypes` says what
+    to do when the weights overflow `dtype`."""
+    from ..job.quiet import quiet_libraries
+
     quiet_libraries()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..job.model import from_pretrained, load_tokenizer
+    from ..job.model import from_pretrained
 
     base = from_pretrained(AutoModelForCausalLM, cfg.model.name, cfg.model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter))
@@ -51,18 +64,26 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16
     merged = merged.to(getattr(torch, DTYPES[dtype]))
     overflow = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if overflow:
-        raise UserError(f"--dtype {dtype}: weights overflow in {', '.join(overflow[:3])}; use --dtype bf16 or fp32. Nothing was written")
+        raise UserError(f"the merged weights overflow {dtype} in {', '.join(overflow[:3])}; {other_dtypes}. Nothing was written")
+    return merged
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
-    with staged(target, needed_bytes=weight_bytes) as staging:  # an existing target is empty (checked above)
-        merged.save_pretrained(staging, safe_serialization=True)
-        load_tokenizer(cfg.model).save_pretrained(staging)
-        (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")
-    return target
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_merged(merged, tokenizer, directory: Path) -> None:
+    """A merged model as a plain Hugging Face directory: safetensors and the run's tokenizer."""
+    merged.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
 
 def provenance(run: Path, cfg, dtype: str) -> dict:
+    return {**adapter_provenance(run, cfg), "dtype": dtype, "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def adapter_provenance(run: Path, cfg) -> dict:
+    """Where a merged or exported model's adapter came from: what MERGED_FROM.json and EXPORTED_FROM.json share."""
     adapter = run / "adapter"
     weights = next((adapter / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / f).is_file()), None)
     summary = run / "summary.json"
@@ -76,6 +97,4 @@ def provenance(run: Path, cfg, dtype: str) -> dict:
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
         "template": cfg.data.template,  # the prompt format it was trained in (hpclora chat uses it)
         "final_val_loss": json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None,
-        "dtype": dtype,
-        "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,0 +1,156 @@
+"""`hpclora export` to GGUF, checked by llama.cpp itself (llama-cpp-python, built by `make llama-cpp`) against
+transformers on the real small model's real adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import file_size_limit
+
+pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: `make llama-cpp` (part of `make test`) builds it")
+
+PROMPTS = ["What is the capital of France?", "日本で一番長い川は何ですか？", "Add 3 and 4."]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def exported(real_run, tmp_path_factory):
+    from hpclora.results.export import export
+
+    return export(real_run, "f16", tmp_path_factory.mktemp("export") / "gguf")
+
+
+def hpclora_ids(cfg, tokenizer, messages):
+    from hpclora.data import encode, render
+
+    return encode(render(cfg.data.template, [dict(m, input="") for m in messages], tokenizer), tokenizer, cfg.data.template)[0]
+
+
+def test_the_f16_gguf_answers_with_the_merged_models_greedy_tokens(real_run, exported, tmp_path, cli):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpclora.config import load_run_config
+    from hpclora.job.model import load_tokenizer
+    from hpclora.results import llamacpp
+
+    record = json.loads((exported / "EXPORTED_FROM.json").read_text())
+    gguf = exported / record["gguf"]
+    assert sorted(p.name for p in exported.iterdir()) == sorted([gguf.name, "Modelfile", "EXPORTED_FROM.json"])  # no work files
+    assert record["quantization"] == "f16" and record["checked"]["template_tokens_equal"] is True
+    assert record["written_by"] == "llama-cpp-python==0.3.36" and record["checked"]["loaded_by"].startswith("llama-cpp-python")
+
+    merged_dir = tmp_path / "merged"
+    assert cli("merge", real_run, "--out", merged_dir, "--dtype", "fp16").returncode == 0
+    assert json.loads((merged_dir / "MERGED_FROM.json").read_text())["adapter_sha256"] == record["adapter_sha256"]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    cfg = load_run_config(real_run / "config.yaml")
+    tokenizer = load_tokenizer(cfg.model)
+    llm = llamacpp.load(gguf)
+    for prompt in PROMPTS:
+        ids = hpclora_ids(cfg, tokenizer, [{"role": "user", "content": prompt}])
+        assert llamacpp.template_tokens(llm, [{"role": "user", "content": prompt}]) == ids
+        with torch.no_grad():
+            out = merged.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        expected = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
+        assert llamacpp.greedy(llm, ids, NEW_TOKENS) == expected, prompt
+        assert expected  # an answer was compared, not two empty ones
+
+
+@pytest.mark.parametrize("template", ["alpaca", "alpaca_ja", "calm", "none"])
+def test_the_gguf_chat_template_renders_a_two_turn_conversation_as_hpclora_does(exported, template, tokenizer):
+    """Rendered by llama-cpp-python's Jinja2ChatFormatter (how it prompts a GGUF with the GGUF's template) and
+    tokenized by llama.cpp, against hpclora's rendering and tokens."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from hpclora.data import encode, render
+    from hpclora.data.templates import EOS
+    from hpclora.data.tokenize import leading_special_ids
+    from hpclora.results import llamacpp
+    from hpclora.results.portable_templates import jinja_template
+
+    record = json.loads((exported / "EXPORTED_FROM.json").read_text())
+    llm = llamacpp.load(exported / record["gguf"], n_ctx=256)
+    eos = llamacpp.eos_text(llm)
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"},
+                    {"role": "assistant", "content": "4."}, {"role": "user", "content": "富士山の高さは？"}]
+    formatter = Jinja2ChatFormatter(template=jinja_template(template, bos=bool(leading_special_ids(tokenizer))),
+                                    eos_token=eos, bos_token=llamacpp.token_text(llm, llm.token_bos()))
+    rendered = formatter(messages=conversation).prompt
+    pieces = render(template, [dict(m, input="") for m in conversation], tokenizer)
+    assert rendered == "".join(eos if text == EOS else text for text, _ in pieces)
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == encode(pieces, tokenizer, template)[0]
+
+
+def test_the_modelfile_names_the_gguf_the_template_and_the_stop_token(exported):
+    record = json.loads((exported / "EXPORTED_FROM.json").read_text())
+    lines = (exported / "Modelfile").read_text().splitlines()
+    assert f"FROM ./{record['gguf']}" in lines
+    assert f'PARAMETER stop "{record["checked"]["eos"]}"' in lines and "PARAMETER temperature 0" in lines
+    template = next(line for line in lines if line.startswith("TEMPLATE"))
+    assert template.startswith('TEMPLATE """') and template.endswith('"""') and template.count('"""') == 2
+
+
+def test_a_k_quant_is_made_by_llama_cpps_quantizer_and_loads(real_run, tmp_path, cli):
+    done = cli("export", real_run, "--quant", "q4_k_m", "--out", tmp_path / "q4")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "q4" / "EXPORTED_FROM.json").read_text())
+    assert record["quantization"] == "q4_k_m" and record["checked"]["answer"].strip()
+    f16_size = 270e6
+    assert (tmp_path / "q4" / record["gguf"]).stat().st_size < 0.6 * f16_size  # quantized, not an f16 under another name
+    assert "checked by llama-cpp-python" in done.stdout
+
+
+def test_the_adapter_alone_becomes_a_gguf_lora(real_run, tmp_path, cli):
+    from gguf import GGUFReader
+
+    done = cli("export", real_run, "--adapter-only", "--quant", "f16", "--out", tmp_path / "lora")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "lora" / "EXPORTED_FROM.json").read_text())
+    reader = GGUFReader(tmp_path / "lora" / record["gguf"])
+    config = json.loads((real_run / "adapter" / "adapter_config.json").read_text())
+    assert float(reader.fields["adapter.lora.alpha"].parts[-1][0]) == config["lora_alpha"]
+    assert record["checked"]["tensors"] == len(reader.tensors) > 0
+    assert "ADAPTER ./" + record["gguf"] in (tmp_path / "lora" / "Modelfile").read_text()
+    assert cli("export", real_run, "--adapter-only", "--quant", "q4_k_m").returncode == 2  # llama.cpp does not quantize adapters
+
+
+def test_export_refuses_what_it_cannot_do_and_leaves_nothing(real_run, tmp_path, cli):
+    from hpclora.job.workdir import lock_run_dir
+    from hpclora.results.llamacpp import find_llama_cpp
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(real_run / "config.yaml", unfinished)
+    done = cli("export", unfinished)
+    assert done.returncode == 2 and "no finished adapter" in done.stderr
+
+    training = tmp_path / "training"
+    shutil.copytree(real_run, training, ignore=shutil.ignore_patterns("gguf-*", ".lock"))
+    lock = lock_run_dir(training)
+    try:
+        done = cli("export", training)
+        assert done.returncode == 2 and "still training" in done.stderr and f"pid {os.getpid()}" in done.stderr
+    finally:
+        lock.close()
+
+    # A llama.cpp whose converter lacks the architecture: its table without Llama.
+    tree = tmp_path / "llama.cpp"
+    shutil.copytree(find_llama_cpp().root, tree)
+    table = tree / "conversion" / "__init__.py"
+    table.write_text(table.read_text().replace('"LlamaForCausalLM":', '"NotLlamaForCausalLM":'))
+    os.environ["HPCLORA_LLAMA_CPP"] = str(tree)
+    try:
+        done = cli("export", real_run, "--out", tmp_path / "never")
+    finally:
+        del os.environ["HPCLORA_LLAMA_CPP"]
+    assert done.returncode == 2 and "is a LlamaForCausalLM, which llama.cpp" in done.stderr
+
+    with file_size_limit(50_000_000):  # the merged model and the GGUF are 270 MB each
+        done = cli("export", real_run, "--quant", "f16", "--out", tmp_path / "full" / "gguf")
+    assert done.returncode == 2 and "was not written (nothing was replaced)" in done.stderr, done.stderr
+    assert list((tmp_path / "full").iterdir()) == []  # no partial GGUF, no staging left behind
