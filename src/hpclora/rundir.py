@@ -41,7 +41,7 @@ STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
-EXPORT_DIR = "gguf-{lora}{quant}"  # `hpclora export` without --out writes here (lora: "lora-" for an adapter alone)
+EXPORT_DIR = re.compile(r"gguf-(lora-)?[a-z0-9_]+")  # `hpclora export` without --out writes here (export_dir_name)
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"
 # Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.
@@ -60,6 +60,11 @@ def mark_run_dir(path: Path) -> None:
 def is_run_dir(path: Path) -> bool:
     """Whether hpclora made this directory (its marker; or, from before markers, a training's lock or a submission's record)."""
     return any((path / name).is_file() for name in (RUN_MARKER, LOCK_FILE, JOB_FILE))
+
+
+def export_dir_name(quant: str, adapter_only: bool) -> str:
+    """Where `hpclora export` writes in a run directory without --out: gguf-QUANT, or gguf-lora-QUANT (EXPORT_DIR)."""
+    return f"gguf-{'lora-' if adapter_only else ''}{quant}"
 
 
 def training_holder(path: Path) -> str | None:
@@ -88,7 +93,7 @@ def foreign_entries(path: Path) -> list[str]:
         half_written = re.match(r"^\.(.+)\.(tmp|partial-\d+)$", name)
         if half_written:
             name = half_written.group(1)
-        return name in RUN_ENTRIES or re.fullmatch(r"gguf-(lora-)?[a-z0-9_]+", name) is not None  # EXPORT_DIR
+        return name in RUN_ENTRIES or EXPORT_DIR.fullmatch(name) is not None
 
     return sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir() if not ours(e.name))
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import CONFIG_FILE, EXPORT_DIR, staged, training_holder
+from ..rundir import CONFIG_FILE, export_dir_name, staged, training_holder
 from . import llamacpp
 from .adapter import checked_adapter
 from .generate import note
@@ -42,12 +42,13 @@ def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = No
     kinds = llamacpp.LORA_TYPES if adapter_only else llamacpp.QUANT_TYPES
     if quant not in kinds:
         raise UserError(f"--quant {quant}: choose one of {', '.join(kinds)}" + (" (llama.cpp does not quantize adapters)" if adapter_only else ""))
-    target = Path(out).expanduser() if out is not None else run / EXPORT_DIR.format(lora="lora-" if adapter_only else "", quant=quant)
+    target = Path(out).expanduser() if out is not None else run / export_dir_name(quant, adapter_only)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
     tools = llamacpp.find_llama_cpp()
     cfg = load_run_config(run / CONFIG_FILE)
-    architecture = checked_architecture(cfg, tools)
+    base_config = checked_base_config(cfg, tools)
+    architecture = base_config.architectures[0]
     name = f"{run.resolve().name}-{'lora-' if adapter_only else ''}{quant}.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
     with staged(target) as staging:
@@ -56,12 +57,15 @@ def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = No
         started = time.time()
         if adapter_only:
             note(f"converting {adapter} to a GGUF LoRA adapter ({quant}) with llama.cpp's {llamacpp.LORA_CONVERTER} ...")
-            write_lora_gguf(cfg, adapter, tools, quant, work, staging / name)
+            write_lora_gguf(base_config, adapter, tools, quant, work, staging / name)
             check = {"read_by": "gguf", "tensors": lora_tensor_count(staging / name)}
         else:
-            write_model_gguf(cfg, adapter, tools, quant, work, staging / name)
+            from ..job.model import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)
+            write_model_gguf(cfg, tokenizer, adapter, tools, quant, work, staging / name)
             note(f"loading {name} with llama.cpp to check it ...")
-            check = checked_gguf(staging / name, cfg)
+            check = checked_gguf(staging / name, cfg, tokenizer)
         shutil.rmtree(work)
         note(f"written and checked in {time.time() - started:.0f} s")
         (staging / "Modelfile").write_text(modelfile(name, cfg, check, adapter_only), encoding="utf-8")
@@ -94,8 +98,8 @@ def describe_export(target: Path) -> str:
     return "\n".join(lines)
 
 
-def checked_architecture(cfg, tools) -> str:
-    """The base model's architecture, when llama.cpp's converter takes it (checked before anything is merged)."""
+def checked_base_config(cfg, tools):
+    """The base model's config, when llama.cpp's converter takes its architecture (checked before anything is merged)."""
     from ..job.model import from_pretrained
     from ..job.quiet import quiet_libraries
 
@@ -107,20 +111,18 @@ def checked_architecture(cfg, tools) -> str:
     if architecture not in tools.architectures():
         raise UserError(f"model.name: {cfg.model.name} is a {architecture}, which llama.cpp ({tools.version}) cannot convert "
                         "to GGUF; `hpclora merge` still writes it as a Hugging Face model")
-    return architecture
+    return config
 
 
-def write_model_gguf(cfg, adapter: Path, tools, quant: str, work: Path, gguf: Path) -> None:
+def write_model_gguf(cfg, tokenizer, adapter: Path, tools, quant: str, work: Path, gguf: Path) -> None:
     """Merge, then convert with llama.cpp (straight to `quant` where its converter writes that type, else to f16 and
     then through llama.cpp's quantizer). Everything transient stays in `work`."""
     from ..data.tokenize import leading_special_ids
-    from ..job.model import load_tokenizer
     from .merge import merged_model, save_merged
 
     merge_dtype = {"f32": "fp32", "bf16": "bf16"}.get(quant, "fp16")
     note(f"merging {adapter} into {cfg.model.name} ({merge_dtype}) ...")
     merged = merged_model(cfg, adapter, merge_dtype, other_dtypes="export with --quant bf16 or f32")
-    tokenizer = load_tokenizer(cfg.model)
     if cfg.data.template in WRITTEN:  # the GGUF's chat template: the run's own (`chat` is the tokenizer's already)
         tokenizer.chat_template = jinja_template(cfg.data.template, bos=bool(leading_special_ids(tokenizer)))
     model_dir = work / "merged"
@@ -136,13 +138,10 @@ def write_model_gguf(cfg, adapter: Path, tools, quant: str, work: Path, gguf: Pa
         llamacpp.quantize(converted, gguf, quant)
 
 
-def write_lora_gguf(cfg, adapter: Path, tools, quant: str, work: Path, gguf: Path) -> None:
+def write_lora_gguf(base_config, adapter: Path, tools, quant: str, work: Path, gguf: Path) -> None:
     """The adapter alone, by convert_lora_to_gguf.py, against the base's config (saved into `work`: the converter
     needs no weights of the base, and no hub)."""
-    from ..job.model import from_pretrained
-    from transformers import AutoConfig
-
-    from_pretrained(AutoConfig, cfg.model.name, cfg.model).save_pretrained(work / "base")
+    base_config.save_pretrained(work / "base")
     tools.convert(llamacpp.LORA_CONVERTER, ["--base", str(work / "base"), "--outfile", str(gguf), "--outtype", quant, str(adapter)],
                   log=work / "convert.log")
 
@@ -159,14 +158,12 @@ def lora_tensor_count(gguf: Path) -> int:
     return len(reader.tensors)
 
 
-def checked_gguf(gguf: Path, cfg) -> dict:
+def checked_gguf(gguf: Path, cfg, tokenizer) -> dict:
     """llama.cpp loads the file, renders a conversation with the GGUF's own chat template (which must give the tokens
     hpclora gives it), and answers it greedily: what was checked, the answer and its speed."""
     from ..data import encode, render
-    from ..job.model import load_tokenizer
 
     llm = llamacpp.load(gguf)
-    tokenizer = load_tokenizer(cfg.model)
     messages = [{"role": "user", "content": CHECK_PROMPT}]
     ids = llamacpp.template_tokens(llm, messages)
     expected, _ = encode(render(cfg.data.template, [dict(m, input="") for m in messages], tokenizer), tokenizer, cfg.data.template)
