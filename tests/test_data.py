@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
+import sys
 import subprocess
 
 import pytest
@@ -143,6 +145,34 @@ def test_bad_rows_name_file_and_line(tmp_path, lines, message):
     assert str(err.value).startswith(str(tmp_path / message.split(":")[0]))
     assert message.split(":", 1)[1].strip().split(":")[0] in str(err.value)
     assert f"d.jsonl:{message.split(':')[1]}" in str(err.value)
+
+
+def test_a_row_nested_too_deep_is_refused_though_a_collection_runs_finalizers_meanwhile(tmp_path, monkeypatch):
+    """The parser fails at the depth limit; a garbage collection there would run each finalizer with no stack left,
+    each failing unraisably. Every collection threshold up to past the limit puts one at another depth."""
+    def recurse(n):
+        return n and recurse(n - 1)
+
+    class Finalized:
+        def __del__(self):
+            recurse(60)
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"instruction": "a", "output": ' + "[" * 5000 + "]" * 5000 + "}"])
+    cfg, threshold = data_cfg(path, tmp_path), gc.get_threshold()
+    try:
+        for level in range(700, 1010, 2):
+            gc.collect()
+            gc.set_threshold(level)
+            cycle = Finalized()
+            cycle.me = cycle
+            del cycle
+            with pytest.raises(DataError, match="d.jsonl:1: nested more than"):
+                load_conversations(cfg)
+    finally:
+        gc.set_threshold(*threshold)
+    assert [u.exc_type for u in unraisable] == []
 
 
 def test_sharegpt_errors_name_the_row_and_turn(tmp_path):

@@ -9,6 +9,7 @@ encoding is refused with the encoding it seems to be in and the `iconv` line tha
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import sys
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 def _json_value(path: Path, text: str, line: int | None):
     """`text` parsed, or a DataError at `line` (of a JSON Lines file; None: the whole file, located by the parser)
     for what Python's JSON reader cannot hold as well as for what is no JSON."""
+    collecting = gc.isenabled()
+    gc.disable()  # a collection that ran finalizers at the parser's depth would fail there too, unraisably
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -133,6 +136,9 @@ def _json_value(path: Path, text: str, line: int | None):
         raise DataError(str(path), f"nested more than {sys.getrecursionlimit()} levels deep: no row of data is", line) from None
     except ValueError as exc:  # an integer of more digits than Python converts (4,300)
         raise DataError(str(path), f"cannot be read: {str(exc).split(';')[0]}; write such a number as text", line) from None
+    finally:
+        if collecting:
+            gc.enable()
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
