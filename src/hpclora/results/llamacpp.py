@@ -39,14 +39,19 @@ class LlamaCpp:
     version: str  # which llama.cpp: the source distribution, or the tree HPCLORA_LLAMA_CPP names
 
     def convert(self, script: str, args: list[str], log: Path) -> None:
-        """Run one of llama.cpp's converters; its output goes to `log` (it draws a progress bar), its tail into the
+        """Run one of llama.cpp's converters (through llamacpp_converter.py, which mends its config reading); its output goes to `log` (it draws a progress bar), its tail into the
         error when it fails. A refusal of the file system stays in the text (`[Errno 28] ...`), where the caller's
         staging finds it and names the place and the space."""
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converters' own gguf-py, always
         with open(log, "w", encoding="utf-8") as out:
-            done = subprocess.run([sys.executable, str(self.root / script), *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+            done = subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_converter.py")), str(self.root), script, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
-            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-12:]
+            said = log.read_text(encoding="utf-8", errors="replace")
+            if "BPE pre-tokenizer was not recognized" in said:
+                raise UserError(f"llama.cpp ({self.version}) does not know this model's tokenizer ({script} tells tokenizers "
+                                "apart by the tokens they give one test text, and this one's match none it knows): a newer "
+                                f"llama.cpp may ({TOOLS_VAR} names a llama.cpp source tree)")
+            tail = said.strip().splitlines()[-12:]
             raise RuntimeError(f"llama.cpp's {script} failed (exit {done.returncode}):\n  " + "\n  ".join(tail))
 
     def architectures(self) -> set[str]:
@@ -111,13 +116,14 @@ class quiet_native_output:
             os.close(saved)
 
 
-def load(path: Path, n_ctx: int = 2048, lora: Path | None = None):
-    """A llama.cpp model (llama_cpp.Llama) on the CPU, its chat template taken from the GGUF."""
+def load(path: Path, n_ctx: int = 2048, lora: Path | None = None, logits_all: bool = False):
+    """A llama.cpp model (llama_cpp.Llama) on the CPU, its chat template taken from the GGUF; `logits_all` keeps
+    the logits of every position, not only the last."""
     import llama_cpp
 
     with quiet_native_output():
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, lora_path=str(lora) if lora else None,
-                               verbose=False)
+                               logits_all=logits_all, verbose=False)
 
 
 def greedy(llm, ids: list[int], max_new_tokens: int) -> list[int]:
