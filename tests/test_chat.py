@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from hpclora.results.chat import chat, load, printer, set_sampling
-from hpclora.results.generate import Sampling, answer, answer_text
+from hpclora.results.chat import chat, printer, set_sampling
+from hpclora.results.generate import Sampling, answer, answer_text, load_run
 
 PROMPT = "you> "
 
@@ -90,12 +90,12 @@ def test_every_turn_is_answered_with_the_conversation_before_it(real_run):
     replies = [part.split("\nyou> ")[0].strip() for part in out.getvalue().split("adapter> ")[1:]]
     assert len(replies) == 2
 
-    m = load(real_run)
+    model, tokenizer, cfg = load_run(real_run)
     greedy = Sampling(max_new_tokens=16)
-    first = answer(m.model, m.tokenizer, m.template, [{"role": "user", "content": "Name a planet.", "input": ""}], greedy)
+    first = answer(model, tokenizer, cfg.data.template, [{"role": "user", "content": "Name a planet.", "input": ""}], greedy)
     conversation = [{"role": "user", "content": "Name a planet.", "input": ""}, {"role": "assistant", "content": first},
                     {"role": "user", "content": "And one more?", "input": ""}]
-    assert replies == [first, answer(m.model, m.tokenizer, m.template, conversation, greedy)]
+    assert replies == [first, answer(model, tokenizer, cfg.data.template, conversation, greedy)]
 
 
 def test_an_answer_cut_inside_a_japanese_character_drops_the_half_character(tokenizer):
@@ -133,8 +133,8 @@ def test_a_merged_model_chats_in_its_runs_template_and_compares_with_its_base(re
     out = io.StringIO()
     assert chat(merged, Sampling(max_new_tokens=12), stdin=io.StringIO("Name a planet.\n/compare\n"), out=out) == 0
     text = out.getvalue()
-    run = load(real_run)
-    assert f"chatting with {merged} (merged from " in text and f"template {run.template};" in text  # from MERGED_FROM.json
+    model, tokenizer, cfg = load_run(real_run)
+    assert f"chatting with {merged} (merged from " in text and f"template {cfg.data.template};" in text  # from MERGED_FROM.json
     reply = text.split("model> ", 1)[1].split("\nyou> ")[0].strip()
-    assert reply == answer(run.model, run.tokenizer, run.template, "Name a planet.", Sampling(max_new_tokens=12))
+    assert reply == answer(model, tokenizer, cfg.data.template, "Name a planet.", Sampling(max_new_tokens=12))
     assert "base model" in text and "merged model" in text

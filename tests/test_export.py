@@ -86,6 +86,42 @@ def test_the_gguf_chat_template_renders_a_two_turn_conversation_as_hpclora_does(
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == encode(pieces, tokenizer, template)[0]
 
 
+def test_generate_and_chat_answer_with_the_gguf_beside_the_adapter_it_came_from(real_run, exported, cli):
+    import io
+
+    from hpclora.results import llamacpp
+    from hpclora.results.chat import chat
+    from hpclora.results.generate import Sampling, generate
+    from hpclora.results.gguf_answers import exported_gguf, load_gguf
+
+    record = json.loads((exported / "EXPORTED_FROM.json").read_text())
+    assert exported_gguf(exported) == exported_gguf(exported / record["gguf"]) == exported / record["gguf"]
+    done = cli("generate", exported, "--compare", "--max-new-tokens", "24", "--prompt", PROMPTS[1])
+    assert done.returncode == 0, done.stderr
+    assert "with adapter" in done.stdout and "GGUF (llama.cpp)" in done.stdout and "tokens/s" in done.stderr
+
+    gguf = load_gguf(exported / record["gguf"])
+    ids = llamacpp.template_tokens(gguf.llm, [{"role": "user", "content": PROMPTS[0]}])
+    greedy = gguf.llm.detokenize(llamacpp.greedy(gguf.llm, ids, 24)).decode("utf-8", errors="ignore").strip()
+    [row] = generate(exported / record["gguf"], [PROMPTS[0]], Sampling(max_new_tokens=24))
+    assert row["answers"] == {"GGUF (llama.cpp)": greedy} and greedy
+    sampled = [generate(exported, [PROMPTS[0]], Sampling(max_new_tokens=24, do_sample=True, temperature=1.5, seed=s))[0]["answers"]
+               for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]  # the seed decides
+
+    out = io.StringIO()
+    assert chat(exported, Sampling(max_new_tokens=16), stdin=io.StringIO(f"{PROMPTS[0]}\nAnd of Japan?\n/compare\n"), out=out) == 0
+    text = out.getvalue()
+    assert f"chatting with {exported / record['gguf']} (llama.cpp, exported from {real_run.resolve()})" in text
+    replies = [part.split("\nyou> ")[0].strip() for part in text.split("gguf> ")[1:]]
+    conversation = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": replies[0]},
+                    {"role": "user", "content": "And of Japan?"}]
+    assert replies[1] == gguf.reply(conversation, Sampling(max_new_tokens=16))  # the second turn saw the first
+    assert "(with adapter answering ...)" in text and "GGUF (llama.cpp)" in text.split("(with adapter answering ...)")[1]
+
+    assert cli("generate", exported, "--no-adapter", "--prompt", "hi").returncode == 2
+
+
 def test_the_modelfile_names_the_gguf_the_template_and_the_stop_token(exported):
     record = json.loads((exported / "EXPORTED_FROM.json").read_text())
     lines = (exported / "Modelfile").read_text().splitlines()
@@ -211,6 +247,8 @@ def test_the_adapter_alone_becomes_a_gguf_lora(real_run, tmp_path, cli):
     assert float(reader.fields["adapter.lora.alpha"].parts[-1][0]) == config["lora_alpha"]
     assert record["checked"]["tensors"] == len(reader.tensors) > 0
     assert "ADAPTER ./" + record["gguf"] in (tmp_path / "lora" / "Modelfile").read_text()
+    done = cli("chat", tmp_path / "lora")
+    assert done.returncode == 2 and "is a LoRA adapter alone" in done.stderr
     assert cli("export", real_run, "--adapter-only", "--quant", "q4_k_m").returncode == 2  # llama.cpp does not quantize adapters
 
 

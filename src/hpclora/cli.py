@@ -250,16 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over: remove what hpclora wrote in the run directory (refused where it holds anything else)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="answer prompts with a run's adapter (or base, or both)")
-    p.add_argument("run_dir", help="a run directory with adapter/")
+    p = sub.add_parser("generate", help="answer prompts with a run's adapter (or base, or both), or an exported GGUF")
+    p.add_argument("run_dir", help="a run directory with adapter/, or a GGUF (file or `hpclora export` directory)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--compare", action="store_true", help="show base and adapter answers side by side")
+    p.add_argument("--compare", action="store_true", help="show base and adapter answers side by side (a GGUF's: beside the adapter's)")
     p.add_argument("--no-adapter", action="store_true", help="answer with the base model only")
     with_sampling(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="talk to a run's adapter (or a merged model), answers streamed; /compare, /reset, /sample")
-    p.add_argument("target", help="a run directory with adapter/, or a merged model directory")
+    p = sub.add_parser("chat", help="talk to a run's adapter (or a merged model or GGUF), answers streamed; /compare, /reset, /sample")
+    p.add_argument("target", help="a run directory with adapter/, a merged model directory, or a GGUF (file or export directory)")
     with_sampling(p)
     p.set_defaults(func=cmd_chat)
 

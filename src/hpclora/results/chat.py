@@ -1,9 +1,9 @@
-"""`hpclora chat`: talk to a run's adapter (or a merged model) turn by turn, in the run's own template, with
-the answer printed as it is generated. For `srun --pty` or `singularity exec --nv IMAGE hpclora chat RUN`.
+"""`hpclora chat`: talk to a run's adapter (or a merged model, or an exported GGUF) turn by turn, in the run's own
+template, with the answer printed as it is generated. For `srun --pty` or `singularity exec --nv IMAGE hpclora chat RUN`.
 
-Commands: /reset (forget the conversation), /compare (the base model's and the adapter's answers to the last
-prompt, side by side), /sample [key=value ...] (decoding settings), /help; Ctrl-D leaves, Ctrl-C stops an
-answer. Lines are read with readline where there is one, so wide characters (Japanese) are edited as one.
+Commands: /reset (forget the conversation), /compare (the last prompt's answer beside the base model's, or a GGUF's
+beside the adapter's), /sample [key=value ...] (decoding settings), /help; Ctrl-D leaves, Ctrl-C stops an answer.
+Lines are read with readline where there is one, so wide characters (Japanese) are edited as one.
 """
 
 from __future__ import annotations
@@ -12,53 +12,85 @@ import dataclasses
 import json
 import shutil
 import sys
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 from .generate import Sampling, answer, whole_characters
 from .text import side_by_side
 
-HELP = ("/reset: start a new conversation | /compare: base and adapter answers to the last prompt | "
+HELP = ("/reset: start a new conversation | /compare: the last prompt's answer beside the other model's | "
         "/sample [temperature=T top_p=P top_k=K max_new_tokens=N repetition_penalty=R seed=S | greedy]: decoding | "
         "Ctrl-D: leave")
 
 
 @dataclasses.dataclass
 class Model:
-    """What answers: a model, its tokenizer and template, and how to get the base model's answers."""
+    """What answers, and what /compare puts beside it."""
 
-    model: object
-    tokenizer: object
+    reply: Callable  # (conversation, Sampling, out) -> the answer's text, written to `out` as it is generated
+    label: str  # what is talked to, for the first line
     template: str
-    label: str
-    speaker: str  # how its answers are labelled: adapter, or model (a merged one)
-    base: object = None  # a context manager factory giving the base model, or None where there is none
+    speaker: str  # how its answers are labelled: adapter, model (a merged one), gguf
+    column: str  # its title in /compare
+    other: tuple[str, Callable] | None = None  # /compare's other column: its title, and () -> its (conversation, Sampling) -> text
+    message: str = "no other model is known for this one"  # why there is no /compare, where there is none
 
-    def base_model(self):
-        if self.base is None:
-            raise UserError("/compare: no base model is known for this model")
-        return self.base()
+    def other_reply(self):
+        if self.other is None:
+            raise UserError(f"/compare: {self.message}")
+        return self.other[1]()
+
+
+def transformers_reply(model, tokenizer, template: str) -> Callable:
+    def reply(conversation, sampling, out=None):
+        return answer(model, tokenizer, template, conversation, sampling, streamer=printer(tokenizer, out) if out else None)
+
+    return reply
 
 
 def load(target: str | Path) -> Model:
-    """A run directory (base + adapter) or a merged model directory (MERGED_FROM.json names its base)."""
+    """A run directory (base + adapter), a merged model directory (MERGED_FROM.json names its base), or a GGUF file or
+    export directory (llama.cpp answers; EXPORTED_FROM.json names the run, whose adapter /compare answers with)."""
+    from .gguf_answers import exported_gguf
+
     path = Path(target)
     if (path / "config.yaml").is_file():
         from .generate import load_run
 
         model, tokenizer, cfg = load_run(path)
-        return Model(model, tokenizer, cfg.data.template, f"{path} (adapter on {cfg.model.name})", "adapter",
-                     base=lambda: _adapter_off(model))
+        adapter = transformers_reply(model, tokenizer, cfg.data.template)
+
+        def base(conversation, sampling, out=None):
+            with model.disable_adapter():
+                return adapter(conversation, sampling, out)
+
+        return Model(adapter, f"{path} (adapter on {cfg.model.name})", cfg.data.template, "adapter", "with adapter",
+                     other=("base model", lambda: base))
+    if (gguf := exported_gguf(path)) is not None:
+        return _load_gguf(gguf)
     if (path / "config.json").is_file():
         return _load_merged(path)
-    raise UserError(f"{path}: neither a run directory (config.yaml) nor a model directory (config.json)")
+    raise UserError(f"{path}: neither a run directory (config.yaml), a model directory (config.json) nor a GGUF")
 
 
-@contextmanager
-def _adapter_off(model):
-    with model.disable_adapter():
-        yield model
+def _load_gguf(gguf: Path) -> Model:
+    from .generate import load_run
+    from .gguf_answers import load_gguf
+
+    exported = load_gguf(gguf)
+    loaded = {}
+
+    def adapter():  # loaded at the first /compare only
+        if "reply" not in loaded:
+            model, tokenizer, cfg = load_run(exported.run_dir)
+            loaded["reply"] = transformers_reply(model, tokenizer, cfg.data.template)
+        return loaded["reply"]
+
+    run = exported.record.get("adapter")
+    return Model(exported.reply, f"{gguf} (llama.cpp{f', exported from {Path(run).parent}' if run else ''})",
+                 exported.record.get("template", "the GGUF's own"), "gguf", "GGUF (llama.cpp)",
+                 other=("with adapter", adapter) if run else None, message=f"no EXPORTED_FROM.json beside {gguf.name} names its run")
 
 
 def _load_merged(path: Path) -> Model:
@@ -72,15 +104,15 @@ def _load_merged(path: Path) -> Model:
     loaded = {}
 
     def base():  # loaded at the first /compare only: it doubles the memory
-        if "model" not in loaded:
-            name = provenance.get("base_model")
-            if not name:
-                raise UserError("/compare: this model directory has no MERGED_FROM.json naming its base")
-            base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name, revision=provenance.get("base_revision")))
-            loaded["model"] = load_model(base_cfg)[0]
-        return nullcontext(loaded["model"])
+        if "reply" not in loaded:
+            base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=provenance["base_model"],
+                                                                          revision=provenance.get("base_revision")))
+            loaded["reply"] = transformers_reply(load_model(base_cfg)[0], tokenizer, template)
+        return loaded["reply"]
 
-    return Model(model, tokenizer, template, f"{path} (merged from {provenance.get('base_model', 'an unknown base')})", "model", base=base)
+    return Model(transformers_reply(model, tokenizer, template), f"{path} (merged from {provenance.get('base_model', 'an unknown base')})",
+                 template, "model", "merged model", other=("base model", base) if provenance.get("base_model") else None,
+                 message="this model directory has no MERGED_FROM.json naming its base")
 
 
 def printer(tokenizer, out):
@@ -168,7 +200,7 @@ def chat(target: str | Path, sampling: Sampling, stdin=None, out=None) -> int:
                 turn = [*history, {"role": "user", "content": text, "input": ""}]
                 out.write(f"{m.speaker}> ")
                 out.flush()
-                reply = answer(m.model, m.tokenizer, m.template, turn, sampling, streamer=printer(m.tokenizer, out))
+                reply = m.reply(turn, sampling, out)
                 history[:] = [*turn, {"role": "assistant", "content": reply}]
         except UserError as exc:
             out.write(f"error: {exc}\n")
@@ -187,14 +219,13 @@ def _read_line(stdin, out) -> str:
 
 
 def compare(m: Model, history: list[dict], sampling: Sampling, out) -> None:
-    """The base model's answer to the last prompt (in the same conversation) beside the one given."""
+    """The other model's answer to the last prompt (in the same conversation) beside the one given."""
     if len(history) < 2:
         out.write("(nothing to compare yet: ask something first)\n")
         return
     before, given = history[:-1], history[-1]["content"]
-    out.write("(base model answering ...)\n")
+    other = m.other_reply()
+    out.write(f"({m.other[0]} answering ...)\n")
     out.flush()
-    with m.base_model() as base:
-        base_answer = answer(base, m.tokenizer, m.template, before, sampling)
     width = shutil.get_terminal_size((110, 24)).columns
-    out.write(side_by_side("base model", base_answer, "with adapter" if m.speaker == "adapter" else "merged model", given, width) + "\n")
+    out.write(side_by_side(m.other[0], other(before, sampling), m.column, given, width) + "\n")

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..config import load_run_config
 from ..errors import UserError
@@ -100,17 +101,6 @@ def note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def timed_answer(model, tokenizer, template: str, prompt, sampling: "Sampling", what: str) -> str:
-    """answer(), said as it happens: `what` first, then how many tokens in how long."""
-    note(f"{what} ...")
-    started = time.time()
-    text = answer(model, tokenizer, template, prompt, sampling)
-    seconds = time.time() - started
-    tokens = len(tokenizer.encode(text, add_special_tokens=False))
-    note(f"{what}: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
-    return text
-
-
 def answer(model, tokenizer, template: str, prompt: str | list[dict], sampling: Sampling, streamer=None) -> str:
     """The model's answer to a prompt: a user message, or a conversation ending with a user turn. A
     transformers `streamer` receives the tokens as they are generated."""
@@ -150,23 +140,72 @@ def whole_characters(text: str) -> str:
     return text.rstrip("\ufffd")
 
 
-def generate(run_dir, prompts: list[str], sampling: Sampling, mode: str = "adapter") -> list[dict]:
-    """Answers per prompt: mode "adapter", "base", or "compare" (both)."""
-    model, tokenizer, cfg = load_run(run_dir)
+Reply = Callable[[list[dict], Sampling], tuple[str, int]]  # a conversation -> (its answer, how many tokens it took)
+
+
+def transformers_reply(model, tokenizer, template: str):
+    def reply(messages, sampling):
+        text = answer(model, tokenizer, template, messages, sampling)
+        return text, len(tokenizer.encode(text, add_special_tokens=False))
+
+    return reply
+
+
+def speakers(target, mode: str) -> list[tuple[str, Reply]]:
+    """Who answers, as (column title, Reply): for a run directory the adapter, the base model (mode "base") or both
+    ("compare"); for a GGUF (file or export directory) llama.cpp with it, beside the adapter it came from ("compare")."""
+    from .gguf_answers import exported_gguf, load_gguf
+
+    gguf = exported_gguf(target)
+    if gguf is None:
+        model, tokenizer, cfg = load_run(target)
+        adapter = transformers_reply(model, tokenizer, cfg.data.template)
+
+        def base(messages, sampling):
+            with model.disable_adapter():
+                return adapter(messages, sampling)
+
+        return {"adapter": [("with adapter", adapter)], "base": [("base model", base)],
+                "compare": [("base model", base), ("with adapter", adapter)]}[mode]
+    if mode == "base":
+        raise UserError("generate: --no-adapter: a GGUF holds the merged model; give the run directory for the base model's answers")
+    exported = load_gguf(gguf)
+
+    def gguf_reply(messages, sampling):
+        return exported.reply(messages, sampling), exported.generated
+
+    answers = [("GGUF (llama.cpp)", gguf_reply)]
+    if mode == "compare":
+        model, tokenizer, cfg = load_run(exported.run_dir)
+        answers.insert(0, ("with adapter", transformers_reply(model, tokenizer, cfg.data.template)))
+    return answers
+
+
+def timed(reply: Reply, messages: list[dict], sampling: Sampling, what: str) -> str:
+    """reply(), said as it happens on stderr: `what` first, then how many tokens in how long."""
+    note(f"{what} ...")
+    started = time.time()
+    text, tokens = reply(messages, sampling)
+    seconds = time.time() - started
+    note(f"{what}: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
+    return text
+
+
+def generate(target, prompts: list[str], sampling: Sampling, mode: str = "adapter") -> list[dict]:
+    """Per prompt: {"prompt": ..., "answers": {column title: answer}} (see speakers)."""
+    answering = speakers(target, mode)
     results = []
     for i, prompt in enumerate(prompts, start=1):
-        row = {"prompt": prompt}
-        if mode in ("base", "compare"):
-            with model.disable_adapter():
-                row["base"] = timed_answer(model, tokenizer, cfg.data.template, prompt, sampling, f"prompt {i} of {len(prompts)}, base model")
-        if mode in ("adapter", "compare"):
-            row["adapter"] = timed_answer(model, tokenizer, cfg.data.template, prompt, sampling, f"prompt {i} of {len(prompts)}, with adapter")
+        row = {"prompt": prompt, "answers": {}}
+        for title, reply in answering:
+            row["answers"][title] = timed(reply, [{"role": "user", "content": prompt, "input": ""}], sampling,
+                                          f"prompt {i} of {len(prompts)}, {title}")
         results.append(row)
     return results
 
 
-def generate_command(run_dir, prompts: list[str], sampling: Sampling, compare: bool, no_adapter: bool, width: int) -> int:
-    """`hpclora generate RUN_DIR --prompt ...`: each prompt and its answers (both, side by side, with --compare)."""
+def generate_command(target, prompts: list[str], sampling: Sampling, compare: bool, no_adapter: bool, width: int) -> int:
+    """`hpclora generate RUN_DIR|GGUF --prompt ...`: each prompt and its answers (two, side by side, with --compare)."""
     if not prompts:
         raise UserError("generate: give at least one --prompt TEXT")
     if compare and no_adapter:
@@ -177,8 +216,8 @@ def generate_command(run_dir, prompts: list[str], sampling: Sampling, compare: b
         except UnicodeEncodeError as exc:  # the shell passed bytes that are no UTF-8 (Python keeps them as surrogates)
             raise UserError(f"generate: --prompt {i} is not UTF-8 text (byte {ord(exc.object[exc.start]) - 0xDC00:#x} at "
                             f"character {exc.start}): set the terminal to UTF-8 (`locale` shows it)") from None
-    mode = "compare" if compare else "base" if no_adapter else "adapter"
-    for row in generate(run_dir, prompts, sampling, mode):
+    for row in generate(target, prompts, sampling, "compare" if compare else "base" if no_adapter else "adapter"):
         print(f"\n>>> {row['prompt']}")
-        print(side_by_side("base model", row["base"], "with adapter", row["adapter"], width) if mode == "compare" else row[mode])
+        columns = list(row["answers"].items())
+        print(side_by_side(*columns[0], *columns[1], width) if len(columns) == 2 else columns[0][1])
     return 0

@@ -33,6 +33,10 @@ QUANT_TYPES = CONVERTER_TYPES + ("q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "
 LORA_TYPES = CONVERTER_TYPES  # convert_lora_to_gguf.py's own choices; llama.cpp does not quantize adapters
 
 
+INSTALL = (f"set {TOOLS_VAR} to a llama.cpp source tree, or run `make llama-cpp` in hpclora's checkout (it compiles "
+           "llama.cpp: about 4 minutes on 2 cores, once)")
+
+
 @dataclass(frozen=True)
 class LlamaCpp:
     root: Path  # the converters' directory
@@ -71,18 +75,22 @@ def find_llama_cpp() -> LlamaCpp:
     """The installed llama.cpp, or a UserError saying how to install it."""
     named = os.environ.get(TOOLS_VAR)
     root = Path(named).expanduser() if named else Path(sys.prefix) / "share" / "llama.cpp"
-    how = (f"set {TOOLS_VAR} to a llama.cpp source tree, or run `make llama-cpp` in hpclora's checkout (it compiles "
-           "llama.cpp: about 4 minutes on 2 cores, once)")
     missing = [name for name in (HF_CONVERTER, LORA_CONVERTER, "gguf-py") if not (root / name).exists()]
     if missing:
-        raise UserError(f"GGUF export needs llama.cpp's converters, and {root} has no {', '.join(missing)}: {how}")
-    import importlib.util
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise UserError(f"GGUF export needs llama.cpp's library (the llama_cpp package, from llama-cpp-python): {how}")
+        raise UserError(f"GGUF export needs llama.cpp's converters, and {root} has no {', '.join(missing)}: {INSTALL}")
+    require_library()
     stamp = root / VERSION_FILE
     version = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else f"llama.cpp source tree {root}"
     return LlamaCpp(root, version)
+
+
+def require_library() -> None:
+    """A UserError saying how to install it where llama.cpp's library (the llama_cpp package) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(f"GGUF files are written and run by llama.cpp's library (the llama_cpp package, from llama-cpp-python), "
+                        f"which is not installed: {INSTALL}")
 
 
 def quantize(source: Path, target: Path, quant: str) -> None:
@@ -169,7 +177,7 @@ def template_tokens(llm, messages: list[dict]) -> list[int]:
 
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
-        raise RuntimeError("the GGUF has no chat template (tokenizer.chat_template)")
+        raise UserError("the GGUF has no chat template (tokenizer.chat_template) to render a conversation with")
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text(llm), bos_token=token_text(llm, llm.token_bos()),
                                     stop_token_ids=[llm.token_eos()])
     rendered = formatter(messages=messages)
