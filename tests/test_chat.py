@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from hpclora.results.chat import chat, printer, set_sampling
-from hpclora.results.generate import Sampling, answer, answer_text, load_run
+from hpclora.results.chat import chat, set_sampling
+from hpclora.results.generate import Sampling, answer, answer_text, load_run, printer
 
 PROMPT = "you> "
 

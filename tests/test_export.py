@@ -116,7 +116,7 @@ def test_generate_and_chat_answer_with_the_gguf_beside_the_adapter_it_came_from(
     replies = [part.split("\nyou> ")[0].strip() for part in text.split("gguf> ")[1:]]
     conversation = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": replies[0]},
                     {"role": "user", "content": "And of Japan?"}]
-    assert replies[1] == gguf.reply(conversation, Sampling(max_new_tokens=16))  # the second turn saw the first
+    assert replies[1] == gguf.reply(conversation, Sampling(max_new_tokens=16))[0]  # the second turn saw the first
     assert "(with adapter answering ...)" in text and "GGUF (llama.cpp)" in text.split("(with adapter answering ...)")[1]
 
     assert cli("generate", exported, "--no-adapter", "--prompt", "hi").returncode == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from .generate import Sampling, answer, whole_characters
+from .generate import Reply, Sampling, transformers_reply
 from .text import side_by_side
 
 HELP = ("/reset: start a new conversation | /compare: the last prompt's answer beside the other model's | "
@@ -28,25 +28,18 @@ HELP = ("/reset: start a new conversation | /compare: the last prompt's answer b
 class Model:
     """What answers, and what /compare puts beside it."""
 
-    reply: Callable  # (conversation, Sampling, out) -> the answer's text, written to `out` as it is generated
+    reply: Reply  # its answers
     label: str  # what is talked to, for the first line
     template: str
     speaker: str  # how its answers are labelled: adapter, model (a merged one), gguf
     column: str  # its title in /compare
-    other: tuple[str, Callable] | None = None  # /compare's other column: its title, and () -> its (conversation, Sampling) -> text
+    other: tuple[str, Callable[[], Reply]] | None = None  # /compare's other column: its title, and () -> its Reply
     message: str = "no other model is known for this one"  # why there is no /compare, where there is none
 
     def other_reply(self):
         if self.other is None:
             raise UserError(f"/compare: {self.message}")
         return self.other[1]()
-
-
-def transformers_reply(model, tokenizer, template: str) -> Callable:
-    def reply(conversation, sampling, out=None):
-        return answer(model, tokenizer, template, conversation, sampling, streamer=printer(tokenizer, out) if out else None)
-
-    return reply
 
 
 def load(target: str | Path) -> Model:
@@ -113,20 +106,6 @@ def _load_merged(path: Path) -> Model:
     return Model(transformers_reply(model, tokenizer, template), f"{path} (merged from {provenance.get('base_model', 'an unknown base')})",
                  template, "model", "merged model", other=("base model", base) if provenance.get("base_model") else None,
                  message="this model directory has no MERGED_FROM.json naming its base")
-
-
-def printer(tokenizer, out):
-    """A transformers streamer that writes each piece of text to `out` as soon as it is final."""
-    from transformers import TextStreamer
-
-    class Printer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False):  # TextStreamer's hook for subclasses
-            if stream_end:
-                text = whole_characters(text) + "\n"
-            out.write(text)
-            out.flush()
-
-    return Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def set_sampling(sampling: Sampling, words: list[str]) -> Sampling:
@@ -200,7 +179,7 @@ def chat(target: str | Path, sampling: Sampling, stdin=None, out=None) -> int:
                 turn = [*history, {"role": "user", "content": text, "input": ""}]
                 out.write(f"{m.speaker}> ")
                 out.flush()
-                reply = m.reply(turn, sampling, out)
+                reply, _ = m.reply(turn, sampling, out)
                 history[:] = [*turn, {"role": "assistant", "content": reply}]
         except UserError as exc:
             out.write(f"error: {exc}\n")
@@ -228,4 +207,4 @@ def compare(m: Model, history: list[dict], sampling: Sampling, out) -> None:
     out.write(f"({m.other[0]} answering ...)\n")
     out.flush()
     width = shutil.get_terminal_size((110, 24)).columns
-    out.write(side_by_side(m.other[0], other(before, sampling), m.column, given, width) + "\n")
+    out.write(side_by_side(m.other[0], other(before, sampling)[0], m.column, given, width) + "\n")

@@ -140,12 +140,27 @@ def whole_characters(text: str) -> str:
     return text.rstrip("\ufffd")
 
 
-Reply = Callable[[list[dict], Sampling], tuple[str, int]]  # a conversation -> (its answer, how many tokens it took)
+def printer(tokenizer, out):
+    """A transformers streamer that writes each piece of text to `out` as soon as it is final."""
+    from transformers import TextStreamer
+
+    class Printer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):  # TextStreamer's hook for subclasses
+            if stream_end:
+                text = whole_characters(text) + "\n"
+            out.write(text)
+            out.flush()
+
+    return Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def transformers_reply(model, tokenizer, template: str):
-    def reply(messages, sampling):
-        text = answer(model, tokenizer, template, messages, sampling)
+# (conversation, Sampling, out=None) -> (its answer, how many tokens it took); the text goes to `out` as it comes
+Reply = Callable[..., tuple[str, int]]
+
+
+def transformers_reply(model, tokenizer, template: str) -> Reply:
+    def reply(messages, sampling, out=None):
+        text = answer(model, tokenizer, template, messages, sampling, streamer=printer(tokenizer, out) if out else None)
         return text, len(tokenizer.encode(text, add_special_tokens=False))
 
     return reply
@@ -161,20 +176,16 @@ def speakers(target, mode: str) -> list[tuple[str, Reply]]:
         model, tokenizer, cfg = load_run(target)
         adapter = transformers_reply(model, tokenizer, cfg.data.template)
 
-        def base(messages, sampling):
+        def base(messages, sampling, out=None):
             with model.disable_adapter():
-                return adapter(messages, sampling)
+                return adapter(messages, sampling, out)
 
         return {"adapter": [("with adapter", adapter)], "base": [("base model", base)],
                 "compare": [("base model", base), ("with adapter", adapter)]}[mode]
     if mode == "base":
         raise UserError("generate: --no-adapter: a GGUF holds the merged model; give the run directory for the base model's answers")
     exported = load_gguf(gguf)
-
-    def gguf_reply(messages, sampling):
-        return exported.reply(messages, sampling), exported.generated
-
-    answers = [("GGUF (llama.cpp)", gguf_reply)]
+    answers = [("GGUF (llama.cpp)", exported.reply)]
     if mode == "compare":
         model, tokenizer, cfg = load_run(exported.run_dir)
         answers.insert(0, ("with adapter", transformers_reply(model, tokenizer, cfg.data.template)))

@@ -37,7 +37,6 @@ class GgufModel:
     path: Path
     llm: object  # llama_cpp.Llama
     record: dict  # EXPORTED_FROM.json beside the file, or {} for a GGUF from elsewhere
-    generated: int = 0  # tokens of the last answer
 
     @property
     def run_dir(self) -> Path:
@@ -49,8 +48,8 @@ class GgufModel:
                             "give the run directory for the adapter's answers")
         return run
 
-    def reply(self, messages: list[dict], sampling, out=None) -> str:
-        """The answer to a conversation ending with a user turn; its text goes to `out` as it is generated."""
+    def reply(self, messages: list[dict], sampling, out=None) -> tuple[str, int]:
+        """(the answer to a conversation ending with a user turn, its tokens); its text goes to `out` as it comes."""
         import llama_cpp
 
         ids = llamacpp.template_tokens(self.llm, messages)
@@ -73,8 +72,7 @@ class GgufModel:
                 out.flush()
         if out is not None:
             out.write("\n")
-        self.generated = len(pieces)
-        return "".join(pieces).strip()  # a character cut off by max_new_tokens stays in the decoder, unwritten
+        return "".join(pieces).strip(), len(pieces)  # a character cut off by max_new_tokens stays in the decoder, unwritten
 
 
 def load_gguf(gguf: Path) -> GgufModel:
