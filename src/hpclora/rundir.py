@@ -41,6 +41,7 @@ STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
+EXPORT_RECORD = "EXPORTED_FROM.json"  # beside an exported GGUF: where it came from (results/export.py)
 EXPORT_DIR = re.compile(r"gguf-(lora-)?[a-z0-9_]+")  # `hpclora export` without --out writes here (export_dir_name)
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"

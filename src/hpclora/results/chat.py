@@ -9,6 +9,7 @@ Lines are read with readline where there is one, so wide characters (Japanese) a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from .generate import Reply, Sampling, transformers_reply
+from .generate import Reply, Sampling, adapter_and_base, transformers_reply
 from .text import side_by_side
 
 HELP = ("/reset: start a new conversation | /compare: the last prompt's answer beside the other model's | "
@@ -52,12 +53,7 @@ def load(target: str | Path) -> Model:
         from .generate import load_run
 
         model, tokenizer, cfg = load_run(path)
-        adapter = transformers_reply(model, tokenizer, cfg.data.template)
-
-        def base(conversation, sampling, out=None):
-            with model.disable_adapter():
-                return adapter(conversation, sampling, out)
-
+        adapter, base = adapter_and_base(model, tokenizer, cfg.data.template)
         return Model(adapter, f"{path} (adapter on {cfg.model.name})", cfg.data.template, "adapter", "with adapter",
                      other=("base model", lambda: base))
     if (gguf := exported_gguf(path)) is not None:
@@ -72,13 +68,11 @@ def _load_gguf(gguf: Path) -> Model:
     from .gguf_answers import load_gguf
 
     exported = load_gguf(gguf)
-    loaded = {}
 
+    @functools.cache
     def adapter():  # loaded at the first /compare only
-        if "reply" not in loaded:
-            model, tokenizer, cfg = load_run(exported.run_dir)
-            loaded["reply"] = transformers_reply(model, tokenizer, cfg.data.template)
-        return loaded["reply"]
+        model, tokenizer, cfg = load_run(exported.run_dir)
+        return transformers_reply(model, tokenizer, cfg.data.template)
 
     run = exported.record.get("adapter")
     return Model(exported.reply, f"{gguf} (llama.cpp{f', exported from {Path(run).parent}' if run else ''})",
@@ -94,14 +88,12 @@ def _load_merged(path: Path) -> Model:
     cfg = dataclasses.replace(RunConfig(), model=dataclasses.replace(RunConfig().model, name=str(path.resolve())))
     model, tokenizer = load_model(cfg)
     template = provenance.get("template") or ("chat" if getattr(tokenizer, "chat_template", None) else "none")
-    loaded = {}
 
+    @functools.cache
     def base():  # loaded at the first /compare only: it doubles the memory
-        if "reply" not in loaded:
-            base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=provenance["base_model"],
-                                                                          revision=provenance.get("base_revision")))
-            loaded["reply"] = transformers_reply(load_model(base_cfg)[0], tokenizer, template)
-        return loaded["reply"]
+        base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=provenance["base_model"],
+                                                                      revision=provenance.get("base_revision")))
+        return transformers_reply(load_model(base_cfg)[0], tokenizer, template)
 
     return Model(transformers_reply(model, tokenizer, template), f"{path} (merged from {provenance.get('base_model', 'an unknown base')})",
                  template, "model", "merged model", other=("base model", base) if provenance.get("base_model") else None,

@@ -48,7 +48,7 @@ def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -
 
 def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
     from ..data import tokenized
-    from .generate import Sampling, load_run, note, timed, transformers_reply
+    from .generate import Sampling, adapter_and_base, load_run, note, timed
 
     run = Path(run_dir)
     model, tokenizer, cfg = load_run(run)
@@ -74,11 +74,10 @@ def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_
         if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
             continue  # plain text has no prompt to answer
         prompt, what = conversation[:-1], f"sample {len(samples) + 1} of up to {n} (row {number}{_of(data, groups)})"
-        reply = transformers_reply(model, tokenizer, data.template)
-        with model.disable_adapter():
-            base_answer = timed(reply, prompt, greedy, f"{what}, base model")
+        adapter, base = adapter_and_base(model, tokenizer, data.template)
+        base_answer = timed(base, prompt, greedy, f"{what}, base model")
         samples.append({"row": number, "prompt": _prompt_text(prompt), "reference": conversation[-1]["content"],
-                        "base": base_answer, "adapter": timed(reply, prompt, greedy, f"{what}, with adapter")})
+                        "base": base_answer, "adapter": timed(adapter, prompt, greedy, f"{what}, with adapter")})
 
     result = {
         "held_out": source, "rows": len(rows_of), "examples": len(examples), "response_tokens": tokens,

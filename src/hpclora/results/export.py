@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import CONFIG_FILE, export_dir_name, staged, training_holder
+from ..rundir import CONFIG_FILE, EXPORT_RECORD, export_dir_name, staged, training_holder
 from . import llamacpp
 from .adapter import checked_adapter
 from .generate import note
@@ -70,7 +70,7 @@ def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = No
         note(f"written and checked in {time.time() - started:.0f} s")
         (staging / "Modelfile").write_text(modelfile(name, cfg, check, adapter_only), encoding="utf-8")
         record = provenance(run, cfg, quant, tools, architecture, name, adapter_only, check)
-        (staging / "EXPORTED_FROM.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return target
 
 
@@ -82,10 +82,10 @@ def export_command(run_dir, quant: str, out, adapter_only: bool) -> int:
 
 def describe_export(target: Path) -> str:
     """What `hpclora export` prints: the files, what llama.cpp answered, and the lines that use them."""
-    record = json.loads((target / "EXPORTED_FROM.json").read_text(encoding="utf-8"))
+    record = json.loads((target / EXPORT_RECORD).read_text(encoding="utf-8"))
     gguf = target / record["gguf"]
     lines = [f"exported {record['contents']} to {gguf} ({record['quantization']}, {gguf.stat().st_size / 1e6:,.1f} MB), "
-             f"with {target / 'Modelfile'} and EXPORTED_FROM.json"]
+             f"with {target / 'Modelfile'} and {EXPORT_RECORD}"]
     check = record["checked"]
     if "answer" in check:
         lines.append(f"checked by {check['loaded_by']}: the template gives hpclora's tokens; {check['prompt']!r} -> "

@@ -166,6 +166,17 @@ def transformers_reply(model, tokenizer, template: str) -> Reply:
     return reply
 
 
+def adapter_and_base(model, tokenizer, template: str) -> tuple[Reply, Reply]:
+    """A PEFT model's answers with its adapter, and without it (the same model, the adapter switched off)."""
+    adapter = transformers_reply(model, tokenizer, template)
+
+    def base(messages, sampling, out=None):
+        with model.disable_adapter():
+            return adapter(messages, sampling, out)
+
+    return adapter, base
+
+
 def speakers(target, mode: str) -> list[tuple[str, Reply]]:
     """Who answers, as (column title, Reply): for a run directory the adapter, the base model (mode "base") or both
     ("compare"); for a GGUF (file or export directory) llama.cpp with it, beside the adapter it came from ("compare")."""
@@ -174,12 +185,7 @@ def speakers(target, mode: str) -> list[tuple[str, Reply]]:
     gguf = exported_gguf(target)
     if gguf is None:
         model, tokenizer, cfg = load_run(target)
-        adapter = transformers_reply(model, tokenizer, cfg.data.template)
-
-        def base(messages, sampling, out=None):
-            with model.disable_adapter():
-                return adapter(messages, sampling, out)
-
+        adapter, base = adapter_and_base(model, tokenizer, cfg.data.template)
         return {"adapter": [("with adapter", adapter)], "base": [("base model", base)],
                 "compare": [("base model", base), ("with adapter", adapter)]}[mode]
     if mode == "base":

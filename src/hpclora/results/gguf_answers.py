@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..rundir import EXPORT_RECORD as PROVENANCE
 from . import llamacpp
 
-PROVENANCE = "EXPORTED_FROM.json"
 CONTEXT = 4096  # tokens of conversation and answer llama.cpp holds (llama-cli's default)
 
 
@@ -50,8 +50,6 @@ class GgufModel:
 
     def reply(self, messages: list[dict], sampling, out=None) -> tuple[str, int]:
         """(the answer to a conversation ending with a user turn, its tokens); its text goes to `out` as it comes."""
-        import llama_cpp
-
         ids = llamacpp.template_tokens(self.llm, messages)
         room = self.llm.n_ctx() - len(ids)
         if room <= 0:
@@ -60,12 +58,10 @@ class GgufModel:
             self.llm.set_seed(sampling.seed)
         decoding = (dict(temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k) if sampling.do_sample
                     else dict(temp=0.0, top_p=1.0, top_k=1))
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may take several tokens
         pieces: list[str] = []
-        for token in self.llm.generate(ids, min_p=0.0, repeat_penalty=sampling.repetition_penalty, reset=True, **decoding):
-            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(pieces) >= min(sampling.max_new_tokens, room):
-                break
+        for token in llamacpp.generated(self.llm, ids, min(sampling.max_new_tokens, room), repeat_penalty=sampling.repetition_penalty,
+                                        **decoding):
             pieces.append(text.decode(self.llm.detokenize([token])))
             if out is not None:
                 out.write(pieces[-1])

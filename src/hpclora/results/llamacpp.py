@@ -43,12 +43,14 @@ class LlamaCpp:
     version: str  # which llama.cpp: the source distribution, or the tree HPCLORA_LLAMA_CPP names
 
     def convert(self, script: str, args: list[str], log: Path) -> None:
-        """Run one of llama.cpp's converters (through llamacpp_converter.py, which mends its config reading); its output goes to `log` (it draws a progress bar), its tail into the
-        error when it fails. A refusal of the file system stays in the text (`[Errno 28] ...`), where the caller's
+        """Run one of llama.cpp's converters (through llamacpp_converter.py, which mends how it reads configs); its
+        output goes to `log` (it draws a progress bar), its tail into the error when it fails. A refusal of the file system stays in the text (`[Errno 28] ...`), where the caller's
         staging finds it and names the place and the space."""
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converters' own gguf-py, always
         with open(log, "w", encoding="utf-8") as out:
-            done = subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_converter.py")), str(self.root), script, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+            launcher = Path(__file__).with_name("llamacpp_converter.py")
+            done = subprocess.run([sys.executable, str(launcher), str(self.root), script, *args], stdout=out,
+                                  stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             said = log.read_text(encoding="utf-8", errors="replace")
             if "BPE pre-tokenizer was not recognized" in said:
@@ -134,17 +136,21 @@ def load(path: Path, n_ctx: int = 2048, lora: Path | None = None, logits_all: bo
                                logits_all=logits_all, verbose=False)
 
 
-def greedy(llm, ids: list[int], max_new_tokens: int) -> list[int]:
-    """llama.cpp's greedy continuation of `ids`, up to an end-of-generation token (not included)."""
+def generated(llm, ids: list[int], max_new_tokens: int, **decoding):
+    """llama.cpp's continuation of `ids`, a token at a time, up to an end-of-generation token (not included).
+    `decoding`: llama_cpp.Llama.generate's temp, top_p, top_k, repeat_penalty; no min_p cut (transformers has none)."""
     import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    out: list[int] = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(out) >= max_new_tokens:
-            break
-        out.append(token)
-    return out
+    for count, token in enumerate(llm.generate(ids, reset=True, **{"min_p": 0.0, **decoding})):
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or count >= max_new_tokens:
+            return
+        yield token
+
+
+def greedy(llm, ids: list[int], max_new_tokens: int) -> list[int]:
+    """llama.cpp's greedy continuation of `ids`, up to an end-of-generation token (not included)."""
+    return list(generated(llm, ids, max_new_tokens, temp=0.0, top_k=1, repeat_penalty=1.0))
 
 
 def timed_greedy(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
