@@ -24,22 +24,14 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM_SPEC)"
 	touch $@
 
-# llama.cpp for `hpclora export` (GGUF) and for chat/generate on a GGUF: its library (llama-cpp-python, compiled here
-# with cmake and gcc, about 4 minutes on 2 cores; the multimodal library is left out) and its converters, taken from
-# the same source distribution (results/llamacpp.py finds them in $(LLAMA_CPP)), so that both are one llama.cpp.
-# Rebuilt when LLAMA_CPP_SPEC changes (VERSION holds it), not when the rest of the setup does.
+# llama.cpp for `hpclora export` (GGUF) and for chat/generate on a GGUF: library and converters from one source
+# distribution (containers/install-llama-cpp.sh, which the images run too). Rebuilt when LLAMA_CPP_SPEC changes
+# (VERSION holds it), not when the rest of the setup does.
 llama-cpp: setup
 	@grep -qxF '$(LLAMA_CPP_SPEC)' $(LLAMA_CPP)/VERSION 2>/dev/null || $(MAKE) --no-print-directory llama-cpp-build
 
 llama-cpp-build:
-	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).sdist && mkdir -p $(LLAMA_CPP).sdist
-	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_CPP).sdist "$(LLAMA_CPP_SPEC)"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/python -m pip install --quiet $(LLAMA_CPP).sdist/*.tar.gz "sentencepiece>=0.2"
-	mkdir -p $(LLAMA_CPP) && tar -xzf $(LLAMA_CPP).sdist/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
-		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
-		'*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py' '*/vendor/llama.cpp/LICENSE'
-	rm -rf $(LLAMA_CPP).sdist
-	echo '$(LLAMA_CPP_SPEC)' > $(LLAMA_CPP)/VERSION
+	bash containers/install-llama-cpp.sh $(BIN)/python "$(LLAMA_CPP_SPEC)"
 
 # Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter:
 # answers side by side, held-out loss (runs/demo/eval.md) and loss curves (runs/demo/report.md).

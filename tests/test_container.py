@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def test_definition_files_have_the_required_sections_and_pinned_installs(name):
     install = "\n".join(recipe.install)
     assert all(pin in install for pin in PINNED), install
     assert "/opt/hpclora" in install and "constraints.txt" in install  # the image's torch is kept
+    llama_cpp = re.search(r"^LLAMA_CPP_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"install-llama-cpp.sh python3 {llama_cpp}" in install and "GGML_NATIVE=OFF" in install  # the checkout's llama.cpp
     assert "PYTHONUNBUFFERED=1" in recipe.environ and any(e.startswith("HF_HOME=") for e in recipe.environ)
     assert recipe.cmd.strip() == 'exec hpclora "$@"'
     assert "%test" in text and "torch.cuda.is_available()" in text and "bitsandbytes" in text

@@ -3,13 +3,15 @@ transformers on the real small model's real adapter."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 
 import pytest
 
-from conftest import file_size_limit
+from conftest import file_size_limit, require_slurm
 
 pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: `make llama-cpp` (part of `make test`) builds it")
 
@@ -22,6 +24,52 @@ def exported(real_run, tmp_path_factory):
     from hpclora.results.export import export
 
     return export(real_run, "f16", tmp_path_factory.mktemp("export") / "gguf")
+
+
+@pytest.fixture(scope="module")
+def exported_by_job(real_run, tmp_path_factory):
+    """`hpclora export RUN --quant q8_0 --submit`, run by the test Slurm as a CPU job to its end: (the export
+    directory, the job id, what submit printed, the log). Its own job index, so that status and logs find it."""
+    from hpclora.cli import main
+
+    require_slurm()
+    tmp = tmp_path_factory.mktemp("export-job")
+    os.environ["HPCLORA_STATE_DIR"] = str(tmp / "state")
+    try:
+        submitted = io.StringIO()
+        with contextlib.redirect_stdout(submitted):
+            assert main(["export", str(real_run), "--quant", "q8_0", "--out", str(tmp / "q8 $(touch pwned)"), "--submit"]) == 0
+        job_id = submitted.getvalue().split(" as job ")[1].split()[0]
+        followed = io.StringIO()
+        with contextlib.redirect_stdout(followed):
+            assert main(["logs", job_id, "-f"]) == 0  # returns once the job has left the queue
+        status = io.StringIO()
+        with contextlib.redirect_stdout(status):
+            main(["status", job_id])
+    finally:
+        del os.environ["HPCLORA_STATE_DIR"]
+    return tmp / "q8 $(touch pwned)", job_id, submitted.getvalue(), followed.getvalue(), status.getvalue()
+
+
+def test_export_submit_runs_the_export_as_a_cpu_job_with_the_merges_memory(real_run, exported_by_job, tmp_path, cli):
+    from hpclora.catalog.dims import find_dims
+    from hpclora.config import load_run_config
+    from hpclora.plan.merge import merge_memory_gb
+
+    target, job_id, submitted, log, status = exported_by_job
+    script = (real_run / "gguf-q8_0.sbatch").read_text()
+    gb = merge_memory_gb(find_dims(load_run_config(real_run / "config.yaml"))[0])
+    assert f"#SBATCH --mem={-(-gb * 1e9 // 2 ** 30):.0f}G\n" in script and "--gres" not in script and "#SBATCH --no-requeue" in script
+    assert f"submitted the export as job {job_id} (sbatch): it writes {target}" in submitted
+    assert "written and checked in" in log and "checked by llama-cpp-python" in log and "\r" not in log
+    assert "COMPLETED" in status and f"export {job_id} (sbatch) in {target}" in status
+    record = json.loads((target / "EXPORTED_FROM.json").read_text())
+    assert record["quantization"] == "q8_0" and record["checked"]["template_tokens_equal"]
+    assert not list(target.parent.glob("pwned*")) and not list(real_run.glob("pwned*"))  # the path ran as text
+
+    done = cli("export", real_run, "--submit", "--out", tmp_path / "never", "slurm.mem=999G")  # more than the node has
+    assert done.returncode == 2 and "slurm.mem: the export job: 999G asked; partition debug's nodes have" in done.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def hpclora_ids(cfg, tokenizer, messages):
@@ -152,14 +200,14 @@ def perplexity(gguf, examples) -> float:
     return float(np.exp(nll / count))
 
 
-def test_quantized_ggufs_keep_the_perplexity_of_the_validation_split_within_stated_margins(real_run, exported, tmp_path, cli):
+def test_quantized_ggufs_keep_the_perplexity_of_the_validation_split_within_stated_margins(real_run, exported, exported_by_job, tmp_path, cli):
     """Measured on this run's 4 validation rows (32 answer tokens): f16 1.1627 against training's own 1.1632, q8_0
-    +0.4 %, q4_k_m +10.7 %. The margins: f16 within 1 % of training's, q8_0 within 2 % of f16, q4_k_m within 25 %."""
+    +0.4 %, q4_k_m +10.7 %. The margins: f16 within 1 % of training's, q8_0 within 2 % of f16, q4_k_m within 25 %.
+    (The q8_0 GGUF is the export job's, written by the converter itself; q4_k_m by llama.cpp's quantizer.)"""
     from hpclora.config import load_run_config
     from hpclora.data import tokenized
     from hpclora.job.model import load_tokenizer
     from hpclora.results.evaluate import held_out
-    from hpclora.results.export import export
 
     cfg = load_run_config(real_run / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
@@ -170,8 +218,7 @@ def test_quantized_ggufs_keep_the_perplexity_of_the_validation_split_within_stat
     done = cli("export", real_run, "--quant", "q4_k_m", "--out", tmp_path / "q4")  # by llama.cpp's quantizer, from f16
     assert done.returncode == 0, done.stderr
     assert "checked by llama-cpp-python" in done.stdout
-    q8 = export(real_run, "q8_0", tmp_path / "q8")  # written by the converter itself
-    ggufs = {"f16": exported, "q8_0": q8, "q4_k_m": tmp_path / "q4"}
+    ggufs = {"f16": exported, "q8_0": exported_by_job[0], "q4_k_m": tmp_path / "q4"}
     files = {q: d / json.loads((d / "EXPORTED_FROM.json").read_text())["gguf"] for q, d in ggufs.items()}
     assert files["q4_k_m"].stat().st_size < 0.6 * files["f16"].stat().st_size < 0.6 * 2 * files["q8_0"].stat().st_size
     ppl = {q: perplexity(f, examples) for q, f in files.items()}

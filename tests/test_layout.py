@@ -10,7 +10,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "hpclora"
 BASICS = {"errors", "stops", "internals"}
 # What each stage may import of hpclora, beside itself and the basics (errors, stops, internals): the flow
-# config -> plan -> launch -> job -> results, with catalog and data below all of them and site beside launch.
+# config -> plan -> launch -> job -> results (which submits its own jobs: export), with catalog and data below all of
+# them and site beside launch.
 MAY_IMPORT = {
     "catalog": set(),
     "data": {"catalog"},
@@ -20,7 +21,7 @@ MAY_IMPORT = {
     "launch": {"config", "catalog", "data", "plan", "rundir"},
     "site": {"config", "catalog", "data", "plan", "launch", "rundir"},
     "job": {"config", "catalog", "data", "plan", "rundir"},
-    "results": {"config", "catalog", "data", "rundir", "job"},
+    "results": {"config", "catalog", "data", "plan", "launch", "site", "rundir", "job"},
 }
 LOGIN_SIDE = {"catalog", "data", "config", "rundir", "plan", "launch", "site", *BASICS}
 HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors"}

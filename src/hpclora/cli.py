@@ -64,48 +64,31 @@ def cmd_chat(args) -> int:
 def cmd_submit(args) -> int:
     from . import config
     from .launch import launchers, submit
+    from .site import cluster
 
     launcher = launchers.launcher(args.launcher, args.cluster)
     cfg = config.load(args.config, args.overrides)
-    job = submit.prepare_job(cfg, args.force, whole_node_gb=whole_node_gb(cfg))
+    job = submit.prepare_job(cfg, args.force, whole_node_gb=cluster.job_whole_node_gb(cfg.slurm))
     return _launch(job, launcher, args)
 
 
 def cmd_sweep(args) -> int:
     from . import config
     from .launch import launchers, submit
+    from .site import cluster
 
     launcher = launchers.launcher(args.launcher, args.cluster)
-    whole_node = whole_node_gb(config.load(args.config, args.overrides, check_files=False))  # the grid keeps slurm.*
+    whole_node = cluster.job_whole_node_gb(config.load(args.config, args.overrides, check_files=False).slurm)  # the grid keeps slurm.*
     job = submit.prepare_sweep(args.config, args.overrides, args.grid, args.max_parallel, force=args.force,
                                trials_per_node=args.trials_per_node, whole_node_gb=whole_node)
     return _launch(job, launcher, args)
 
 
-def whole_node_gb(cfg) -> float | None:
-    """For a CPU job of slurm.mem=0 (all of a node's memory): the memory of the partition's largest node, which the
-    planner takes as the job's (from sinfo; None where Slurm does not answer, or for other jobs)."""
-    from .config.slurm_syntax import slurm_mem_mib
-    from .site.cluster import whole_node_memory_gb
-
-    return whole_node_memory_gb(cfg.slurm) if cfg.slurm.gpus == 0 and slurm_mem_mib(cfg.slurm.mem) == 0 else None
-
-
-def what_no_node_has(job, launcher) -> list[tuple[str, str]]:
-    """What the job asks beyond the partition's nodes (CPUs, memory, GPUs, nodes), with the fix, where Slurm answers
-    `sinfo`: such a job pends forever, or is refused after the wait. `submit` refuses it; `--dry-run` warns."""
-    from .site import cluster
-
-    parts = cluster.partitions() if launcher.queues else None
-    part = cluster.target_partition(job.cfg.slurm, parts) if parts else None
-    problems = cluster.request_problems(job.cfg.slurm, part, parts) if part is not None else []
-    return [(key, f"{problem} (`hpclora doctor` shows the partitions): set {fix}") for key, problem, fix in problems]
-
-
 def _launch(job, launcher, args) -> int:
     from .launch import submit
+    from .site import cluster
 
-    beyond_nodes = what_no_node_has(job, launcher)
+    beyond_nodes = cluster.what_no_node_has(job.cfg.slurm) if launcher.queues else []
     if beyond_nodes and not args.dry_run:
         raise ConfigError(beyond_nodes)
     for line in [*job.plan_lines, *filter(None, [submit.staging_warning(job.cfg, args.config)])]:
@@ -123,11 +106,12 @@ def _launch(job, launcher, args) -> int:
 def cmd_plan(args) -> int:
     from . import config, plan
     from .plan import preflight
+    from .site import cluster
 
     world = [f"slurm.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus", args.gpus)) if value is not None]
     cfg = config.load(args.config, [*args.overrides, *world], check_files=False)
     preflight.check(cfg)  # the data only where the file is on this node
-    result = plan.make_plan(cfg, args.gpu, capacity_gb=whole_node_gb(cfg), calibrated=True)
+    result = plan.make_plan(cfg, args.gpu, capacity_gb=cluster.job_whole_node_gb(cfg.slurm), calibrated=True)
     print(result.to_json() if args.json else plan.format_plan(result))
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -149,6 +133,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.submit:
+        from .results import export_job
+
+        print(export_job.submit_export(export_job.prepare(args.run_dir, args.quant, args.out, args.adapter_only, args.overrides), args.dry_run))
+        return 0
+    if args.overrides or args.dry_run:
+        raise UserError("export: --dry-run and slurm.* settings go with --submit (the export as a job)")
     from .results.export import export_command
 
     return export_command(args.run_dir, args.quant, args.out, args.adapter_only)
@@ -327,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=llamacpp.QUANT_TYPES, default="q8_0", help="GGUF type (default: %(default)s; an adapter: f32, f16, bf16 or q8_0)")
     p.add_argument("--adapter-only", action="store_true", help="the LoRA adapter alone, for `llama-cli --lora` and Ollama's ADAPTER")
     p.add_argument("--out", help="new directory for the GGUF, Modelfile and EXPORTED_FROM.json (default: RUN_DIR/gguf-[lora-]TYPE)")
+    p.add_argument("--submit", action="store_true", help="as a CPU job (sbatch) with the memory the merge needs; --dry-run prints it")
+    p.add_argument("--dry-run", action="store_true", help="with --submit: print the job script; submit nothing")
+    p.add_argument("overrides", nargs="*", metavar="slurm.KEY=VALUE", help="with --submit: the job's settings, e.g. slurm.partition=cpu")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="loss curves (PNG) and a markdown summary of a run, or a ranking of a sweep's trials")

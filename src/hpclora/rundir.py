@@ -42,7 +42,7 @@ STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-w
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
 EXPORT_RECORD = "EXPORTED_FROM.json"  # beside an exported GGUF: where it came from (results/export.py)
-EXPORT_DIR = re.compile(r"gguf-(lora-)?[a-z0-9_]+")  # `hpclora export` without --out writes here (export_dir_name)
+EXPORT_DIR = re.compile(r"gguf-(lora-)?[a-z0-9_]+(\.sbatch)?")  # `hpclora export` without --out writes here (export_dir_name), and its job script
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
 RUN_MARKER = ".hpclora-run"
 # Everything hpclora writes into a run directory, and nothing else: `--fresh` removes these only.

@@ -77,9 +77,10 @@ def times_mem(mem: str, k: int) -> str:
     return mem if k == 1 else f"{slurm_mem_mib(mem) * k}M"
 
 
-def sbatch_options(cfg: RunConfig, array: str | None = None, trials_per_task: int = 1) -> list[str]:
+def sbatch_options(cfg: RunConfig, array: str | None = None, trials_per_task: int = 1, requeue: bool = True) -> list[str]:
     """The #SBATCH options for one run (or an array of them), in a fixed order. An array task that runs
-    `trials_per_task` trials asks for that many times one trial's GPUs, cores and memory."""
+    `trials_per_task` trials asks for that many times one trial's GPUs, cores and memory. Without `requeue` (a job
+    that starts over rather than resumes): neither the stop signal nor the requeue."""
     k = trials_per_task
     s = dataclasses.replace(cfg.slurm, gpus=cfg.slurm.gpus * k, cpus_per_task=cfg.slurm.cpus_per_task * k, mem=times_mem(cfg.slurm.mem, k))
     options = [
@@ -91,8 +92,7 @@ def sbatch_options(cfg: RunConfig, array: str | None = None, trials_per_task: in
         f"--cpus-per-task={s.cpus_per_task}",
         f"--mem={s.mem}",
         f"--time={s.time}",
-        f"--signal=B:USR1@{cfg.train.preempt_grace_s}",
-        "--requeue",
+        *([f"--signal=B:USR1@{cfg.train.preempt_grace_s}", "--requeue"] if requeue else ["--no-requeue"]),
     ]
     optional = {
         "gpus": gpu_request(s), "partition": s.partition, "account": s.account, "qos": s.qos,
@@ -154,7 +154,7 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     ]
 
 
-def header_lines(cfg: RunConfig, payload: Payload, submitted_by: str) -> list[str]:
+def header_lines(cfg: RunConfig, payload: Payload, submitted_by: str, requeue: bool = True) -> list[str]:
     sweep = bool(payload.sweep_dir)
     packed = sweep and payload.trials_per_task > 1
     array = array_spec(payload.trials, payload.max_parallel, payload.trials_per_task) if sweep else None
@@ -162,7 +162,7 @@ def header_lines(cfg: RunConfig, payload: Payload, submitted_by: str) -> list[st
         "#!/bin/bash",
         f"# Written by `{submitted_by}` for run {job_name(cfg)}. Resubmit by hand with: sbatch <this file>",
         f"# Logs: {log_pattern(cfg, sweep, packed)}   (follow with `tail -f` or `hpclora logs JOB -f`)",
-        *(f"#SBATCH {option}" for option in sbatch_options(cfg, array, payload.trials_per_task if packed else 1)),
+        *(f"#SBATCH {option}" for option in sbatch_options(cfg, array, payload.trials_per_task if packed else 1, requeue)),
     ]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import JOB_FILE, SWEEP_FILE, attempts, metric_entries, read_json
+from ..rundir import EXPORT_RECORD, JOB_FILE, SWEEP_FILE, attempts, metric_entries, read_json
 from . import registry, slurm
 
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -137,6 +137,8 @@ def _restarts(row: Row) -> str:
 def _state_from_files(row: Row) -> str:
     if row.run_dir and (Path(row.run_dir) / "adapter").is_dir():
         return "finished (adapter saved)"
+    if row.run_dir and (Path(row.run_dir) / EXPORT_RECORD).is_file():  # an export job's directory
+        return "finished (exported)"
     if row.job_id is None:
         return "no adapter yet"
     return "unknown to Slurm"

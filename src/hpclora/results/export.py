@@ -34,17 +34,8 @@ def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = No
     from ..config import load_run_config
 
     run = Path(run_dir)
-    if not (run / CONFIG_FILE).is_file():
-        raise UserError(f"{run}: not a run directory (no {CONFIG_FILE})")
-    if (holder := training_holder(run)) is not None:
-        raise UserError(f"{run}: is still training ({holder}): export it once the run has finished")
-    adapter = checked_adapter(run)
-    kinds = llamacpp.LORA_TYPES if adapter_only else llamacpp.QUANT_TYPES
-    if quant not in kinds:
-        raise UserError(f"--quant {quant}: choose one of {', '.join(kinds)}" + (" (llama.cpp does not quantize adapters)" if adapter_only else ""))
-    target = Path(out).expanduser() if out is not None else run / export_dir_name(quant, adapter_only)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
+    target = export_target(run, quant, out, adapter_only)
+    adapter = run / "adapter"
     tools = llamacpp.find_llama_cpp()
     cfg = load_run_config(run / CONFIG_FILE)
     base_config = checked_base_config(cfg, tools)
@@ -71,6 +62,24 @@ def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = No
         (staging / "Modelfile").write_text(modelfile(name, cfg, check, adapter_only), encoding="utf-8")
         record = provenance(run, cfg, quant, tools, architecture, name, adapter_only, check)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return target
+
+
+def export_target(run: Path, quant: str, out, adapter_only: bool) -> Path:
+    """Where the export of `run` goes, once everything that can be checked without loading anything holds (what the
+    login node checks before `--submit` too): a finished run that no one is training, a type llama.cpp writes for
+    it, and a target that is new or empty."""
+    if not (run / CONFIG_FILE).is_file():
+        raise UserError(f"{run}: not a run directory (no {CONFIG_FILE})")
+    if (holder := training_holder(run)) is not None:
+        raise UserError(f"{run}: is still training ({holder}): export it once the run has finished")
+    checked_adapter(run)
+    kinds = llamacpp.LORA_TYPES if adapter_only else llamacpp.QUANT_TYPES
+    if quant not in kinds:
+        raise UserError(f"--quant {quant}: choose one of {', '.join(kinds)}" + (" (llama.cpp does not quantize adapters)" if adapter_only else ""))
+    target = Path(out).expanduser() if out is not None else run / export_dir_name(quant, adapter_only)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
     return target
 
 

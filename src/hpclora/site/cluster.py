@@ -173,3 +173,18 @@ def whole_node_memory_gb(slurm) -> float | None:
     parts = partitions()
     part = target_partition(slurm, parts) if parts else None
     return part.memory_mb * 2 ** 20 / 1e9 if part and part.memory_mb else None
+
+
+def job_whole_node_gb(slurm) -> float | None:
+    """For a CPU job of slurm.mem=0 (all of a node's memory): the memory of the partition's largest node, which the
+    planner takes as the job's (None where Slurm does not answer, or for other jobs)."""
+    return whole_node_memory_gb(slurm) if slurm.gpus == 0 and slurm_mem_mib(slurm.mem) == 0 else None
+
+
+def what_no_node_has(slurm) -> list[tuple[str, str]]:
+    """(key, what no node of the target partition has and the fix) for a job of `slurm`, where Slurm answers `sinfo`:
+    such a job pends forever, or is refused after the wait. `submit` refuses it; `--dry-run` warns."""
+    parts = partitions()
+    part = target_partition(slurm, parts) if parts else None
+    problems = request_problems(slurm, part, parts) if part is not None else []
+    return [(key, f"{problem} (`hpclora doctor` shows the partitions): set {fix}") for key, problem, fix in problems]
