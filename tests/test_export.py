@@ -3,7 +3,6 @@ transformers on the real small model's real adapter."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -28,27 +27,25 @@ def exported(real_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_by_job(real_run, tmp_path_factory):
-    """`hpclora export RUN --quant q8_0 --submit`, run by the test Slurm as a CPU job to its end: (the export
-    directory, the job id, what submit printed, the log). Its own job index, so that status and logs find it."""
-    from hpclora.cli import main
+    """`hpclora export RUN --quant q8_0 --submit`, run by the test Slurm as a CPU job to its end, through the functions
+    the commands call: (the export directory, the job id, what submit printed, the log as `logs -f` followed it,
+    what `status` said). Its own job index, so that status and logs find it there."""
+    from hpclora.launch import watch
+    from hpclora.results import export_job
 
     require_slurm()
     tmp = tmp_path_factory.mktemp("export-job")
+    target = tmp / "q8 $(touch pwned)"
     os.environ["HPCLORA_STATE_DIR"] = str(tmp / "state")
     try:
-        submitted = io.StringIO()
-        with contextlib.redirect_stdout(submitted):
-            assert main(["export", str(real_run), "--quant", "q8_0", "--out", str(tmp / "q8 $(touch pwned)"), "--submit"]) == 0
-        job_id = submitted.getvalue().split(" as job ")[1].split()[0]
+        submitted = export_job.submit_export(export_job.prepare(real_run, "q8_0", target, adapter_only=False), dry_run=False)
+        job_id = submitted.split(" as job ")[1].split()[0]
         followed = io.StringIO()
-        with contextlib.redirect_stdout(followed):
-            assert main(["logs", job_id, "-f"]) == 0  # returns once the job has left the queue
-        status = io.StringIO()
-        with contextlib.redirect_stdout(status):
-            main(["status", job_id])
+        watch.show_log(job_id, True, out=followed)  # returns once the job has left the queue
+        status = watch.status_text(job_id)
     finally:
         del os.environ["HPCLORA_STATE_DIR"]
-    return tmp / "q8 $(touch pwned)", job_id, submitted.getvalue(), followed.getvalue(), status.getvalue()
+    return target, job_id, submitted, followed.getvalue(), status
 
 
 def test_export_submit_runs_the_export_as_a_cpu_job_with_the_merges_memory(real_run, exported_by_job, tmp_path, cli):

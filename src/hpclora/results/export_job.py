@@ -72,11 +72,10 @@ def prepare(run_dir, quant: str, out, adapter_only: bool, overrides: list[str] =
     if beyond := what_no_node_has(cfg.slurm):
         raise ConfigError([(key, f"the export job: {problem}") for key, problem in beyond])
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-export"))  # the job's name and log
-    memory = (f"the merge's peak as the planner computes it for {cfg.model.name} ({memory_gb:.1f} GB)" if "slurm.mem" not in given
-              else "slurm.mem as given")
+    memory = f"{memory_gb:.1f} GB, the merge's peak as the planner computes it" if "slurm.mem" not in given else "slurm.mem as given"
     lines = [
         *header_lines(cfg, Payload(python=python, run_dir=str(run)), "hpclora export --submit", requeue=False),
-        f"# The export of {run} as a CPU job: memory {memory}, no GPU.",
+        f"# The export as a CPU job: memory {memory}; no GPU.",  # no user text in a comment: a line break would end it
         "",
         "set -eo pipefail",
         *(["", "# slurm.setup, as written in the run's config:", *cfg.slurm.setup] if cfg.slurm.setup else []),
