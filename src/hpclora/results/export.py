@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from shlex import quote
 from pathlib import Path
 
 from ..errors import UserError
@@ -99,10 +100,11 @@ def describe_export(target: Path) -> str:
     if "answer" in check:
         lines.append(f"checked by {check['loaded_by']}: the template gives hpclora's tokens; {check['prompt']!r} -> "
                      f"{check['answer'].strip()!r} ({check['tokens_per_s']} tokens/s)")
-        lines += ["run it:", f"  llama-cli -m {gguf} --jinja -cnv", f"  cd {target} && ollama create NAME -f Modelfile && ollama run NAME"]
+        lines += ["run it (llama.cpp chats with the GGUF's own template):", f"  llama-cli -m {quote(str(gguf))}",
+                  f"  cd {quote(str(target))} && ollama create NAME -f Modelfile && ollama run NAME"]
     else:
         lines.append(f"read back: {check['tensors']} LoRA tensors")
-        lines += ["run it with its base model's GGUF:", f"  llama-cli -m BASE.gguf --lora {gguf} --jinja -cnv",
+        lines += ["run it with its base model's GGUF:", f"  llama-cli -m BASE.gguf --lora {quote(str(gguf))}",
                   f"  Ollama: set FROM in {target / 'Modelfile'} to the base, then `ollama create NAME -f Modelfile`"]
     return "\n".join(lines)
 
