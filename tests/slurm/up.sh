@@ -21,7 +21,7 @@ STATE=/var/lib/hpclora-slurm
 SLURM_CONF=/etc/slurm/slurm.conf
 OURS="# Written by hpclora's tests/slurm/up.sh"
 # Bump the version when the configuration below changes, so that a running cluster picks it up.
-MARKER="$OURS (configuration 7): a throwaway test cluster of three nodes on one machine."
+MARKER="$OURS (configuration 8): a throwaway test cluster of three nodes on one machine."
 
 log() { echo "slurm-up: $*"; }
 
@@ -111,15 +111,15 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 NodeName=$HOST CPUs=$(nproc) RealMemory=16000 Gres=gpu:v100:2 State=UNKNOWN
-NodeName=node1 NodeAddr=10.77.0.11 CPUs=$(nproc) RealMemory=4000 State=UNKNOWN
-NodeName=node2 NodeAddr=10.77.0.12 CPUs=$(nproc) RealMemory=4000 State=UNKNOWN
+NodeName=node1 NodeAddr=10.77.0.11 CPUs=$(nproc) RealMemory=8000 State=UNKNOWN
+NodeName=node2 NodeAddr=10.77.0.12 CPUs=$(nproc) RealMemory=8000 State=UNKNOWN
 # Jobs share the machine's cores (four to a core) instead of queueing behind each other: the test jobs mostly wait
 # (on signals, on a stop, on their setup), and the suite's workers start them side by side.
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 # A second partition with a time limit, as clusters have (a short queue): doctor's tests check against it.
 PartitionName=short Nodes=$HOST MaxTime=00:30:00 State=UP
-# Jobs of several nodes.
-PartitionName=two Nodes=node1,node2 MaxTime=INFINITE State=UP
+# Jobs of several nodes, side by side too.
+PartitionName=two Nodes=node1,node2 MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 if ! cmp -s "$SLURM_CONF.new" "$SLURM_CONF"; then
     mv "$SLURM_CONF.new" "$SLURM_CONF"
