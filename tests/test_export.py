@@ -36,6 +36,7 @@ def exported_by_job(real_run, tmp_path_factory):
     require_slurm()
     tmp = tmp_path_factory.mktemp("export-job")
     target = tmp / "q8 $(touch pwned)"
+    previous = os.environ.get("HPCLORA_STATE_DIR")
     os.environ["HPCLORA_STATE_DIR"] = str(tmp / "state")
     try:
         submitted = export_job.submit_export(export_job.prepare(real_run, "q8_0", target, adapter_only=False), dry_run=False)
@@ -44,7 +45,10 @@ def exported_by_job(real_run, tmp_path_factory):
         watch.show_log(job_id, True, out=followed)  # returns once the job has left the queue
         status = watch.status_text(job_id)
     finally:
-        del os.environ["HPCLORA_STATE_DIR"]
+        if previous is None:
+            del os.environ["HPCLORA_STATE_DIR"]
+        else:
+            os.environ["HPCLORA_STATE_DIR"] = previous
     return target, job_id, submitted, followed.getvalue(), status
 
 

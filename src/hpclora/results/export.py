@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from shlex import quote
 from pathlib import Path
+from shlex import quote
 
 from ..errors import UserError
 from ..rundir import CONFIG_FILE, EXPORT_RECORD, export_dir_name, staged, training_holder
