@@ -154,6 +154,18 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     ]
 
 
+def prelude_lines(cfg: RunConfig, with_setup: bool = True) -> list[str]:
+    """What every job script runs first: errors stop it, then slurm.setup as written (not where submitit's own script
+    ran it already), then unset variables are errors too."""
+    setup = ["", "# slurm.setup, as written in the config:", *cfg.slurm.setup] if with_setup and cfg.slurm.setup else []
+    return ["", "set -eo pipefail", *setup, "set -u", ""]
+
+
+def node_lines(cfg: RunConfig) -> list[str]:
+    """The job's threads, environment and container runtime on its node (after PER_NODE is set)."""
+    return [*thread_lines(), *environment_lines(cfg), *container_runtime_lines(cfg)]
+
+
 def header_lines(cfg: RunConfig, payload: Payload, submitted_by: str, requeue: bool = True) -> list[str]:
     sweep = bool(payload.sweep_dir)
     packed = sweep and payload.trials_per_task > 1
@@ -176,18 +188,12 @@ def render_script(cfg: RunConfig, payload: Payload, submitted_by: str = "hpclora
         lines = ["#!/bin/bash", f"# The job of run {job_name(cfg)}, run by the submitit or local launcher (in a job step, or here)."]
     else:
         lines = header_lines(cfg, payload, submitted_by)
-    lines += ["", "set -eo pipefail"]
-    if cfg.slurm.setup and not in_step:
-        lines += ["", "# slurm.setup, as written in the config:", *cfg.slurm.setup]
     lines += [
-        "set -u",
-        "",
+        *prelude_lines(cfg, with_setup=not in_step),
         f"PER_NODE={ranks_per_node(cfg)} RANKS={'true' if world_size(cfg) > 1 else 'false'} SRUN_RANKS={str(srun_ranks(cfg, in_step)).lower()}"
         + (f"  # {world_size(cfg)} training ranks, {ranks_per_node(cfg)} per node on {cfg.slurm.nodes} node(s), started by torchrun"
            if world_size(cfg) > 1 else ""),
-        *thread_lines(),
-        *environment_lines(cfg),
-        *container_runtime_lines(cfg),
+        *node_lines(cfg),
         *(["", *rendezvous_lines()] if world_size(cfg) > 1 and cfg.slurm.nodes > 1 else []),
         "",
     ]

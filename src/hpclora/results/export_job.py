@@ -23,8 +23,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, NotSubmitted, UserError
 from ..rundir import CONFIG_FILE, export_dir_name, write_text_atomic
 from ..launch import command, registry, slurm
-from ..launch.render import RUNTIME, Payload, container_runtime_lines, environment_lines, header_lines, job_name, log_path, shell_words
-from ..launch.protocol import thread_lines
+from ..launch.render import RUNTIME, Payload, header_lines, job_name, log_path, node_lines, prelude_lines, shell_words
 
 
 @dataclass(frozen=True)
@@ -76,15 +75,9 @@ def prepare(run_dir, quant: str, out, adapter_only: bool, overrides: list[str] =
     lines = [
         *header_lines(cfg, Payload(python=python, run_dir=str(run)), "hpclora export --submit", requeue=False),
         f"# The export as a CPU job: memory {memory}; no GPU.",  # no user text in a comment: a line break would end it
-        "",
-        "set -eo pipefail",
-        *(["", "# slurm.setup, as written in the run's config:", *cfg.slurm.setup] if cfg.slurm.setup else []),
-        "set -u",
-        "",
+        *prelude_lines(cfg),
         "PER_NODE=1",
-        *thread_lines(),
-        *environment_lines(cfg),
-        *container_runtime_lines(cfg),
+        *node_lines(cfg),
         "",
         f"exec {shell_words([*command.hpclora_argv(cfg, python, RUNTIME), *export_argv(run, quant, target, adapter_only)])}",
         "",
