@@ -120,25 +120,33 @@ def test_run_directory_describes_itself(tmp_path, tiny_llama_dir, monkeypatch):
     assert [s["eval"] for s in steps if "eval" in s] == ["base", "final"]
 
 
-def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_llama_dir):
-    """stdout is a pipe here, as in a Slurm log: one plain line per log step, no carriage returns."""
+@pytest.mark.parametrize("quant", [[], ["quant.bits=4"]], ids=["lora", "qlora"])
+def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_llama_dir, quant):
+    """stdout is a pipe here, as in a Slurm log: one plain line per log step, no carriage returns. The program loads
+    bitsandbytes (whose import compiles kernels) only for a run that uses it: Python's -X importtime names every
+    module the process imported."""
     import re
     import subprocess
     import sys
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(12))
     proc = subprocess.run(
-        [sys.executable, "-m", "hpclora", "train", str(ROOT / "configs" / "demo-cpu.yaml"), f"model.name={tiny_llama_dir}",
-         f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=4", "train.max_steps=4",
-         "train.log_every=1", "train.micro_batch_size=2", "--run-dir", str(tmp_path / "run")],
+        [sys.executable, "-X", "importtime", "-m", "hpclora", "train", str(ROOT / "configs" / "demo-cpu.yaml"),
+         f"model.name={tiny_llama_dir}", f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=4",
+         "train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", *quant, "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    said = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))
+    assert proc.returncode == 0, said[-2000:]
+    assert "\r" not in proc.stdout and "\r" not in said
     line = re.compile(r"^step (\d+)/4 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| mem [\d.]+ GB \| eta \d\d:\d\d:\d\d$")
     progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert [int(line.match(ln).group(1)) for ln in progress] == [1, 2, 3, 4]
     assert "eval base @ step 0" in proc.stdout and "eval final @ step 4" in proc.stdout
+    assert ("bitsandbytes.nn" in imported) == bool(quant) and "peft" in imported  # (an import refused is listed too)
+    # What bitsandbytes' import costs: were it to stop, internals.without_bitsandbytes would have no reason left.
+    assert ("torch._inductor.compile_fx" in imported) == bool(quant)
 
 
 def test_finished_run_directory_is_never_overwritten(tmp_path, tiny_llama_dir):

@@ -38,7 +38,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from .job.entry import train_command
 
-    return train_command(args.config, args.overrides, args.run_dir, args.fresh)
+    return train_command(args.config, args.overrides, args.run_dir, args.fresh, own_process=args.own_process)
 
 
 def _sampling(args):
@@ -367,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`hpclora ARGV`; argv None: the `hpclora` program itself (sys.argv), a process that runs one command and ends."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # argparse exits 2 on a usage error
+    args.own_process = argv is None
     # `key=value` overrides may also come after options: `train CFG --run-dir D lora.r=4`.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra

@@ -10,7 +10,9 @@ and tests/test_internals.py fails loudly when a library release changes it.
 - accelerate's loss scaler, given to the Trainer for fp16 on a CPU, where accelerate refuses fp16 itself;
 - accelerate's distributed type and FSDP plugin, set for FSDP over CPU ranks, where accelerate would train DDP;
 - the factor functions of transformers' learning-rate schedules (a torch LambdaLR's `lr_lambdas`), shifted so
-  that warmup does not give the first step a learning rate of 0.
+  that warmup does not give the first step a learning rate of 0;
+- bitsandbytes' import, which compiles kernels whether or not a run uses them, and which peft and transformers
+  skip where bitsandbytes is absent.
 
 Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
 """
@@ -18,6 +20,7 @@ Heavy libraries are imported inside the functions: importing this module costs n
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 
@@ -131,3 +134,13 @@ def warmup_from_the_first_step(scheduler, warmup_steps: int):
 
     # The optimizer's `initial_lr`, set by the first scheduler, is the base of this one too.
     return torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])
+
+
+def without_bitsandbytes() -> None:
+    """Mark bitsandbytes absent for the rest of this process: importing it runs torch.compile on its default
+    kernels (torch._dynamo and torch._inductor, about 2 s and 45 MB on every rank of every job), and peft and
+    transformers import it whenever it is installed. A None in sys.modules makes `import` raise ImportError and
+    find_spec answer None, so both take their path without it. Only for a process that trains one run that neither
+    quantizes nor steps a bitsandbytes optimizer, and then ends: transformers remembers the answer."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-# bitsandbytes' 8-bit and paged optimizers keep their states per parameter and cannot step FSDP2's sharded
+# bitsandbytes' optimizers (8-bit and paged): they keep their states per parameter and cannot step FSDP2's sharded
 # DTensor parameters (bitsandbytes issue 1633).
-FSDP_INCAPABLE_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def choose_precision(requested: str, device: str, bf16_supported: bool) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def fsdp_problem(precision: str | None, quant_bits: int | None, optimizer: str) 
                 "on an A100/H100/L4")
     if quant_bits == 4 and precision not in (None, "bf16"):
         return f"FSDP shards 4-bit weights stored in bf16 and computes in bf16, not {precision}: train.precision=bf16, or {instead}"
-    if optimizer in FSDP_INCAPABLE_OPTIMIZERS:
+    if optimizer in BITSANDBYTES_OPTIMIZERS:
         return (f"train.optimizer={optimizer} (bitsandbytes) cannot step FSDP's sharded parameters: use train.optimizer=adamw_torch "
                 "with FSDP, or train.distributed=ddp")
     return None

@@ -5,11 +5,14 @@ from __future__ import annotations
 from ..stops import CHECKPOINTED_EXIT
 
 
-def train_command(config_path: str, overrides: list[str], run_dir: str | None, fresh: bool) -> int:
+def train_command(config_path: str, overrides: list[str], run_dir: str | None, fresh: bool, own_process: bool = False) -> int:
     """Check what can be checked in a second, then train; 0 when finished, CHECKPOINTED_EXIT when a stop signal made
-    it checkpoint first (several ranks end with 0 instead: rank 0 left the stop marker the job script reads)."""
+    it checkpoint first (several ranks end with 0 instead: rank 0 left the stop marker the job script reads).
+    `own_process`: this process exists for this one run (the `hpclora` program, as every job runs it)."""
     from .. import config
     from ..catalog import hub
+    from ..catalog.precision import BITSANDBYTES_OPTIMIZERS
+    from ..internals import without_bitsandbytes
     from ..plan import preflight
     from .preempt import StopRequest
     from .quiet import quiet_libraries
@@ -19,6 +22,8 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
         hub.use_cache(cfg)  # before check_model asks the cache: the hub libraries read HF_HOME once
         preflight.check_model(cfg)
         hub.require_staged(cfg, config_path)  # offline and not staged: say so now, not after loading
+        if own_process and cfg.quant.bits is None and cfg.train.optimizer not in BITSANDBYTES_OPTIMIZERS:
+            without_bitsandbytes()
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
         from .distributed import world
         from .train import train
