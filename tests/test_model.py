@@ -149,6 +149,26 @@ def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_lla
     assert ("torch._inductor.compile_fx" in imported) == bool(quant)
 
 
+def test_bitsandbytes_is_loaded_for_quantized_weights_its_optimizers_and_models_it_cannot_see(tmp_path, tiny_llama_dir):
+    """What the program decides before it imports anything heavy: a checkpoint saved in 4 bits (a `-bnb-4bit` model)
+    needs bitsandbytes though quant.bits is null, and so may a hub model whose config.json is not in the cache."""
+    import shutil
+
+    from hpclora.job.entry import needs_bitsandbytes
+
+    saved_4bit = tmp_path / "saved-4bit"
+    shutil.copytree(tiny_llama_dir, saved_4bit)
+    settings = json.loads((saved_4bit / "config.json").read_text())
+    (saved_4bit / "config.json").write_text(json.dumps({**settings, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+
+    def needs(*overrides):
+        return needs_bitsandbytes(config.load(None, ["data.path=x.jsonl", f"cache.hf_home={tmp_path / 'hf'}", *overrides], check_files=False))
+
+    assert not needs(f"model.name={tiny_llama_dir}") and not needs("model.name=smollm2-135m")
+    assert needs(f"model.name={tiny_llama_dir}", "quant.bits=4") and needs(f"model.name={tiny_llama_dir}", "train.optimizer=paged_adamw_8bit")
+    assert needs(f"model.name={saved_4bit}") and needs("model.name=someone/not-in-the-cache")
+
+
 def test_finished_run_directory_is_never_overwritten(tmp_path, tiny_llama_dir):
     out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=1")
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()

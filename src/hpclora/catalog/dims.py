@@ -68,17 +68,25 @@ def dims_from_config(config: dict) -> ModelDims:
     )
 
 
-def find_dims(cfg: RunConfig) -> tuple[ModelDims, str]:
+def model_config_file(cfg) -> Path | None:
+    """The model's config.json in its local directory or in the HF cache; None where neither holds one (and for the
+    bundled model, whose dimensions are in the built-in table)."""
+    local = local_model_path(cfg.model.name)
+    if local is not None:
+        path = local / "config.json"
+    elif hub_model_id(cfg.model.name):
+        path = cached_model_file(cfg, "config.json")
+    else:
+        return None
+    return path if path is not None and path.is_file() else None
+
+
+def find_dims(cfg) -> tuple[ModelDims, str]:
     """The model's dimensions and where they came from: local directory, HF cache, or the built-in table."""
     name = cfg.model.name
-    candidates, local = [], local_model_path(name)
-    if local is not None:
-        candidates.append(local / "config.json")
-    elif hub_model_id(name) and (cached := cached_model_file(cfg, "config.json")) is not None:
-        candidates.append(cached)
-    for path in candidates:
-        if path.is_file():
-            return dims_from_config(read_model_config(path)), str(path)
+    path = model_config_file(cfg)
+    if path is not None:
+        return dims_from_config(read_model_config(path)), str(path)
     if name in KNOWN_DIMS:
         return ModelDims(*KNOWN_DIMS[name]), "built-in table"
     raise UserError(

@@ -11,7 +11,6 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
     `own_process`: this process exists for this one run (the `hpclora` program, as every job runs it)."""
     from .. import config
     from ..catalog import hub
-    from ..catalog.precision import BITSANDBYTES_OPTIMIZERS
     from ..internals import without_bitsandbytes
     from ..plan import preflight
     from .preempt import StopRequest
@@ -22,7 +21,7 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
         hub.use_cache(cfg)  # before check_model asks the cache: the hub libraries read HF_HOME once
         preflight.check_model(cfg)
         hub.require_staged(cfg, config_path)  # offline and not staged: say so now, not after loading
-        if own_process and cfg.quant.bits is None and cfg.train.optimizer not in BITSANDBYTES_OPTIMIZERS:
+        if own_process and not needs_bitsandbytes(cfg):
             without_bitsandbytes()
         quiet_libraries()  # before train.py pulls in transformers (and with it bitsandbytes)
         from .distributed import world
@@ -33,3 +32,18 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
         return 0
     # Under torchrun an exit code 75 reads as a failed rank (a traceback in the log): the ranks end with 0.
     return 0 if world().size > 1 else CHECKPOINTED_EXIT
+
+
+def needs_bitsandbytes(cfg) -> bool:
+    """Whether the run quantizes (quant.bits, or a checkpoint saved quantized, such as the hub's `-bnb-4bit` models),
+    steps a bitsandbytes optimizer, or loads a model whose config.json is not here to tell (downloaded by the job)."""
+    from ..catalog.dims import model_config_file, read_model_config
+    from ..catalog.models import BUNDLED_NAME
+    from ..catalog.precision import BITSANDBYTES_OPTIMIZERS
+
+    if cfg.quant.bits is not None or cfg.train.optimizer in BITSANDBYTES_OPTIMIZERS:
+        return True
+    if cfg.model.name == BUNDLED_NAME:  # converted without its quantization (job/bundled.py)
+        return False
+    path = model_config_file(cfg)
+    return path is None or "quantization_config" in read_model_config(path)
