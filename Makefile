@@ -25,10 +25,11 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $@
 
 # llama.cpp for `hpclora export` (GGUF) and for chat/generate on a GGUF: library and converters from one source
-# distribution (containers/install-llama-cpp.sh, which the images run too). Rebuilt when LLAMA_CPP_SPEC changes
-# (VERSION holds it), not when the rest of the setup does.
+# distribution (containers/install-llama-cpp.sh, which the images run too). Rebuilt when LLAMA_CPP_SPEC (VERSION holds
+# it) or that script changes, not when the rest of the setup does.
 llama-cpp: setup
-	@grep -qxF '$(LLAMA_CPP_SPEC)' $(LLAMA_CPP)/VERSION 2>/dev/null || $(MAKE) --no-print-directory llama-cpp-build
+	@if ! grep -qxF '$(LLAMA_CPP_SPEC)' $(LLAMA_CPP)/VERSION 2>/dev/null || [ containers/install-llama-cpp.sh -nt $(LLAMA_CPP)/VERSION ]; \
+	then $(MAKE) --no-print-directory llama-cpp-build; fi
 
 llama-cpp-build:
 	bash containers/install-llama-cpp.sh $(BIN)/python "$(LLAMA_CPP_SPEC)"

@@ -8,11 +8,15 @@
 # not only on the one that built it.
 set -euo pipefail
 python=$1 spec=$2
+options="-DLLAVA_BUILD=OFF"
+# A native build on a CPU with AMX (Sapphire Rapids and later) compiles ggml's AMX kernels, which crash in the first
+# matrix product of every quantized model there (llama.cpp issue 20824); the AVX-512 kernels serve those CPUs.
+[ "$(uname -m)" = x86_64 ] && options+=" -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
 share=$("$python" -c 'import sys; print(sys.prefix)')/share/llama.cpp
 rm -rf "$share" "$share.sdist"
 mkdir -p "$share.sdist"
 "$python" -m pip download --quiet --no-deps --no-binary :all: -d "$share.sdist" "$spec"
-CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" "$python" -m pip install --quiet "$share.sdist"/*.tar.gz "sentencepiece>=0.2"
+CMAKE_ARGS="$options ${CMAKE_ARGS:-}" "$python" -m pip install --quiet "$share.sdist"/*.tar.gz "sentencepiece>=0.2"
 mkdir -p "$share"
 tar -xzf "$share.sdist"/*.tar.gz -C "$share" --strip-components=3 --wildcards \
     '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
