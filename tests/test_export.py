@@ -335,3 +335,21 @@ def test_export_refuses_what_it_cannot_do_and_leaves_nothing(real_run, tmp_path,
         done = cli("export", real_run, "--quant", "f16", "--out", tmp_path / "full" / "gguf")
     assert done.returncode == 2 and "was not written (nothing was replaced)" in done.stderr, done.stderr
     assert list((tmp_path / "full").iterdir()) == []  # no partial GGUF, no staging left behind
+
+
+def test_a_llama_cpp_library_with_amx_kernels_is_refused_only_on_a_cpu_with_amx():
+    """ggml's AMX kernels crash in the first matrix product of a quantized model (llama.cpp issue 20824): the library
+    `make llama-cpp` builds has none, and one that has them (its system info as such a build prints it) is refused
+    where the CPU has AMX, the only CPUs ggml runs them on."""
+    import llama_cpp
+
+    from hpclora.results.llamacpp import require_library, runs_amx_kernels
+
+    built = llama_cpp.llama_print_system_info()
+    assert b"AMX" not in built, built
+    require_library()
+    with_amx = built + b"AMX_INT8 = 1 | "
+    sapphire_rapids = "processor\t: 0\nflags\t\t: fpu avx512f avx512_vnni amx_bf16 amx_tile amx_int8 arat\n"
+    ice_lake = "processor\t: 0\nflags\t\t: fpu avx512f avx512_vnni arat\nbugs\t\t: amx_int8\n"
+    assert runs_amx_kernels(with_amx, sapphire_rapids)
+    assert not runs_amx_kernels(with_amx, ice_lake) and not runs_amx_kernels(built, sapphire_rapids)

@@ -87,12 +87,27 @@ def find_llama_cpp() -> LlamaCpp:
 
 
 def require_library() -> None:
-    """A UserError saying how to install it where llama.cpp's library (the llama_cpp package) is missing."""
+    """A UserError saying how to install it where llama.cpp's library (the llama_cpp package) is missing, or how to
+    rebuild it where it would crash on this CPU."""
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError(f"GGUF files are written and run by llama.cpp's library (the llama_cpp package, from llama-cpp-python), "
                         f"which is not installed: {INSTALL}")
+    import llama_cpp
+
+    cpu = Path("/proc/cpuinfo")
+    if runs_amx_kernels(llama_cpp.llama_print_system_info(), cpu.read_text() if cpu.is_file() else ""):
+        raise UserError("this llama-cpp-python was compiled with ggml's AMX kernels, which crash on this CPU in the first matrix "
+                        "product of a quantized model (llama.cpp issue 20824): rebuild it without them with `make llama-cpp` in "
+                        "hpclora's checkout, or CMAKE_ARGS=\"-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8\" "
+                        "pip install --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python")
+
+
+def runs_amx_kernels(system_info: bytes, cpuinfo: str) -> bool:
+    """Whether llama.cpp's library (its `llama_print_system_info()`) has ggml's AMX kernels and the CPU (/proc/cpuinfo)
+    the AMX they run on; on a CPU without AMX, ggml leaves the kernels unused."""
+    return b"AMX_INT8 = 1" in system_info and re.search(r"^flags\s*:.*\bamx_int8\b", cpuinfo, re.MULTILINE) is not None
 
 
 def quantize(source: Path, target: Path, quant: str) -> None:
