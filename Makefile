@@ -10,7 +10,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 LLAMA_CPP  := $(VENV)/share/llama.cpp
 
-.PHONY: setup llama-cpp llama-cpp-build slurm go demo test bench-throughput gpu-check clean
+.PHONY: setup llama-cpp llama-cpp-build slurm apptainer test-image go demo test bench-throughput gpu-check clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,19 @@ slurm:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/up.sh; \
 	else echo "not root: no test Slurm started; launch tests need a reachable Slurm or will skip"; fi
 
+# A real Apptainer (Debian sid's package run from a Debian trixie root: tests/apptainer/up.sh; root only, idempotent,
+# a minute the first time) offering `apptainer` and `singularity`, and the container tests' image: containers/hpclora.def
+# built by `hpclora container build --from` on a base of Debian packages and CPU torch, cached by what it is made of
+# (tests/apptainer/image.py: about 8 minutes the first time on 2 cores, a second after). Without them the container
+# tests skip with the reason, unless HPCLORA_REQUIRE_APPTAINER=1 makes them fail.
+apptainer:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/apptainer/up.sh; \
+	else echo "not root: no Apptainer installed; the container tests need apptainer on PATH or will skip"; fi
+
+test-image: setup apptainer
+	@if command -v apptainer >/dev/null; then $(BIN)/python tests/apptainer/image.py; \
+	else echo "no apptainer: no test image built"; fi
+
 # Go, whose text/template renders a Modelfile's TEMPLATE in tests/test_ollama.py as Ollama does (Debian's golang-go,
 # installed when root; elsewhere that test skips unless HPCLORA_REQUIRE_GO=1 makes it fail).
 go:
@@ -63,7 +76,7 @@ go:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go >/dev/null; \
 	else echo "not root: Go not installed; the Modelfile test needs go on PATH or will skip"; fi
 
-test: setup llama-cpp slurm go
+test: setup llama-cpp slurm test-image go
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tokens/s and peak memory of hpclora beside the blog-post script and TRL (benchmarks/throughput.py).

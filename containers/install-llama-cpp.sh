@@ -15,7 +15,8 @@ options="-DLLAVA_BUILD=OFF"
 share=$("$python" -c 'import sys; print(sys.prefix)')/share/llama.cpp
 rm -rf "$share" "$share.sdist"
 mkdir -p "$share.sdist"
-"$python" -m pip download --quiet --no-deps --no-binary :all: -d "$share.sdist" "$spec"
+# Only llama-cpp-python from source: its build tools (cmake, ninja, scikit-build-core) as wheels, not compiled too.
+"$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$share.sdist" "$spec"
 CMAKE_ARGS="$options ${CMAKE_ARGS:-}" "$python" -m pip install --quiet "$share.sdist"/*.tar.gz "sentencepiece>=0.2"
 mkdir -p "$share"
 tar -xzf "$share.sdist"/*.tar.gz -C "$share" --strip-components=3 --wildcards \

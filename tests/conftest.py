@@ -42,7 +42,8 @@ HANDED_OUT_FIRST = (
     "test_distributed.py",
     "test_slurm.py::test_the_hand_written_template_runs_a_rank_per_gpu",
     "test_slurm.py::test_usr1_term_and_a_time_limit",
-    "test_end_to_end.py", "test_resume.py", "test_api.py", "test_slurm.py",
+    "test_apptainer.py::test_two_ranks", "test_apptainer.py::test_usr1",
+    "test_end_to_end.py", "test_resume.py", "test_api.py", "test_slurm.py", "test_apptainer.py",
 )
 
 
@@ -210,9 +211,30 @@ def require_slurm() -> None:
     """Skip (or, with HPCLORA_REQUIRE_SLURM=1 as .ci/run sets, fail) where no Slurm answers."""
     reason = slurm_missing()
     if reason:
-        if os.environ.get("HPCLORA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"HPCLORA_REQUIRE_SLURM=1 but {reason}; start one with `bash tests/slurm/up.sh`")
-        pytest.skip(f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")
+        skip_or_fail("HPCLORA_REQUIRE_SLURM", f"no Slurm reachable: {reason} (`bash tests/slurm/up.sh` starts one)")
+
+
+def skip_or_fail(required_by: str, reason: str) -> None:
+    """Skip with `reason`, or fail where the variable `required_by` is 1 (as .ci/run sets them)."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{required_by}=1 but {reason}")
+    pytest.skip(reason)
+
+
+def container_image() -> Path:
+    """The container tests' image (tests/apptainer/image.py), with a real apptainer to run it; skips (or, with
+    HPCLORA_REQUIRE_APPTAINER=1 as .ci/run sets, fails) where there is none."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "apptainer"))
+    from image import cached_image
+
+    if shutil.which("apptainer") is None:
+        skip_or_fail("HPCLORA_REQUIRE_APPTAINER", "no apptainer on PATH (`make apptainer` installs a real one, as root)")
+    image = cached_image()
+    if image is None or not image.exists():
+        skip_or_fail("HPCLORA_REQUIRE_APPTAINER", "the container tests' image is not built (`make test-image`)")
+    return image
 
 
 @pytest.fixture

@@ -98,50 +98,29 @@ class HubStandIn:
         return Handler
 
 
-# A stand-in for `apptainer` (neither it nor Singularity installs here): it records how it was called,
-# applies `--env K=V`, skips its options and the image, and runs the command on the host.
-FAKE_RUNTIME = """#!/bin/bash
-echo "$@" >> "$(dirname "$0")/calls.log"
-shift  # exec
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --nv) shift ;;
-        -B) shift 2 ;;
-        --env) export "$2"; shift 2 ;;
-        *) break ;;
-    esac
-done
-shift  # the image
-exec "$@"
-"""
-
-
 @contextmanager
-def staged_offline_job(tmp_path: Path, model_dir: Path, **sections):
+def staged_offline_job(tmp_path: Path, model_dir: Path, image: Path, shared: Path | None = None, **sections):
     """A run whose model and dataset live on a hub stand-in, staged with `hpclora stage` into cache.hf_home
-    (jobs offline), to run in a container image by a fake `apptainer`. Yields (config path, the stand-in
-    still serving, the submitting shell's environment: no HF_HOME and no offline switches of its own,
-    HF_ENDPOINT at the stand-in, the fake runtime and this interpreter's `hpclora` on PATH). A job that
-    asks the hub shows in `hub.requests`; one that misses the cache fails."""
+    (jobs offline), to run inside the container `image` (tests/apptainer/image.py). Its run directories, HF cache and
+    logs are under `shared` (default: tmp_path). Yields (config path, the stand-in still serving, the submitting
+    shell's environment: no HF_HOME and no offline switches of its own, HF_ENDPOINT at the stand-in, this
+    interpreter's `hpclora` on PATH). A job that asks the hub shows in `hub.requests`; one that misses the cache fails."""
     from conftest import alpaca_rows, tiny_run_yaml, write_jsonl
 
-    data_repo, bin_dir = tmp_path / "data-repo", tmp_path / "fake-bin"
+    shared = shared or tmp_path
+    data_repo = tmp_path / "data-repo"
     data_repo.mkdir()
-    bin_dir.mkdir()
     write_jsonl(data_repo / "train.jsonl", alpaca_rows(12))
-    runtime = bin_dir / "apptainer"
-    runtime.write_text(FAKE_RUNTIME)
-    runtime.chmod(0o755)
-    (tmp_path / "image.sif").write_text("not a real image")
+    container = {"image": str(image), "env": {"HPCLORA_IN_IMAGE": "yes"}, **sections.pop("container", {})}
     cfg = tiny_run_yaml(
         tmp_path, model_dir, model={"name": "lab/tiny-llama"}, data={"path": "lab/tiny-data"},
-        cache={"hf_home": str(tmp_path / "hf"), "offline_jobs": True},
-        container={"image": str(tmp_path / "image.sif"), "env": {"HPCLORA_IN_IMAGE": "yes"}}, **sections,
+        run={"output_root": str(shared / "runs")}, slurm={"log_dir": str(shared / "logs")},
+        cache={"hf_home": str(shared / "hf"), "offline_jobs": True}, container=container, **sections,
     )
     with HubStandIn({"lab/tiny-llama": model_dir}, {"lab/tiny-data": data_repo}) as hub:
         env = {key: value for key, value in os.environ.items() if key not in ("HF_HOME", *OFFLINE_VARS)}
         env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1",
-                   PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         staged = subprocess.run([sys.executable, "-m", "hpclora", "stage", str(cfg)], env=env, capture_output=True, text=True)
         assert staged.returncode == 0, staged.stderr
         hub.requests.clear()

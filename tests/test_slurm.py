@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, alpaca_rows, require_slurm, tiny_run_yaml, write_jsonl
-from hub_standin import FAKE_RUNTIME, staged_offline_job
 
 SECRET = "hf_do_not_leak_0123456789"
 
@@ -496,20 +495,6 @@ def test_usr1_term_and_a_time_limit_each_checkpoint_and_requeue_until_the_requeu
     losses = lambda d: [e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e]  # noqa: E731
     assert losses(run_dir) == losses(reference)[:last]
 
-@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
-def test_slurm_launchers_run_the_job_offline_from_the_shared_cache_in_the_image(tmp_path, tiny_llama_dir, env, launcher):
-    """As test_container.py's launchers without Slurm: the job's cache, offline switches and image come
-    from the config, not from the submitting shell (a fake apptainer runs the image: none installs here)."""
-    with staged_offline_job(tmp_path, tiny_llama_dir) as (cfg, hub, staged_env):
-        job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env={**env, **staged_env}, cwd=tmp_path).stdout)
-        assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}
-    assert hub.requests == []
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    (call,) = (tmp_path / "fake-bin" / "calls.log").read_text().splitlines()
-    assert f"-B {tmp_path / 'hf'}" in call and f"{tmp_path / 'image.sif'} hpclora train {run_dir}/config.yaml" in call
-
-
 @pytest.mark.parametrize("launcher, now", [("sbatch", True), ("submitit", False)])
 def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, env, launcher, now):
     """`cancel --now` is scancel: TERM, and training checkpoints and exits 75 as on preemption (in time when its step
@@ -557,67 +542,6 @@ def test_submit_refuses_what_no_node_of_the_partition_has_and_mem_0_plans_with_a
     for command in (["submit", cfg], ["sweep", cfg, "--grid", "lora.r=2,4"]):  # the same plan before the queue
         dry = hpclora(*command, "slurm.mem=0", "--dry-run", env=env, cwd=tmp_path)
         assert "of 16.8 GB on cpu" in dry.stderr and "no memory check" not in dry.stderr, dry.stderr
-
-
-# A stand-in for apptainer (neither it nor Singularity installs here): FAKE_RUNTIME, which also keeps the words
-# it was given, NUL-separated, in words-<job id>.
-RECORDING_RUNTIME = FAKE_RUNTIME.replace("#!/bin/bash\n", "#!/bin/bash\nprintf '%s\\0' \"$@\" > \"$(dirname \"$0\")/words-$SLURM_JOB_ID\"\n", 1)
-
-
-def test_user_text_reaches_every_job_script_as_text_never_as_commands(tmp_path, tiny_llama_dir, env):
-    """Every config value that reaches a job script holds `$(touch ...)` and backquotes, for one and two ranks,
-    with and without a container, through sbatch and submitit. No canary file appears, each job trains to the
-    end with those paths, and the container runtime is handed the values as written."""
-    canary = tmp_path / "canary"
-    canary.mkdir()
-    hostile = lambda key: f"{key} $(touch {canary}/{key}) `touch {canary}/{key}-bq` $HOME"  # noqa: E731
-    model = shutil.copytree(tiny_llama_dir, tmp_path / hostile("model"))
-    data_dir = tmp_path / hostile("data")
-    data_dir.mkdir(parents=True)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(RECORDING_RUNTIME)
-    (bin_dir / "apptainer").chmod(0o755)
-    (tmp_path / "image.sif").write_text("not a real image")
-    job_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
-
-    jobs = []
-    # Every pair of choices meets in one of four jobs (ranks x image, ranks x launcher, image x launcher): the script's
-    # quoting differs by ranks and image, its writer by launcher.
-    for ranks, image, launcher in ((1, False, "sbatch"), (1, True, "submitit"), (2, False, "submitit"), (2, True, "sbatch")):
-        name = f"r{ranks}-{'image' if image else 'host'}-{launcher}"
-        cfg = tiny_run_yaml(
-            tmp_path, model, run={"name": f"{name} $(touch {canary}/name)", "output_root": str(tmp_path / hostile("runs") / name)},
-            data={"path": str(data_dir / "data.jsonl"), "cache_dir": str(tmp_path / hostile("cache"))},
-            train={"max_steps": 1, "cpu_ranks": ranks},
-            slurm={"cpus_per_task": ranks, "mem": f"{2 * ranks}G", "log_dir": str(tmp_path / hostile("logs"))},
-            cache={"hf_home": str(tmp_path / hostile("hf")), "offline_jobs": True},
-            container={"image": str(tmp_path / "image.sif") if image else None,
-                       "binds": [f"/tmp/{hostile('bind')}"], "env": {"HOSTILE": hostile("env")}},
-        )
-        shutil.move(tmp_path / "data.jsonl", data_dir / "data.jsonl")  # tiny_run_yaml writes it beside the config
-        out = hpclora("submit", cfg, "--launcher", launcher, env=job_env, cwd=tmp_path).stdout
-        jobs.append((name, image, job_id_from(out)))
-
-    for name, image, job_id in jobs:
-        assert wait_for(job_id) == {job_id: ("COMPLETED", "0:0")}, name
-        if image:
-            words = (bin_dir / f"words-{job_id}").read_bytes().decode().split("\0")
-            for expected in (f"/tmp/{hostile('bind')}", f"HOSTILE={hostile('env')}", str(tmp_path / hostile("hf"))):
-                assert expected in words, (name, expected, words)
-        (run_dir,) = (tmp_path / hostile("runs") / name).iterdir()
-        assert (run_dir / "adapter" / "adapter_model.safetensors").exists(), name
-        # Torch threads: the task's cores (slurm.cpus_per_task, one per rank here) shared by its ranks, whichever
-        # launcher ran it (submitit once gave each rank all of them).
-        assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == 1, name
-        if name == "r2-host-submitit":  # submitit starts one task per node, which runs torchrun for its two ranks
-            record = json.loads((run_dir / "job.json").read_text())
-            assert record["launcher"] == "submitit" and Path(record["log"]).parent == run_dir / "submitit"
-            assert "SRUN_CPUS_PER_TASK" in next((run_dir / "submitit").glob("*_submission.sh")).read_text()
-            log = hpclora("logs", job_id, env=job_env, cwd=tmp_path).stdout
-            assert log.count("world 2 ranks (gloo)") == 1 and log.count("adapter saved to") == 1
-            assert "COMPLETED" in hpclora("status", job_id, env=job_env, cwd=tmp_path).stdout
-    assert sorted(p.name for p in canary.iterdir()) == []
 
 
 def test_a_late_answer_from_sbatch_keeps_the_run_directory_and_records_the_queued_job(tmp_path, tiny_llama_dir, env):

@@ -187,9 +187,10 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_container(args) -> int:
-    from .launch.container import container_command
+    from .launch.image_build import BuildOptions, build, check
 
-    return container_command(args.action, args.image, args.definition, args.out, args.dry_run)
+    options = BuildOptions(args.sandbox, args.notest, args.bind, args.base)
+    return build(args.definition, args.out, options, args.dry_run) if args.action == "build" else check(args.image, args.dry_run)
 
 
 def cmd_doctor(args) -> int:
@@ -254,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     with_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    from .launch.container import DEFAULT_DEF
     from .launch.launchers import LAUNCHERS
     from .site.probe import DEFAULT_STEPS, FAR_OFF
 
@@ -334,9 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("container", help="build a Singularity/Apptainer image, or run its self-test")
     p.add_argument("action", choices=("build", "check"))
     p.add_argument("image", nargs="?", help="check: the image (.sif) to test")
-    p.add_argument("--def", dest="definition", default=str(DEFAULT_DEF), help="build: definition file (default: %(default)s)")
-    p.add_argument("--out", default="hpclora.sif", help="build: image to write (default: %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.add_argument("--def", dest="definition", default="containers/hpclora.def", help="build: definition file (default: %(default)s)")
+    p.add_argument("--out", default="hpclora.sif", help="build: image to write, once built and tested (default: %(default)s)")
+    p.add_argument("--from", dest="base", metavar="BASE", help="build: on another base (.sif, sandbox, docker-archive:FILE, oras://...)")
+    p.add_argument("--sandbox", action="store_true", help="build: a directory instead of a .sif (no squashfs step)")
+    p.add_argument("--notest", action="store_true", help="build: skip the image's %%test")
+    p.add_argument("-B", "--bind", action="append", default=[], metavar="SRC[:DST]", help="build: a host path for %%post only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=cmd_container)
 
     p = sub.add_parser("probe", help="a short real job on the target partition: measure tokens/s and memory for plan and slurm.time: auto")

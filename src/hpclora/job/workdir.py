@@ -134,6 +134,8 @@ def environment(device: str, precision: str, precision_reason: str) -> dict:
     env = {
         "host": socket.gethostname(),
         "python": sys.version.split()[0],
+        "executable": sys.executable,  # inside an image: the image's Python, not the submitting host's
+        "hpclora": str(Path(__file__).resolve().parents[1]),  # the package that trained, where it is installed
         "platform": platform.platform(),
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -19,6 +19,7 @@ from ..config import RunConfig, load_run_config, ranks_per_node
 from ..rundir import CONFIG_FILE
 from ..stops import STOP_SIGNALS
 from . import container
+from .protocol import IGNORING_STOPS
 
 
 def job_environment(cfg: RunConfig) -> dict[str, str]:
@@ -32,18 +33,24 @@ def job_environment(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
+def in_image(cfg: RunConfig, runtime: str) -> list[str]:
+    """The words that run a command inside the job's image, its stop signals ignored until it listens
+    (protocol.IGNORING_STOPS), as outside an image."""
+    return [*container.exec_argv(cfg, runtime), "/bin/sh", "-c", IGNORING_STOPS, "hpclora-job"]
+
+
 def hpclora_argv(cfg: RunConfig, python: str, runtime: str) -> list[str]:
     """The words that start hpclora: `python -m hpclora` on the host, or `hpclora` inside the image run by
     `runtime` (the sbatch script passes a shell variable it resolves on the node)."""
     if not cfg.container.image:
         return [python, "-m", "hpclora"]
-    return [*container.exec_argv(cfg, runtime), "hpclora"]
+    return [*in_image(cfg, runtime), "hpclora"]
 
 
 def torchrun_argv(cfg: RunConfig, python: str, runtime: str, rendezvous: list[str]) -> list[str]:
     """The words that start ranks_per_node ranks of hpclora on this node through torchrun (the interpreter's
     own `torch.distributed.run`), inside the image when there is one; `rendezvous` tells them how to meet."""
-    start = [*container.exec_argv(cfg, runtime), "python"] if cfg.container.image else [python]
+    start = [*in_image(cfg, runtime), "python"] if cfg.container.image else [python]
     return [*start, "-m", "torch.distributed.run", f"--nnodes={cfg.slurm.nodes}", f"--nproc-per-node={ranks_per_node(cfg)}",
             *rendezvous, "-m", "hpclora"]
 

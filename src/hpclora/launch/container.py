@@ -1,4 +1,4 @@
-"""Command lines for Singularity/Apptainer: build and test an image, and run hpclora inside one.
+"""Command lines for Singularity/Apptainer: what runs hpclora inside a job's image.
 
 Pure functions of the config (tested against golden files), plus finding the runtime on PATH. Jobs
 never use `--cleanenv`: SLURM_*, SUBMITIT_* and the job's own variables (HF_HOME, the offline
@@ -7,16 +7,11 @@ switches, secrets such as HF_TOKEN) reach the process inside through the environ
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from ..config import RunConfig
 from ..data.sources import data_sources
 from ..errors import UserError
 from ..catalog.hub import local_data_path, local_model_path
 from ..catalog.node import find_runtime
-
-DEFAULT_DEF = Path("containers") / "hpclora.def"
 
 
 def require_runtime(preferred: str = "auto") -> str:
@@ -28,16 +23,6 @@ def require_runtime(preferred: str = "auto") -> str:
             "node: try `module load apptainer`), then copy the .sif to shared storage"
         )
     return runtime
-
-
-def build_command(runtime: str, definition: Path, image: Path) -> list[str]:
-    """`<runtime> build --fakeroot IMAGE DEF`: --fakeroot builds without root, as on shared clusters."""
-    return [runtime, "build", "--fakeroot", str(image), str(definition)]
-
-
-def check_command(runtime: str, image: Path, gpu: bool) -> list[str]:
-    """Run the image's %test section, with the host's NVIDIA driver when this machine has a GPU."""
-    return [runtime, "test", *(["--nv"] if gpu else []), str(image)]
 
 
 def job_binds(cfg: RunConfig) -> list[str]:
@@ -59,34 +44,17 @@ def job_binds(cfg: RunConfig) -> list[str]:
     return binds + [b for b in cfg.container.binds if b not in binds]
 
 
+def uses_nv(cfg: RunConfig) -> bool:
+    """Whether the job's image runs with --nv (the host's NVIDIA driver and GPUs): container.nv, else when it asks for GPUs."""
+    return cfg.container.nv if cfg.container.nv is not None else cfg.slurm.gpus > 0
+
+
 def exec_argv(cfg: RunConfig, runtime: str) -> list[str]:
     """`<runtime> exec [--nv] -B PATH ... [--env K=V ...] IMAGE`: what runs a command inside the job's image."""
     c = cfg.container
-    nv = c.nv if c.nv is not None else cfg.slurm.gpus > 0
-    words = [runtime, "exec", *(["--nv"] if nv else [])]
+    words = [runtime, "exec", *(["--nv"] if uses_nv(cfg) else [])]
     for bind in job_binds(cfg):
         words += ["-B", bind]
     for name, value in c.env.items():
         words += ["--env", f"{name}={value}"]
     return [*words, c.image]
-
-
-def container_command(action: str, image: str | None, definition: str, out: str, dry_run: bool) -> int:
-    """`hpclora container build|check`: print the runtime's command line, and run it unless `dry_run`."""
-    import shlex
-    import subprocess
-
-    runtime = find_runtime() or ("apptainer" if dry_run else require_runtime())
-    if action == "build":
-        definition_path = Path(definition).resolve()
-        if not definition_path.is_file():
-            raise UserError(f"{definition_path}: definition file not found (run from the repository root, or pass --def)")
-        root = definition_path.parent.parent  # %files paths are relative to the project root
-        argv = build_command(runtime, definition_path, Path(out).resolve())
-    else:
-        if not image:
-            raise UserError("container check: give the image to test, e.g. hpclora container check hpclora.sif")
-        root = Path.cwd()
-        argv = check_command(runtime, Path(image).resolve(), gpu=shutil.which("nvidia-smi") is not None)
-    print(f"(cd {shlex.quote(str(root))} && {shlex.join(argv)})")
-    return 0 if dry_run else subprocess.run(argv, cwd=root).returncode

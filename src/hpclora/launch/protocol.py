@@ -45,14 +45,18 @@ def rendezvous_lines() -> list[str]:
 IGNORE_STOPS = f"trap '' {' '.join(STOP_SIGNALS)}"  # what training starts with, until its own handlers are installed
 # torchrun answers TERM (which slurmstepd sends every process of a job's steps on scancel and preemption) by
 # stopping its ranks and killing them 30 s later, however far their checkpoint has got. Told to leave TERM alone, it
-# keeps the TERM it was started ignoring (IGNORE_STOPS, RANKS_TASK) and waits for its ranks, which get the stop
+# keeps the TERM it was started ignoring (IGNORE_STOPS, IGNORING_STOPS) and waits for its ranks, which get the stop
 # themselves. (A torchrun that predates this setting still has its 30 s.)
 TORCHRUN_SIGNALS = "export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # torchrun leaves TERM to the ranks"
-# What the srun task that runs torchrun on each node of several starts with: the stop signals ignored, which
-# torchrun would otherwise die of (USR1, USR2) or answer by killing its ranks (TERM, above). One node needs no
-# srun, and must not have one: srun answers a TERM of its own by killing its tasks at once ("forcing job
-# termination"), so torchrun runs in the batch shell's step and the ranks get their stops from it.
-RANKS_TASK = f'trap "" {" ".join(STOP_SIGNALS)}; exec "$@"'
+# `sh -c IGNORING_STOPS NAME COMMAND...` runs COMMAND with the stop signals ignored until it installs its own handlers
+# (and after it removes them), where IGNORE_STOPS cannot reach:
+# - the srun task that runs torchrun on each node of several, which torchrun would otherwise die of (USR1, USR2) or
+#   answer by killing its ranks (TERM, above). One node needs no srun, and must not have one: srun answers a TERM of
+#   its own by killing its tasks at once ("forcing job termination"), so torchrun runs in the batch shell's step and
+#   the ranks get their stops from it;
+# - the command inside a container image: apptainer starts it with every signal at its default, whatever the job
+#   script ignored, so a stop passed on again just after training stopped listening would kill it (exit 138).
+IGNORING_STOPS = f'trap "" {" ".join(STOP_SIGNALS)}; exec "$@"'
 
 
 def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> list[str]:

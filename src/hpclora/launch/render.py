@@ -18,8 +18,8 @@ from ..config import RunConfig, ranks_per_node, world_size
 from ..config.schema import SlurmSection
 from ..config.slurm_syntax import slurm_mem_mib
 from ..rundir import CONFIG_FILE, STOPPED_MARKER, run_dir_slug
-from . import command
-from .protocol import RANKS_TASK, packed_trial_lines, protocol_lines, rendezvous_lines, thread_lines
+from . import command, container
+from .protocol import IGNORING_STOPS, packed_trial_lines, protocol_lines, rendezvous_lines, thread_lines
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def array_spec(trials: int, max_parallel: int | None, trials_per_task: int = 1) 
 
 
 def srun_ranks(cfg: RunConfig, in_step: bool) -> bool:
-    """Whether srun starts the ranks (protocol.RANKS_TASK): only across several nodes, from the batch shell."""
+    """Whether srun starts the ranks (protocol.IGNORING_STOPS): only across several nodes, from the batch shell."""
     return world_size(cfg) > 1 and cfg.slurm.nodes > 1 and not in_step
 
 
@@ -122,7 +122,7 @@ def job_command(cfg: RunConfig, python: str, in_step: bool = False) -> str:
 
     Several ranks: torchrun starts the node's ranks; they meet at the first node (HEAD, PORT), or on localhost
     with a free port when there is one node. On several nodes one srun task per node runs torchrun, ignoring
-    the stop signals (protocol.RANKS_TASK; the ranks install their own handlers and get stops from `scancel
+    the stop signals (protocol.IGNORING_STOPS; the ranks install their own handlers and get stops from `scancel
     --signal`). On one node, and where the script runs inside the job step already (submitit's task) or without
     Slurm (the local launcher, `in_step`): torchrun itself, started with the stop signals ignored by protocol_lines."""
     train = command.train_argv(RUN_DIR, RUN_CONFIG)
@@ -130,7 +130,7 @@ def job_command(cfg: RunConfig, python: str, in_step: bool = False) -> str:
         return shell_words([*command.hpclora_argv(cfg, python, RUNTIME), *train])
     rendezvous = (["--standalone"] if cfg.slurm.nodes == 1 else
                   [ShellText("--rdzv-backend=c10d"), ShellText('--rdzv-endpoint="$HEAD:$PORT"'), ShellText('--rdzv-id="$SLURM_JOB_ID"')])
-    ranks = [] if not srun_ranks(cfg, in_step) else ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", RANKS_TASK,
+    ranks = [] if not srun_ranks(cfg, in_step) else ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", IGNORING_STOPS,
                                 "hpclora-ranks"]
     return shell_words([*ranks, *command.torchrun_argv(cfg, python, RUNTIME, rendezvous), *train])
 
@@ -147,10 +147,16 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
     runtime = cfg.container.runtime
     search = "command -v apptainer || command -v singularity" if runtime == "auto" else f"command -v {runtime}"
     wanted = "apptainer or singularity" if runtime == "auto" else runtime
+    nv = [
+        "# --nv without an NVIDIA driver on the node binds nothing, and apptainer says nothing: say it here.",
+        'command -v nvidia-smi >/dev/null || echo "hpclora: warning: --nv, but $(hostname -s) has no NVIDIA driver (no nvidia-smi):'
+        ' the image sees no GPU" >&2',
+    ] if container.uses_nv(cfg) else []
     return [
         "",
         "# The job runs in the container image named below; find its runtime on this node.",
         f'CONTAINER_RUNTIME=$({search}) || {{ echo "hpclora: {wanted} not found on $(hostname -s)" >&2; exit 2; }}',
+        *nv,
     ]
 
 

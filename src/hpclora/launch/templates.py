@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-from .protocol import RANKS_TASK, protocol_lines, rendezvous_lines, thread_lines
+from .protocol import IGNORING_STOPS, protocol_lines, rendezvous_lines, thread_lines
 
 TEMPLATES = ("train.sbatch", "sweep.sbatch")
 
@@ -46,7 +46,9 @@ def world_lines() -> list[str]:
         '        echo "hpclora: HPCLORA_IMAGE is set but neither apptainer nor singularity is on PATH" >&2',
         "        exit 2",
         "    }",
-        '    IN_IMAGE=("$RUNTIME" exec --nv "$HPCLORA_IMAGE")',
+        "    # apptainer starts the command inside with every signal at its default: training ignores the stops until it",
+        "    # listens, as outside an image.",
+        f'    IN_IMAGE=("$RUNTIME" exec --nv "$HPCLORA_IMAGE" /bin/sh -c {shlex.quote(IGNORING_STOPS)} hpclora-job)',
         "fi",
         "",
         "NODES=${SLURM_JOB_NUM_NODES:-1} PER_NODE=${SLURM_GPUS_ON_NODE:-1}",
@@ -63,7 +65,7 @@ def world_lines() -> list[str]:
         "    TORCHRUN=(\"${IN_IMAGE[@]}\" python -m torch.distributed.run \"--nnodes=$NODES\" \"--nproc-per-node=$PER_NODE\")",
         "    if $SRUN_RANKS; then",
         *(f"        {line}" for line in rendezvous_lines()),
-        f"        START=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(RANKS_TASK)} hpclora-ranks",
+        f"        START=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(IGNORING_STOPS)} hpclora-ranks",
         '               "${TORCHRUN[@]}" --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID"',
         '               -m hpclora train "${TRAIN[@]}")',
         "    else",
