@@ -42,7 +42,7 @@ HANDED_OUT_FIRST = (
     "test_distributed.py",
     "test_slurm.py::test_the_hand_written_template_runs_a_rank_per_gpu",
     "test_slurm.py::test_usr1_term_and_a_time_limit",
-    "test_apptainer.py::test_two_ranks", "test_apptainer.py::test_usr1",
+    "test_apptainer.py::test_usr1_term_and_cancel",
     "test_end_to_end.py", "test_resume.py", "test_api.py", "test_slurm.py", "test_apptainer.py",
 )
 

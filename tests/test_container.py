@@ -117,8 +117,10 @@ def test_job_binds_cover_run_data_and_caches_once(tmp_path):
     ])
     assert container.job_binds(cfg) == ["/shared/runs", str(tmp_path / "data"), "/shared/hf", "/scratch"]
     words = container.exec_argv(cfg, "apptainer")
-    assert words[:3] == ["apptainer", "exec", "--nv"] and words[-1] == "/img/h.sif"
-    assert "--env" in words and "OMP_PROC_BIND=close" in words and "--cleanenv" not in words
+    # container.env as the runtime's environment: apptainer runs `$(...)` in --env values (test_apptainer.py)
+    assert words[:5] == ["env", "OMP_PROC_BIND=close", "apptainer", "exec", "--nv"] and words[-1] == "/img/h.sif"
+    assert "--env" not in words and "--cleanenv" not in words
+    assert container.filled_binds(cfg) == ["/shared/hf/hpclora/tokenized", "/shared/hf"]
     no_gpu = config.load(None, [f"data.path={data}", "container.image=/img/h.sif", "slurm.gpus=0"])
     assert "--nv" not in container.exec_argv(no_gpu, "apptainer")
 
@@ -130,6 +132,11 @@ def test_secrets_and_odd_binds_are_refused_in_container_settings(tmp_path):
     problems = dict(err.value.problems)
     assert "looks like a secret" in problems["container.env.HF_TOKEN"] and "container.env.WANDB_API_KEY" in problems
     assert "container.binds[0]" in problems
+    with pytest.raises(ConfigError) as err:  # apptainer's -B splits a path at ',' and ':'
+        config.load(None, [f"data.path={data}", "container.image=/img/h.sif", "run.output_root=/shared/a,b", "cache.hf_home=/x:y"])
+    problems = dict(err.value.problems)
+    assert "holds ','" in problems["run.output_root"] and "holds ':'" in problems["cache.hf_home"]
+    assert config.load(None, [f"data.path={data}", "run.output_root=/shared/a,b"]).run.output_root == "/shared/a,b"  # no image
 
 
 def hub_config(tmp_path: Path, **extra) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UserError
-from .rules import check_values
+from .rules import BIND_SEPARATORS, check_values
 from .value_types import shown, type_problems
 from .schema import ENTRIES, REQUIRED, SECTIONS, RunConfig
 from ..data.sources import data_sources
@@ -304,7 +304,9 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
 
 # Directories and files a config names; an empty one would resolve to wherever hpclora happens to run.
 PATH_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home", "container.image")
-NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file name and in a whole path (Linux)
+NAME_MAX, PATH_MAX = 255, 4096
+# The paths a job in container.image binds (launch.container.job_binds), besides container.binds.
+BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name")  # bytes in one file name and in a whole path (Linux)
 
 
 def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -325,6 +327,9 @@ def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
             found.append((key, "holds a NUL byte, which no file name can: write the path without it"))
         elif len(os.fsencode(value)) > PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in value.split("/")):
             found.append((key, f"too long for a file system: at most {NAME_MAX} bytes per name and {PATH_MAX} per path"))
+        elif cfg.container.image and key in BOUND_KEYS and (seen := sorted(set(value) & set(BIND_SEPARATORS))):
+            found.append((key, f"holds {' '.join(map(repr, seen))}, which apptainer's -B reads as a separator: the job cannot "
+                               "bind this path into container.image; rename or move it"))
     return found
 
 

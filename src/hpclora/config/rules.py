@@ -139,11 +139,15 @@ def secret_values(cfg: RunConfig) -> list[tuple[str, str]]:
             for problem in walk(f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))]
 
 
+# What apptainer's -B reads as more than a path: ',' between binds, ':' between source and destination, '\\' escaping.
+BIND_SEPARATORS = ",:\\"
+
+
 def check_container(container: "ContainerSection") -> list[tuple[str, str]]:
     problems = []
     for i, bind in enumerate(container.binds):
-        if not bind.strip() or any(c in bind for c in "\n\r,"):
-            problems.append((f"container.binds[{i}]", f"expected one path or src:dst[:ro], got {bind!r}"))
+        if not bind.strip() or any(c in bind for c in BIND_SEPARATORS.replace(":", "") + "\n\r"):
+            problems.append((f"container.binds[{i}]", f"expected one path or src:dst[:ro] without ',' or '\\', got {bind!r}"))
     for name, value in container.env.items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(name)):
             problems.append((f"container.env.{name}", "not a valid variable name"))

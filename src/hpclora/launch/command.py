@@ -50,7 +50,8 @@ def hpclora_argv(cfg: RunConfig, python: str, runtime: str) -> list[str]:
 def torchrun_argv(cfg: RunConfig, python: str, runtime: str, rendezvous: list[str]) -> list[str]:
     """The words that start ranks_per_node ranks of hpclora on this node through torchrun (the interpreter's
     own `torch.distributed.run`), inside the image when there is one; `rendezvous` tells them how to meet."""
-    start = [*in_image(cfg, runtime), "python"] if cfg.container.image else [python]
+    # python3: images of Debian and Ubuntu (and their Python) have no `python`.
+    start = [*in_image(cfg, runtime), "python3"] if cfg.container.image else [python]
     return [*start, "-m", "torch.distributed.run", f"--nnodes={cfg.slurm.nodes}", f"--nproc-per-node={ranks_per_node(cfg)}",
             *rendezvous, "-m", "hpclora"]
 

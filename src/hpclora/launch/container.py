@@ -49,12 +49,18 @@ def uses_nv(cfg: RunConfig) -> bool:
     return cfg.container.nv if cfg.container.nv is not None else cfg.slurm.gpus > 0
 
 
+def filled_binds(cfg: RunConfig) -> list[str]:
+    """The bound folders the job itself fills (the caches): apptainer refuses to start where a bind's source does not
+    exist yet, so the job script makes them first."""
+    return [path for path in (cfg.data.cache_dir, cfg.cache.hf_home) if path]
+
+
 def exec_argv(cfg: RunConfig, runtime: str) -> list[str]:
-    """`<runtime> exec [--nv] -B PATH ... [--env K=V ...] IMAGE`: what runs a command inside the job's image."""
-    c = cfg.container
-    words = [runtime, "exec", *(["--nv"] if uses_nv(cfg) else [])]
+    """`[env K=V ...] <runtime> exec [--nv] -B PATH ... IMAGE`: what runs a command inside the job's image.
+    container.env reaches the process inside as the runtime's own environment, which apptainer hands on as it is:
+    its `--env K=V` (and APPTAINERENV_K) values are evaluated as shell text inside the container, `$(...)` run."""
+    variables = [f"{name}={value}" for name, value in cfg.container.env.items()]
+    words = [*(["env", *variables] if variables else []), runtime, "exec", *(["--nv"] if uses_nv(cfg) else [])]
     for bind in job_binds(cfg):
         words += ["-B", bind]
-    for name, value in c.env.items():
-        words += ["--env", f"{name}={value}"]
-    return [*words, c.image]
+    return [*words, cfg.container.image]

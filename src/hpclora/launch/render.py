@@ -152,11 +152,13 @@ def container_runtime_lines(cfg: RunConfig) -> list[str]:
         'command -v nvidia-smi >/dev/null || echo "hpclora: warning: --nv, but $(hostname -s) has no NVIDIA driver (no nvidia-smi):'
         ' the image sees no GPU" >&2',
     ] if container.uses_nv(cfg) else []
+    filled = container.filled_binds(cfg)
     return [
         "",
         "# The job runs in the container image named below; find its runtime on this node.",
         f'CONTAINER_RUNTIME=$({search}) || {{ echo "hpclora: {wanted} not found on $(hostname -s)" >&2; exit 2; }}',
         *nv,
+        *([f"mkdir -p -- {shell_words(filled)}  # caches the job fills: a bound folder must exist"] if filled else []),
     ]
 
 

@@ -62,7 +62,7 @@ def world_lines() -> list[str]:
         "    # one srun task per node runs it, and they meet at the first node (srun kills its tasks at once when it gets",
         "    # a TERM: several nodes have only the time limit's USR1 to checkpoint by). torchrun leaves the stop signals",
         "    # to the ranks, which checkpoint at the next step boundary however long that takes.",
-        "    TORCHRUN=(\"${IN_IMAGE[@]}\" python -m torch.distributed.run \"--nnodes=$NODES\" \"--nproc-per-node=$PER_NODE\")",
+        "    TORCHRUN=(\"${IN_IMAGE[@]}\" python3 -m torch.distributed.run \"--nnodes=$NODES\" \"--nproc-per-node=$PER_NODE\")",
         "    if $SRUN_RANKS; then",
         *(f"        {line}" for line in rendezvous_lines()),
         f"        START=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(IGNORING_STOPS)} hpclora-ranks",

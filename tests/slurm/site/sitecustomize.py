@@ -4,7 +4,7 @@ things happen in the job, never what is computed.
 HPCLORA_TEST_STEP_S=S   every step ends S seconds later (a sleep where the ranks meet at the step's end): a run
                         meant to outlast the test's signals waits for them asleep instead of training, and
                         checkpointing, step after step, on cores the other tests need.
-HPCLORA_TEST_RECORD=FILE   each Python of the job appends one JSON line to FILE: the value of HPCLORA_TEST_RECORD_VAR
+HPCLORA_TEST_RECORD=FILE   each Python of the job appends one JSON line to FILE: its job, the value of HPCLORA_TEST_RECORD_VAR
                         as it reads it, and whether it sees each folder of HPCLORA_TEST_SEES (one per line): what
                         a container's --env and -B handed the process inside.
 HPCLORA_TEST_SLOW_EXIT=S   each Python of the job ends S seconds after its work is done (as freeing a large model or a
@@ -23,7 +23,7 @@ import time
 if os.environ.get("HPCLORA_TEST_RECORD"):
     with open(os.environ["HPCLORA_TEST_RECORD"], "a", encoding="utf-8") as record:
         sees = [p for p in os.environ.get("HPCLORA_TEST_SEES", "").split("\n") if p]
-        record.write(json.dumps({"value": os.environ.get(os.environ.get("HPCLORA_TEST_RECORD_VAR", "")),
+        record.write(json.dumps({"job": os.environ.get("SLURM_JOB_ID"), "value": os.environ.get(os.environ.get("HPCLORA_TEST_RECORD_VAR", "")),
                                  "sees": {p: os.path.isdir(p) for p in sees}}) + "\n")
 
 if os.environ.get("HPCLORA_TEST_SLOW_EXIT"):
