@@ -304,9 +304,9 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
 
 # Directories and files a config names; an empty one would resolve to wherever hpclora happens to run.
 PATH_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home", "container.image")
-NAME_MAX, PATH_MAX = 255, 4096
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file name and in a whole path (Linux)
 # The paths a job in container.image binds (launch.container.job_binds), besides container.binds.
-BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name")  # bytes in one file name and in a whole path (Linux)
+BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name")
 
 
 def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:

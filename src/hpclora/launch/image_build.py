@@ -21,7 +21,6 @@ from ..catalog.node import find_runtime
 from ..errors import UserError
 from .container import require_runtime
 
-
 # `--from` forms that name a bootstrap agent, as apptainer writes them on its command line.
 BASE_AGENTS = {
     "docker://": "docker", "library://": "library", "oras://": "oras", "shub://": "shub",
