@@ -58,10 +58,16 @@ def files_copied(definition: Path) -> list[Path]:
     return paths
 
 
+def generated(path: Path) -> bool:
+    """Files that setup and tests write into the checkout (bytecode, the editable install's metadata): the image's
+    own pip writes its own."""
+    return any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
+
+
 def tree_bytes(paths: list[Path]) -> list[bytes]:
     parts = []
     for path in paths:
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not generated(p))
         for f in files:
             parts += [str(f.relative_to(ROOT)).encode(), f.read_bytes()]
     return parts
