@@ -70,7 +70,8 @@ def test_the_export_job_asks_the_merges_memory_and_no_gpu_and_quotes_the_run(fin
     # The run's name and paths reach the job as text: bash parses the script, and the export line is one command.
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     command = next(line for line in script.splitlines() if line.startswith("exec "))
-    assert command.endswith(f"/images/hpclora.sif hpclora export '{finished_7b_run}' --quant q4_k_m --out '{finished_7b_run}/gguf-q4_k_m'")
+    assert command.endswith(f"/images/hpclora.sif /bin/sh -c 'trap \"\" USR1 USR2 TERM; exec \"$@\"' hpclora-job hpclora export "
+                            f"'{finished_7b_run}' --quant q4_k_m --out '{finished_7b_run}/gguf-q4_k_m'")
     assert f"-B {tmp_path} " in command  # the data's directory, which holds the run (and so --out) too
     assert not (finished_7b_run / "gguf-q4_k_m.sbatch").exists()  # a dry run writes nothing
 
