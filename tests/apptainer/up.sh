@@ -27,7 +27,9 @@ CHECKOUT=$(cd "$(dirname "$0")/../.." && pwd)
 # The folders jobs and tests use, at the same paths inside: temporary and home folders, /srv (the tests' "shared
 # storage", which apptainer does not bind by itself), Slurm's spool (batch scripts), the checkout's top folder, and
 # the folder of local wheels some machines have (the test image's torch comes from it).
-HOST_DIRS=${APPTAINER_HOST_DIRS:-/tmp /var/tmp /home /root /srv /var/spool/slurmd /opt/wheels /$(echo "$CHECKOUT" | cut -d/ -f2)}
+HOST_DIRS=${APPTAINER_HOST_DIRS:-/tmp /var/tmp /home /root /srv /var/spool/slurmd /opt/wheels}
+top=/$(echo "$CHECKOUT" | cut -d/ -f2)
+case " $HOST_DIRS " in *" $top "*) ;; *) HOST_DIRS="$HOST_DIRS $top" ;; esac
 log() { echo "apptainer-up: $*"; }
 [ "$(id -u)" = 0 ] || { echo "apptainer-up: needs root (debootstrap, mount namespaces, pivot_root)" >&2; exit 1; }
 ROOT=$(realpath -m "$ROOT")
