@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT, container_image, require_slurm, tiny_run_yaml
 from hub_standin import staged_offline_job
 from test_slurm import (PACING_SITE, env, hpclora, job_id_from, metrics_steps, paced, requeue_records,  # noqa: F401 (env)
-                        same_weights, signal_after, trained_steps, wait_for, wait_until)
+                        same_weights, signal_after, trained_steps, wait_for)
 
 IMAGE_PYTHON = "/usr/bin/python3"
 IMAGE_PACKAGE = "/usr/local/lib/python3.11/dist-packages/hpclora"  # where the definition's pip puts hpclora
@@ -48,7 +48,7 @@ def shared(tmp_path) -> Path:
 def user_site(tmp_path) -> dict:
     """A user site (`pip install --user`, ~/.local) holding a `peft` that would shadow the image's: PYTHONUSERBASE
     points at it, as ~/.local is seen inside through the bound home directory."""
-    site = tmp_path / "userbase" / "lib" / f"python3.11" / "site-packages" / "peft"
+    site = tmp_path / "userbase" / "lib" / "python3.11" / "site-packages" / "peft"
     site.mkdir(parents=True)
     (site / "__init__.py").write_text("raise ImportError('the user site shadowed the image')\n")
     return {"PYTHONUSERBASE": str(tmp_path / "userbase")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, alpaca_rows, require_slurm, tiny_run_yaml, write_jsonl
+from conftest import ROOT, require_slurm, tiny_run_yaml
 
 SECRET = "hf_do_not_leak_0123456789"
 
