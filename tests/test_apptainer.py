@@ -128,6 +128,21 @@ def test_a_job_runs_inside_the_image_offline_from_shared_storage(tmp_path, tiny_
     assert "--nv, but" in log and "has no NVIDIA driver (no nvidia-smi): the image sees no GPU" in log
 
 
+def test_a_gpu_job_inside_an_image_without_a_usable_gpu_stops_and_doctor_said_so_before(tmp_path, tiny_llama_dir, image, env):
+    """The job gets one of the test node's GPUs (device files Slurm hands out) and runs in the image, whose torch is a
+    CPU build: it stops at once naming the image. `doctor` had said so on the login node, from the image's own torch."""
+    require_slurm()
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"gpus": 1, "gpu_type": "v100", "partition": "debug"},
+                        container={"image": str(image)})
+    doctor = hpclora("doctor", cfg, "--json", env=env, cwd=tmp_path, check=False)
+    (torch_check,) = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "torch.kernels"]
+    assert torch_check["status"] == "fail" and torch_check["message"].endswith(f"jobs on v100-16gb would find no GPU and stop (in the image {image})")
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    assert wait_for(job_id) == {job_id: ("FAILED", "2:0")}
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert f"found: torch 2.13.0+cpu (CPU only, no CUDA) inside the image {image}" in log and "Traceback" not in log
+
+
 FINITE_RUN = {"max_steps": 16, "eval_every": 0, "log_every": 1, "save_every": 1, "keep_checkpoints": 1000}
 
 

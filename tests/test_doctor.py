@@ -122,6 +122,21 @@ def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_l
     assert fails["slurm.mem"]["fix"] == "slurm.mem=16000M" and "16G asked" in fails["slurm.mem"]["message"]
 
 
+def test_doctor_fails_a_gpu_run_whose_torch_has_no_kernels_for_the_partitions_gpus(tmp_path, tiny_llama_dir, slurm):
+    import torch
+
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    rc, checks, stderr = doctor(cfg, "--partition", "debug", "slurm.gpus=1", "slurm.gpu_type=v100")
+    assert rc == 1 and "HEAVY []" in stderr  # read, not imported
+    (check,) = named(checks, "torch.kernels")
+    assert check["status"] == "fail"
+    assert check["message"] == (f"torch {torch.__version__} (CPU only, no CUDA): jobs on v100-16gb would find no GPU and stop "
+                                "(in this Python's environment)")
+    assert "containers/hpclora.def" in check["fix"]
+    _, cpu_run, _ = doctor(cfg, "--partition", "debug")
+    assert named(cpu_run, "torch.kernels") == []  # slurm.gpus: 0
+
+
 def test_doctor_names_a_partition_that_does_not_exist_and_a_bad_config_key(tmp_path, tiny_llama_dir, slurm):
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     rc, checks, _ = doctor(cfg, "--partition", "gpu-long", "lora.rr=4")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpclora.job.node_report import has_kernels
+from hpclora.catalog.torch_builds import has_kernels
 
 from conftest import require_slurm, tiny_run_yaml
 

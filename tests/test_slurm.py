@@ -255,6 +255,23 @@ def test_a_job_whose_data_vanished_after_submission_fails_with_the_error_in_its_
     assert not (run_dir / "adapter").exists()
 
 
+def test_a_gpu_job_that_has_no_usable_gpu_stops_at_once_saying_what_it_asked_found_and_the_fix(tmp_path, tiny_llama_dir, env):
+    """The job gets one of the test node's GPUs (a device file Slurm hands out; no GPU exists here) and this machine's
+    torch, a CPU build: it must stop instead of training on the CPU."""
+    import torch
+
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, slurm={"gpus": 1, "gpu_type": "v100", "partition": "debug"})
+    job_id = job_id_from(hpclora("submit", cfg, env=env, cwd=tmp_path).stdout)
+    assert wait_for(job_id) == {job_id: ("FAILED", "2:0")}  # a user error: not requeued
+    log = (tmp_path / "logs" / f"tiny-{job_id}.out").read_text()
+    assert f"asked: slurm.gpus=1 in Slurm job {job_id}, which Slurm gave GPUs (SLURM_GPUS_ON_NODE=1)" in log
+    assert f"found: torch {torch.__version__} (CPU only, no CUDA)" in log and "fix:" in log
+    assert "device cpu" not in log and "Traceback" not in log
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert "asked for a GPU and has none it can use" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
+
+
 def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env):
     """`sbatch jobs/train.sbatch CONFIG k=v` and `sbatch --array=0-1 jobs/sweep.sbatch CONFIG TRIALS`."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)

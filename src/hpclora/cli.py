@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
+        for line in exc.lines():  # indented lines continue the error above them
+            print(line if line.startswith(" ") else f"error: {line}", file=sys.stderr)
         return USER_ERROR_EXIT
     except OSError as exc:
         if exc.errno not in FILE_SYSTEM_REFUSALS:

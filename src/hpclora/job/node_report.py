@@ -12,6 +12,7 @@ def node_report(device: str) -> dict:
     import torch
 
     from ..catalog import node
+    from ..catalog.torch_builds import has_kernels
 
     found = node.facts(network=True)
     found["torch"], found["torch_cuda"] = torch.__version__, torch.version.cuda
@@ -29,23 +30,6 @@ def node_report(device: str) -> dict:
             "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
         })
     return found
-
-
-def has_kernels(arch_list: list[str], major: int, minor: int) -> bool:
-    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) runs on a GPU of this capability: its
-    own sm_XY, an sm_XZ of the same major version below it (binary compatible), or PTX (compute_XY) of an
-    older one, which the driver compiles. A V100 (7.0) has none in builds for sm_75 and up only."""
-    want = major * 10 + minor
-    for arch in arch_list:
-        kind, _, number = arch.partition("_")
-        if not number.rstrip("a").isdigit():
-            continue
-        version, specific = int(number.rstrip("a")), number.endswith("a")  # sm_90a: for 9.0 only
-        if kind == "sm" and (version == want or not specific and version // 10 == major and version <= want):
-            return True
-        if kind == "compute" and version <= want:
-            return True
-    return False
 
 
 def other_jobs_on_this_node() -> list[str] | None:

@@ -53,11 +53,13 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 
     from ..catalog.precision import choose_precision, trained_bias_problem
     from ..errors import UserError
+    from .gpu_expected import require_usable_gpu
     from .resolve import detect_device
 
     quiet_libraries()
     transformers.set_seed(cfg.run.seed)
     device, bf16_ok = detect_device()
+    require_usable_gpu(cfg.slurm.gpus)  # a job that asked for a GPU does not train on the CPU
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
     if problem := trained_bias_problem(cfg.lora.bias, cfg.quant.bits, cfg.quant.compute_dtype, precision):
         raise UserError(f"lora.bias: {problem}")  # precision `auto` became fp16 on this GPU
@@ -99,6 +101,8 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(job_header(out, config_text))
     resume, base_loss = distributed.share((resume, base_loss))
     emit(f"device {device} | precision {precision} ({why})")
+    if device == "cpu" and cfg.slurm.gpus > 0:
+        emit(f"note: slurm.gpus={cfg.slurm.gpus} asks jobs for a GPU; run here, outside a Slurm job, this process has none and trains on the CPU")
     strategy, strategy_why = strategy_for(cfg, world, device, precision)
     if world.size > 1:
         emit(f"world {world.size} ranks ({'NCCL' if device == 'cuda' else 'gloo'}), {strategy.upper()} ({strategy_why}): every rank "

@@ -64,6 +64,8 @@ def diagnose(config_path: str | None = None, overrides: list[str] | None = None,
     if cfg and chosen:
         check_resources(report, cfg, chosen, plan, parts)
     check_container(report, cfg)
+    if cfg and chosen and cfg.slurm.gpus > 0:
+        check_jobs_torch(report, cfg, chosen)
     check_storage(report, cfg, single_node=parts is not None and cluster.runs_here(chosen.name if chosen else None))
     reached, how = node.hub_reachable()
     report.add(OK if reached else WARN, "network.here", how, "" if reached else
@@ -252,6 +254,24 @@ def check_container(report: Report, cfg) -> None:
         else:
             report.add(WARN, "container.nv", "no NVIDIA driver on this node (usual on a login node): --nv is untested here",
                        "`hpclora doctor CONFIG --probe` asks a compute node")
+
+
+def check_jobs_torch(report: Report, cfg, part) -> None:
+    """Whether the torch jobs import has kernels for the GPUs the run may get on this partition."""
+    from ..catalog.devices import gpu_aliases, known_devices
+    from .job_torch import jobs_torch, kernel_verdicts
+
+    devices, aliases = known_devices(), gpu_aliases()
+    offered = [g for g in part.gpus if not cfg.slurm.gpu_type or (g.type or "").lower() == cfg.slurm.gpu_type.lower()]
+    gpus = {n: devices[n].capability for g in offered for n in cluster.planner_names(g.type, devices, aliases)[:1] if devices[n].capability}
+    if not gpus:
+        return
+    build, where = jobs_torch(cfg)
+    if build is None:
+        report.add(WARN, "torch.kernels", f"which torch jobs run is not known: {where}", "`hpclora doctor CONFIG --probe` asks a compute node")
+        return
+    for message, fix in kernel_verdicts(build, gpus):
+        report.add(FAIL if fix else OK, "torch.kernels", f"{message} (in {where})", fix or "")
 
 
 def check_storage(report: Report, cfg, single_node: bool) -> None:
