@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_slurm, tiny_run_yaml
+from hpclora.job.gpu_expected import TRAIN_ON_CPU_VAR
 
 SECRET = "hf_do_not_leak_0123456789"
 
@@ -162,11 +163,12 @@ def test_cancel_of_a_training_job_keeps_a_whole_checkpoint_though_a_step_outlast
     assert f"job {job_id}: asked to save a checkpoint at its next step boundary and end" in done
     said = done.strip().splitlines()[-1]
     assert said.startswith(f"cancelled {job_id}: stopped by `hpclora cancel` at step ")
-    assert said.endswith(f"checkpoint saved; `sbatch {run_dir / 'job.sbatch'}` goes on from it")
+    assert said.endswith(f"checkpoint saved; to resume: hpclora submit {run_dir}")
     step = int(said.split(" at step ")[1].split("/")[0])
     assert wait_for(job_id)[job_id][0] == "CANCELLED"
     log = (tmp_path / "logs" / f"long-{job_id}.out").read_text()
-    assert f"`hpclora cancel` asked for it: cancelling job {job_id} instead of requeueing" in log and "requeueing job" not in log
+    assert (f"`hpclora cancel` asked for it: cancelling job {job_id} instead of requeueing; to resume: hpclora submit {run_dir}" in log
+            and "requeueing job" not in log)
     saved = run_dir / "checkpoints" / f"checkpoint-{step}"
     assert (saved / "COMPLETE").is_file() and (saved / "adapter_model.safetensors").is_file()
     assert not (run_dir / "adapter").exists()
@@ -174,6 +176,43 @@ def test_cancel_of_a_training_job_keeps_a_whole_checkpoint_though_a_step_outlast
     step_s = [b - a for a, b in zip(elapsed, elapsed[1:])]
     assert len(step_s) == step and min(step_s) > kill_wait, step_s  # every step outlasted KillWait: scancel would lose it
     assert took > kill_wait
+
+
+def test_status_follows_a_run_to_its_newest_job_whichever_way_it_went_on(tmp_path, tiny_llama_dir, env):
+    """Cancelled twice, the run goes on the advised way (`hpclora submit RUN_DIR`, recorded) and then by hand
+    (`sbatch RUN_DIR/job.sbatch`, which no index has): status of every kind shows the newest job and its true state."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 12, "log_every": 1, "save_every": 0})
+    first = job_id_from(hpclora("submit", cfg, env=paced(env, 1), cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    resume = f"hpclora submit {run_dir}"
+    trained_steps(run_dir, 0, 2)
+    assert hpclora("cancel", first, env=env, cwd=tmp_path).stdout.strip().endswith(f"checkpoint saved; to resume: {resume}")
+    assert wait_for(first)[first][0] == "CANCELLED"
+    assert f"instead of requeueing; to resume: {resume}" in (tmp_path / "logs" / f"tiny-{first}.out").read_text()
+
+    resubmitted = hpclora("submit", run_dir, env=paced(env, 1), cwd=tmp_path).stdout
+    second = job_id_from(resubmitted)
+    assert f"watch it: hpclora status {second}" in resubmitted and str(run_dir) in resubmitted
+    refused = hpclora("submit", run_dir, env=env, cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and f"job {second} (" in refused.stderr and "has not ended" in refused.stderr
+    for target in ((), (first,), (second,), (run_dir,)):
+        status = hpclora("status", *target, env=env, cwd=tmp_path).stdout
+        assert second in status and "CANCELLED" not in status, (target, status)
+    trained_steps(run_dir, 1, 2)
+    hpclora("cancel", second, env=env, cwd=tmp_path)
+    assert wait_for(second)[second][0] == "CANCELLED"
+
+    third = subprocess.run(["sbatch", "--parsable", str(run_dir / "job.sbatch")], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert wait_for(third) == {third: ("COMPLETED", "0:0")}
+    for target in ((), (first,), (second,), (run_dir,)):
+        status = hpclora("status", *target, env=env, cwd=tmp_path).stdout
+        assert third in status and "COMPLETED" in status and "CANCELLED" not in status, (target, status)
+        assert "restarts" not in status or "2" in status
+    assert f"tiny-{third}.out" in hpclora("status", run_dir, env=env, cwd=tmp_path).stdout
+    assert metrics_steps(run_dir) == list(range(1, 13))
+    finished = hpclora("submit", run_dir, env=env, cwd=tmp_path, check=False)
+    assert finished.returncode == 2 and "the run has finished (adapter saved): nothing to resume" in finished.stderr
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_per_trial(tmp_path, tiny_llama_dir, env):
@@ -211,6 +250,7 @@ def test_trials_per_node_runs_two_trials_side_by_side_in_one_array_task_and_canc
     each, each with its own run directory, log and checkpoints. `hpclora cancel` of the task then asks both to
     checkpoint: each keeps a whole checkpoint of its own, and the task ends CANCELLED, not requeued."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, slurm={"gpus": 1, "gpu_type": "v100"})
+    env = {**env, TRAIN_ON_CPU_VAR: "1"}  # no GPU this torch could use: the CPU, as told
     out = hpclora("sweep", cfg, "--grid", "lora.r=2,4", "--trials-per-node", "2", env=paced(env, 0.5), cwd=tmp_path).stdout
     job_id = job_id_from(out)
     (sweep_dir,) = (tmp_path / "runs").iterdir()
@@ -344,7 +384,7 @@ def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_reque
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train=LONG_RUN, lora={"dropout": 0.0})
     (tmp_path / "logs").mkdir(exist_ok=True)  # the template logs to logs/ where it is submitted
     slow = tmp_path / "slow-checkpoint"
-    job_env = paced(env, 1, HPCLORA_MAX_REQUEUES="1", HPCLORA_TEST_SLOW_CHECKPOINT=str(slow))
+    job_env = paced(env, 1, HPCLORA_MAX_REQUEUES="1", HPCLORA_TEST_SLOW_CHECKPOINT=str(slow), **{TRAIN_ON_CPU_VAR: "1"})
     done = subprocess.run(["sbatch", "--parsable", "--gres=gpu:v100:2", "--cpus-per-task=2", "--mem=4G", "--time=10:00",
                            str(ROOT / "jobs" / "train.sbatch"), str(cfg), "run.name=two"],
                           env=job_env, cwd=tmp_path, capture_output=True, text=True)
@@ -364,7 +404,8 @@ def test_the_hand_written_template_runs_a_rank_per_gpu_and_a_stopped_world_reque
     log = log_path.read_text()
     assert log.count("world 2 ranks (gloo)") == 2 and "requeueing job" in log and f"resumed from step {resumed}" in log
     assert resumed > 5  # the checkpoint written while TERM arrived, or the one after it
-    assert "requeued 1 times already (HPCLORA_MAX_REQUEUES): not requeueing" in log
+    assert (f"requeued 1 times already (HPCLORA_MAX_REQUEUES): not requeueing; to resume: sbatch jobs/train.sbatch "
+            f"{run_dir}/config.yaml --run-dir {run_dir}") in log
     assert "Traceback" not in log and "ChildFailedError" not in log  # a stop is no failure, for torchrun either
     assert not list((tmp_path / "logs").glob(".hpclora-stopped-*"))
 

@@ -41,24 +41,18 @@ def cmd_train(args) -> int:
     return train_command(args.config, args.overrides, args.run_dir, args.fresh, own_process=args.own_process)
 
 
-def _sampling(args):
-    from .results.generate import Sampling
-
-    return Sampling.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
-                               repetition_penalty=args.repetition_penalty, seed=args.seed)  # checked before anything loads
-
-
 def cmd_generate(args) -> int:
-    from .results.generate import generate_command
+    from .results.generate import Sampling, generate_command
 
-    return generate_command(args.run_dir, args.prompt, _sampling(args), compare=args.compare, no_adapter=args.no_adapter,
+    return generate_command(args.run_dir, args.prompt, Sampling.from_args(args), compare=args.compare, no_adapter=args.no_adapter,
                             width=shutil.get_terminal_size((110, 24)).columns)
 
 
 def cmd_chat(args) -> int:
     from .results.chat import chat
+    from .results.generate import Sampling
 
-    return chat(args.target, _sampling(args))
+    return chat(args.target, Sampling.from_args(args))
 
 
 def cmd_submit(args) -> int:
@@ -66,6 +60,9 @@ def cmd_submit(args) -> int:
     from .launch import launchers, submit
     from .site import cluster
 
+    if Path(args.config).is_dir():  # a run or sweep directory: its own job again, resuming it
+        from .launch.resubmit import resubmit
+        return resubmit(Path(args.config), args.overrides)
     launcher = launchers.launcher(args.launcher, args.cluster)
     cfg = config.load(args.config, args.overrides)
     job = submit.prepare_job(cfg, args.force, whole_node_gb=cluster.job_whole_node_gb(cfg.slurm))
@@ -266,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                        help="submitit's backend (default: Slurm when srun is on PATH); local and debug need no Slurm")
 
-    p = sub.add_parser("submit", help="validate, write the run directory and its job script, submit it")
+    p = sub.add_parser("submit", help="validate, write the run directory and its job script, submit it; given a run (or sweep) "
+                       "directory instead of a config: submit its job again, resuming from its newest checkpoint")
     with_config(p)
     with_launcher(p)
     p.set_defaults(func=cmd_submit)

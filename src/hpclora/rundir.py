@@ -20,6 +20,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import time
 from contextlib import contextmanager
@@ -51,6 +52,19 @@ RUN_ENTRIES = frozenset({
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
     "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR, CANCEL_REQUEST,
 })
+
+
+def resume_command(run_dir: Path) -> str:
+    """The one way to go on with a run stopped at a checkpoint, as the training log, the job script and `cancel` all
+    say it: a submitted run (job.json) is submitted again, its own job with its launcher (launch/resubmit.py); a run
+    of the hand-written job script goes on through that script in the same directory; one trained by hand, by
+    training again in it. Never `hpclora submit CONFIG`: that starts a new run at step 0."""
+    run, config = shlex.quote(str(run_dir)), shlex.quote(str(run_dir / CONFIG_FILE))
+    if (run_dir / JOB_FILE).is_file():
+        return f"hpclora submit {run}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"sbatch jobs/train.sbatch {config} --run-dir {run}"
+    return f"hpclora train {config} --run-dir {run}"
 
 
 def mark_run_dir(path: Path) -> None:

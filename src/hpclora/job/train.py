@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import RunConfig, to_yaml
 from ..config.slurm_syntax import slurm_time
-from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, staged, verdict, write_config, write_json
+from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, resume_command, staged, verdict, write_config, write_json
 from ..stops import CANCEL_REQUEST, CANCELLED, job_label
 from . import checkpoint, distributed
 from .preempt import StopRequest
@@ -59,7 +59,8 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     quiet_libraries()
     transformers.set_seed(cfg.run.seed)
     device, bf16_ok = detect_device()
-    require_usable_gpu(cfg.slurm.gpus)  # a job that asked for a GPU does not train on the CPU
+    if cpu_anyway := require_usable_gpu(cfg.slurm.gpus):  # a job that asked for a GPU does not train on the CPU, unless told
+        emit(cpu_anyway)
     precision, why = choose_precision(cfg.train.precision, device, bf16_ok)
     if problem := trained_bias_problem(cfg.lora.bias, cfg.quant.bits, cfg.quant.compute_dtype, precision):
         raise UserError(f"lora.bias: {problem}")  # precision `auto` became fp16 on this GPU
@@ -228,13 +229,15 @@ def stopped(out: Path, model, tokenizer, stop: StopRequest, step: int, steps: in
     (several ranks end with 0, which torchrun would otherwise take for the end of the run)."""
     saved = checkpoint.latest(out / "checkpoints")
     at = checkpoint.step_of(saved) if saved else 0
-    what = ("checkpoint saved; the same command resumes from it" if at == step
-            else f"the newest checkpoint is of step {at}; the same command resumes from there")
+    what = "checkpoint saved" if at == step else f"the newest checkpoint is of step {at}"
+    resume = resume_command(out)
+    if not os.environ.get("SLURM_JOB_ID"):  # in a job its script says whether it requeues, and if not, this
+        what += f"; to resume: {resume}"
     by = stop_name(stop) if stop.requested else "a stop signal to another rank"
     emit(f"stopped by {by} at step {step}/{steps}: {what}")
-    if world.main:  # `<step> cancel`: the job script cancels the job instead of requeueing it
+    if world.main:  # `<step> cancel`: the job script cancels the job instead of requeueing it; then how to resume
         why = CANCELLED if stop.cancelled else "stop"
-        Path(os.environ.get(STOP_MARKER_VAR) or out / STOPPED_MARKER).write_text(f"{step} {why}\n", encoding="utf-8")
+        Path(os.environ.get(STOP_MARKER_VAR) or out / STOPPED_MARKER).write_text(f"{step} {why}\n{resume}\n", encoding="utf-8")
     return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
 
 

@@ -9,12 +9,11 @@ and are cancelled at once, as is everything with `--now`.
 
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import JOB_SCRIPT, attempts
+from ..rundir import attempts, resume_command
 from ..stops import CANCEL_REQUEST, CANCEL_WAIT_S
 from . import slurm
 from .watch import Row, cancel_ids, ended, fill_states, require_known, resolve
@@ -85,6 +84,4 @@ def _saved(row: Row) -> str:
     said = [line.strip().split(": ")[0] for line in lines if line.lstrip().startswith("stopped by ")]
     if not said:
         return f"job {row.job_id} ended {row.state.split()[0] if row.state else ''} before it stopped: its log has the rest"
-    script = Path(row.run_dir) / JOB_SCRIPT
-    go_on = f"; `sbatch {shlex.quote(str(script))}` goes on from it" if script.is_file() else ""
-    return f"cancelled {row.job_id}: {said[-1]}: checkpoint saved{go_on}"
+    return f"cancelled {row.job_id}: {said[-1]}: checkpoint saved; to resume: {resume_command(Path(row.run_dir))}"

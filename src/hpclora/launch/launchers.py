@@ -11,7 +11,6 @@ import subprocess
 from dataclasses import dataclass, field
 
 from ..errors import NotSubmitted, UserError
-from ..stops import CHECKPOINTED_EXIT
 from . import slurm
 
 
@@ -105,9 +104,6 @@ class Local:
 
         for run_dir in job.run_dirs:
             code = run_job(str(run_dir))
-            if code == CHECKPOINTED_EXIT:
-                resume = f"hpclora train {shlex.quote(f'{run_dir}/config.yaml')} --run-dir {shlex.quote(str(run_dir))}"
-                print(f"checkpointed, not finished: resume with `{resume}`")
             if code != 0:
                 return code
         return 0

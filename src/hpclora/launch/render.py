@@ -180,7 +180,7 @@ def header_lines(cfg: RunConfig, payload: Payload, submitted_by: str, requeue: b
     array = array_spec(payload.trials, payload.max_parallel, payload.trials_per_task) if sweep else None
     return [
         "#!/bin/bash",
-        f"# Written by `{submitted_by}` for run {job_name(cfg)}. Resubmit by hand with: sbatch <this file>",
+        f"# Written by `{submitted_by}` for run {job_name(cfg)}. To go on after it stopped: hpclora submit <this directory>",
         f"# Logs: {log_pattern(cfg, sweep, packed)}   (follow with `tail -f` or `hpclora logs JOB -f`)",
         *(f"#SBATCH {option}" for option in sbatch_options(cfg, array, payload.trials_per_task if packed else 1, requeue)),
     ]

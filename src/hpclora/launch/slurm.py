@@ -62,13 +62,13 @@ def sbatch_timeout_s() -> float:
         raise UserError(f"HPCLORA_SBATCH_TIMEOUT_S: expected seconds, got {os.environ['HPCLORA_SBATCH_TIMEOUT_S']!r}") from None
 
 
-def sbatch(script: str) -> str:
+def sbatch(script: str, *options: str) -> str:
     """Submit a script file; return the job id. Slurm's refusal is NotSubmitted, with its message. When sbatch
     does not answer in time the job may be queued all the same: the queue is asked for a job of this very
     script, and without one this is a UserError that says the job's fate is unknown (never NotSubmitted)."""
     timeout = sbatch_timeout_s()
     try:
-        done = run(["sbatch", "--parsable", script], timeout=timeout)
+        done = run(["sbatch", "--parsable", *options, script], timeout=timeout)
     except NoAnswer:
         for _ in range(3):  # the controller may record the submission a moment after sbatch was stopped
             if (job_id := queued_job_of(script)) is not None:

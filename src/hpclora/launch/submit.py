@@ -174,18 +174,19 @@ def launch(job: PreparedJob, launcher) -> tuple[dict, int]:
             {"task": job.array_task(i), "trial": i, "overrides": extra, "run_dir": str(d), "log": log}
             for i, (extra, d, log) in enumerate(zip(job.trial_overrides, job.run_dirs, started.logs))
         ]
-    _record(job, entry)
+    record_submission(job, entry)
     return entry, launcher.finish(job, started)
 
 
-def _record(job: PreparedJob, entry: dict) -> None:
+def record_submission(job: PreparedJob, entry: dict) -> None:
     """job.json (run) or sweep.json + one job.json per trial (sweep), and the user's job index."""
     if job.kind == "run":
         write_json(job.directory / JOB_FILE, entry)
     else:
         write_json(job.directory / SWEEP_FILE, entry)
         for trial in entry["trials"]:
-            trial_record = {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"]}
+            trial_record = {**trial, "job_id": entry["job_id"], "launcher": entry["launcher"], "sweep_dir": entry["dir"],
+                            "submitted": entry["submitted"]}
             write_json(Path(trial["run_dir"]) / JOB_FILE, trial_record)
     if entry["job_id"] is not None:
         registry.record(entry)
@@ -201,7 +202,7 @@ def describe_launched(entry: dict, job: PreparedJob) -> str:
     for trial in entry.get("trials", []):
         lines.append(f"  task {trial['task']}" + (f", trial {trial['trial']}" if job.trials_per_task > 1 else "")
                      + f": {' '.join(trial['overrides'])} -> {trial['run_dir']}" + (f"\n      log: {trial['log']}" if trial["log"] else ""))
-    if entry["job_id"] is not None and entry["launcher"] == "sbatch":
+    if entry["job_id"] is not None and entry.get("cluster") not in ("local", "debug"):  # a Slurm job (sbatch or submitit)
         first = entry["job_id"] if job.kind == "run" else f"{entry['job_id']}_0"
         lines.append(f"watch it: hpclora status {entry['job_id']}   |   hpclora logs {first} -f")
     return "\n".join(lines)

@@ -49,22 +49,49 @@ def resolve(target: str | None) -> Target:
         if not recent:
             raise UserError(f"no submitted jobs recorded in {registry.index_path()}: give a JOB id or a run directory")
         rows = [row for entry in recent for row in _entry_rows(entry, overview=True)]
-        return Target(rows, f"recent jobs ({registry.index_path()})", [], table=True)
+        newest = {row.run_dir or id(row): row for row in _follow_runs(rows, [])}  # a run resubmitted: its newest job once
+        return Target(list(newest.values()), f"recent jobs ({registry.index_path()})", [], table=True)
     path = Path(target).expanduser()
     if path.is_dir():
-        return _directory_target(path.resolve())
-    if JOB_ID.match(target):
+        found = _directory_target(path.resolve())
+    elif JOB_ID.match(target):
         entry = registry.find(target)
         if entry is None:  # submitted some other way: ask Slurm
             return Target([Row(target, "", None, slurm.log_from_controller(target))], f"job {target}", [], recorded=False)
         rows = _entry_rows(entry)
         if "_" in target:
             rows = [r for r in rows if r.job_id == target] or [Row(target, "", None, None)]
-        return Target(rows, f"{entry['kind']} {entry['job_id']} ({entry['launcher']}) in {entry['dir']}", [], table=len(rows) > 1)
-    raise UserError(f"{target}: neither a job id (123 or 123_4) nor a run or sweep directory")
+        found = Target(rows, f"{entry['kind']} {entry['job_id']} ({entry['launcher']}) in {entry['dir']}", [], table=len(rows) > 1)
+    else:
+        raise UserError(f"{target}: neither a job id (123 or 123_4) nor a run or sweep directory")
+    _follow_runs(found.rows, found.notes)
+    return found
 
 
-def _record(path: Path) -> dict | None:
+def _follow_runs(rows: list[Row], notes: list[str]) -> list[Row]:
+    """Each row turned to its run's newest job: a run goes on in later jobs, which `hpclora submit RUN_DIR` records in
+    its job.json, and which a hand-typed `sbatch RUN_DIR/job.sbatch` leaves only in the attempts its training records."""
+    for row in rows:
+        if not (row.run_dir and row.job_id):
+            continue
+        run_dir = Path(row.run_dir)
+        newest, log, since = row.job_id, row.log, ""
+        record = read_json(run_dir / JOB_FILE) or {}
+        if isinstance(record.get("job_id"), str):
+            newest = f"{record['job_id']}_{record['task']}" if "sweep_dir" in record else record["job_id"]
+            log, since = record.get("log") or log, str(record.get("submitted", ""))
+        started = (attempts(run_dir) or [{}])[-1]
+        if started.get("slurm_job") and str(started.get("started", "")) > since and started["slurm_job"] != newest:
+            if log:  # the same script's log, of the other job (%j)
+                log = re.sub(rf"-{re.escape(newest)}\.out$", f"-{started['slurm_job']}.out", log)
+            newest = started["slurm_job"]
+        if newest != row.job_id:
+            notes.append(f"job {row.job_id} of {row.run_dir} went on as job {newest}")
+            row.job_id, row.log = newest, log
+    return rows
+
+
+def read_record(path: Path) -> dict | None:
     """The record at `path`, or None without one; a UserError for one that is no longer what submit wrote."""
     record = read_json(path)
     if record is None and path.exists():
@@ -75,10 +102,10 @@ def _record(path: Path) -> dict | None:
 
 
 def _directory_target(path: Path) -> Target:
-    sweep = _record(path / SWEEP_FILE)
+    sweep = read_record(path / SWEEP_FILE)
     if sweep:
         return Target(_entry_rows(sweep), f"sweep {sweep['job_id']} ({sweep['launcher']}) in {path}", [], table=True)
-    job = _record(path / JOB_FILE)
+    job = read_record(path / JOB_FILE)
     if job and "sweep_dir" in job:  # one trial of a sweep
         return Target([_trial_row(job["job_id"], job)], f"trial {job['task']} of sweep {job['sweep_dir']}", [])
     if job:

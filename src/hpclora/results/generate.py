@@ -56,6 +56,12 @@ class Sampling:
         return cls(max_new_tokens=max_new_tokens, do_sample=sample or temperature is not None,
                    temperature=0.7 if temperature is None else temperature, **rest)
 
+    @classmethod
+    def from_args(cls, args) -> "Sampling":
+        """From the sampling options of `generate` and `chat`; checked before anything loads."""
+        return cls.from_flags(args.max_new_tokens, args.sample, args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+
 
 def load_model(cfg):
     """(base model ready to generate, tokenizer) of a config's model.name, on this node's GPU where it has one, in the
