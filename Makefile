@@ -10,7 +10,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 LLAMA_CPP  := $(VENV)/share/llama.cpp
 
-.PHONY: setup llama-cpp llama-cpp-build slurm apptainer test-image go demo test bench-throughput gpu-check clean
+.PHONY: setup llama-cpp llama-cpp-build slurm apptainer test-image go demo demo-train test bench-throughput gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,7 @@ llama-cpp-build:
 # answers side by side, held-out loss (runs/demo/eval.md) and loss curves (runs/demo/report.md); then, where llama.cpp
 # is built (`make llama-cpp`, part of `make test`), the run exported to GGUF and llama.cpp's answer beside the
 # adapter's. The demo does not build llama.cpp: 4 minutes more would take it from nothing past 15 minutes on 2 cores.
-demo: setup
-	$(BIN)/hpclora train configs/demo-cpu.yaml --run-dir runs/demo --fresh
+demo: demo-train
 	$(BIN)/hpclora generate runs/demo --compare \
 		--prompt "What is the largest planet in the solar system?" \
 		--prompt "日本で一番長い川は何ですか？"
@@ -49,6 +48,16 @@ demo: setup
 		$(BIN)/hpclora export runs/demo --quant q8_0 && \
 		$(BIN)/hpclora generate runs/demo/gguf-q8_0 --compare --prompt "What is the largest planet in the solar system?"; \
 	else echo "(llama.cpp is not built here: after \`make llama-cpp\`, \`make demo\` also exports the run to GGUF and shows llama.cpp's answer)"; fi
+
+# The demo's training. Ctrl-C checkpoints at the next step (a second one stops at once): `make demo` again then goes on
+# from there; a finished demo starts over.
+DEMO_CONFIG ?= configs/demo-cpu.yaml
+DEMO_RUN    ?= runs/demo
+demo-train: setup
+	@if [ -d $(DEMO_RUN)/checkpoints ] && [ ! -d $(DEMO_RUN)/adapter ]; then \
+		echo "going on with the interrupted demo in $(DEMO_RUN)"; \
+		$(BIN)/hpclora train $(DEMO_RUN)/config.yaml --run-dir $(DEMO_RUN); \
+	else $(BIN)/hpclora train $(DEMO_CONFIG) --run-dir $(DEMO_RUN) --fresh; fi
 
 # A real single-node Slurm for the launch tests (tests/slurm/up.sh: root only, idempotent).
 # Without one those tests skip with the reason, unless HPCLORA_REQUIRE_SLURM=1 makes them fail.

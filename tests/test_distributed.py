@@ -182,7 +182,7 @@ def test_the_local_launcher_runs_cpu_ranks_and_a_stop_signal_checkpoints_every_r
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, output[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert "world 2 ranks (gloo)" in output and "checkpointed, not finished: resume with" in output and "Traceback" not in output
+    assert "world 2 ranks (gloo)" in output and "checkpoint saved; not under Slurm, so nothing requeues; to resume: hpclora submit " in output and "Traceback" not in output
     (saved,) = (run_dir / "checkpoints").glob("checkpoint-*")
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
     # The machine's cores shared by the two ranks, as in a Slurm job (they once took all of them each).

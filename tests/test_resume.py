@@ -1,4 +1,4 @@
-"""Preemption on CPU: a stop signal -> atomic checkpoint -> exit 75 -> the same command resumes exactly. The Slurm
+"""Preemption on CPU: a stop signal -> atomic checkpoint -> exit 75 -> training again in the run directory resumes exactly. The Slurm
 side (requeue from the batch script) is in test_slurm.py.
 
 Training runs in this process wherever no other process is needed: a stop is a real signal that training sends
@@ -158,7 +158,7 @@ def test_the_command_line_exits_75_on_a_stop_and_the_same_command_resumes(tmp_pa
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == CHECKPOINTED_EXIT, out
-    assert "TERM received: checkpointing at the next step boundary" in out and "checkpoint saved; the same command resumes" in out
+    assert "TERM received: checkpointing at the next step boundary" in out and f"checkpoint saved; to resume: hpclora train {run_dir}/config.yaml --run-dir {run_dir}" in out
     assert main(["train", str(config), "--run-dir", str(run_dir)]) == 0
     assert_same_adapter(run_dir, reference)
 
@@ -271,7 +271,7 @@ def test_a_file_system_that_refuses_a_checkpoint_keeps_the_one_before_and_says_h
     message = str(refused.value)
     assert message.startswith("a checkpoint was not written: ") and "the file is larger than allowed here (`ulimit -f`)" in message
     assert "MB to write" in message and f"files limited to {(largest - 1) / 1e6:,.1f} MB" in message
-    assert "checkpoint-5 is kept, whole: the same command resumes from it" in message
+    assert "checkpoint-5 is kept, whole: once there is room, resume from it: hpclora train " in message
     assert checkpoint.latest(run_dir / "checkpoints") == kept and checkpoint.damage(kept) is None
     assert not (run_dir / "checkpoints" / checkpoint.STAGING).exists()  # the partial files are gone, their space freed
 

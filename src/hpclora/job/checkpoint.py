@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import publish_dir, sha256_file, tree_bytes, write_refusal
+from ..rundir import publish_dir, resume_command, sha256_file, tree_bytes, write_refusal
 
 COMPLETE = "COMPLETE"  # written last, before the rename: the checkpoint is whole
 STATE = "hpclora_state.json"
@@ -125,6 +125,7 @@ def save_refusal(exc: BaseException, root: Path) -> UserError | None:
     if refusal is None:
         return None
     shutil.rmtree(staging, ignore_errors=True)  # never used, and the space is needed
-    then = (f"{kept.name} is kept, whole: the same command resumes from it once there is room" if kept
-            else "there is no earlier checkpoint: the same command starts again from step 0 once there is room")
+    resume = resume_command(root.parent)
+    then = (f"{kept.name} is kept, whole: once there is room, resume from it: {resume}" if kept
+            else f"there is no earlier checkpoint: once there is room, `{resume}` starts again from step 0")
     return UserError(f"a checkpoint was not written: {refusal}; {then}")

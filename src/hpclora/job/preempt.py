@@ -15,7 +15,9 @@ STOP_SIGNALS = tuple(signal.Signals[f"SIG{name}"] for name in STOP_SIGNAL_NAMES)
 
 
 class StopRequest:
-    """While active, the stop signals only set `signal_name`; the training loop looks at it each step."""
+    """While active, the stop signals only set `signal_name`; the training loop looks at it each step. Ctrl-C
+    (SIGINT) is one too, the first time; a Ctrl-C after a stop was asked for stops at once (KeyboardInterrupt), losing
+    the steps since the newest checkpoint, which the training then names."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -23,7 +25,7 @@ class StopRequest:
         self._request: tuple[Path, str] | None = None
 
     def __enter__(self) -> "StopRequest":
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -34,10 +36,13 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         # The name first: a call between the test and the assignment would let a second signal's handler run in
         # between (the job script passes a stop on more than once), and both would print.
-        name = signal.Signals(signum).name
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.signal_name is None:
             self.signal_name = name
-            print(f"{self.signal_name} received: checkpointing at the next step boundary", flush=True)
+            again = "; Ctrl-C again stops at once, losing the steps since the last checkpoint" if name == "Ctrl-C" else ""
+            print(f"{self.signal_name} received: checkpointing at the next step boundary{again}", flush=True)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C after a stop was asked for: at once
 
     def watch(self, request: Path, job: str | None) -> None:
         """Stop also when `request` (written by `hpclora cancel`) names this job. One naming another job (an

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import RunConfig, to_yaml
 from ..config.slurm_syntax import slurm_time
-from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, resume_command, staged, verdict, write_config, write_json
+from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, metric_entries, resume_command, staged, verdict, write_config, write_json
 from ..stops import CANCEL_REQUEST, CANCELLED, job_label
 from . import checkpoint, distributed
 from .preempt import StopRequest
@@ -71,6 +71,10 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
     out, lock = prepare_run_dir(cfg, run_dir, fresh) if world.main else (None, None)  # rank 0's, shared below
     try:
         return _train_in(distributed.share(out), cfg, world, trackers, device, precision, why, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C (preempt.py): say what it cost
+        if out is not None:
+            emit(interrupted(out))
+        raise
     finally:
         if lock is not None:
             lock.close()  # the run directory is free for the next training
@@ -239,6 +243,17 @@ def stopped(out: Path, model, tokenizer, stop: StopRequest, step: int, steps: in
         why = CANCELLED if stop.cancelled else "stop"
         Path(os.environ.get(STOP_MARKER_VAR) or out / STOPPED_MARKER).write_text(f"{step} {why}\n{resume}\n", encoding="utf-8")
     return TrainedRun(out, model, tokenizer, {"steps": step, "stopped_by": by}, finished=False)
+
+
+def interrupted(out: Path) -> str:
+    """What a stop at once lost: the steps trained since the newest checkpoint, and how to go on from it."""
+    saved = checkpoint.latest(out / "checkpoints")
+    at = checkpoint.step_of(saved) if saved else 0
+    metrics = out / "metrics.jsonl"
+    logged = max((e["step"] for e in metric_entries(metrics) if "loss" in e), default=0) if metrics.is_file() else 0
+    lost = f"what it trained after step {at} is lost" + (f" (logged up to step {logged})" if logged > at else "")
+    kept = f"the newest checkpoint is of step {at}" if saved else "there is no checkpoint: it starts over"
+    return f"stopped at once by a second Ctrl-C: {lost}; {kept}; to resume: {resume_command(out)}"
 
 
 def stop_name(stop: StopRequest) -> str:

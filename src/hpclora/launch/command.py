@@ -9,6 +9,7 @@ started the job, and the model's staging is checked by the job's own `hpclora tr
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def run_job(run_dir: str) -> int:
         if not passed:  # the script repeats a stop by itself until training has ended
             passed.append(signum)
             child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+        elif signum == signal.SIGINT:  # Ctrl-C again: training stops at once (the script itself ignores it)
+            os.killpg(child.pid, signal.SIGINT)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (*stops, signal.SIGINT)}
     try:

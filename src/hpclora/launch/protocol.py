@@ -81,6 +81,7 @@ def protocol_lines(start: str = f'({IGNORE_STOPS}; exec "${{START[@]}}") &') -> 
         "}",
         'forward() { if [ -z "$stop" ]; then stop=$1; if [ -n "$child" ]; then send_stop "$1"; fi; fi; }',
         *(f"trap 'forward {name}' {name}" for name in STOP_SIGNALS),
+        "trap '' INT  # Ctrl-C of a job run here (--launcher local): training answers it, and this script reports how it ended",
         'rm -f "$STOP_MARKER"',
         f'export {STOP_MARKER_VAR}="$STOP_MARKER"',
         TORCHRUN_SIGNALS,
