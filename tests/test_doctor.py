@@ -133,6 +133,12 @@ def test_doctor_fails_a_gpu_run_whose_torch_has_no_kernels_for_the_partitions_gp
     assert check["message"] == (f"torch {torch.__version__} (CPU only, no CUDA): jobs on v100-16gb would find no GPU and stop "
                                 "(in this Python's environment)")
     assert "containers/hpclora.def" in check["fix"]
+    # slurm.mem (2G): the plan's verdict, word for word, as a warning with the plan's recommendation.
+    planned = json.loads(subprocess.run([sys.executable, "-m", "hpclora", "plan", cfg, "--json", "slurm.gpus=1", "slurm.gpu_type=v100"],
+                                        capture_output=True, text=True, check=True).stdout)
+    (mem,) = named(checks, "slurm.mem")
+    assert mem == {"status": "warn", "name": "slurm.mem", "message": planned["memory_note"], "fix": f"slurm.mem={planned['recommended']['mem']}"}
+    assert planned["memory_note"].startswith("slurm.mem=2G is less than the recommended mem=") and planned["fits"]
     _, cpu_run, _ = doctor(cfg, "--partition", "debug")
     assert named(cpu_run, "torch.kernels") == []  # slurm.gpus: 0
 

@@ -313,14 +313,37 @@ def test_a_calibration_file_that_cannot_be_read_is_named_and_plans_go_on_with_th
     assert f"warning: {tmp_path / 'state' / 'calibration.json'} is not a calibration file hpclora can read" in done.stderr
 
 
-def test_plan_says_whether_the_memory_the_config_asks_is_enough(tmp_path):
-    """Recommending mem=24G beside a config's 48G read as advice to lower it; beside 7G it is a warning."""
+def test_plan_says_whether_the_memory_the_config_asks_is_enough_in_words_that_agree_with_its_verdict(tmp_path):
+    """Recommending mem=24G beside a config's 48G read as advice to lower it; beside 7G it is a warning about loading,
+    which the GPU's verdict does not contradict. On CPU, where slurm.mem is the run's memory, a job that holds the
+    peak but not the recommended margin fits and says so; one that does not hold it does not fit."""
     base = ["model.name=meta-llama/Llama-2-7b-hf", "quant.bits=4", "slurm.gpus=1"]
     recommended = plan.make_plan(cfg_for(tmp_path, *base), gpu="v100-16gb").recommended["mem"]
     assert plan.make_plan(cfg_for(tmp_path, *base, "slurm.mem=48G"), gpu="v100-16gb").memory_note == "slurm.mem=48G is enough"
     short = plan.make_plan(cfg_for(tmp_path, *base, "slurm.mem=7G"), gpu="v100-16gb")
-    assert short.memory_note == f"slurm.mem=7G is less than mem={recommended}: the job may be killed for running out of memory"
+    assert short.fits and short.memory_note == (f"slurm.mem=7G is less than the recommended mem={recommended} for loading the "
+                                                "model through host memory (fp16 weights x 1.2 + 8 GB)")
     assert short.memory_note in plan.format_plan(short)
+    cpu = ["model.name=meta-llama/Llama-2-7b-hf", "slurm.gpus=0", "data.max_length=256", "train.gradient_checkpointing=true"]
+    peak = plan.make_plan(cfg_for(tmp_path, *cpu, "slurm.mem=64G")).peak_gb
+    for gb, fits in ((peak * 1.15, True), (peak * 0.9, False)):
+        p = plan.make_plan(cfg_for(tmp_path, *cpu, f"slurm.mem={gb * 1e9 / 2 ** 20:.0f}M"))
+        assert p.fits is fits and ("holds the estimated peak" in p.memory_note) is fits, p.memory_note
+        assert "killed" not in plan.format_plan(p)
+
+
+def test_fp32_on_a_v100_is_planned_at_its_fp32_peak_and_advised_to_fp16_where_that_fits(tmp_path):
+    base = ["model.name=meta-llama/Llama-2-7b-hf", "slurm.gpus=1", "train.gradient_checkpointing=true", "data.max_length=256",
+            "train.micro_batch_size=1"]
+    half = plan.make_plan(cfg_for(tmp_path, *base, "quant.bits=4"), gpu="v100-32gb")
+    full = plan.make_plan(cfg_for(tmp_path, *base, "quant.bits=4", "quant.compute_dtype=fp32"), gpu="v100-32gb")
+    assert full.tokens_per_s == pytest.approx(half.tokens_per_s * 15.7 / 125, rel=0.01)
+    assert "15.7 TFLOP/s fp32 peak" in full.tokens_per_s_note and "125.0 TFLOP/s fp16/bf16 tensor-core peak" in half.tokens_per_s_note
+    fp32 = plan.make_plan(cfg_for(tmp_path, *base, "train.precision=fp32"), gpu="v100-16gb")
+    assert not fp32.fits and fp32.precision_advice.startswith("train.precision=auto (fp16 on v100-16gb: peak ")
+    assert plan.fit_advice(fp32) == fp32.precision_advice and f"try {fp32.precision_advice}" in plan.format_plan(fp32)
+    larger = [*base, "model.name=meta-llama/Llama-2-13b-hf", "train.precision=fp32"]
+    assert plan.make_plan(cfg_for(tmp_path, *larger), gpu="v100-16gb").precision_advice == ""  # fp16 does not fit either
 
 
 def test_a_hub_dataset_cut_to_max_rows_is_planned_with_that_many_rows(tmp_path):

@@ -3,8 +3,8 @@ strategy and time (make.py, from memory.py, speed.py, strategy.py and steps.py);
 queued (preflight.py: the model's context and every data row; gate.py: the plan's refusals and `auto` choices);
 and what probe jobs measured on this cluster (calibration.py)."""
 
-from .format import format_plan, shrink_advice
+from .format import fit_advice, format_plan
 from .gate import check_before_submit
 from .make import Plan, make_plan
 
-__all__ = ["Plan", "check_before_submit", "format_plan", "make_plan", "shrink_advice"]
+__all__ = ["Plan", "check_before_submit", "fit_advice", "format_plan", "make_plan"]

@@ -25,13 +25,24 @@ def format_plan(p: Plan) -> str:
         ("peak", f"{p.peak_gb:.2f} GB of {p.capacity_gb:.1f} GB{' per rank' if p.world_size > 1 else ''}: {'fits' if p.fits else 'DOES NOT FIT'}"
                  + (f" ({p.peak_note})" if p.peak_note else "")),
         ("micro-batch", f"up to {p.max_micro_batch} fits; use {min(p.micro_batch, p.max_micro_batch)} x {p.grad_accum} accumulation"
-                        if p.max_micro_batch else f"not even 1 row fits: try {shrink_advice(p)}"),
+                        + (f", or {p.precision_advice}" if p.precision_advice else "")
+                        if p.max_micro_batch else f"not even 1 row fits: try {fit_advice(p)}"),
         ("speed", f"~{p.tokens_per_s:,.{1 if p.tokens_per_s < 100 else 0}f} tokens/s ({p.tokens_per_s_note})"),
         ("time", f"{p.time} for {p.steps} steps ({p.steps_note}; full-length rows: an upper bound)" if p.time
                  else "unknown (row count not known: set train.max_steps)"),
         ("sbatch", ", ".join(f"{k}={v}" for k, v in p.recommended.items() if v) + (f" ({p.memory_note})" if p.memory_note else "")),
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def fit_advice(p: Plan) -> str:
+    """What to change in a run that does not fit: its precision where fp32 is the reason, else its micro-batch
+    where a smaller one fits, else what can still make it fit (`plan`, `doctor` and `submit` say the same)."""
+    if p.precision_advice:
+        return p.precision_advice
+    if p.max_micro_batch:
+        return f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}"
+    return shrink_advice(p)
 
 
 def shrink_advice(p: Plan) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..config import RunConfig
 from ..config.slurm_syntax import preempt_grace_problem, slurm_seconds
 from ..errors import ConfigError, UserError
-from .format import shrink_advice
+from .format import fit_advice
 from .make import make_plan
 
 
@@ -30,7 +30,7 @@ def check_before_submit(cfgs: list[RunConfig], force: bool, whole_node_gb: float
         if p.strategy_problem:
             raise UserError(f"train.distributed: {label}{p.strategy_problem}")
         if not p.fits and not force:
-            fix = f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch else shrink_advice(p)
+            fix = fit_advice(p)
             raise UserError(
                 f"{label}predicted peak {p.peak_gb:.1f} GB does not fit in {p.capacity_gb:.1f} GB on {p.device} "
                 f"(`hpclora plan` shows the breakdown): try {fix}, or pass --force"

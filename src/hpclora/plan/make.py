@@ -19,7 +19,7 @@ from ..config.slurm_syntax import slurm_mem_gb, slurm_mem_mib, slurm_time
 from ..errors import UserError
 from . import calibration
 from .memory import GB, lora_parameters, memory_gb, recomputed_layers
-from .speed import CPU_REFERENCE_CORES, cpu_speedup, rank_tokens_per_s, scaling
+from .speed import CPU_REFERENCE_CORES, cpu_speedup, matmul_tflops, rank_tokens_per_s, scaling
 from .steps import planned_steps
 from .strategy import choose_strategy
 
@@ -73,6 +73,7 @@ class Plan:
     packing: bool = False  # data.packing, `auto` resolved for the architecture
     packing_reason: str = ""
     memory_note: str = ""  # the config's slurm.mem beside the recommendation
+    precision_advice: str = ""  # for a GPU run that does not fit in fp32: train.precision=auto, where that fits
     peak_note: str = ""  # where a measured peak replaced the estimate (hpclora probe)
 
     def to_json(self) -> str:
@@ -165,12 +166,14 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum
     accum = math.ceil(effective / micro) if micro else cfg.train.grad_accum
 
-    rank_tokens, efficiency = rank_tokens_per_s(cfg, dims, device, per_node)
+    rank_tokens, efficiency = rank_tokens_per_s(cfg, dims, device, per_node, precision)
     world_scaling = scaling(strategy, cfg.slurm.nodes, world)
     tokens_per_s = rank_tokens * world * world_scaling
     measured = calibration.find(device.name, cfg.model.name) if calibrated else None
     steps, steps_note = planned_steps(cfg, packing)
-    note = f"estimate: {device.tflops} TFLOP/s peak x {efficiency:.2f} (efficiency measured on an H100 and a 2-core CPU)"
+    note = (f"estimate: {device.name}'s data-sheet {matmul_tflops(device, cfg, precision)[1]} x {efficiency:.2f}, the share of "
+            "peak a LoRA fine-tune reached on an H100 (bf16, Llama-2-7B shape), less for smaller models; not measured on this "
+            "GPU type (`hpclora probe` measures it here)")
     if device.name == "cpu":
         note = (f"estimate: {device.tflops} TFLOP/s of {CPU_REFERENCE_CORES} cores x {cpu_speedup(cfg.slurm.cpus_per_task):.2f} for "
                 f"{cfg.slurm.cpus_per_task} cores x {efficiency:.2f} efficiency (cores scaling fitted on one report; `hpclora probe` measures)")
@@ -191,6 +194,15 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     recommended = resources(cfg, device, counts, parts, seconds)
+    precision_advice = ""
+    if peak_gb > usable and device.name != "cpu" and precision == "fp32":  # half the weights' memory, and tensor cores
+        half = make_plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="auto")), device=device,
+                         capacity_gb=capacity_gb, calibrated=calibrated)
+        if half.fits:
+            precision_advice = f"train.precision=auto ({half.precision} on {device.name}: peak {half.peak_gb:.1f} GB, fits)"
+        elif half.max_micro_batch:
+            precision_advice = (f"train.precision=auto train.micro_batch_size={half.max_micro_batch} train.grad_accum={half.grad_accum} "
+                                f"({half.precision} on {device.name} fits at that micro-batch)")
     return Plan(
         model=cfg.model.name, dims_source=source, device=device.name, params_total=counts["total"], params_trainable=trainable,
         precision=precision, precision_reason=why, micro_batch=cfg.train.micro_batch_size,
@@ -199,7 +211,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps, steps_note=steps_note,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
         time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
-        memory_note=asked_memory(cfg.slurm.mem, recommended["mem"]),
+        memory_note=asked_memory(cfg.slurm.mem, recommended["mem"], device.name, peak_gb <= usable), precision_advice=precision_advice,
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
         strategy_problem=problem or "",
         peak_by_strategy_gb=peaks, scaling_efficiency=world_scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
@@ -207,13 +219,20 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     )
 
 
-def asked_memory(asked: str | None, recommended: str) -> str:
-    """The config's slurm.mem beside the recommended one: enough, or too little (killed while it loads the model)."""
+def asked_memory(asked: str | None, recommended: str, device: str, fits: bool) -> str:
+    """The config's slurm.mem beside the recommended mem, in words that agree with the plan's verdict (`plan` and
+    `doctor` both say it): "" where it asks for a whole node; "... is enough"; or how it falls short of the
+    recommendation, which keeps a margin: on CPU 30% over the estimated peak (the job's memory is the run's), on a
+    GPU what loading the model passes through host memory."""
     if not asked or asked == "0" or not asked[0].isdigit():
         return ""
     if slurm_mem_mib(asked) >= slurm_mem_mib(recommended):
         return f"slurm.mem={asked} is enough"
-    return f"slurm.mem={asked} is less than mem={recommended}: the job may be killed for running out of memory"
+    if device == "cpu" and fits:
+        return f"slurm.mem={asked} holds the estimated peak, with less than the 30% margin of the recommended mem={recommended}"
+    if device == "cpu":
+        return f"slurm.mem={asked} is less than the estimated peak: mem={recommended} holds it with a 30% margin"
+    return f"slurm.mem={asked} is less than the recommended mem={recommended} for loading the model through host memory (fp16 weights x 1.2 + 8 GB)"
 
 
 def resources(cfg: RunConfig, device: Device, counts: dict, parts: dict, seconds: float | None) -> dict:

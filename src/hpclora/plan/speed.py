@@ -5,6 +5,7 @@ share of N ranks' sum that a world of N reaches. Estimates, until `hpclora probe
 from __future__ import annotations
 
 from ..catalog.devices import Device
+from ..catalog.precision import choose_compute_dtype
 from ..catalog.dims import ModelDims, parameter_counts
 from ..config import RunConfig
 from .memory import eager_attention, recomputed_layers
@@ -32,7 +33,17 @@ def cpu_speedup(cores: int) -> float:
     return (cores / CPU_REFERENCE_CORES) ** CPU_CORE_EXPONENT
 
 
-def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: int) -> tuple[float, float]:
+def matmul_tflops(device: Device, cfg: RunConfig, precision: str) -> tuple[float, str]:
+    """(the peak the run's matmuls can reach, in words): the tensor-core fp16/bf16 peak, or the fp32 peak where they
+    run in fp32 (train.precision fp32, or QLoRA computing in fp32). torch does not use TF32 for fp32 matmuls unless
+    told, so an A100 in fp32 runs at 19.5, not 156 TFLOP/s; a V100 at 15.7, not 125."""
+    computes_in = choose_compute_dtype(cfg.quant.compute_dtype, precision) if cfg.quant.bits else precision
+    if device.name != "cpu" and computes_in == "fp32" and device.fp32_tflops:
+        return device.fp32_tflops, f"{device.fp32_tflops} TFLOP/s fp32 peak (no tensor cores in fp32)"
+    return device.tflops, f"{device.tflops} TFLOP/s {'fp32' if device.name == 'cpu' else 'fp16/bf16 tensor-core'} peak"
+
+
+def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: int, precision: str) -> tuple[float, float]:
     """(tokens/s of one rank, the efficiency it assumes) from the device's peak FLOPs: forward 2N, backward (input
     gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, and
     causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
@@ -41,7 +52,7 @@ def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: in
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":
         efficiency *= min(1.0, d.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(d, cfg) else 1)
-    peak_flops = device.tflops * 1e12
+    peak_flops = matmul_tflops(device, cfg, precision)[0] * 1e12
     if device.name == "cpu":
         peak_flops *= cpu_speedup(cfg.slurm.cpus_per_task) / per_node
     return peak_flops * efficiency / per_token, efficiency

@@ -193,9 +193,10 @@ def check_config(report: Report, cfg, config_path: str, part):
     if p.fits:
         report.add(OK, "config.plan", summary)
     else:
-        fix = (f"train.micro_batch_size={p.max_micro_batch} train.grad_accum={p.grad_accum}" if p.max_micro_batch
-               else plan.shrink_advice(p))
-        report.add(FAIL, "config.plan", summary + ": does not fit", fix)
+        report.add(FAIL, "config.plan", summary + ": does not fit", plan.fit_advice(p))
+    if p.memory_note:  # the plan's own words on slurm.mem
+        enough = p.memory_note.endswith("is enough")
+        report.add(OK if enough else WARN, "slurm.mem", p.memory_note, "" if enough else f"slurm.mem={p.recommended['mem']}")
     return p
 
 
