@@ -312,12 +312,27 @@ def test_a_gpu_job_that_has_no_usable_gpu_stops_at_once_saying_what_it_asked_fou
     assert "asked for a GPU and has none it can use" in hpclora("status", job_id, env=env, cwd=tmp_path).stdout
 
 
+def test_a_hand_written_template_without_hpclora_on_its_path_says_how_to_make_it_visible(tmp_path, tiny_llama_dir, env):
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    bare = {**env, "PATH": "/usr/local/bin:/usr/bin:/bin"}  # a login shell without the environment loaded
+    job_id = subprocess.run(["sbatch", "--parsable", "--gres=gpu:0", "--cpus-per-task=1", "--mem=2G", "--time=10:00",
+                             str(ROOT / "jobs" / "train.sbatch"), str(cfg)], env=bare, cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_for(job_id) == {job_id: ("FAILED", "2:0")}
+    log = (tmp_path / "logs" / f"hpclora-{job_id}.out").read_text()
+    assert "hpclora: the command hpclora is not on this job's PATH (/usr/local/bin:/usr/bin:/bin)" in log
+    assert 'source "$HOME/venvs/hpclora/bin/activate"' in log and "HPCLORA_IMAGE=$PWD/hpclora.sif" in log
+    assert "command not found" not in log and "not found\n" not in log
+
+
 def test_hand_written_templates_run_as_documented(tmp_path, tiny_llama_dir, env):
     """`sbatch jobs/train.sbatch CONFIG k=v` and `sbatch --array=0-1 jobs/sweep.sbatch CONFIG TRIALS`."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     (tmp_path / "logs").mkdir()
     (tmp_path / "trials.txt").write_text("lora.r=2 train.max_steps=2\nlora.r=4 train.max_steps=2\n")
     resources = ["--cpus-per-task=1", "--mem=2G", "--time=10:00"]
+    env = {**env, TRAIN_ON_CPU_VAR: "1"}  # the templates ask for a GPU (--gres=gpu:1): the test node's are device files
 
     def sbatch(*args):
         done = subprocess.run(["sbatch", "--parsable", *resources, *map(str, args)], env=env, cwd=tmp_path, capture_output=True, text=True)

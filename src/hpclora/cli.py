@@ -30,8 +30,8 @@ def cmd_validate(args) -> int:
     cfg = config.load(args.config, args.overrides)
     data = preflight.check(cfg)
     print(config.to_yaml(cfg), end="")
-    rows = f" ({data['rows']:,} rows of {data['format']} data read)" if data else ""
-    print(f"# {args.config}: valid{rows}", file=sys.stderr)
+    rows = f" ({data['rows']:,} rows of {data['format']} data read, {data['held_out']:,} held out for validation)" if data else ""
+    print(f"# {args.config}: valid{rows}" + (f"\n{data['warning']}" if data and data["warning"] else ""), file=sys.stderr)
     return 0
 
 

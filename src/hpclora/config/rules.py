@@ -171,7 +171,7 @@ def check_slurm(slurm: "SlurmSection") -> list[tuple[str, str]]:
     if any(c in slurm.log_dir for c in UNSAFE_IN_SBATCH_LINES):
         problems.append(("slurm.log_dir", "cannot hold double quotes, backslashes or line breaks: an #SBATCH line cannot carry them"))
     if slurm.gpu_type and slurm.gpus == 0:
-        problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0"))
+        problems.append(("slurm.gpu_type", "is set but slurm.gpus is 0 (a CPU-only job, as in configs/demo-cpu.yaml): add slurm.gpus=1 for a GPU job, or drop slurm.gpu_type"))
     for i, line in enumerate(slurm.extra):
         problem = sbatch_option_problem(line)
         if problem:

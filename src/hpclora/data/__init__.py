@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError, UserError
-from .normalize import check_columns, detect_format, normalize, rename_columns
+from .normalize import check_columns, check_format, detect_format, normalize, rename_columns
 from .packing import Collator, length_grouped, pack
 from .read import read_rows
 from .sources import Source, data_sources
@@ -56,6 +56,7 @@ def conversations(data_cfg, key: str = "data") -> Iterator[tuple[list[dict], int
         rename_columns(row, columns)
         if fmt is None:  # ... and, renamed, its format
             fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(row, data_cfg.path)
+            check_format(row, fmt, data_cfg.path, key)
             if fmt == "text" and data_cfg.template != "none":
                 raise UserError(f"{key}.template: plain-text data has no prompt to template: use {key}.template=none (got {data_cfg.template!r})")
         yield normalize(row, fmt, data_cfg.path), row.number, fmt

@@ -41,6 +41,23 @@ def detect_format(row: RawRow, path: str) -> str:
     )
 
 
+# The column that marks each format (as detect_format reads it).
+FORMAT_COLUMNS = {"sharegpt": "conversations", "messages": "messages", "alpaca": "instruction", "text": "text"}
+
+
+def check_format(row: RawRow, fmt: str, path: str, key: str = "data") -> None:
+    """The first row against a data.format that was set: rows of another format (a copied config's `alpaca` on
+    ShareGPT data) are named as what they look like, with the fix, instead of a field the format misses."""
+    if FORMAT_COLUMNS[fmt] in row.values:
+        return
+    try:
+        seen = detect_format(row, path)
+    except DataError:
+        return  # nothing recognisable: normalize names the missing field
+    raise DataError(path, f"the rows look like {seen} data ({FORMAT_COLUMNS[seen]}), but {key}.format is {fmt}: "
+                          f"set {key}.format=auto (detects it) or {key}.format={seen}", row.number, row.unit)
+
+
 def check_columns(row: RawRow, columns: dict[str, str], path: str) -> None:
     """`data.columns` ({wanted_name: name_in_file}) must name columns the file has (as its first row shows)."""
     absent = {wanted: present for wanted, present in columns.items() if present not in row.values}

@@ -20,6 +20,18 @@ def validation_rows(n: int, val_size: float) -> int:
     return held
 
 
+MAX_HELD_SHARE = 0.25  # more than this held out of a file is said: a count copied from another config, on a small file
+
+
+def held_out_warning(n: int, val_size: float) -> str | None:
+    """A warning where data.val_size holds out more than MAX_HELD_SHARE of `n` rows (a valid split), else None."""
+    held = validation_rows(n, val_size)
+    if not n or held / n <= MAX_HELD_SHARE:
+        return None
+    return (f"warning: data.val_size={val_size:g} holds out {held} of the {n} rows ({held / n:.0%}) for validation, and the "
+            f"adapter trains on {n - held}: data.val_size=0.1 would hold out {validation_rows(n, 0.1)}")
+
+
 def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
     """Shuffled train and validation indices (validation_rows of them held out)."""
     order = list(range(n))

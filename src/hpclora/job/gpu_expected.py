@@ -24,15 +24,15 @@ TRAIN_ON_CPU_VAR = "HPCLORA_TRAIN_ON_CPU"
 
 
 class NoUsableGpu(UserError):
-    def __init__(self, asked: str, found: str, fix: str):
-        self.parts = asked, found, fix
+    def __init__(self, asked: str, found: str, fix: str, cpu_on_purpose: str = "slurm.gpus=0"):
+        self.parts, self.cpu_on_purpose = (asked, found, fix), cpu_on_purpose
         super().__init__(f"this job asked for a GPU and has none it can use: asked {asked}; found {found}; fix: {fix}")
 
     def lines(self) -> list[str]:
         asked, found, fix = self.parts
         return ["this job asked for a GPU and has none it can use; it stops rather than train on the CPU, many times slower:",
                 f"  asked: {asked}", f"  found: {found}", f"  fix:   {fix}",
-                "  (to train on the CPU on purpose: slurm.gpus=0)"]
+                f"  (to train on the CPU on purpose: {self.cpu_on_purpose})"]
 
 
 def gpu_asked(slurm_gpus: int, env=os.environ) -> str | None:
@@ -92,6 +92,6 @@ def require_usable_gpu(slurm_gpus: int) -> str | None:
     reason = why_unusable(torch_facts()) if asked else None
     if reason and os.environ.get(TRAIN_ON_CPU_VAR) == "1":
         return f"warning: this job asked for a GPU ({asked}) and found {reason[0]}: training on the CPU, as {TRAIN_ON_CPU_VAR}=1 says"
-    if reason:
-        raise NoUsableGpu(asked, *reason)
+    if reason:  # a config of slurm.gpus: 0 was given GPUs by the job script's own request (jobs/train.sbatch's --gres)
+        raise NoUsableGpu(asked, *reason, "slurm.gpus=0" if slurm_gpus else "ask Slurm for none: `sbatch --gres=gpu:0 ...`")
     return None

@@ -84,6 +84,7 @@ def _train(cfg: RunConfig, run_dir: str | None, fresh: bool, stop: StopRequest) 
 def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: list[str], device: str, precision: str, why: str,
               stop: StopRequest) -> TrainedRun:
     from ..data import batched_by_length, prepare
+    from ..data.split import held_out_warning
     from ..plan.steps import total_steps
     from .model import attach_lora, load_base, load_tokenizer
     from .resolve import resolve_auto, strategy_for
@@ -122,6 +123,8 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
         data = prepare(cfg.data, tokenizer, cfg.run.seed, packed=cfg.data.packing)
     emit(describe_data(data.stats))
+    if warning := held_out_warning(data.stats["rows"], cfg.data.val_size):
+        emit(warning)
 
     sharded = strategy == "fsdp"
     model = load_base(cfg, precision, device, sharded)

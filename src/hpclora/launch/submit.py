@@ -62,9 +62,8 @@ def check_runs(cfgs: list[RunConfig], force: bool, whole_node_gb: float | None =
     """Everything the login node checks before a job is queued: each config's data rows and model context
     (plan.preflight), then the planner (plan.gate), which may refuse and which decides the `auto` settings the
     job's config.yaml records. Returns the planner's lines."""
-    for cfg in cfgs:
-        preflight.check(cfg)
-    return check_before_submit(cfgs, force, whole_node_gb)
+    warnings = {data["warning"] for cfg in cfgs if (data := preflight.check(cfg)) and data["warning"]}
+    return [*sorted(warnings), *check_before_submit(cfgs, force, whole_node_gb)]
 
 
 def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executable, whole_node_gb: float | None = None) -> PreparedJob:

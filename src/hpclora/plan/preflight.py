@@ -22,6 +22,7 @@ from ..catalog.hub import local_data_path
 from ..config import RunConfig
 from ..data.sources import data_sources
 from ..data import check_rows, validation_rows
+from ..data.split import held_out_warning
 from ..errors import ConfigError, UserError
 from .make import device_for, precision_for
 
@@ -84,6 +85,7 @@ def check_data(cfg: RunConfig) -> dict | None:
     if None in counted:
         return None
     rows = [c["rows"] for c in counted]
-    validation_rows(sum(rows), cfg.data.val_size)  # refuses a split that leaves nothing to train on
+    held = validation_rows(sum(rows), cfg.data.val_size)  # refuses a split that leaves nothing to train on
     formats = sorted({c["format"] for c in counted})
-    return {"rows": sum(rows), "per_source": rows, "format": formats[0] if len(formats) == 1 else " and ".join(formats)}
+    return {"rows": sum(rows), "per_source": rows, "format": formats[0] if len(formats) == 1 else " and ".join(formats),
+            "held_out": held, "warning": held_out_warning(sum(rows), cfg.data.val_size)}
