@@ -83,7 +83,12 @@ def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run, cli):
     assert result["examples"] == 4
     assert result["adapter"]["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-3)
     assert result["base"]["loss"] == pytest.approx(summary["base_val_loss"], abs=1e-3)
-    assert result["adapter_is_better"] == (result["adapter"]["loss"] < result["base"]["loss"])
+    # The verdict rests on both findings, each said: a clear "better" needs the loss lower beyond noise and closer answers.
+    loss, answers = result["loss_finding"], result["answers_finding"]
+    assert loss["examples"] == 4 and answers["samples"] == 2
+    assert result["adapter_is_better"] == (loss["direction"] == "lower" and answers["closer"] > answers["further"])
+    assert f"verdict: {result['verdict']}" in done.stdout and "over 4 examples" in done.stdout
+    assert ("**adapter is better**" in (real_run / "eval.md").read_text()) == result["adapter_is_better"]
     references = {row["output"] for row in alpaca_rows(24)}
     assert len(result["samples"]) == 2 and all(s["reference"] in references and s["base"] and s["adapter"] for s in result["samples"])
     markdown = (real_run / "eval.md").read_text()
@@ -91,6 +96,30 @@ def test_eval_compares_base_and_adapter_on_the_validation_rows(real_run, cli):
     said = done.stderr
     assert "loss on 4 held-out examples" in said and f"loss: with adapter {result['adapter']['loss']:.4f}" in said
     assert f"sample 2 of up to 2 (row {result['samples'][1]['row']}), with adapter: " in said and "\r" not in said
+
+
+def test_the_verdict_says_what_the_loss_and_the_answers_each_show_and_never_overclaims():
+    from hpclora.results.evaluate import answers_finding, loss_finding, overall
+
+    base = [(2.0 * n, n) for n in (5, 7, 9, 4, 6, 8, 5, 7)]  # 8 held-out examples: (summed loss, tokens)
+    mixed = [(b * f, n) for (b, n), f in zip(base, (0.6, 1.3, 0.7, 1.25, 0.8, 1.2, 0.9, 1.1))]  # mean change -0.04, spread wide
+    noise = loss_finding(base, mixed)
+    assert noise["direction"] == "noise" and noise["examples"] == 8 and noise["mean_change"] == pytest.approx(-0.0375)
+    said, better = overall(noise, None)
+    assert not better and said.startswith("no clear difference: the loss change is within noise") and "on 8 examples" in said
+    lower = loss_finding(base, [(b * 0.5, n) for b, n in base])
+    assert lower["direction"] == "lower" and lower["mean_change"] == pytest.approx(-1.0)
+    assert overall(lower, None) == ("adapter is better", True)
+    plain = [{"reference": "【答え】3776 m。【ポイント】日本一高い山です。", "base": "Mount Fuji is 3,776 m tall.", "adapter": "It is tall."}]
+    answers = answers_finding(plain * 2)
+    assert answers["closer"] == 0 and answers["further"] == 2
+    said, better = overall(lower, answers)
+    assert not better and "the loss favours the adapter, but its answers are no closer to the references" in said
+    styled = [{**plain[0], "adapter": "【答え】3776 m です。【ポイント】日本一高い山。"}]
+    assert overall(lower, answers_finding(styled))[1]
+    assert overall(loss_finding(base, [(b * 1.5, n) for b, n in base]), None)[0].startswith("adapter is NOT better")
+    assert overall(loss_finding(base[:1], mixed[:1]), None)[0].endswith("on a single example, which says nothing about noise; "
+                                                                        "hold out more rows (data.val_size) or pass --data")
 
 
 def test_eval_on_other_data_and_a_clear_error_for_a_bad_file(real_run, tmp_path, cli):
