@@ -32,7 +32,10 @@ llama-cpp: setup
 	then $(MAKE) --no-print-directory llama-cpp-build; fi
 
 llama-cpp-build:
+	@echo "building llama.cpp ($(LLAMA_CPP_SPEC)) from source with cmake and the C++ compiler: about 4 minutes on 2 free"
+	@echo "cores, much longer on a loaded machine; pip prints nothing until it is done (llama-cli is not built: hpclora chat GGUF)"
 	bash containers/install-llama-cpp.sh $(BIN)/python "$(LLAMA_CPP_SPEC)"
+	@echo "llama.cpp built: $(LLAMA_CPP)"
 
 # Fine-tune the bundled small model on the bundled data on CPU, then show base vs adapter:
 # answers side by side, held-out loss (runs/demo/eval.md) and loss curves (runs/demo/report.md); then, where llama.cpp

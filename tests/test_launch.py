@@ -257,7 +257,7 @@ def test_local_launcher_runs_the_job_payload_in_process(tmp_path, tiny_llama_dir
     target = watch.resolve(str(job.directory))
     watch.fill_states(target)
     assert target.rows[0].state == "finished (adapter saved)"
-    assert target.rows[0].last.startswith("eval final @ step 3 | val_loss")
+    assert target.rows[0].last.startswith("finished: val_loss base ") and target.rows[0].last.endswith(" after 3 steps")
 
 
 @pytest.mark.parametrize("cluster", ["debug", "local"])

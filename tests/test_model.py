@@ -105,7 +105,7 @@ def test_qlora_model_really_is_4bit(tiny_llama_dir):
 def test_run_directory_describes_itself(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=3", "data.packing=true", "data.max_length=128")
+    out = train_tiny(tmp_path, tiny_llama_dir, "train.max_steps=3", "data.packing=true", "data.max_length=128", "slurm.gpus=0")
     for name in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
                  "adapter/adapter_config.json", "adapter/tokenizer.json"):
         assert (out / name).is_file(), name
@@ -133,7 +133,8 @@ def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_lla
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "hpclora", "train", str(ROOT / "configs" / "demo-cpu.yaml"),
          f"model.name={tiny_llama_dir}", f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=4",
-         "train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", *quant, "--run-dir", str(tmp_path / "run")],
+         "train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "train.eval_every=2", "train.gradient_checkpointing=true",
+         *quant, "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=600,
     )
     imported = {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
@@ -144,6 +145,9 @@ def test_cli_train_prints_plain_progress_lines_in_a_batch_log(tmp_path, tiny_lla
     progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert [int(line.match(ln).group(1)) for ln in progress] == [1, 2, 3, 4]
     assert "eval base @ step 0" in proc.stdout and "eval final @ step 4" in proc.stdout
+    evaluations = [ln.split(" | ")[0] for ln in proc.stdout.splitlines() if ln.startswith("eval ")]
+    assert evaluations == ["eval base @ step 0", "eval adapter @ step 2", "eval final @ step 4"]  # the last weights once
+    assert "FutureWarning" not in said and "deprecated" not in said
     assert ("bitsandbytes.nn" in imported) == bool(quant) and "peft" in imported  # (an import refused is listed too)
     # What bitsandbytes' import costs: were it to stop, internals.without_bitsandbytes would have no reason left.
     assert ("torch._inductor.compile_fx" in imported) == bool(quant)

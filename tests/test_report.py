@@ -58,6 +58,15 @@ def test_sweep_trials_each_get_a_look_of_their_own():
     assert all(a[key] != b[key] for a, b in zip(looks, looks[1:]) for key in ("color", "linestyle", "marker"))
 
 
+def test_two_evaluations_are_plotted_as_points_not_joined_by_a_line_that_looks_measured(tmp_path):
+    from hpclora.results.report import Curves, evaluations_style, plot_run
+
+    assert evaluations_style([(0, 2.7), (30, 1.3)]) == {"marker": "o", "linestyle": "none"}
+    assert evaluations_style([(0, 2.7), (10, 1.9), (30, 1.3)])["linestyle"] == ":"
+    png = plot_run(Curves(train=[(1, 2.5), (2, 2.0)], val=[(0, 2.7), (2, 1.3)]), "two evaluations", tmp_path / "loss.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_report_on_a_directory_that_is_no_run_is_a_clear_error(tmp_path, cli):
     done = cli("report", str(tmp_path))
     assert done.returncode == 2 and "not a run or sweep directory" in done.stderr and "Traceback" not in done.stderr
@@ -112,7 +121,8 @@ def test_cut_or_edited_records_and_metrics_lines_are_named_never_a_traceback(rea
     report = cli("report", run)
     assert report.returncode == 0 and report.stderr.count("not a whole entry: left out of the curves") == 3
     status = cli("status", run)
-    assert status.returncode == 0 and "eval final @ step 3" in status.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert status.returncode == 0 and f"finished: val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f}" in status.stdout
     for record, problem in (('{"job_id": "1', "not a JSON record (cut short, or edited?)"),
                             ('{"job_id": 5, "log": 7}', "not the record hpclora wrote (kind, job_id, launcher, dir missing")):
         (run / "job.json").write_text(record)

@@ -313,10 +313,12 @@ def test_a_restart_before_any_checkpoint_logs_every_step_once_and_reuses_the_bas
     assert_same_adapter(run_dir, reference)
 
 
-def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_a_checkpoint(tmp_path, tiny_llama_dir):
+def test_a_stop_signal_after_the_last_step_finishes_the_run_instead_of_claiming_a_checkpoint(tmp_path, tiny_llama_dir, capsys):
     """A real SIGUSR1 just after the last step boundary was checked (step 3 of 3)."""
-    run, _ = train_here(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 0}), tmp_path / "run", 4)
+    run, log = train_here(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 0}), tmp_path / "run", 4,
+                          capsys=capsys)
     assert run.finished
+    assert "USR1 asked for a stop after the last step: finishing (final evaluation, adapter) instead of checkpointing" in log
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert run.summary["final_val_loss"] is not None and run.summary["steps"] == 3
 

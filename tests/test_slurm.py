@@ -113,7 +113,7 @@ def test_a_job_with_a_hostile_name_runs_and_status_logs_and_follow_report_it(tmp
     for target in (job_id, run_dir):
         status = hpclora("status", target, env=env, cwd=tmp_path).stdout
         assert "COMPLETED" in status and "0:0" in status and str(log) in status, status
-        assert "progress   adapter saved to" in status
+        assert "progress   finished: val_loss base " in status and " steps" in status
     assert job_id in hpclora("status", env=env, cwd=tmp_path).stdout
     assert hpclora("logs", job_id, env=env, cwd=tmp_path).stdout == text
 
@@ -125,7 +125,7 @@ def test_a_job_with_a_hostile_name_runs_and_status_logs_and_follow_report_it(tmp
     (shim / "sacct").chmod(0o755)
     status = hpclora("status", job_id, env={**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}, cwd=tmp_path).stdout
     assert "finished (adapter saved)" in status and "accounting (sacct) is off" in status
-    assert "progress   adapter saved to" in status
+    assert "progress   finished: val_loss base " in status
 
 
 def test_cancel_of_a_job_that_has_not_begun_training_is_at_once_and_logs_say_why_there_is_none(tmp_path, tiny_llama_dir, env):

@@ -145,6 +145,15 @@ def recompute_only_first_layers(model, count: int | None) -> None:
         layer.gradient_checkpointing = False
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Activation checkpointing by the name transformers gives it now (`activation_checkpointing_enable`); the older
+    `gradient_checkpointing_enable` warns of its removal in every job log, and is used only where the new one is not."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attach_lora(model, cfg):
     """Wrap the base in a PEFT LoRA model; returns (model, target module names). Activations are recomputed by
     the model's own layers under FSDP too: FSDP's activation checkpointing (accelerate's) would wrap every layer
@@ -157,7 +166,7 @@ def attach_lora(model, cfg):
         keep_4bit_layers_trainable(model)
         prepare_quantized(model)
     if checkpointing:  # non-reentrant: works with DDP and frozen inputs; the reentrant kind does neither well
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
         model.enable_input_require_grads()
         recompute_only_first_layers(model, cfg.train.checkpointed_layers)
     targets = choose_targets(model, cfg.lora)

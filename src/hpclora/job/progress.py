@@ -60,7 +60,6 @@ class ProgressLog(TrainerCallback):
         self.started = self.last_time = time.time()
         self.first_step = 0
         self.last_tokens = 0
-        self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest periodic evaluation
 
     def record(self, entry: dict) -> None:
         if not speaks():
@@ -120,8 +119,6 @@ class ProgressLog(TrainerCallback):
         self.last_time, self.last_tokens = now, tokens
 
     def evaluation(self, step: int, label: str, loss: float) -> None:
-        if label == "eval":
-            self.last_eval = (step, loss)
         ppl = math.exp(loss) if loss < 50 else float("inf")
         self.record({"step": step, "eval": label, "val_loss": loss, "val_ppl": ppl})
         shown = "adapter" if label == "eval" else label

@@ -189,13 +189,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     if stop.requested:  # every step is done: finishing costs less than a requeue would
         emit(f"{stop_name(stop)} asked for a stop after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
-    final_loss = None
-    if data.val is not None:
-        if progress.last_eval and progress.last_eval[0] == step:  # just evaluated at this very step
-            final_loss = progress.last_eval[1]
-            progress.evaluation(step, "final", final_loss)
-        else:
-            final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"]
+    final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"] if data.val is not None else None
 
     # Under FSDP every rank holds a shard of the adapter: they all take part in gathering it.
     weights = distributed.gathered_trainable_state(trainer.model) if sharded else None

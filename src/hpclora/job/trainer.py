@@ -73,6 +73,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             step = self.state.global_step
             if metric_key_prefix == "eval" and self.evaluated and self.evaluated[0] == step:
                 return self.evaluated[1]  # asked again at a step that is also an epoch's end: measured and logged once
+            if metric_key_prefix == "eval" and step >= self.state.max_steps:
+                return {}  # the last step's weights are the final ones: the final evaluation measures them, once
             model, started = self.model, time.time()
             was_training = model.training
             model.eval()

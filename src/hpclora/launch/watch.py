@@ -147,7 +147,7 @@ def fill_states(target: Target) -> None:
                 row.state += f" ({known.reason})"
         else:
             row.state = _state_from_files(row)
-        row.last = last_progress_line(Path(row.log)) if row.log else _progress_from_metrics(row)
+        row.last = _finished(row) or (last_progress_line(Path(row.log)) if row.log else _progress_from_metrics(row))
         row.restarts = _restarts(row)
     if ids and not slurm.available():
         target.notes.append("Slurm commands are not available here: states come from the run directories")
@@ -184,6 +184,19 @@ def last_progress_line(path: Path, tail_bytes: int = 65536) -> str:
         if PROGRESS_LINE.match(line):
             return line
     return lines[-1] if lines else "(log is empty)"
+
+
+def _finished(row: Row) -> str:
+    """What a finished run came to (its summary.json beside the adapter), or "" for one that has not finished."""
+    if not row.run_dir or not (Path(row.run_dir) / "adapter").is_dir():
+        return ""
+    summary = read_json(Path(row.run_dir) / "summary.json") or {}
+    base, final, steps = summary.get("base_val_loss"), summary.get("final_val_loss"), summary.get("steps")
+    if not all(isinstance(x, (int, float)) for x in (final, steps)):
+        return ""
+    measured = f"val_loss base {base:.4f} -> adapter {final:.4f} ({final - base:+.4f})" if isinstance(base, (int, float)) \
+        else f"val_loss {final:.4f}"
+    return f"finished: {measured} after {steps} steps"
 
 
 def _progress_from_metrics(row: Row) -> str:

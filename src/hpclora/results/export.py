@@ -28,6 +28,8 @@ from .portable_templates import WRITTEN, go_template, jinja_template
 
 CHECK_PROMPT = "What is the capital of France?"  # the conversation the export is checked with
 CHECK_TOKENS = 32
+# Where llama-cli comes from: hpclora builds llama.cpp's library (llama-cpp-python) and converters, not its programs.
+LLAMA_CLI_SOURCE = "build it from https://github.com/ggml-org/llama.cpp, or install a package (`brew install llama.cpp`)"
 
 
 def export(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = None, adapter_only: bool = False) -> Path:
@@ -100,11 +102,13 @@ def describe_export(target: Path) -> str:
     if "answer" in check:
         lines.append(f"checked by {check['loaded_by']}: the template gives hpclora's tokens; {check['prompt']!r} -> "
                      f"{check['answer'].strip()!r} ({check['tokens_per_s']} tokens/s)")
-        lines += ["run it (llama.cpp chats with the GGUF's own template):", f"  llama-cli -m {quote(str(gguf))}",
+        lines += [f"run it here (the llama.cpp `make llama-cpp` built): hpclora chat {quote(str(target))}",
+                  f"elsewhere (llama-cli is llama.cpp's, not installed by hpclora: {LLAMA_CLI_SOURCE}), with the GGUF's own template:",
+                  f"  llama-cli -m {quote(str(gguf))}",
                   f"  cd {quote(str(target))} && ollama create NAME -f Modelfile && ollama run NAME"]
     else:
         lines.append(f"read back: {check['tensors']} LoRA tensors")
-        lines += ["run it with its base model's GGUF:", f"  llama-cli -m BASE.gguf --lora {quote(str(gguf))}",
+        lines += [f"run it with its base model's GGUF (llama-cli: {LLAMA_CLI_SOURCE}):", f"  llama-cli -m BASE.gguf --lora {quote(str(gguf))}",
                   f"  Ollama: set FROM in {target / 'Modelfile'} to the base, then `ollama create NAME -f Modelfile`"]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .adapter import checked_adapter
+from .generate import note
 from ..rundir import MERGED_DIR, staged
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -32,8 +33,10 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str = "fp16
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out: {target} already exists and is not empty: choose a new directory (nothing is overwritten)")
     cfg = load_run_config(run / "config.yaml")
+    note(f"merging {adapter} into {cfg.model.name}: loading the base in fp32 (minutes for a 7B model) ...")
     merged = merged_model(cfg, adapter, dtype, other_dtypes="use --dtype bf16 or fp32")
     target.parent.mkdir(parents=True, exist_ok=True)
+    note(f"writing {target} ({weight_bytes(merged) / 1e9:.2f} GB of {dtype} safetensors) ...")
     with staged(target, needed_bytes=weight_bytes(merged)) as staging:  # an existing target is empty (checked above)
         save_merged(merged, load_tokenizer(cfg.model), staging)
         (staging / "MERGED_FROM.json").write_text(json.dumps(provenance(run, cfg, dtype), indent=2) + "\n", encoding="utf-8")

@@ -72,13 +72,20 @@ def trial_overrides(run_dir: Path) -> str | None:
     return None
 
 
+def evaluations_style(points: list) -> dict:
+    """Validation losses are measured at their markers only: a dotted line guides the eye through three or more, and
+    two (the base model and the final adapter) stand alone, so that no line between them looks like a measured curve."""
+    return {"marker": "o", "linestyle": ":" if len(points) > 2 else "none"}
+
+
 def plot_run(curves: Curves, title: str, out: Path, restarts: list[tuple[int, str]] = ()) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if curves.train:
         ax.plot(*zip(*curves.train), label="train loss", color="tab:blue", alpha=0.8)
     if curves.val:
-        ax.plot(*zip(*curves.val), label="validation loss (step 0: base model)", color="tab:orange", marker="o")
+        ax.plot(*zip(*curves.val), label="validation loss, measured at the markers (step 0: base model)", color="tab:orange",
+                **evaluations_style(curves.val))
     for n, (step, label) in enumerate(restarts):
         ax.axvline(step, color="tab:red", linestyle="--", alpha=0.6, label="restart (requeue or resubmit)" if n == 0 else None)
         ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
@@ -185,7 +192,8 @@ def _plot_sweep(trials: list[dict], sweep_dir: Path, out: Path) -> Path:
     for i, t in enumerate(trials):
         val = read_curves(sweep_dir / t["trial"]).val
         if val:
-            curves.plot(*zip(*val), markersize=4, label=f"{t['overrides']} ({t['trial']})", linewidth=2.5 if i == 0 else 1.3, **looks[i])
+            look = {**looks[i], "linestyle": "none"} if evaluations_style(val)["linestyle"] == "none" else looks[i]
+            curves.plot(*zip(*val), markersize=4, label=f"{t['overrides']} ({t['trial']})", linewidth=2.5 if i == 0 else 1.3, **look)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("validation loss")
     curves.set_title("validation loss during training")
