@@ -330,10 +330,42 @@ def test_values_that_look_like_credentials_are_refused_whatever_key_holds_them_a
     assert TOKEN not in str(err.value) and "0123456789abcdef0123456789abcdef" not in str(err.value)
 
 
+# Made-up values in the shapes of real credentials.
+TOKEN_SHAPES = {
+    "hub": TOKEN, "openai": "sk-proj-" + "Ab1" * 16, "wandb": "0123456789abcdef" * 2 + "01234567", "github": "ghp_" + "aB3" * 12,
+    "aws key id": "AKIA" + "ABCDEFGHIJ234567", "gitlab": "glpat-" + "xY7" * 7, "base62": "Zx9" * 14,
+}
+TOKEN_PLACES = {  # every kind of key, path keys included, with the token as a whole value or as a part of one
+    "run.name": "{}", "run.output_root": "/srv/runs/{}", "data.cache_dir": "/srv/{}/tokenized", "slurm.log_dir": "logs/{}",
+    "cache.hf_home": "/shared/{}", "container.binds": "[/data/{}:/data]", "model.name": "owner/{}", "slurm.account": "{}",
+    "run.wandb_project": "{}", "slurm.partition": "{}", "model.revision": "v-{}", "container.image": "/srv/{}.sif",
+}
+
+
+@pytest.mark.parametrize("shape", TOKEN_SHAPES)
+def test_every_token_shape_is_refused_in_every_key_paths_included(data_file, shape):
+    token = TOKEN_SHAPES[shape]
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", *(f"{key}={place.format(token)}" for key, place in TOKEN_PLACES.items())],
+                    check_files=False)
+    flagged = {key.split("[")[0] for key, message in err.value.problems if "looks like a token or key" in message}
+    assert flagged == set(TOKEN_PLACES), set(TOKEN_PLACES) - flagged
+    assert token not in str(err.value)
+
+
+def test_a_submission_with_a_token_in_a_path_writes_nothing(data_file, tmp_path, cli):
+    root = tmp_path / f"runs-{TOKEN_SHAPES['wandb']}"
+    done = cli("submit", ROOT / "configs" / "demo-cpu.yaml", f"data.path={data_file}", f"run.output_root={root}", "--launcher", "local")
+    assert done.returncode == 2 and "run.output_root: holds what looks like a token or key" in done.stderr
+    assert not root.exists() and TOKEN_SHAPES["wandb"] not in done.stderr + done.stdout
+
+
 def test_paths_and_names_with_hashes_in_them_are_no_credentials(data_file):
     snapshot = "/shared/hf/hub/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567"
-    cfg = config.load(None, [f"data.path={data_file}", f"model.name={snapshot}", "run.name=ja-sweep_2026-12-01-lr2e-4"])
-    assert cfg.model.name == snapshot
+    cfg = config.load(None, [f"data.path={data_file}", f"model.name={snapshot}", "run.name=ja-sweep_2026-12-01-lr2e-4",
+                             "model.revision=0123456789abcdef0123456789abcdef01234567",
+                             "run.output_root=/home/u/My_Experiment_Runs_Version2_with_many_words_here_2026"], check_files=False)
+    assert cfg.model.name == snapshot and cfg.model.revision == "0123456789abcdef0123456789abcdef01234567"
 
 
 LONG_NAME = "n" * 300

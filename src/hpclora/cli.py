@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .config.credentials import redact
 from .errors import FILE_SYSTEM_REFUSALS, USER_ERROR_EXIT, ConfigError, UserError, file_system_refusal
 from .results import llamacpp  # its type names only: no llama.cpp is loaded
 from .stops import CANCEL_WAIT_S
@@ -31,7 +32,8 @@ def cmd_validate(args) -> int:
     data = preflight.check(cfg)
     print(config.to_yaml(cfg), end="")
     rows = f" ({data['rows']:,} rows of {data['format']} data read, {data['held_out']:,} held out for validation)" if data else ""
-    print(f"# {args.config}: valid{rows}" + (f"\n{data['warning']}" if data and data["warning"] else ""), file=sys.stderr)
+    said = [*([data["warning"]] if data and data["warning"] else []), *preflight.notes(cfg)]
+    print("\n".join([f"# {args.config}: valid{rows}", *said]), file=sys.stderr)
     return 0
 
 
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        for line in exc.lines():  # indented lines continue the error above them
+        for line in map(redact, exc.lines()):  # indented lines continue the error above them; no credential repeated
             print(line if line.startswith(" ") else f"error: {line}", file=sys.stderr)
         return USER_ERROR_EXIT
     except OSError as exc:

@@ -68,3 +68,20 @@ def trained_bias_problem(bias: str, quant_bits: int | None, compute_dtype: str, 
     instead = "quant.compute_dtype=fp32" if quant_bits == 4 else "quant.bits=4 with quant.compute_dtype=fp32"
     return (f"lora.bias={bias} with quant.bits={quant_bits} in fp16: bitsandbytes casts the biases it trains to fp16 on "
             f"every step, and fp16 loss scaling cannot train fp16 parameters; use lora.bias=none, or {instead}")
+
+
+def cpu_job_notes(quant_bits: int | None, optimizer: str, distributed: str) -> list[str]:
+    """What settings made for GPUs mean in a CPU job (slurm.gpus: 0), where they run but do something else: said by
+    validate, submit and the job's log rather than accepted in silence."""
+    notes = []
+    if quant_bits:
+        notes.append(f"note: quant.bits={quant_bits} in a CPU job: bitsandbytes quantizes and computes on the CPU, slower than "
+                     "LoRA on the unquantized base; QLoRA saves GPU memory, which a CPU job does not use")
+    if optimizer in BITSANDBYTES_OPTIMIZERS:
+        paged = "paging moves optimizer states between GPU and host memory, which a CPU job does not have; " if "paged" in optimizer else ""
+        notes.append(f"note: train.optimizer={optimizer} in a CPU job: {paged}bitsandbytes steps it on the CPU, where "
+                     "adamw_torch is as small for LoRA's few parameters and faster")
+    if distributed == "fsdp":
+        notes.append("note: train.distributed=fsdp in a CPU job: the ranks shard the weights over gloo, to try the FSDP path "
+                     "before the queue; on CPUs DDP is faster and FSDP saves no GPU memory")
+    return notes

@@ -41,12 +41,13 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     raw = _deep_merge(raw, _parse_overrides(overrides, problems))
     known = _drop_mistyped(_drop_unknown(raw, problems), problems)
     cfg, missing = _to_dataclasses(_literal(known))
-    problems.extend((key, "required, but not set") for key in missing)
+    mixed = isinstance(raw.get("data"), dict) and bool(raw["data"].get("sources"))  # a mix, whatever its entries' problems
+    problems.extend((key, "required, but not set") for key in missing if not (key == "data.path" and mixed))
     unusable = _path_problems(cfg)
     if unusable:  # paths that the file system cannot even look up: nothing further can be checked with them
         raise ConfigError(problems + unusable)
     _resolve_paths(cfg, Path(path).resolve().parent if path is not None else Path.cwd())
-    reported = {key for key, _ in problems}
+    reported = {key for key, _ in problems} | ({"data.path"} if mixed else set())  # a mix names its files in data.sources
     for key, message in check_values(cfg, check_files):  # one problem per key: the first is the one to fix
         if key not in reported:
             problems.append((key, message))
@@ -77,10 +78,13 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
         if isinstance(loaded, dict):
-            _keep_colon_numbers_as_text(_compose(p), loaded)
+            _keep_text_as_written(_compose(p), loaded)
     except UnicodeDecodeError as exc:
         raise UserError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8") from None
     except Exception as exc:  # yaml.YAMLError and OmegaConf's own errors: show the parser's message
+        if "node expansion exceeds" in str(exc):  # OmegaConf reads at most 10,000 nodes (a guard against alias bombs)
+            raise UserError(f"{p}: holds more than 10,000 YAML values, where a config has a few dozen keys: is it a data file? "
+                            "Give a config (see configs/), and name the data in its data.path") from None
         first = str(exc).strip().splitlines()
         raise UserError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:4])}") from None
     if loaded is None:
@@ -98,10 +102,11 @@ def _compose(p: Path):
         return yaml.compose(fh, Loader=yaml.SafeLoader)
 
 
-def _keep_colon_numbers_as_text(node, loaded: dict) -> None:
-    """YAML 1.1 reads `1:30:00` as the base-60 number 5400 and `30:00` as 1800: a Slurm time (`slurm.time: 1:30:00`,
-    90 minutes) would become 5400 minutes. A plain scalar with a colon that YAML made a number is put back as the
-    text written; a key that holds a number then says that `1:30` is not one."""
+def _keep_text_as_written(node, loaded: dict, prefix: str = "") -> None:
+    """Numbers YAML made of what was meant as text are put back as the text written. YAML 1.1 reads `1:30:00` as the
+    base-60 number 5400 and `30:00` as 1800: a Slurm time (`slurm.time: 1:30:00`, 90 minutes) would become 5400
+    minutes, so any plain scalar with a colon (a key that holds a number then says that `1:30` is not one). And a text
+    key keeps its text: `model.revision: 1.10` is not 1.1, `slurm.account: 0777` not 511."""
     import yaml
 
     if not isinstance(node, yaml.MappingNode):
@@ -110,11 +115,17 @@ def _keep_colon_numbers_as_text(node, loaded: dict) -> None:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if key not in loaded:
             continue
-        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None and ":" in value_node.value:
-            if _is_number(loaded[key]):
+        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None and _is_number(loaded[key]):
+            if ":" in value_node.value or _holds_text(f"{prefix}{key}"):
                 loaded[key] = value_node.value
         elif isinstance(value_node, yaml.MappingNode) and isinstance(loaded[key], dict):
-            _keep_colon_numbers_as_text(value_node, loaded[key])
+            _keep_text_as_written(value_node, loaded[key], f"{prefix}{key}.")
+
+
+def _holds_text(key: str) -> bool:
+    """Whether the schema field at `section.name` holds text (str, or str or null)."""
+    section, _, name = key.partition(".")
+    return section in SECTIONS and _field_types(section).get(name) in (str, typing.Optional[str])
 
 
 KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -137,11 +148,12 @@ def _parse_overrides(overrides, problems: list[tuple[str, str]]) -> dict:
         else:
             try:
                 value_read = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
-                if ":" in value and _is_number(_leaf(value_read, key)):  # `slurm.time=1:30:00`: see _keep_colon_numbers_as_text
-                    value_read = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}='{value.strip()}'"]), resolve=False)
+                if _is_number(_leaf(value_read, key)) and (":" in value or _holds_text(key)):  # see _keep_text_as_written
+                    value_read = functools.reduce(lambda inner, part: {part: inner}, reversed(key.split(".")), value.strip())
                 parsed = _deep_merge(parsed, value_read)
             except Exception as exc:
-                problems.append((key, f"cannot read the value {value!r} ({_parser_reason(exc)}); put it in quotes: {key}='{value}'"))
+                quoted = f"{key}='{value}'" if len(value) <= 80 else "the value in quotes"
+                problems.append((key, f"cannot read the value {shown(value)} ({_parser_reason(exc)}); put it in quotes: {quoted}"))
     return parsed
 
 
@@ -305,6 +317,8 @@ def _to_dataclasses(cleaned: dict) -> tuple[RunConfig, list[str]]:
 # Directories and files a config names; an empty one would resolve to wherever hpclora happens to run.
 PATH_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home", "container.image")
 NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file name and in a whole path (Linux)
+DIRECTORY_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home")  # directories hpclora writes
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
 # The paths a job in container.image binds (launch.container.job_binds), besides container.binds.
 BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name")
 
@@ -327,10 +341,25 @@ def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
             found.append((key, "holds a NUL byte, which no file name can: write the path without it"))
         elif len(os.fsencode(value)) > PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in value.split("/")):
             found.append((key, f"too long for a file system: at most {NAME_MAX} bytes per name and {PATH_MAX} per path"))
+        elif key in DIRECTORY_KEYS and (problem := _directory_problem(value)):
+            found.append((key, problem))
         elif cfg.container.image and key in BOUND_KEYS and (seen := sorted(set(value) & set(BIND_SEPARATORS))):
             found.append((key, f"holds {' '.join(map(repr, seen))}, which apptainer's -B reads as a separator: the job cannot "
                                "bind this path into container.image; rename or move it"))
     return found
+
+
+def _directory_problem(value: str) -> str | None:
+    """Why a directory hpclora writes into (and makes where missing) cannot be there: in the kernel's or the devices'
+    trees, or below something that is not a directory."""
+    path = Path(os.path.abspath(os.path.expanduser(value)))
+    in_tree = lambda tree: path == Path(tree) or Path(tree) in path.parents  # noqa: E731
+    if (tree := next((t for t in SYSTEM_TREES if in_tree(t)), None)) and not in_tree("/dev/shm"):  # shm: a RAM disk
+        return f"is under {tree}, which holds the kernel's or the devices' files, not directories: give a directory on a file system"
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is {'a file' if existing.is_file() else 'no directory'}: give a directory (it is made where missing)"
+    return None
 
 
 def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:

@@ -14,6 +14,8 @@ from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, 
 from ..catalog.models import BUNDLED_NAME, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
 from .schema import ENTRIES, SECTIONS, RunConfig
+from .credentials import looks_secret
+from .value_types import number_words
 from ..data.sources import data_sources
 from .slurm_syntax import SLURM_MEM, SLURM_WORDS, UNSAFE_IN_SBATCH_LINES, preempt_grace_problem, sbatch_option_problem, slurm_time_problem
 
@@ -39,7 +41,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
             problems.append(("lora.target_modules", f"expected 'auto' or a list of module names, got {tm!r}"))
     elif not (isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm)):
         problems.append(("lora.target_modules", f"expected 'auto' or a non-empty list of module names, got {tm!r}"))
-    if cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
+    if math.isfinite(cfg.data.val_size) and cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
     problems.extend(source_problems(cfg, check_files))
     if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length)) is not None:
@@ -58,6 +60,8 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
                                             "drop train.cpu_ranks, or set slurm.gpus=0"))
     problems.extend(check_slurm(cfg.slurm))
     problems.extend(check_strategy(cfg))
+    if cfg.run.wandb_project is not None and (problem := wandb_project_problem(cfg.run.wandb_project)):
+        problems.append(("run.wandb_project", problem))
     problems.extend(secret_values(cfg))
     if cfg.slurm.time != "auto" and slurm_time_problem(cfg.slurm.time) is None:
         grace = preempt_grace_problem(cfg.train.preempt_grace_s, cfg.slurm.time)
@@ -79,7 +83,9 @@ def source_problems(cfg: RunConfig, check_files: bool) -> list[tuple[str, str]]:
         if source.data.format == "text" and source.data.template != "none":
             key = f"{source.key}.template"
             problems.append((key, f"plain-text data has no prompt to template: use {key}=none (got {source.data.template!r})"))
-    if cfg.model.name != BUNDLED_NAME and local_model_path(cfg.model.name) is None:
+    if not cfg.model.name.strip():  # '' would be read as the directory hpclora runs in
+        problems.append(("model.name", f"is empty: give a hub id (owner/name), a local model directory, or {BUNDLED_NAME}"))
+    elif cfg.model.name != BUNDLED_NAME and local_model_path(cfg.model.name) is None:
         if problem := hub_id_problem(cfg.model.name, "model directory"):
             problems.append(("model.name", problem))
     return problems
@@ -111,21 +117,28 @@ def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:
     return [("train.distributed", problem)] if problem else []
 
 
+# What W&B refuses in a project name (its SDK's INVALID_URL_CHARACTERS and length limit): the job would stop at its start.
+WANDB_NAME_MAX, WANDB_REFUSED = 128, "/\\#?%:"
+
+
+def wandb_project_problem(name: str) -> str | None:
+    if not name.strip():
+        return "is empty: give a project name, or leave it out (null)"
+    if len(name) > WANDB_NAME_MAX:
+        return f"W&B takes project names of at most {WANDB_NAME_MAX} characters; this one has {len(name)}"
+    if found := sorted(set(name) & set(WANDB_REFUSED)):
+        return f"W&B refuses {' '.join(map(repr, found))} in a project name"
+    return None
+
+
 # Variables that hold credentials: they reach jobs through the environment, never through files.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
-# Values that are credentials, whatever key holds them: the token formats of the hub, GitHub, OpenAI-style APIs and
-# Slack, and long runs of hex (W&B keys are 40) or of mixed-case letters and digits that are no path component.
-SECRET_VALUE = re.compile(
-    r"(?<![\w/.-])(?:hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]{10,}"
-    r"|[0-9a-fA-F]{32,}|(?=[A-Za-z0-9+_-]*[0-9])(?=[A-Za-z0-9+_-]*[a-z])(?=[A-Za-z0-9+_-]*[A-Z])[A-Za-z0-9+_-]{40,}={0,2})(?![\w/.-])")
-
-
 def secret_values(cfg: RunConfig) -> list[tuple[str, str]]:
     """Every value of the config that looks like a credential, by key path. The message never repeats the value:
     it would reach the terminal, logs and scripts, which is what the check keeps it from."""
     def walk(key: str, value: Any):
         if isinstance(value, str):
-            if SECRET_VALUE.search(value):
+            if looks_secret(key, value):
                 yield (key, "holds what looks like a token or key: config.yaml and job scripts are files others can read; "
                             "export it in your shell (jobs pass the environment on) and leave it out of the config")
         elif isinstance(value, list):
@@ -202,14 +215,16 @@ def _check_field(key: str, value: Any, meta) -> list[tuple[str, str]]:
         return [(key, f"must be one of {shown}; got {value!r}{hint}")]
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return []
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return [(key, f"must be a finite number, got {value}")]
+    got = number_words(value)  # Python compares an int of any size with a float bound exactly
     if "min" in meta and value < meta["min"]:
-        return [(key, f"must be >= {meta['min']}, got {value}")]
+        return [(key, f"must be >= {meta['min']}, got {got}")]
     if "max" in meta and value > meta["max"]:
-        return [(key, f"must be <= {meta['max']}, got {value}")]
+        return [(key, f"must be <= {meta['max']}, got {got}")]
     if "gt" in meta and value <= meta["gt"]:
-        return [(key, f"must be > {meta['gt']}, got {value}")]
+        return [(key, f"must be > {meta['gt']}, got {got}")]
     if "lt" in meta and value >= meta["lt"]:
-        return [(key, f"must be < {meta['lt']}, got {value}")]
+        return [(key, f"must be < {meta['lt']}, got {got}")]
     return []
+

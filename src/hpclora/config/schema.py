@@ -96,7 +96,7 @@ class LoraSection:
 class DataSection:
     """The training data, its format and prompt template, and how rows become examples."""
 
-    path: str = opt(REQUIRED, "Local .jsonl/.json/.csv/.parquet file, or a hub dataset id (owner/name); or leave it out and list data.sources.")
+    path: str = opt(REQUIRED, "Local .jsonl/.json/.csv/.parquet/.txt file (.txt: one plain-text example per line), or a hub dataset id (owner/name); or leave it out and list data.sources.")
     split: str = opt("train", "Split to read from a hub dataset (local files have one split).")
     format: str = opt(
         "auto",

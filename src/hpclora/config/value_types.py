@@ -7,6 +7,8 @@ import re
 import typing
 from typing import Any
 
+from .credentials import looks_secret
+
 
 BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
 
@@ -23,12 +25,10 @@ def fits(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value) is not None
     if tp is float:
-        if isinstance(value, (int, float)):
-            return True
         try:
-            float(value)
-            return isinstance(value, str)
-        except (TypeError, ValueError):
+            float(value)  # an integer of hundreds of digits is no float (OverflowError)
+            return isinstance(value, (int, float, str))
+        except (TypeError, ValueError, OverflowError):
             return False
     if tp is str:
         return isinstance(value, (str, int, float))
@@ -43,8 +43,22 @@ def describe(tp: Any) -> str:
 
 
 def shown(value: Any) -> str:
-    """A value as the user wrote it in YAML: null, true, 'text', [..]."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    """A value as the user wrote it in YAML: null, true, 'text', [..]; a long one cut, a huge integer by its size."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return number_words(value)
+    if isinstance(value, str) and looks_secret("", value):
+        return "a value that looks like a token or key (not repeated here)"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
+
+
+def number_words(value: int | float) -> str:
+    """A number as a message shows it: a huge integer by its size (str() refuses more than 4,300 digits)."""
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return str(value)
 
 
 def type_problems(key: str, value: Any, tp: Any) -> list[tuple[str, str]]:
@@ -62,4 +76,8 @@ def type_problems(key: str, value: Any, tp: Any) -> list[tuple[str, str]]:
             return [(key, f"expected {describe(tp)}, got {shown(value)}")]
         return [(f"{key}.{name}", f"expected text, got {shown(v)}") for name, v in value.items()
                 if not isinstance(name, str) or not fits(v, str)]
-    return [] if fits(value, tp) else [(key, f"expected {describe(tp)}, got {shown(value)}")]
+    if fits(value, tp):
+        return []
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):  # past what a float holds
+        return [(key, f"too large for a number: {shown(value)}")]
+    return [(key, f"expected {describe(tp)}, got {shown(value)}")]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, UserError
-from ..catalog.hub import dataset_in_cache, hf_home, is_offline, local_data_path
+from ..catalog.hub import LOCAL_DATA_SUFFIXES, dataset_in_cache, hf_home, is_offline, local_data_path
 
 # Python's codec names -> (what users call the encoding, iconv's name for it).
 ENCODINGS = {
@@ -48,7 +48,7 @@ class RawRow:
 
 
 def read_rows(path: str, split: str = "train") -> Iterator[RawRow]:
-    """The rows of a local .jsonl/.json/.csv/.parquet file, or of a hub dataset split, in order."""
+    """The rows of a local .jsonl/.json/.csv/.parquet/.txt file, or of a hub dataset split, in order."""
     local = local_data_path(path)
     if local is not None:
         return _read_local(local)
@@ -56,15 +56,24 @@ def read_rows(path: str, split: str = "train") -> Iterator[RawRow]:
 
 
 def _read_local(path: Path) -> Iterator[RawRow]:
+    readable = ", ".join(LOCAL_DATA_SUFFIXES)
     if path.is_dir():
-        raise DataError(str(path), "is a directory; give a .jsonl, .json, .csv or .parquet file")
+        raise DataError(str(path), f"is a directory; give one data file ({readable})")
     if not path.is_file():
         raise DataError(str(path), "file not found")
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+               ".txt": _read_txt}
     if suffix not in readers:
-        raise DataError(str(path), f"unsupported file type '{suffix}': use .jsonl, .json, .csv or .parquet")
+        raise DataError(str(path), f"unsupported file type '{suffix}': use {readable}")
     return readers[suffix](path)
+
+
+def _read_txt(path: Path) -> Iterator[RawRow]:
+    """Plain text, one example per non-empty line (data.format text, template none)."""
+    for number, line in _text_lines(path):
+        if line.strip():
+            yield RawRow({"text": line.rstrip("\r\n")}, number, "line")
 
 
 def not_utf8(path: Path, data: bytes, line: int, bad: str) -> DataError:

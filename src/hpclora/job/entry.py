@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from ..stops import CHECKPOINTED_EXIT
 
 
@@ -16,6 +17,8 @@ def train_command(config_path: str, overrides: list[str], run_dir: str | None, f
     from .preempt import StopRequest
     from .quiet import quiet_libraries
 
+    if run_dir is not None and not run_dir.strip():
+        raise UserError("--run-dir is empty: give a directory, or leave --run-dir out for a new one under run.output_root")
     with StopRequest() as stop:  # listen for Slurm's stop signals before the slow imports
         cfg = config.load(config_path, overrides)
         hub.use_cache(cfg)  # before check_model asks the cache: the hub libraries read HF_HOME once

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .varlen import NAME as SDPA_VARLEN
 
 # Model types the Liger kernels patch (liger_kernel.transformers.monkey_patch), that hpclora trains.
@@ -40,17 +41,10 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
 
     lines = []
     on_gpu = gpu_capability is not None
+    if attention == "flash_attention_2" and (why := flash_unusable(precision, gpu_capability, has_flash_attn)):
+        raise UserError(f"model.attn_implementation: flash_attention_2 cannot run here ({why}): use auto")
     if attention == "auto" and model_type not in EAGER_ONLY:
-        if not on_gpu:
-            why = "no FlashAttention on a CPU"
-        elif not has_flash_attn:
-            why = "flash-attn is not installed"
-        elif gpu_capability < (8, 0):
-            why = f"this GPU is sm_{gpu_capability[0]}{gpu_capability[1]}, FlashAttention needs sm_80+"
-        elif precision not in ("bf16", "fp16"):
-            why = f"FlashAttention needs fp16/bf16, not {precision}"
-        else:
-            why = None
+        why = flash_unusable(precision, gpu_capability, has_flash_attn)
         if why is None:
             attention = "flash_attention_2"
             lines.append("attention: FlashAttention 2 (installed; packed rows run variable-length)")
@@ -63,6 +57,19 @@ def choose_kernels(attention: str, model_type: str, precision: str, gpu_capabili
     if liger:
         lines.append("kernels: Liger RMSNorm, SwiGLU and rotary embeddings (installed)")
     return Kernels(attention, liger, tuple(lines))
+
+
+def flash_unusable(precision: str, gpu_capability: tuple[int, int] | None, has_flash_attn: bool) -> str | None:
+    """Why FlashAttention 2 cannot run in this process, or None."""
+    if gpu_capability is None:
+        return "no FlashAttention on a CPU"
+    if not has_flash_attn:
+        return "flash-attn is not installed"
+    if gpu_capability < (8, 0):
+        return f"this GPU is sm_{gpu_capability[0]}{gpu_capability[1]}, FlashAttention needs sm_80+"
+    if precision not in ("bf16", "fp16"):
+        return f"FlashAttention needs fp16/bf16, not {precision}"
+    return None
 
 
 def reads_varlen_bounds(attention: str) -> bool:

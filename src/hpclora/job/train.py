@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..catalog.precision import cpu_job_notes
 from ..config import RunConfig, to_yaml
 from ..config.slurm_syntax import slurm_time
 from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, metric_entries, resume_command, staged, verdict, write_config, write_json
@@ -107,6 +108,9 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(job_header(out, config_text))
     resume, base_loss = distributed.share((resume, base_loss))
     emit(f"device {device} | precision {precision} ({why})")
+    if device == "cpu":
+        for note in cpu_job_notes(cfg.quant.bits, cfg.train.optimizer, cfg.train.distributed):
+            emit(note)
     if device == "cpu" and cfg.slurm.gpus > 0:
         emit(f"note: slurm.gpus={cfg.slurm.gpus} asks jobs for a GPU; run here, outside a Slurm job, this process has none and trains on the CPU")
     strategy, strategy_why = strategy_for(cfg, world, device, precision)

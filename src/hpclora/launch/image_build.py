@@ -156,6 +156,8 @@ def check(image: str | None, dry_run: bool) -> int:
     """Run the image's %test (with --nv where this machine has a GPU)."""
     if not image:
         raise UserError("container check: give the image to test, e.g. hpclora container check hpclora.sif")
+    if not dry_run and not Path(image).exists():
+        raise UserError(f"container check: {image}: no such image (build one with `hpclora container build`)")
     runtime = find_runtime() or ("apptainer" if dry_run else require_runtime())
     argv = check_command(runtime, Path(image).resolve(), has_gpu())
     print(shlex.join(argv))

@@ -63,7 +63,8 @@ def check_runs(cfgs: list[RunConfig], force: bool, whole_node_gb: float | None =
     (plan.preflight), then the planner (plan.gate), which may refuse and which decides the `auto` settings the
     job's config.yaml records. Returns the planner's lines."""
     warnings = {data["warning"] for cfg in cfgs if (data := preflight.check(cfg)) and data["warning"]}
-    return [*sorted(warnings), *check_before_submit(cfgs, force, whole_node_gb)]
+    said = dict.fromkeys(note for cfg in cfgs for note in preflight.notes(cfg))  # once for a sweep's trials, in order
+    return [*sorted(warnings), *said, *check_before_submit(cfgs, force, whole_node_gb)]
 
 
 def prepare_job(cfg: RunConfig, force: bool = False, python: str = sys.executable, whole_node_gb: float | None = None) -> PreparedJob:

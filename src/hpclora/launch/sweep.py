@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 from ..errors import ConfigError
 
@@ -31,6 +32,9 @@ def split_values(text: str) -> list[str]:
     return [v.strip() for v in values]
 
 
+MAX_TRIALS = 1000  # array tasks 0..999: within Slurm's default MaxArraySize (1001)
+
+
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
     """`--grid` options as (key, values); every problem is reported at once, with the option's key."""
     grid, problems, seen = [], [], set()
@@ -44,9 +48,17 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
             problems.append((key, "cannot vary within one sweep (one job array shares its resources and output root)"))
         elif key in seen:
             problems.append((key, "given twice in --grid"))
+        elif len(set(values)) < len(values):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            problems.append((key, f"{', '.join(twice)} given twice: each trial would run twice; give each value once"))
         else:
             seen.add(key)
             grid.append((key, values))
+    count = math.prod(len(values) for _, values in grid)
+    if not problems and count > MAX_TRIALS:  # said before a single trial's config is read
+        sizes = " x ".join(str(len(values)) for _, values in grid)
+        problems.append(("--grid", f"{sizes} = {count:,} trials; one job array holds at most {MAX_TRIALS:,} (Slurm's default "
+                                   "MaxArraySize is 1001): fewer values, or several sweeps"))
     if problems:
         raise ConfigError(problems)
     return grid

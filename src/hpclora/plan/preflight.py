@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from ..catalog.dims import find_dims
 from ..catalog.models import missing_targets
-from ..catalog.precision import fsdp_problem
+from ..catalog.precision import cpu_job_notes, fsdp_problem
 from ..catalog.hub import local_data_path
 from ..config import RunConfig
 from ..data.sources import data_sources
 from ..data import check_rows, validation_rows
 from ..data.split import held_out_warning
 from ..errors import ConfigError, UserError
+from ..catalog.torch_builds import capability_tuple
 from .make import device_for, precision_for
 
 _checked: dict[tuple, dict] = {}  # data file version and reading settings -> what check_rows found
@@ -37,15 +38,27 @@ def check(cfg: RunConfig, data: bool = True) -> dict | None:
     return check_data(cfg) if data else None
 
 
+def notes(cfg: RunConfig) -> list[str]:
+    """What the config's GPU settings mean in a CPU job (catalog.precision.cpu_job_notes)."""
+    return cpu_job_notes(cfg.quant.bits, cfg.train.optimizer, cfg.train.distributed) if cfg.slurm.gpus == 0 else []
+
+
 def check_device(cfg: RunConfig) -> None:
     """What slurm.gpu_type rules out, by the rules the planner and the job apply: bf16 on a GPU without it (V100, T4),
     and FSDP in the precision such a GPU trains in. A type the planner does not know is `plan`'s to report."""
+    flash = cfg.model.attn_implementation == "flash_attention_2"
+    if flash and cfg.slurm.gpus == 0:
+        raise ConfigError([("model.attn_implementation", "flash_attention_2 runs on GPUs only, and this is a CPU job (slurm.gpus: 0): "
+                                                         "use auto (PyTorch's sdpa on a CPU)")])
     if cfg.slurm.gpus == 0 or not cfg.slurm.gpu_type:
         return
     try:
         device = device_for(cfg, None)
     except UserError:
         return
+    if flash and device.capability and capability_tuple(device.capability) < (8, 0):
+        raise ConfigError([("model.attn_implementation", f"flash_attention_2 needs an Ampere or newer GPU (sm_80+), and {device.name} "
+                                                         f"is sm_{device.capability.replace('.', '')}: use auto (PyTorch's sdpa there)")])
     precision, _ = precision_for(cfg, device)  # raises ConfigError for bf16 on a GPU without it
     if cfg.train.distributed == "fsdp" and (problem := fsdp_problem(precision, cfg.quant.bits, cfg.train.optimizer)):
         raise ConfigError([("train.distributed", f"on {device.name}: {problem}")])
@@ -61,6 +74,10 @@ def check_model(cfg: RunConfig) -> None:
     if (found := missing_targets(dims.model_type, cfg.lora.target_modules)) and found[0]:
         raise ConfigError([("lora.target_modules", f"{found[0]} not found in {cfg.model.name}, a {dims.model_type} model "
                                                    f"(from {source}); its layers are {found[1]}")])
+    layers = cfg.train.checkpointed_layers
+    if cfg.train.gradient_checkpointing is not False and layers and dims.layers and layers > dims.layers:
+        raise ConfigError([("train.checkpointed_layers", f"{layers} layers recompute, but {cfg.model.name} has {dims.layers} "
+                                                         f"(from {source}): at most {dims.layers}, or null for all")])
     if dims.context and cfg.data.max_length > dims.context:
         raise ConfigError([("data.max_length", (
             f"{cfg.data.max_length} tokens do not fit the context of {cfg.model.name}, {dims.context} tokens "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import cluster, storage
 from ..catalog import node
+from ..config.credentials import redact
 from ..errors import UserError
 from ..config.slurm_syntax import slurm_seconds, slurm_time
 
@@ -83,7 +84,7 @@ def load_config(report: Report, path: str | None, overrides: list[str]):
     try:
         cfg = config.load(path, overrides)
     except UserError as exc:
-        for line in exc.lines():
+        for line in map(redact, exc.lines()):
             report.add(FAIL, "config", line)
         return None
     report.add(OK, "config", f"{path}: valid")
