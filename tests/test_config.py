@@ -439,3 +439,93 @@ def test_a_broken_config_json_of_a_local_model_is_named_not_a_traceback(tmp_path
     for command in ("validate", "plan"):
         done = cli(command, ROOT / "configs" / "demo-cpu.yaml", f"model.name={model}")
         assert done.returncode == 2 and f"error: model.name: {model}/config.json: {why}" in done.stderr, done.stderr
+
+
+def test_what_yaml_would_turn_into_numbers_stays_the_text_written(tmp_path, data_file):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  path: {data_file}\nmodel:\n  revision: 1.10\nslurm:\n  account: 0777\n  time: 1:30:00\n")
+    cfg = config.load(path)
+    assert (cfg.model.revision, cfg.slurm.account, cfg.slurm.time) == ("1.10", "0777", "1:30:00")
+    cfg = config.load(None, [f"data.path={data_file}", "model.revision=1.10", "slurm.account=0777"])
+    assert (cfg.model.revision, cfg.slurm.account) == ("1.10", "0777")
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["slurm.time=00:00:00"], "slurm.time", "is zero, which Slurm reads as no limit"),
+    (["slurm.time=0:00"], "slurm.time", "is zero, which Slurm reads as no limit"),
+    (["model.name=''"], "model.name", "is empty: give a hub id"),
+    (["run.wandb_project=" + "p" * 129], "run.wandb_project", "at most 128 characters; this one has 129"),
+    (["run.wandb_project='team/proj'"], "run.wandb_project", "W&B refuses '/'"),
+    (["train.max_steps=" + "9" * 400], "train.max_steps", "must be <= 10000000, got an integer of about 401 digits"),
+    (["train.lr=" + "9" * 400], "train.lr", "too large for a number: an integer of about 401 digits"),
+])
+def test_values_that_were_accepted_in_silence_are_refused_by_name(data_file, overrides, key, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"data.path={data_file}", *overrides])
+    assert message in dict(err.value.problems)[key]
+
+
+@pytest.mark.parametrize("root, message", [
+    ("{file}", "is a file: give a directory"), ("{file}/runs", "is a file: give a directory"),
+    ("/dev/null", "is under /dev"), ("/proc/hpclora", "is under /proc"), ("/sys/runs", "is under /sys"),
+])
+def test_an_output_root_that_cannot_be_a_directory_is_refused_before_anything_is_written(tmp_path, data_file, root, message):
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    for key in ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home"):
+        with pytest.raises(ConfigError) as err:
+            config.load(None, [f"data.path={data_file}", f"{key}={root.format(file=file)}"])
+        assert message in dict(err.value.problems)[key]
+    assert config.load(None, [f"data.path={data_file}", "data.cache_dir=/dev/shm/hpclora"]).data.cache_dir == "/dev/shm/hpclora"
+
+
+def test_a_mix_of_plain_file_names_is_named_as_such_and_not_as_a_missing_data_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources: [a.jsonl, b.jsonl]\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    problems = dict(err.value.problems)
+    assert "data.path" not in problems and "expected a mapping such as {path: a.jsonl, weight: 1}, got 'a.jsonl'" in problems["data.sources[0]"]
+
+
+def test_a_file_of_thousands_of_values_given_as_the_config_is_named_as_such(tmp_path, cli):
+    path = tmp_path / "data.yaml"
+    path.write_text("rows:\n" + "".join(f"  r{i}: {i}\n" for i in range(12_000)))
+    done = cli("validate", path)
+    assert done.returncode == 2 and "holds more than 10,000 YAML values, where a config has a few dozen keys: is it a data file?" in done.stderr
+
+
+def test_plain_text_files_are_read_one_example_per_line(tmp_path, cli):
+    text = tmp_path / "corpus.txt"
+    text.write_text("first example\n\nsecond example\nthird\n", encoding="utf-8")
+    done = cli("validate", ROOT / "configs" / "demo-cpu.yaml", f"data.path={text}", "data.template=none", "data.val_size=1")
+    assert done.returncode == 0 and "3 rows of text data read, 1 held out" in done.stderr
+
+
+def test_a_grid_with_a_value_twice_or_too_many_trials_is_refused_at_once(cli):
+    twice = cli("sweep", ROOT / "configs" / "demo-cpu.yaml", "--grid", "lora.r=8,16,8", "--dry-run")
+    assert twice.returncode == 2 and "lora.r: 8 given twice: each trial would run twice" in twice.stderr
+    many = cli("sweep", ROOT / "configs" / "demo-cpu.yaml", "--grid", "lora.r=" + ",".join(map(str, range(1, 101))),
+               "--grid", "train.lr=" + ",".join(f"{i}e-5" for i in range(1, 51)), "--dry-run")
+    assert many.returncode == 2 and "100 x 50 = 5,000 trials; one job array holds at most 1,000" in many.stderr
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation", "runs on GPUs only, and this is a CPU job"),
+    (["model.attn_implementation=flash_attention_2", "slurm.gpus=1", "slurm.gpu_type=v100"], "model.attn_implementation",
+     "needs an Ampere or newer GPU (sm_80+), and v100-16gb is sm_70"),
+    (["train.gradient_checkpointing=true", "train.checkpointed_layers=99"], "train.checkpointed_layers",
+     "99 layers recompute, but smollm2-135m has 30"),
+])
+def test_settings_the_device_or_the_model_cannot_run_are_refused_on_the_login_node(cli, overrides, key, message):
+    done = cli("validate", ROOT / "configs" / "demo-cpu.yaml", *overrides)
+    assert done.returncode == 2 and f"error: {key}: " in done.stderr and message in done.stderr
+
+
+def test_gpu_settings_in_a_cpu_job_say_what_they_mean_there(cli):
+    done = cli("validate", ROOT / "configs" / "demo-cpu.yaml", "quant.bits=4", "train.optimizer=paged_adamw_8bit")
+    assert done.returncode == 0
+    assert "note: quant.bits=4 in a CPU job: bitsandbytes quantizes and computes on the CPU" in done.stderr
+    assert "note: train.optimizer=paged_adamw_8bit in a CPU job: paging moves optimizer states" in done.stderr
+    fsdp = cli("validate", ROOT / "configs" / "demo-cpu.yaml", "train.distributed=fsdp", "train.cpu_ranks=2")
+    assert "note: train.distributed=fsdp in a CPU job: the ranks shard the weights over gloo" in fsdp.stderr

@@ -62,8 +62,9 @@ def slurm_time_problem(time: str) -> str | None:
     limits = [24, 60, 60] if days else {1: [None], 2: [None, 60], 3: [None, 60, 60]}[len(parts)]
     if any(limit is not None and part >= limit for part, limit in zip(parts, limits)):
         return f"not a Slurm time: {time!r} counts {'hours past 23 or ' if days else ''}minutes or seconds past 59"
-    if not int(days or 0) and not any(parts):  # sbatch reads a zero limit as none at all: the partition's maximum
-        return f"{time!r} is zero, which Slurm reads as no limit (the partition's maximum): give the time the run needs, or auto"
+    if not int(days or 0) and not any(parts) and time.strip() != "0":  # sbatch reads zero as no limit: `0` says so on purpose
+        return (f"{time!r} is zero, which Slurm reads as no limit (the partition's maximum): give the time the run needs, "
+                "auto, or 0 for no limit on purpose")
     return None
 
 

@@ -46,7 +46,7 @@ def shown(value: Any) -> str:
     """A value as the user wrote it in YAML: null, true, 'text', [..]; a long one cut, a huge integer by its size."""
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
-    if isinstance(value, int) and abs(value) >= 10**18:
+    if isinstance(value, int) and abs(value) >= 10**40:
         return number_words(value)
     if isinstance(value, str) and looks_secret("", value):
         return "a value that looks like a token or key (not repeated here)"
@@ -56,7 +56,7 @@ def shown(value: Any) -> str:
 
 def number_words(value: int | float) -> str:
     """A number as a message shows it: a huge integer by its size (str() refuses more than 4,300 digits)."""
-    if isinstance(value, int) and abs(value) >= 10**18:
+    if isinstance(value, int) and abs(value) >= 10**40:
         return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     return str(value)
 
