@@ -19,7 +19,7 @@ import json, resource, sys, time
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-from hpclora.bundled import bundled_model_dir
+from hpclora.job.bundled import bundled_model_dir
 from hpclora import loss as hloss
 
 variant, rows, length, response, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])

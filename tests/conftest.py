@@ -76,6 +76,9 @@ def tiny_config(model_type: str, vocab_size: int = 1000):
         "gpt_neox": dict(intermediate_size=128),
         "bloom": dict(n_layer=2, n_head=4),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        # Gemma 3: heads wider than hidden / heads, one local (sliding) and one global layer, as the bundled 270M.
+        "gemma3_text": dict(intermediate_size=128, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"]),
     }[model_type]
     dims = {} if model_type in ("bloom", "gpt2") else dict(TINY_DIMS)
     if model_type == "bloom":

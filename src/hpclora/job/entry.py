@@ -41,12 +41,12 @@ def needs_bitsandbytes(cfg) -> bool:
     """Whether the run quantizes (quant.bits, or a checkpoint saved quantized, such as the hub's `-bnb-4bit` models),
     steps a bitsandbytes optimizer, or loads a model whose config.json is not here to tell (downloaded by the job)."""
     from ..catalog.dims import model_config_file, read_model_config
-    from ..catalog.models import BUNDLED_NAME
+    from ..catalog.models import BUNDLED
     from ..catalog.precision import BITSANDBYTES_OPTIMIZERS
 
     if cfg.quant.bits is not None or cfg.train.optimizer in BITSANDBYTES_OPTIMIZERS:
         return True
-    if cfg.model.name == BUNDLED_NAME:  # converted without its quantization (job/bundled.py)
+    if cfg.model.name in BUNDLED:  # converted without its quantization (job/bundled.py)
         return False
     path = model_config_file(cfg)
     return path is None or "quantization_config" in read_model_config(path)

@@ -8,18 +8,18 @@ from pathlib import Path
 from .distributed import world
 from ..errors import ModelNotFoundError, UserError
 from ..internals import keep_4bit_layers_trainable
-from ..catalog.models import BUNDLED_NAME, FAN_IN_FAN_OUT, target_modules_for
+from ..catalog.models import BUNDLED, FAN_IN_FAN_OUT, target_modules_for
 from ..catalog.hub import is_offline, local_model_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def resolve_model_path(name: str) -> str:
-    """A local directory or hub id for `model.name`; `smollm2-135m` is the bundled small model."""
+    """A local directory or hub id for `model.name`; the bundled small models (catalog.models.BUNDLED) by name."""
     from .bundled import bundled_model_dir
 
-    if name == BUNDLED_NAME:
-        return str(bundled_model_dir())
+    if name in BUNDLED:
+        return str(bundled_model_dir(name))
     local = local_model_path(name)
     return str(local) if local is not None else name
 
