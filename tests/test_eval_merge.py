@@ -25,6 +25,7 @@ def test_merged_model_gives_the_adapter_logits(real_run, tmp_path, cli):
     out = tmp_path / "merged"
     done = cli("merge", str(real_run), "--out", str(out), "--dtype", "fp32")
     assert done.returncode == 0, done.stderr
+    assert "loading the base in fp32" in done.stderr and f"writing {out} (" in done.stderr  # what a long merge is doing
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     note = json.loads((out / "MERGED_FROM.json").read_text())
     assert note["adapter"] == str((real_run / "adapter").resolve()) and len(note["adapter_sha256"]) == 64 and note["dtype"] == "fp32"

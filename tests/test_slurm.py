@@ -573,7 +573,9 @@ def test_a_cancel_of_a_training_job_stays_cancelled(tmp_path, tiny_llama_dir, en
     is short), but the job is not requeued. Without --now (here through submitit) the job is asked to checkpoint and
     cancels itself."""
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={**LONG_RUN, "save_every": 0})
-    job_id = job_id_from(hpclora("submit", cfg, "--launcher", launcher, env=paced(env, 0.5), cwd=tmp_path).stdout)
+    submitted = hpclora("submit", cfg, "--launcher", launcher, env=paced(env, 0.5), cwd=tmp_path).stdout
+    job_id = job_id_from(submitted)
+    assert f"watch it: hpclora status {job_id}   |   hpclora logs {job_id} -f" in submitted  # sbatch and submitit alike
     (run_dir,) = (tmp_path / "runs").iterdir()
     wait_until(lambda: any(s >= 5 for s in metrics_steps(run_dir)), "step 5")
     done = hpclora("cancel", job_id, *(["--now"] if now else []), env=env, cwd=tmp_path).stdout

@@ -8,7 +8,8 @@ The protocol reads a few shell variables its script sets first:
     RANKS         true when they are several ranks under torchrun, else false
     SRUN_RANKS    true when srun starts them (several nodes), false when torchrun runs in this shell's job step
     START         the command that trains (a bash array)
-    STOP_MARKER   the file rank 0 leaves when several ranks stopped at a checkpoint (they end with 0)
+    STOP_MARKER   the file rank 0 leaves when training stopped at a checkpoint: `<step> <stop or cancel>`, then the one
+                  way to resume (rundir.resume_command), which the script says where nothing requeues
     MAX_REQUEUES  how often the job requeues itself, and REQUEUES_SET_BY, the setting that says so
 """
 

@@ -15,7 +15,8 @@ from ..rundir import CONFIG_FILE, JOB_FILE, JOB_SCRIPT, SWEEP_FILE, config_hash
 from . import slurm
 from .launchers import launcher
 from .submit import PreparedJob, describe_launched, record_submission
-from .watch import read_record
+from .cancel import ended_state
+from .watch import fill_states, read_record, resolve
 
 
 def resubmit(directory: Path, overrides: list[str]) -> int:
@@ -24,7 +25,7 @@ def resubmit(directory: Path, overrides: list[str]) -> int:
     if overrides:
         raise UserError(f"submit {directory}: a run directory goes on as it was submitted, without {' '.join(overrides)}; "
                         "changed settings make a new run (`hpclora submit CONFIG key=value`)")
-    directory = directory.resolve()
+    directory = target = directory.resolve()
     record = read_record(directory / SWEEP_FILE) or read_record(directory / JOB_FILE)
     tasks = None
     if record and "sweep_dir" in record:  # one trial: its task of the sweep's array
@@ -33,7 +34,7 @@ def resubmit(directory: Path, overrides: list[str]) -> int:
     if record is None:
         raise UserError(f"{directory}: not a submitted run or sweep (no job.json or sweep.json); a run trained by hand "
                         f"goes on with `hpclora train {directory / CONFIG_FILE} --run-dir {directory}`")
-    _refuse_while_active(record, directory)
+    _refuse_while_active(target)
     script = (directory / JOB_SCRIPT).read_text(encoding="utf-8")
     if record["kind"] == "run":
         if (directory / "adapter").is_dir():
@@ -69,13 +70,15 @@ def _entry(record: dict, job: PreparedJob, launcher_name: str, job_id: str | Non
             "resumes": record.get("job_id"), **details}
 
 
-def _refuse_while_active(record: dict, directory: Path) -> None:
-    """A job of this directory still queued or running resumes by itself: a second one would train beside it."""
-    job_id = record.get("job_id")
-    if not job_id or not slurm.available():
+def _refuse_while_active(target: Path) -> None:
+    """A job of this run (or of the sweep's trials) that is still queued or running resumes by itself: a second one
+    would train beside it. Each run's newest job, as `status` finds it (submitted again by hpclora or by hand)."""
+    if not slurm.available():
         return
-    states, _ = slurm.job_states([str(job_id)])
-    active = sorted(f"{key} ({st.state})" for key, st in states.items() if not st.finished and key.split("_")[0] == str(job_id))
+    found = resolve(str(target))
+    fill_states(found)
+    active = [f"{row.job_id} ({row.state.split()[0]})" for row in found.rows
+              if row.job_id and row.state[:1].isupper() and not ended_state(row.state)]  # Slurm's states, not the files'
     if active:
-        raise UserError(f"{directory}: job {', '.join(active)} has not ended: it resumes by itself after a stop "
-                        f"(`hpclora cancel {job_id}` ends it, keeping a checkpoint)")
+        raise UserError(f"{target}: job {', '.join(active)} has not ended: it resumes by itself after a stop "
+                        f"(`hpclora cancel {active[0].split()[0]}` ends it, keeping a checkpoint)")
