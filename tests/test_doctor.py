@@ -110,14 +110,16 @@ def test_doctor_reports_the_test_clusters_partitions_and_passes_a_good_config(tm
 def test_doctor_fails_what_would_stop_the_run_and_names_the_fix(tmp_path, tiny_llama_dir, slurm):
     cfg = tiny_run_yaml(tmp_path, tiny_llama_dir)
     rc, checks, _ = doctor(cfg, "--partition", "short", "slurm.time=01:00:00", "slurm.gpus=1", "slurm.gpu_type=a100",
-                           "run.output_root=/proc/hpclora-runs", "slurm.cpus_per_task=64", "slurm.mem=16G")
+                           "slurm.cpus_per_task=64", "slurm.mem=16G")
     assert rc == 1
     fails = {c["name"]: c for c in checks if c["status"] == "fail"}
     assert "longer than partition short's limit 30:00" in fails["slurm.time"]["message"]
     assert fails["slurm.time"]["fix"].startswith("slurm.time=00:30:00")
     assert "short has v100" in fails["slurm.gpus"]["message"] and fails["slurm.gpus"]["fix"] == "slurm.gpu_type to one of: v100"
     assert fails["slurm.cpus_per_task"]["fix"] == f"slurm.cpus_per_task={os.cpu_count()}"
-    assert "not writable" in fails["run.output_root"]["message"]
+    _, unusable, _ = doctor(cfg, "run.output_root=/proc/hpclora-runs")  # where no run directory can be: the config says so
+    assert {"status": "fail", "name": "config", "fix": "", "message": "run.output_root: is under /proc, which holds the kernel's or "
+            "the devices' files, not directories: give a directory on a file system"} in unusable
     # Slurm's units are binary: 16G is 16384M, more than the node's RealMemory of 16000M, which Slurm would refuse.
     assert fails["slurm.mem"]["fix"] == "slurm.mem=16000M" and "16G asked" in fails["slurm.mem"]["message"]
 
