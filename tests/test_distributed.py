@@ -35,9 +35,10 @@ if os.environ.get("STOP_RANK") == rank:  # a stop signal to this rank at the end
         run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir, stop=stop)
 else:
     run = train(config.load(config_path, sys.argv[4:]), run_dir=run_dir)
-weights = get_peft_model_state_dict(run.model)
-if any(hasattr(v, "full_tensor") for v in weights.values()):  # FSDP: shards, and no process group left to gather them
-    weights = load_file(f"{run_dir}/adapter/adapter_model.safetensors") if run.finished else {}
+if any(hasattr(p, "full_tensor") for p in run.model.parameters()):  # FSDP: shards, and no process group left to gather
+    weights = load_file(f"{run_dir}/adapter/adapter_model.safetensors") if run.finished else {}  # them (PEFT 0.22 would try)
+else:
+    weights = get_peft_model_state_dict(run.model)
 weights = {k: v.detach().contiguous() for k, v in weights.items()}
 save_file(weights, f"{out}/rank{rank}.safetensors")
 with open(f"{out}/result{rank}.json", "w") as fh:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_run_yaml
-from test_resume import assert_same_adapter, logged_steps, reference, resume_config  # noqa: F401 (reference)
+from test_resume import logged_steps
 from test_slurm import paced
 from hpclora.stops import CHECKPOINTED_EXIT
 
@@ -73,16 +73,18 @@ def hpclora(*args) -> list[str]:
     return [sys.executable, "-m", "hpclora", *map(str, args)]
 
 
-def test_ctrl_c_in_hpclora_train_checkpoints_and_the_printed_command_resumes_exactly(tmp_path, tiny_llama_dir, reference):
-    config, run_dir = resume_config(tmp_path, tiny_llama_dir, save_every=0), tmp_path / "run"
+def test_ctrl_c_in_hpclora_train_checkpoints_and_the_printed_command_resumes(tmp_path, tiny_llama_dir):
+    """The checkpoint and the resume are those of any stop signal, which test_resume.py finds exact."""
+    config, run_dir = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 8, "save_every": 0}), tmp_path / "run"
     code, out = interrupted_once(hpclora("train", config, "--run-dir", run_dir), run_dir, tmp_path, os.environ)
     assert code == CHECKPOINTED_EXIT, out
     assert "Ctrl-C received: checkpointing at the next step boundary; Ctrl-C again stops at once" in out
     resume = f"hpclora train {run_dir}/config.yaml --run-dir {run_dir}"
     assert f"checkpoint saved; to resume: {resume}" in out and "Traceback" not in out
+    stopped_at = max(logged_steps(run_dir))
     done = subprocess.run([sys.executable, "-m", *shlex.split(resume)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert_same_adapter(run_dir, reference)
+    assert f"resumed from step {stopped_at}" in done.stdout and logged_steps(run_dir) == list(range(1, 9))
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_lost(tmp_path, tiny_llama_dir):

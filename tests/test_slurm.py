@@ -181,7 +181,8 @@ def test_cancel_of_a_training_job_keeps_a_whole_checkpoint_though_a_step_outlast
 def test_status_follows_a_run_to_its_newest_job_whichever_way_it_went_on(tmp_path, tiny_llama_dir, env):
     """Cancelled twice, the run goes on the advised way (`hpclora submit RUN_DIR`, recorded) and then by hand
     (`sbatch RUN_DIR/job.sbatch`, which no index has): status of every kind shows the newest job and its true state."""
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 12, "log_every": 1, "save_every": 0})
+    # Paced, the first two jobs are cancelled long before their end; the third, unpaced, trains the rest at once.
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 40, "log_every": 1, "save_every": 0})
     first = job_id_from(hpclora("submit", cfg, env=paced(env, 1), cwd=tmp_path).stdout)
     (run_dir,) = (tmp_path / "runs").iterdir()
     resume = f"hpclora submit {run_dir}"
@@ -210,7 +211,7 @@ def test_status_follows_a_run_to_its_newest_job_whichever_way_it_went_on(tmp_pat
         assert third in status and "COMPLETED" in status and "CANCELLED" not in status, (target, status)
         assert "restarts" not in status or "2" in status
     assert f"tiny-{third}.out" in hpclora("status", run_dir, env=env, cwd=tmp_path).stdout
-    assert metrics_steps(run_dir) == list(range(1, 13))
+    assert metrics_steps(run_dir) == list(range(1, 41))
     finished = hpclora("submit", run_dir, env=env, cwd=tmp_path, check=False)
     assert finished.returncode == 2 and "the run has finished (adapter saved): nothing to resume" in finished.stderr
 
