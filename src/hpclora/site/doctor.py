@@ -196,8 +196,7 @@ def check_config(report: Report, cfg, config_path: str, part):
     else:
         report.add(FAIL, "config.plan", summary + ": does not fit", plan.fit_advice(p))
     if p.memory_note:  # the plan's own words on slurm.mem
-        enough = p.memory_note.endswith("is enough")
-        report.add(OK if enough else WARN, "slurm.mem", p.memory_note, "" if enough else f"slurm.mem={p.recommended['mem']}")
+        report.add(WARN if p.memory_short else OK, "slurm.mem", p.memory_note, f"slurm.mem={p.recommended['mem']}" if p.memory_short else "")
     return p
 
 
