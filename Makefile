@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.hpclora-installed
 LLAMA_CPP  := $(VENV)/share/llama.cpp
 
-.PHONY: setup llama-cpp llama-cpp-build gemma slurm apptainer test-image go demo demo-train demo-ja test bench-throughput gpu-check clean
+.PHONY: setup llama-cpp llama-cpp-build gemma slurm apptainer test-image go demo demo-train demo-ja test bench-throughput gpu-carry gpu-check gpu-rehearsal-env gpu-check-rehearsal clean
 
 setup: $(STAMP)
 
@@ -107,7 +107,7 @@ gemma: setup
 	@# converted once into the user cache (about a minute), as its first training would
 	$(BIN)/python -c "from hpclora.job.bundled import bundled_model_dir; bundled_model_dir('gemma3-270m')"
 
-test: setup llama-cpp gemma slurm test-image go
+test: setup llama-cpp gemma slurm test-image go gpu-rehearsal-env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tokens/s and peak memory of hpclora beside the blog-post script and TRL (benchmarks/throughput.py).
@@ -115,16 +115,36 @@ bench-throughput: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
 
-# On a GPU machine with torch, transformers, peft and accelerate: every GPU-only path for real, about 8 minutes on
-# one H100/H200 (benchmarks/gpu_check.py, results in benchmarks/results/gpu_check.txt). The wheels it lacks may be
-# carried in .whl/ (bitsandbytes, omegaconf, submitit, ...; liger-kernel apart, so that Liger can run on and off).
-GPU_SITE := /tmp/hpclora-site
+# The GPU check (benchmarks/gpu_check.py): every GPU-only path, a group per call of the GPU machine.
+#   make gpu-carry              here: what a call carries (.gpu-carry/py3.12 and .gpu-carry/models, under 60 MiB)
+#   make gpu-check GPU_GROUP=train OUT=...    there, with both carried: one group, results into OUT as they happen
+#   make gpu-check-rehearsal    here: every group on CPU, tiny shapes, in an environment of the GPU machine's packages
+GPU_GROUP ?= train
+GPU_WORK  ?= /tmp/hpclora-gpu-check
+REHEARSAL := .venv-gpu-rehearsal
+REHEARSAL_PY := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+gpu-carry: setup
+	$(BIN)/python benchmarks/gpu_carry.py
+	$(BIN)/python benchmarks/gpu_carry.py --python $(REHEARSAL_PY)
+
 gpu-check:
-	if ls .whl/*.whl >/dev/null 2>&1; then \
-		python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $$(ls .whl/*.whl | grep -v liger_kernel); \
-		if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target $(GPU_SITE)-liger .whl/liger_kernel-*.whl; fi; \
-	fi
-	PYTHONPATH=$(GPU_SITE):$(GPU_SITE)-liger python3 benchmarks/gpu_check.py --site-without-liger $(GPU_SITE) $(GPU_CHECK_ARGS)
+	python3 benchmarks/gpu_check.py --carried .gpu-carry/py3.12 --group $(GPU_GROUP) --out $(OUT) --work $(GPU_WORK)
+
+# The rehearsal's environment: the GPU machine's stock packages at its versions (benchmarks/gpu_machine.py; torch is
+# this machine's CPU build), nothing else; the carried wheels come in as they do there (installed by gpu_check.py).
+$(REHEARSAL)/.stock: benchmarks/gpu_machine.py
+	rm -rf $(REHEARSAL) && $(PYTHON) -m venv $(REHEARSAL)
+	$(REHEARSAL)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(REHEARSAL)/bin/python -m pip install --quiet $$($(PYTHON) benchmarks/gpu_machine.py requirements)
+	$(REHEARSAL)/bin/python benchmarks/gpu_machine.py verify
+	touch $@
+
+gpu-rehearsal-env: gpu-carry $(REHEARSAL)/.stock
+
+gpu-check-rehearsal: gpu-rehearsal-env
+	rm -rf $(GPU_WORK)-rehearsal/out
+	$(REHEARSAL)/bin/python benchmarks/gpu_check.py --cpu --carried .gpu-carry/py$(REHEARSAL_PY) --work $(GPU_WORK)-rehearsal \
+		--out $(GPU_WORK)-rehearsal/out --budget 3600 $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(REHEARSAL) .gpu-carry runs build src/*.egg-info

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -113,7 +112,9 @@ def peak_gb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_reserved() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    from hpclora.job.progress import peak_resident_gb  # as hpclora's own runs measure it
+
+    return peak_resident_gb()
 
 
 def half_precision() -> str | None:
@@ -283,6 +284,7 @@ def main() -> None:
     parser.add_argument("--epoch", action="store_true", help="train each variant one whole epoch instead of --steps")
     parser.add_argument("--shape", choices=SHAPES, help="GPU: train a random model of this shape instead of SmolLM2-135M")
     parser.add_argument("--only", nargs="*", choices=VARIANTS, help="run only these variants")
+    parser.add_argument("--exchanges", type=Path, help="a JSONL file of {human, gpt} rows to train on instead of ShareGPT's")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,7 +296,8 @@ def main() -> None:
         if args.shape:
             os.environ["BENCH_MODEL_DIR"] = str(shaped_model(args.shape, Path(tmp) / args.shape))
         data = Path(tmp) / "exchanges.jsonl"
-        pairs = sharegpt_exchanges(EXCHANGES)
+        pairs = ([(row["human"], row["gpt"]) for row in read_rows(args.exchanges)] if args.exchanges
+                 else sharegpt_exchanges(EXCHANGES))
         data.write_text("".join(json.dumps({"prompt": p, "completion": c, "human": h, "gpt": c}) + "\n"
                                 for (p, c), (h, _) in zip(calm_texts(pairs), pairs)))
         results = {}
@@ -313,7 +316,7 @@ def main() -> None:
     gflops = matmul_gflops()
     limit = gflops * 1e9 / per_token
     model = f"random {args.shape}-shaped Llama" if args.shape else "SmolLM2-135M"
-    print(f"\n{model}, LoRA r=8 q/v, {half_precision() or 'fp32'}, first {EXCHANGES} ShareGPT exchanges, template calm, max_length {MAX_LENGTH}, "
+    print(f"\n{model}, LoRA r=8 q/v, {half_precision() or 'fp32'}, {args.exchanges or f'first {EXCHANGES} ShareGPT exchanges'}, template calm, max_length {MAX_LENGTH}, "
           f"micro-batch {MICRO_BATCH}; {'one epoch' if args.epoch else f'{args.steps} steps'} each, the first step not timed; device {'cuda' if _cuda() else 'cpu'}")
     print(f"physical limit here: {limit:.0f} real tokens/s ({half_precision() or 'fp32'} matmul {gflops:.0f} GFLOP/s / "
           f"{per_token / 1e9:.2f} GFLOP per trained token)")

@@ -396,3 +396,22 @@ def test_biases_that_lora_trains_beside_fp16_weights_are_fp32(tmp_path, tiny_lla
     trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     assert any(name.endswith(".bias") for name in trained)
     assert set(trained.values()) == {torch.float32}
+
+
+def test_a_trainings_peak_memory_is_its_own_not_the_process_that_started_it():
+    """Linux keeps the resident high-water mark of a parent across fork and exec (ru_maxrss): a training started by
+    a large process (a notebook, a launcher) must not report the parent's peak as its own."""
+    import subprocess
+    import sys
+
+    parent = (
+        "import subprocess, sys\n"
+        "held = bytearray(1_500_000_000)\n"
+        "held[::4096] = b'x' * len(held[::4096])\n"
+        "child = 'import resource; from hpclora.job.progress import peak_resident_gb as p; "
+        "print(p(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout.split())
+    assert inherited > 1.5, "ru_maxrss no longer carries the parent's peak: this guard is moot"
+    assert own < 1.0, f"the child's peak {own:.2f} GB includes its parent's 1.5 GB"

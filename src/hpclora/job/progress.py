@@ -25,6 +25,20 @@ def peak_memory_gb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_reserved() / 1e9
+    return peak_resident_gb()
+
+
+def peak_resident_gb() -> float:
+    """This program's peak resident memory. Not ru_maxrss where /proc tells: Linux carries the high-water mark of
+    the process a program was forked from across exec, so that a training started by a 3 GB parent would report at
+    least 3 GB; VmHWM is the program's own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
