@@ -202,11 +202,11 @@ def losses(run: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-def train(c: Check, name: str, model: Path, *overrides: str, **settings) -> tuple[Path, dict]:
+def train(c: Check, name: str, model: Path, *overrides: str) -> tuple[Path, dict]:
     """`hpclora train --fresh`: the loss falls (mean of the last third below the first third's), validation loss
     falls, and no step after the first few had an infinite or missing gradient norm (fp16 loss scaling settled)."""
     run = c.work / "runs" / name
-    c.hpclora("train", str(config(c, name, model, **settings)), "--run-dir", str(run), "--fresh", *overrides, name=name)
+    c.hpclora("train", str(config(c, name, model)), "--run-dir", str(run), "--fresh", *overrides, name=name)
     summary = c.keep_summary(name, run)
     seen = losses(run)
     third = max(1, len(seen) // 3)
@@ -435,8 +435,8 @@ def group_dist(c: Check) -> None:
 
 # Peak RSS on CPU is glibc's as much as the training's: freed blocks below its (moving) mmap threshold stay in the
 # heap. Identical 1-step runs of the setting below peaked at 6.7, 6.9 and 10.2 GB, and at 2.3 GB with
-# MALLOC_MMAP_THRESHOLD_=1048576. The rehearsal runs the planner check's code; the 25 % is judged on the GPU, where
-# PyTorch's own allocator reports what it reserved.
+# MALLOC_MMAP_THRESHOLD_=1048576 (benchmarks/cpu_allocator.py). The rehearsal runs the planner check's code; the 25 %
+# is judged on the GPU, where PyTorch's own allocator reports what it reserved.
 CPU_RSS_NOISE = "not judged on CPU: glibc keeps freed memory, and identical runs peak 6.7 to 10.2 GB"
 
 
