@@ -132,10 +132,10 @@ gpu-check:
 
 # The rehearsal's environment: the GPU machine's stock packages at its versions (benchmarks/gpu_machine.py; torch is
 # this machine's CPU build), nothing else; the carried wheels come in as they do there (installed by gpu_check.py).
-$(REHEARSAL)/.stock: benchmarks/gpu_machine.py
+$(REHEARSAL)/.stock: benchmarks/gpu_machine.py | $(STAMP)
 	rm -rf $(REHEARSAL) && $(PYTHON) -m venv $(REHEARSAL)
 	$(REHEARSAL)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(REHEARSAL)/bin/python -m pip install --quiet $$($(PYTHON) benchmarks/gpu_machine.py requirements)
+	$(REHEARSAL)/bin/python -m pip install --quiet $$($(BIN)/python benchmarks/gpu_machine.py requirements)
 	$(REHEARSAL)/bin/python benchmarks/gpu_machine.py verify
 	touch $@
 

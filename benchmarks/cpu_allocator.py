@@ -23,10 +23,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "src")]
 
 import gpu_machine as machine  # noqa: E402
 import plan_vs_measured as pvm  # noqa: E402
+from hpclora.rundir import metric_entries  # noqa: E402
 
 SETTINGS = {
     "glibc default": {},
@@ -37,10 +38,9 @@ OVERRIDES = ["train.micro_batch_size=4", "data.max_length=1024", "train.gradient
 
 
 def stand_in(work: Path) -> Path:
-    model = work / "smollm2-135m"
-    if not (model / "model.safetensors").exists():
-        subprocess.run(["cp", "-r", str(machine.CARRY / "models" / machine.SMOLLM2), str(model)], check=True)
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shaped_model.py"), "weights", str(model)], check=True)
+    model = work / machine.SMOLLM2
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shaped_model.py"), "stand-in", str(machine.CARRY / "models" / machine.SMOLLM2),
+                    str(model)], check=True)
     return model
 
 
@@ -62,7 +62,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "hpclora", "train", str(config), "--run-dir", str(run), "--fresh", *OVERRIDES,
                             f"train.max_steps={args.steps}"], env={**env, **extra}, check=True, capture_output=True)
             summary = json.loads((run / "summary.json").read_text())
-            losses = [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+            losses = [e["loss"] for e in metric_entries(run / "metrics.jsonl") if "loss" in e]
             assert reference is None or losses == reference, f"{name}: losses {losses} differ from {reference}"
             reference = losses
             rows.setdefault(name, []).append((summary["peak_mem_gb"], summary["tokens_per_s"]))

@@ -54,7 +54,7 @@ def stand_in_configs(into: Path) -> None:
     if not (smollm2 / "config.json").exists():
         smollm2.mkdir(parents=True, exist_ok=True)
         for file in bundled_model_dir().iterdir():
-            if file.is_file() and file.suffix not in {".safetensors", ".bin", ".gguf"}:
+            if file.is_file() and not file.name.startswith(".") and file.suffix not in {".safetensors", ".bin", ".gguf"}:  # no cache marker
                 shutil.copy2(file, smollm2 / file.name)
     for directory, published in machine.SHAPED.items():
         if not (into / directory / "tokenizer_config.json").exists():

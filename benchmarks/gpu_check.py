@@ -28,8 +28,8 @@ call measures them, each call's last line says how long it took):
 - speed   (~3 min)  sdpa_varlen against sdpa (same losses), Liger on and off (same losses), the seed-style script
                     (benchmarks/throughput.py) against hpclora's default on the same GPU: hpclora at least as fast.
 - optim   (~2 min)  quant.bits=8, the 8-bit and the paged 8-bit optimizers (bitsandbytes), judged as train's.
-Measured here, the CPU rehearsal (2 cores, tiny shapes; the planner on SmolLM2-135M's full shape): train 61 s,
-infer 47 s, dist 55 s, planner 140 s, speed 36 s, optim 24 s; 6.0 min in all (benchmarks/results/gpu_check_rehearsal.txt).
+Measured here, the CPU rehearsal (2 cores, tiny shapes; the planner on SmolLM2-135M's full shape): train 62 s,
+infer 49 s, dist 59 s, planner 150 s, speed 39 s, optim 24 s; 6.4 min in all (benchmarks/results/gpu_check_rehearsal.txt).
 """
 
 from __future__ import annotations
@@ -64,19 +64,21 @@ class Stopped(BaseException):
     it for a failure of its own."""
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-
-
 def kill_tree(pid: int) -> None:
     """A command and everything it started: torchrun starts each rank in a session of its own, which killing the
     command's process group would leave running (on a GPU, holding its memory into the next check)."""
-    for child in children(pid):
-        kill_tree(child)
+    import psutil
+
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        command = psutil.Process(pid)
+        family = [*command.children(recursive=True), command]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 class Check:
@@ -123,25 +125,32 @@ class Check:
         took = f" ({seconds:.0f} s)" if seconds is not None else ""
         self.line(f"{status} {name}{took}: {' '.join(text.split())}")
 
-    def run(self, *argv: str, name: str, env: dict | None = None, timeout: float = 540, stdin: str | None = None) -> str:
-        """A command, its output appended to the log as it runs; a non-zero exit raises with the end of its output."""
+    def start(self, *argv: str, name: str, env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, int]:
+        """A command started, its output appended to the log as it runs: (its process, where its output begins)."""
         self.write(self.log, f"\n==== {name}: $ {' '.join(argv)}\n")
         at = self.log.stat().st_size
         with open(self.log, "a", encoding="utf-8") as fh:
             proc = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, env=env or self.env, text=True,
-                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, start_new_session=True)
-            try:
-                if stdin is not None:
-                    proc.communicate(stdin, timeout=timeout)
-                else:
-                    proc.wait(timeout=timeout)
-            except BaseException:
-                kill_tree(proc.pid)
-                proc.wait()
-                raise
+                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, start_new_session=True)
+        return proc, at
+
+    def finish(self, proc: subprocess.Popen, at: int, timeout: float, stdin: str | None = None) -> str:
+        """A started command's output once it has ended; killed with all it started if it outlasts `timeout` or the
+        call is ended."""
+        try:
+            proc.communicate(stdin, timeout=timeout)
+        except BaseException:
+            kill_tree(proc.pid)
+            proc.wait()
+            raise
         with open(self.log, encoding="utf-8", errors="replace") as fh:
             fh.seek(at)
-            output = fh.read()
+            return fh.read()
+
+    def run(self, *argv: str, name: str, env: dict | None = None, timeout: float = 540, stdin: str | None = None) -> str:
+        """A command to its end; a non-zero exit raises with the end of its output."""
+        proc, at = self.start(*argv, name=name, env=env, stdin=stdin is not None)
+        output = self.finish(proc, at, timeout, stdin)
         if proc.returncode != 0:
             raise AssertionError(f"exit {proc.returncode}: {output.strip()[-700:]}")
         return output
@@ -158,28 +167,18 @@ class Check:
 
 # ---- stand-in models and runs ----------------------------------------------------------------------------------------
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-
-
 def stand_in(c: Check, name: str, tiny: bool) -> Path:
-    """A model directory of `name`'s config and tokenizer (carried) with random weights made here, once: a second call
-    finds it by its COMPLETE marker. `tiny`: the same architecture and tokenizer shrunk to a few layers of width 64."""
+    """`name`'s carried config and tokenizer with random weights made here (shaped_model.stand_in), once: a second
+    call of this machine finds them. `tiny`: the same architecture shrunk to a few layers of width 64."""
+    import shaped_model
+
     target = c.work / "models" / (f"{name}-tiny" if tiny else name)
-    if (target / "COMPLETE").exists():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(machine.CARRY / "models" / name, target)
-    if tiny:
-        config = json.loads((target / "config.json").read_text())
-        config.update({k: v for k, v in TINY.items() if k in config})
-        if config["model_type"] == "gpt_neox":
-            config["intermediate_size"] = 256
-        (target / "config.json").write_text(json.dumps(config, indent=1))
-    start = time.monotonic()
-    c.run(sys.executable, str(ROOT / "benchmarks" / "shaped_model.py"), "weights", str(target), name=f"weights {target.name}", timeout=900)
-    (target / "COMPLETE").touch()
-    weights = sum(f.stat().st_size for f in target.glob("*.safetensors"))
-    c.record("PASS", f"stand-in-{target.name}", f"random weights made, {weights / 1e9:.2f} GB", time.monotonic() - start)
+    if not (target / shaped_model.COMPLETE).exists():
+        start = time.monotonic()
+        c.run(sys.executable, str(ROOT / "benchmarks" / "shaped_model.py"), "stand-in", str(machine.CARRY / "models" / name), str(target),
+              *(["--tiny"] if tiny else []), name=f"weights {target.name}", timeout=900)
+        weights = sum(f.stat().st_size for f in target.glob("*.safetensors"))
+        c.record("PASS", f"stand-in-{target.name}", f"random weights made, {weights / 1e9:.2f} GB", time.monotonic() - start)
     return target
 
 
@@ -198,8 +197,16 @@ def config(c: Check, name: str, model: Path, **train) -> Path:
     return path
 
 
+def logged(run: Path) -> list[dict]:
+    """The run's training log entries so far (none before its first step)."""
+    from hpclora.rundir import metric_entries
+
+    metrics = run / "metrics.jsonl"
+    return [e for e in metric_entries(metrics) if "loss" in e] if metrics.exists() else []
+
+
 def losses(run: Path) -> list[float]:
-    return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    return [e["loss"] for e in logged(run)]
 
 
 def train(c: Check, name: str, model: Path, *overrides: str) -> tuple[Path, dict]:
@@ -212,7 +219,7 @@ def train(c: Check, name: str, model: Path, *overrides: str) -> tuple[Path, dict
     third = max(1, len(seen) // 3)
     assert sum(seen[-third:]) < sum(seen[:third]), f"the loss did not fall: {seen}"
     assert summary["final_val_loss"] < summary["base_val_loss"], f"validation loss {summary['base_val_loss']} -> {summary['final_val_loss']}"
-    norms = [e.get("grad_norm") for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e][3:]
+    norms = [e.get("grad_norm") for e in logged(run)][3:]
     assert all(n is not None and n != float("inf") for n in norms), f"skipped or infinite steps: grad norms {norms}"
     return run, summary
 
@@ -364,31 +371,29 @@ def stopped_by_term(c: Check, model: Path) -> tuple[bool, str]:
     """TERM as a job delivers it to one node's ranks: torchrun started with the stop signals ignored and told to
     leave TERM alone (protocol.IGNORE_STOPS, TORCHRUN_SIGNALS), TERM to torchrun (ignored) and to each rank by pid.
     One rank trains as a single process and ends with 75; the resumed run must equal an uninterrupted one."""
-    from hpclora.launch.protocol import IGNORE_STOPS
+    import psutil
+
+    from hpclora.launch.protocol import IGNORE_STOPS, TORCHRUN_SIGNALS
 
     steps = 60 if c.cpu else 400
     cfg = config(c, "dist-term", model, max_steps=steps)
     run, whole = c.work / "runs" / "dist-term", c.work / "runs" / "dist-term-whole"
     shutil.rmtree(run, ignore_errors=True)
-    env = {**c.env, "PET_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
-    command = ["sh", "-c", f'{IGNORE_STOPS}; exec "$@"', "sh", *torchrun(1), "-m", "hpclora", "train", str(cfg), "--run-dir", str(run)]
-    c.write(c.log, f"\n==== dist-term: $ {' '.join(command)}\n")
-    with open(c.log, "a", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
-                assert proc.poll() is None, f"torchrun ended with {proc.returncode} before 3 steps"
-                assert time.monotonic() < deadline, "no 3 steps within 300 s"
-                time.sleep(0.05)
-            os.kill(proc.pid, signal.SIGTERM)  # torchrun: ignored
-            for rank in children(proc.pid):
-                os.kill(rank, signal.SIGTERM)
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-    output = (c.log.read_text(encoding="utf-8", errors="replace"))[-4000:]
+    job_lines = f'{TORCHRUN_SIGNALS}\n{IGNORE_STOPS}; exec "$@"'  # the job script's own lines
+    proc, at = c.start("sh", "-c", job_lines, "sh", *torchrun(1), "-m", "hpclora", "train", str(cfg), "--run-dir", str(run), name="dist-term")
+    try:
+        deadline = time.monotonic() + 300
+        while len(losses(run)) < 3:
+            assert proc.poll() is None, f"torchrun ended with {proc.returncode} before 3 steps"
+            assert time.monotonic() < deadline, "no 3 steps within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)  # torchrun: ignored
+        for rank in psutil.Process(proc.pid).children():
+            rank.send_signal(signal.SIGTERM)
+    except BaseException:
+        kill_tree(proc.pid)
+        raise
+    output = c.finish(proc, at, timeout=300)
     stopped_at = len(losses(run))
     assert stopped_at < steps, f"the run finished ({stopped_at} steps) before the stop arrived"
     assert "exitcode  : 75" in output or "exitcode: 75" in output or proc.returncode == 75, f"torchrun exit {proc.returncode}: {output[-500:]}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from packaging.utils import canonicalize_name as normalized  # a distribution's name as pip compares them (PEP 503)
+
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".gpu-carry"  # ignored by git; `make gpu-carry` fills it
 PYTHON = "3.12"
@@ -67,12 +69,6 @@ LIGER = {"liger-kernel": "0.8.5"}  # apart, on its own path entry, so that the c
 SMOLLM2 = "smollm2-135m"
 SHAPED = {"open-calm-1b": "cyberagent/open-calm-1b", "Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf"}
 
-
-def normalized(name: str) -> str:
-    """A distribution's name as pip compares them (PEP 503)."""
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def requirements() -> list[str]:

@@ -8,11 +8,13 @@ data to 8,000 tokens, so that every id fits any of these embeddings.
 
     python benchmarks/shaped_model.py config NAME DIR    # config.json + tokenizer (CPU, seconds)
     python benchmarks/shaped_model.py weights DIR        # random 16-bit weights (on the GPU machine)
+    python benchmarks/shaped_model.py stand-in SOURCE DIR [--tiny]   # SOURCE's config and tokenizer, random weights
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,8 +62,32 @@ def write_weights(target: Path) -> None:
     model.save_pretrained(target)
 
 
+# `stand-in --tiny`: the same architecture and tokenizer, a few layers of width 64 (the GPU check's CPU rehearsal)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+COMPLETE = "COMPLETE"  # written last: a directory without it is an interrupted stand-in
+
+
+def stand_in(source: Path, target: Path, tiny: bool) -> None:
+    """A model directory of `source`'s config and tokenizer (a directory without weights) with random weights, made
+    once: a directory holding COMPLETE is kept as it is."""
+    if (target / COMPLETE).exists():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    if tiny:
+        config = json.loads((target / "config.json").read_text())
+        config.update({k: v for k, v in TINY.items() if k in config})
+        if config["model_type"] == "gpt_neox":
+            config["intermediate_size"] = 4 * TINY["hidden_size"]
+        (target / "config.json").write_text(json.dumps(config, indent=1))
+    write_weights(target)
+    (target / COMPLETE).touch()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "config":
         write_config(sys.argv[2], Path(sys.argv[3]))
+    elif sys.argv[1] == "stand-in":
+        stand_in(Path(sys.argv[2]), Path(sys.argv[3]), "--tiny" in sys.argv[4:])
     else:
         write_weights(Path(sys.argv[2]))
