@@ -60,7 +60,7 @@ NEWER_NEEDS = {"pydantic", "pydantic-core", "annotated-types", "typing-inspectio
 # goes first on the path, so that the check runs the peft the suite tested.
 CARRIED = {
     "bitsandbytes": "0.50.2", "peft": "0.22.0", "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19",
-    "omegaconf": "2.4.0", "submitit": "1.5.4", "gguf": "0.19.0",
+    "omegaconf": "2.4.0", "submitit": "1.5.4", "gguf": "0.19.0", "trl": "1.16.0",
 }
 LIGER = {"liger-kernel": "0.8.5"}  # apart, on its own path entry, so that the check trains with and without it
 

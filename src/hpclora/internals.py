@@ -12,7 +12,9 @@ and tests/test_internals.py fails loudly when a library release changes it.
 - the factor functions of transformers' learning-rate schedules (a torch LambdaLR's `lr_lambdas`), shifted so
   that warmup does not give the first step a learning rate of 0;
 - bitsandbytes' import, which compiles kernels whether or not a run uses them, and which peft and transformers
-  skip where bitsandbytes is absent.
+  skip where bitsandbytes is absent;
+- TRL's preference trainers' dataset preparation, which tokenizes text columns its own way: hpclora hands them pairs
+  its data stage tokenized already (the prompt exactly as `generate` renders it).
 
 Heavy libraries are imported inside the functions: importing this module costs nothing on a login node.
 """
@@ -144,3 +146,13 @@ def without_bitsandbytes() -> None:
     quantizes nor steps a bitsandbytes optimizer, and then ends: transformers remembers the answer."""
     if "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None
+
+
+class TokenizedPreferenceData:
+    """A mixin for TRL 1.16's DPOTrainer: its training and evaluation sets are taken as they are, already holding the
+    prompt_ids, chosen_ids and rejected_ids its collator reads (data/preference.py made them). TRL's `_prepare_dataset`
+    would extract prompts, append EOS text and tokenize prompt and answer together, which merges tokens across their
+    border and renders the prompt unlike `hpclora generate`."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset

@@ -68,11 +68,14 @@ PACKING_SUPPORTED = {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}
 PACKING_MIN_LENGTH = 64  # shorter rows hold too few examples to gain from packing
 
 
-def packing_problem(setting, model_type: str | None, max_length: int) -> tuple[str, str] | None:
+def packing_problem(setting, model_type: str | None, max_length: int, method: str = "sft") -> tuple[str, str] | None:
     """Why `data.packing: true` cannot be honoured, as (key, reason), or None; `model_type` None where the model is
     not known yet (the config checks), so that only the row length is judged."""
     if setting is not True:
         return None
+    if method != "sft":
+        return "data.packing", (f"method.name={method} scores each answer of a pair whole, beside its prompt: its rows are never "
+                                "packed; set data.packing=false or auto")
     if max_length < PACKING_MIN_LENGTH:
         return "data.max_length", f"packing needs rows of at least {PACKING_MIN_LENGTH} tokens, not {max_length}"
     if model_type is not None and model_type not in PACKING_SUPPORTED:
@@ -81,11 +84,13 @@ def packing_problem(setting, model_type: str | None, max_length: int) -> tuple[s
     return None
 
 
-def packing_choice(setting, model_type: str, max_length: int) -> tuple[bool, str]:
+def packing_choice(setting, model_type: str, max_length: int, method: str = "sft") -> tuple[bool, str]:
     """Whether training packs its rows, and why, for data.packing `auto`, true or false; the one rule, which the
     planner and the job both apply. Refuses `true` where packed examples would see each other."""
-    if (problem := packing_problem(setting, model_type, max_length)) is not None:
+    if (problem := packing_problem(setting, model_type, max_length, method)) is not None:
         raise ConfigError([problem])
+    if method != "sft":
+        return False, f"not packed: method.name={method} takes each prompt with its answers, batched whole"
     if setting is not True and setting != "auto":
         return False, "not packed (data.packing=false): rows of similar length batched together"
     if model_type not in PACKING_SUPPORTED:

@@ -22,6 +22,7 @@ from .rules import BIND_SEPARATORS, check_values
 from .value_types import shown, type_problems
 from .schema import ENTRIES, REQUIRED, SECTIONS, RunConfig
 from ..data.sources import data_sources
+from ..catalog.start_adapter import adapter_dir
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -320,13 +321,13 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file name and in a whole path (Li
 DIRECTORY_KEYS = ("run.output_root", "slurm.log_dir", "data.cache_dir", "cache.hf_home")  # directories hpclora writes
 SYSTEM_TREES = ("/proc", "/sys", "/dev")
 # The paths a job in container.image binds (launch.container.job_binds), besides container.binds.
-BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name")
+BOUND_KEYS = ("run.output_root", "data.cache_dir", "cache.hf_home", "data.path", "model.name", "model.adapter")
 
 
 def _path_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     """Paths no file system can hold: empty, with a NUL byte, or a name or path longer than Linux allows."""
     found = []
-    named = [(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])) for key in (*PATH_KEYS, "data.path", "model.name")]
+    named = [(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])) for key in (*PATH_KEYS, "data.path", "model.name", "model.adapter")]
     named += [(f"container.binds[{i}]", bind.split(":")[0]) for i, bind in enumerate(cfg.container.binds)]
     if cfg.data.sources:
         named += [(f"{source.key}.path", source.data.path) for source in data_sources(cfg.data)]
@@ -374,6 +375,8 @@ def _resolve_paths(cfg: RunConfig, config_dir: Path) -> None:
         if not cfg.data.cache_dir:  # tokenized data goes to the shared cache too, where `stage` puts it
             cfg.data.cache_dir = str(Path(cfg.cache.hf_home) / "hpclora" / "tokenized")
     cfg.data.path = _found(cfg.data.path, config_dir)
+    if cfg.model.adapter and (adapter := adapter_dir(cfg.model.adapter)) is not None:
+        cfg.model.adapter = str(adapter)  # the adapter directory itself, wherever the job runs
     for entry in cfg.data.sources:
         entry["path"] = _found(entry["path"], config_dir)
 

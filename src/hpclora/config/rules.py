@@ -13,7 +13,8 @@ from typing import Any
 from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, local_model_path
 from ..catalog.models import BUNDLED, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
-from .schema import ENTRIES, SECTIONS, RunConfig
+from ..catalog.start_adapter import adapter_problem
+from .schema import DPO_LOSSES, ENTRIES, SECTIONS, RunConfig
 from .credentials import looks_secret
 from .value_types import number_words
 from ..data.sources import data_sources
@@ -44,7 +45,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
     if math.isfinite(cfg.data.val_size) and cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size):
         problems.append(("data.val_size", f"a row count must be a whole number, got {cfg.data.val_size}"))
     problems.extend(source_problems(cfg, check_files))
-    if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length)) is not None:
+    if (packing := packing_problem(cfg.data.packing, None, cfg.data.max_length, cfg.method.name)) is not None:
         problems.append(packing)
     if cfg.quant.bits is None and (cfg.quant.type != "nf4" or cfg.quant.compute_dtype != "auto"):
         problems.append(("quant.bits", "quant.type / quant.compute_dtype are set but quant.bits is null: set quant.bits=4 or 8"))
@@ -59,6 +60,7 @@ def check_values(cfg: RunConfig, check_files: bool = True) -> list[tuple[str, st
         problems.append(("train.cpu_ranks", f"sets CPU ranks of a CPU job, but slurm.gpus={cfg.slurm.gpus} trains a rank per GPU: "
                                             "drop train.cpu_ranks, or set slurm.gpus=0"))
     problems.extend(check_slurm(cfg.slurm))
+    problems.extend(check_method(cfg))
     problems.extend(check_strategy(cfg))
     if cfg.run.wandb_project is not None and (problem := wandb_project_problem(cfg.run.wandb_project)):
         problems.append(("run.wandb_project", problem))
@@ -88,6 +90,8 @@ def source_problems(cfg: RunConfig, check_files: bool) -> list[tuple[str, str]]:
     elif cfg.model.name not in BUNDLED and local_model_path(cfg.model.name) is None:
         if problem := hub_id_problem(cfg.model.name, "model directory"):
             problems.append(("model.name", problem))
+    if cfg.model.adapter is not None and check_files and (problem := adapter_problem(cfg.model.adapter, cfg.model.name)):
+        problems.append(("model.adapter", problem))
     return problems
 
 
@@ -106,6 +110,27 @@ def data_file_problems(path: str, key: str, check_files: bool) -> list[tuple[str
     else:
         problem = None
     return [(key, problem)] if problem else []
+
+
+def check_method(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The method's own settings: loss types the method has, weights that match them, none of them set for sft."""
+    m, problems = cfg.method, []
+    losses = [m.loss_type] if isinstance(m.loss_type, str) else m.loss_type
+    if m.name == "sft":
+        set_here = [key for key, value in (("beta", m.beta), ("loss_type", m.loss_type != "auto" or None), ("loss_weights", m.loss_weights),
+                                           ("label_smoothing", m.label_smoothing or None)) if value is not None]
+        problems += [(f"method.{key}", "applies to preference methods: set method.name=dpo, or drop it") for key in set_here]
+    elif not isinstance(losses, list) or not losses or not all(isinstance(x, str) for x in losses):
+        problems.append(("method.loss_type", f"expected auto, a loss type or a list of them, got {m.loss_type!r}"))
+    elif m.loss_type != "auto" and (unknown := [x for x in losses if x not in DPO_LOSSES]):
+        near = difflib.get_close_matches(unknown[0], DPO_LOSSES, n=1)
+        problems.append(("method.loss_type", f"{unknown[0]!r} is not a dpo loss" + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; they are {', '.join(DPO_LOSSES)}"))
+    elif m.loss_weights is not None and len(m.loss_weights) != len(losses):
+        problems.append(("method.loss_weights", f"{len(m.loss_weights)} weights for {len(losses)} loss types: give one per method.loss_type"))
+    if m.name != "sft" and cfg.data.train_on_prompt:
+        problems.append(("data.train_on_prompt", f"method.name={m.name} scores the answers of each pair, never the prompt: drop it"))
+    return problems
 
 
 def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -58,6 +58,13 @@ class ModelSection:
     )
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model; null = main.")
     trust_remote_code: bool = opt(False, "Allow the model repository's own Python code to run (some Japanese models need it).")
+    adapter: Optional[str] = opt(
+        None,
+        "Go on from a finished run: its run directory (or its adapter/ directory). Its adapter is where training starts "
+        "(the lora section is then the adapter's own) and, for dpo, the frozen reference: `hpclora train "
+        "configs/demo-dpo-cpu.yaml model.adapter=runs/demo` tunes the demo's SFT adapter on preferences. model.name must "
+        "be the run's base model; null = a new adapter on the base.",
+    )
     attn_implementation: str = opt(
         "auto",
         "Attention kernel: auto (FlashAttention 2 where installed and usable, else PyTorch's sdpa, once per example on "
@@ -102,7 +109,8 @@ class DataSection:
     format: str = opt(
         "auto",
         "Row format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
-        "messages (role/content), text; auto detects it from the first row.",
+        "messages (role/content), text; for dpo preference (prompt/chosen/rejected, as text or message lists, or "
+        "chosen/rejected conversations sharing their prompt turns); auto detects it from the first row.",
         choices=("auto", *FORMATS),
     )
     template: str = opt(
@@ -144,6 +152,37 @@ class DataSource:
     template: Optional[str] = opt(None, "As data.template: each source can have its own; chat and generate use data.template.", choices=(None, *TEMPLATES))
     columns: Optional[Dict[str, str]] = opt(None, "As data.columns.")
     max_rows: Optional[int] = opt(None, "As data.max_rows.", min=1, max=10**10)
+
+
+METHODS = ("sft", "dpo")
+# TRL 1.16's DPOTrainer loss types (DPOConfig.loss_type).
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+
+
+@dataclass
+class MethodSection:
+    """What the adapter learns from: responses (sft) or preferences between two responses (dpo, through TRL)."""
+
+    name: str = opt(
+        "sft",
+        "sft: supervised fine-tuning on responses. dpo: direct preference optimisation on prompt/chosen/rejected pairs "
+        "against a frozen reference: the starting adapter of model.adapter, else the base with the adapter switched off.",
+        choices=METHODS,
+    )
+    beta: Optional[float] = opt(
+        None,
+        "dpo's temperature: how far from the reference the tuned model may move (larger = closer). null = 0.1.",
+        gt=0, max=1000,
+    )
+    loss_type: Any = opt(
+        "auto",
+        f"dpo's loss: one of {', '.join(DPO_LOSSES)}, or a list of them (summed, weighted by method.loss_weights); auto = sigmoid.",
+    )
+    loss_weights: Optional[List[float]] = opt(None, "dpo with several loss types: the weight of each (null = 1 each).")
+    label_smoothing: float = opt(
+        0.0, "The share of pairs assumed mislabelled (dpo's sigmoid, robust and exo_pair losses): 0 = trust every pair.", min=0, lt=0.5,
+    )
 
 
 @dataclass
@@ -261,6 +300,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
@@ -269,7 +309,7 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "run": RunSection, "model": ModelSection, "quant": QuantSection, "lora": LoraSection,
+    "run": RunSection, "model": ModelSection, "quant": QuantSection, "lora": LoraSection, "method": MethodSection,
     "data": DataSection, "train": TrainSection, "slurm": SlurmSection, "container": ContainerSection,
     "cache": CacheSection,
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError, UserError
+from . import preference
 from .normalize import check_columns, check_format, detect_format, normalize, rename_columns
 from .packing import Collator, length_grouped, pack
 from .read import read_rows
@@ -42,10 +43,11 @@ class SourceRows:
     format: str
 
 
-def conversations(data_cfg, key: str = "data") -> Iterator[tuple[list[dict], int, str]]:
-    """Each row of one data file as a normalised message list, with its source row number and the data format, one
-    at a time. A bad row stops the iteration with a DataError naming its file and line. `key`: where the file is
-    configured (data, or data.sources[1]), for messages about its settings."""
+def conversations(data_cfg, key: str = "data", method: str = "sft") -> Iterator[tuple[list[dict] | dict, int, str]]:
+    """Each row of one data file as a normalised message list (a prompt with its answers for preference methods), with
+    its source row number and the data format, one at a time. A bad row stops the iteration with a DataError naming its
+    file and line. `key`: where the file is configured (data, or data.sources[1]), for messages about its settings;
+    `method`: method.name, which decides the formats the rows may have."""
     rows = read_rows(data_cfg.path, data_cfg.split)
     if data_cfg.max_rows:
         rows = itertools.islice(rows, data_cfg.max_rows)
@@ -57,6 +59,8 @@ def conversations(data_cfg, key: str = "data") -> Iterator[tuple[list[dict], int
         if fmt is None:  # ... and, renamed, its format
             fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(row, data_cfg.path)
             check_format(row, fmt, data_cfg.path, key)
+            if problem := preference.format_problem(method, fmt):
+                raise DataError(data_cfg.path, problem, row.number, row.unit)
             if fmt == "text" and data_cfg.template != "none":
                 raise UserError(f"{key}.template: plain-text data has no prompt to template: use {key}.template=none (got {data_cfg.template!r})")
         yield normalize(row, fmt, data_cfg.path), row.number, fmt
@@ -64,32 +68,32 @@ def conversations(data_cfg, key: str = "data") -> Iterator[tuple[list[dict], int
         raise DataError(data_cfg.path, "the dataset has no rows")
 
 
-def load_conversations(data_cfg, key: str = "data") -> tuple[list[list[dict]], list[int], str]:
-    """Every row of one data file as a normalised message list, with its source row number and the detected format."""
+def load_conversations(data_cfg, key: str = "data", method: str = "sft") -> tuple[list, list[int], str]:
+    """Every row of one data file normalised (conversations), with its source row number and the detected format."""
     messages, numbers, fmt = [], [], ""
-    for conversation, number, fmt in conversations(data_cfg, key):
+    for conversation, number, fmt in conversations(data_cfg, key, method):
         messages.append(conversation)
         numbers.append(number)
     return messages, numbers, fmt
 
 
-def load_sources(data_cfg) -> list[SourceRows]:
+def load_sources(data_cfg, method: str = "sft") -> list[SourceRows]:
     """Every source of the run (data.path, or each of data.sources) read and normalised."""
-    return [SourceRows(source, *load_conversations(source.data, source.key)) for source in data_sources(data_cfg)]
+    return [SourceRows(source, *load_conversations(source.data, source.key, method)) for source in data_sources(data_cfg)]
 
 
-def check_rows(data_cfg, key: str = "data") -> dict:
+def check_rows(data_cfg, key: str = "data", method: str = "sft") -> dict:
     """Read and normalise every row of one data file as training will, keeping none of them: the login node's check
     that the data will not fail in the job. Returns the row count and format."""
     count, fmt = 0, ""
-    for _, _, fmt in conversations(data_cfg, key):
+    for _, _, fmt in conversations(data_cfg, key, method):
         count += 1
     return {"rows": count, "format": fmt}
 
 
-def validation_sources(data_cfg, seed: int) -> list[SourceRows]:
+def validation_sources(data_cfg, seed: int, method: str = "sft") -> list[SourceRows]:
     """The run's validation rows, each source's apart (they are tokenized with its template): the split training made."""
-    loaded = load_sources(data_cfg)
+    loaded = load_sources(data_cfg, method)
     splits = mix_split([len(rows.conversations) for rows in loaded], data_cfg.val_size, seed)
     return [SourceRows(rows.source, [rows.conversations[i] for i in val], [rows.numbers[i] for i in val], rows.format)
             for rows, (_, val) in zip(loaded, splits)]
@@ -114,15 +118,17 @@ def tokenized(data_cfg, conversations: list[list[dict]], numbers: list[int], tok
     return ds, cached
 
 
-def prepare(data_cfg, tokenizer, seed: int, packed: bool = False) -> PreparedData:
+def prepare(data_cfg, tokenizer, seed: int, packed: bool = False, method: str = "sft") -> PreparedData:
     """`packed`: data.packing as resolved for the model (models.packing_choice). Of a mix, each source is tokenized
     with its own settings and weighted (weighted_positions); the mixed training examples are shuffled with `seed`
-    before packing, so that packed rows hold examples of every source."""
-    loaded = load_sources(data_cfg)
+    before packing, so that packed rows hold examples of every source. `method` (method.name): preference methods get
+    tokenized pairs (or, for kto, labelled answers) instead of examples."""
+    loaded = load_sources(data_cfg, method)
     for rows in loaded:
         if rows.source.data.template == "chat":
+            first = rows.conversations[0]
             try:
-                render("chat", rows.conversations[0], tokenizer)
+                render("chat", first["prompt"] if isinstance(first, dict) else first, tokenizer)
             except ValueError as exc:
                 raise UserError(f"{rows.source.key}.template: {exc}") from None
     splits = mix_split([len(rows.conversations) for rows in loaded], data_cfg.val_size, seed)
@@ -135,7 +141,11 @@ def prepare(data_cfg, tokenizer, seed: int, packed: bool = False) -> PreparedDat
         for split, idx in zip(("train", "val"), indices):
             if not idx:
                 continue
-            ds, cached = tokenized(rows.source.data, [rows.conversations[j] for j in idx], [rows.numbers[j] for j in idx], tokenizer, split)
+            chosen, numbers = [rows.conversations[j] for j in idx], [rows.numbers[j] for j in idx]
+            if method == "sft":
+                ds, cached = tokenized(rows.source.data, chosen, numbers, tokenizer, split)
+            else:  # a few thousand pairs tokenize in seconds: not cached
+                ds, cached = preference.dataset(rows.source.data, chosen, numbers, tokenizer, method), False
             dropped = len(idx) - len(ds)
             if split == "train" and rows.source.weight != 1 and len(ds):
                 ds = ds.select(weighted_positions(len(ds), rows.source.weight, seed + i)).flatten_indices()
@@ -174,7 +184,7 @@ def _joined(split: str, parts: list, stats: dict):
     kept = [ds for ds, *_ in parts if len(ds)]  # a dataset of no example has no columns at all
     stats[f"{split}_examples"] = sum(len(ds) for ds in kept)
     stats[f"{split}_truncated"] = sum(int(sum(ds["truncated"])) for ds in kept)
-    stats[f"{split}_tokens"] = sum(int(sum(len(ids) for ids in ds["input_ids"])) for ds in kept)
+    stats[f"{split}_tokens"] = sum(int(sum(len(ids) for ids in ds[column])) for ds in kept for column in ds.column_names if column.endswith("_ids"))
     if not kept:
         return None
     return kept[0] if len(kept) == 1 else datasets.concatenate_datasets(kept)

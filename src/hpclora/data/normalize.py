@@ -2,7 +2,8 @@
 
 A message is {"role": "system"|"user"|"assistant", "content": str, "input": str}; `input` carries the
 alpaca "input" field of a user turn ("" otherwise), so templates that show it separately can. Plain-text
-rows become a single message with role "text".
+rows become a single message with role "text". Preference rows become a prompt (messages) with its answers
+(preference.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DataError
+from . import preference
 from .read import RawRow
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "text", *preference.FORMATS)
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -24,6 +26,10 @@ MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 def detect_format(row: RawRow, path: str) -> str:
     keys = set(row.values)
+    if "chosen" in keys or "rejected" in keys:
+        return preference.PAIRED
+    if "completion" in keys and "label" in keys:
+        return preference.UNPAIRED
     if "conversations" in keys:
         return "sharegpt"
     if "messages" in keys:
@@ -35,14 +41,16 @@ def detect_format(row: RawRow, path: str) -> str:
     raise DataError(
         path,
         f"cannot tell the data format from the columns {sorted(keys)}: expected instruction/output (alpaca), "
-        "conversations (sharegpt), messages, or text; set data.format, or map columns with data.columns",
+        "conversations (sharegpt), messages, text, prompt/chosen/rejected (preference) or prompt/completion/label (unpaired); "
+        "set data.format, or map columns with data.columns",
         row.number,
         row.unit,
     )
 
 
 # The column that marks each format (as detect_format reads it).
-FORMAT_COLUMNS = {"sharegpt": "conversations", "messages": "messages", "alpaca": "instruction", "text": "text"}
+FORMAT_COLUMNS = {"sharegpt": "conversations", "messages": "messages", "alpaca": "instruction", "text": "text",
+                  preference.PAIRED: "chosen", preference.UNPAIRED: "completion"}
 
 
 def check_format(row: RawRow, fmt: str, path: str, key: str = "data") -> None:
@@ -74,13 +82,18 @@ def rename_columns(row: RawRow, columns: dict[str, str]) -> None:
             row.values[wanted] = row.values.pop(present)
 
 
-def normalize(row: RawRow, fmt: str, path: str) -> list[dict[str, str]]:
+def normalize(row: RawRow, fmt: str, path: str) -> list[dict[str, str]] | dict:
+    """A conversation (a message list), or for preference formats a dict of a prompt and its answers."""
     def fail(message: str):
         raise DataError(path, message, row.number, row.unit)
 
     values = row.values
     if not any(_has_text(v) or isinstance(v, list) and v for v in values.values()):
         fail("empty row")
+    if fmt == preference.PAIRED:
+        return preference.normalize_pair(values, fail)
+    if fmt == preference.UNPAIRED:
+        return preference.normalize_unpaired(values, fail)
     if fmt == "alpaca":
         instruction = _text_field(values, "instruction", fail)
         output = _text_field(values, "output", fail)

@@ -155,11 +155,12 @@ def enable_checkpointing(model, kwargs: dict) -> None:
 
 
 def attach_lora(model, cfg):
-    """Wrap the base in a PEFT LoRA model; returns (model, target module names). Activations are recomputed by
-    the model's own layers under FSDP too: FSDP's activation checkpointing (accelerate's) would wrap every layer
-    without saving the random state, so that LoRA dropout drew other masks in the recompute than in the forward
-    and the gradients would not belong to the loss, and it would ignore train.checkpointed_layers."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap the base in a PEFT LoRA model; returns (model, target module names): a new adapter, or with model.adapter
+    the adapter the run goes on from, trainable (its own LoRA settings; the lora section's do not apply). Activations
+    are recomputed by the model's own layers under FSDP too: FSDP's activation checkpointing (accelerate's) would wrap
+    every layer without saving the random state, so that LoRA dropout drew other masks in the recompute than in the
+    forward and the gradients would not belong to the loss, and it would ignore train.checkpointed_layers."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     checkpointing = cfg.train.gradient_checkpointing is True
     if cfg.quant.bits:
@@ -169,18 +170,27 @@ def attach_lora(model, cfg):
         enable_checkpointing(model, {"use_reentrant": False})
         model.enable_input_require_grads()
         recompute_only_first_layers(model, cfg.train.checkpointed_layers)
-    targets = choose_targets(model, cfg.lora)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=targets,
-        bias=cfg.lora.bias,
-        use_dora=cfg.lora.use_dora,
-        fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
+    if cfg.model.adapter:
+        try:
+            peft_model = PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"model.adapter: cannot load the adapter in {cfg.model.adapter} onto {cfg.model.name}: {first}") from None
+        targets = peft_model.peft_config["default"].target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list)) else targets
+    else:
+        targets = choose_targets(model, cfg.lora)
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=targets,
+            bias=cfg.lora.bias,
+            use_dora=cfg.lora.use_dora,
+            fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT,
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, lora)
     keep_trained_biases_in_fp32(peft_model, cfg)
     return peft_model, targets
 

@@ -19,6 +19,11 @@ from .distributed import world
 from ..config.slurm_syntax import slurm_time
 
 
+# TRL's logged preference numbers -> metrics.jsonl's names
+REWARD_KEYS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "rewards/margins": "reward_margin",
+               "rewards/accuracies": "reward_accuracy", "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected"}
+
+
 def peak_memory_gb() -> float:
     """Peak GPU memory reserved by this process, or its peak resident memory on CPU."""
     import torch
@@ -74,6 +79,8 @@ class ProgressLog(TrainerCallback):
         self.started = self.last_time = time.time()
         self.first_step = 0
         self.last_tokens = 0
+        self.first_rewards: dict = {}  # a preference run's first logged step
+        self.warned: set[str] = set()
 
     def record(self, entry: dict) -> None:
         if not speaks():
@@ -112,6 +119,8 @@ class ProgressLog(TrainerCallback):
         for label in ("eval", "base", "final"):  # an evaluation (trainer.evaluate logs it): which one, by its prefix
             if logs.get(f"{label}_loss") is not None:
                 self.evaluation(state.global_step, label, logs[f"{label}_loss"])
+            if logs.get(f"{label}_pref_accuracy") is not None:
+                self.preference_evaluation(state.global_step, label, logs)
         if "loss" not in logs:
             return
         now, step, tokens = time.time(), state.global_step, self.tokens_seen()
@@ -124,13 +133,33 @@ class ProgressLog(TrainerCallback):
             "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"), "tokens": tokens,
             "tokens_per_s": round(tok_s, 1), "peak_mem_gb": round(mem, 3), "elapsed_s": round(now - self.started, 1),
         }
+        rewards = {name: logs[key] for key, name in REWARD_KEYS.items() if key in logs}  # preference methods (TRL's)
+        entry.update(rewards)
         self.record(entry)
         lr = entry["lr"] if entry["lr"] is not None else float("nan")
+        shown = (f" | acc {rewards['reward_accuracy']:.2f} | margin {rewards['reward_margin']:+.3f}"
+                 if "reward_accuracy" in rewards else "")
         self._print(
-            f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
+            f"step {step}/{state.max_steps} | loss {logs['loss']:.4f}{shown} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
             f" | mem {mem:.1f} GB | eta {slurm_time(eta)}"
         )
+        if rewards:
+            from .preference import failure_signs
+
+            for warning in failure_signs(self.first_rewards.setdefault("entry", entry), entry):
+                if warning not in self.warned:
+                    self.warned.add(warning)
+                    self._print(f"warning: {warning}")
         self.last_time, self.last_tokens = now, tokens
+
+    def preference_evaluation(self, step: int, label: str, logs: dict) -> None:
+        numbers = {k[len(label) + 1:]: v for k, v in logs.items() if k.startswith(label + "_") and not k.endswith("_runtime")}
+        self.record({"step": step, "eval": label, **numbers})
+        shown = "adapter" if label == "eval" else label
+        reward = (f" | reward accuracy {numbers['reward_accuracy']:.2f}, margin {numbers['reward_margin']:+.3f}"
+                  if "reward_accuracy" in numbers else "")
+        self._print(f"eval {shown} @ step {step} | preference accuracy {numbers['pref_accuracy']:.2f}, margin "
+                    f"{numbers['pref_margin']:+.2f} ({int(numbers['pairs'])} pairs){reward}")
 
     def evaluation(self, step: int, label: str, loss: float) -> None:
         ppl = math.exp(loss) if loss < 50 else float("inf")

@@ -87,7 +87,7 @@ def resolve_auto(cfg: RunConfig, device: str, precision: str) -> tuple[RunConfig
     from .kernels import kernels_here
 
     model_type = model_type_of(cfg)
-    packing, packing_why = packing_choice(cfg.data.packing, model_type, cfg.data.max_length)
+    packing, packing_why = packing_choice(cfg.data.packing, model_type, cfg.data.max_length, cfg.method.name)
     packing_why = cfg.run.decided.get("data.packing", packing_why)  # what submit decided for `auto`, and why
     checkpointing, layers = cfg.train.gradient_checkpointing, cfg.train.checkpointed_layers
     if checkpointing == "auto":

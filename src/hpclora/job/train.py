@@ -125,19 +125,27 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
 
     tokenizer = load_tokenizer(cfg.model)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
-        data = prepare(cfg.data, tokenizer, cfg.run.seed, packed=cfg.data.packing)
+        data = prepare(cfg.data, tokenizer, cfg.run.seed, packed=cfg.data.packing, method=cfg.method.name)
     emit(describe_data(data.stats))
     if warning := held_out_warning(data.stats["rows"], cfg.data.val_size):
         emit(warning)
 
     sharded = strategy == "fsdp"
+    preference = cfg.method.name != "sft"
+    if preference and liger:
+        liger = False
+        emit("Liger kernels: not with preference methods (TRL scores the answers with its own fused head)")
     model = load_base(cfg, precision, device, sharded)
     model, targets = attach_lora(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()
-    emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={cfg.lora.r} on {targets}")
+    lora = model.peft_config["default"]
+    start = f" | going on from {cfg.model.adapter}" if cfg.model.adapter else ""
+    emit(f"model {cfg.model.name} ({model.config.model_type}) | LoRA r={lora.r} on {targets}{start}")
+    if preference:
+        emit(describe_method(cfg))
     emit(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
-    if cfg.data.packing:
+    if cfg.data.packing or preference:
         micro_batches = math.ceil(len(data.train) / cfg.train.micro_batch_size)
     else:  # items of the training set become whole micro-batches of similar-length rows
         data.train = batched_by_length(data.train, cfg.train.micro_batch_size, cfg.run.seed)
@@ -156,7 +164,8 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             # With LoRA's B matrices at zero the untrained adapter adds nothing: this is the base model's loss (as
             # `hpclora eval` measures it with the adapter disabled). Disabling it here would freeze the adapter for
             # FSDP's first forward, where FSDP fixes which parameters it reduces gradients for: none.
-            base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+            measured = trainer.evaluate(metric_key_prefix="base")
+            base_loss = preference_numbers(measured, "base") if preference else measured["base_loss"]
 
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, liger, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
@@ -193,17 +202,23 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
     if stop.requested:  # every step is done: finishing costs less than a requeue would
         emit(f"{stop_name(stop)} asked for a stop after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
-    final_loss = trainer.evaluate(metric_key_prefix="final")["final_loss"] if data.val is not None else None
+    final = trainer.evaluate(metric_key_prefix="final") if data.val is not None else None
+    final_loss = None if final is None else preference_numbers(final, "final") if preference else final["final_loss"]
 
     # Under FSDP every rank holds a shard of the adapter: they all take part in gathering it.
     weights = distributed.gathered_trainable_state(trainer.model) if sharded else None
     if world.main:
         save_adapter(model, tokenizer, out, weights)
     runtime = result.metrics.get("train_runtime", 0.0)
+    if preference:  # no validation loss: the held-out pairs' preference (preference.preference_metrics)
+        base_loss, final_loss, held_out = None, None, {"method": cfg.method.name, "base_preference": base_loss, "final_preference": final_loss}
+    else:
+        held_out = {}
     summary = {
         "base_val_loss": base_loss,
         "final_val_loss": final_loss,
         "val_loss_change": None if base_loss is None or final_loss is None else final_loss - base_loss,
+        **held_out,
         "train_loss": result.training_loss,  # over this attempt's steps when the run was resumed
         "steps": trainer.state.global_step,
         "tokens": trainer.tokens_seen,
@@ -266,7 +281,7 @@ def save_adapter(model, tokenizer, out: Path, weights: dict | None = None) -> Pa
     `weights`: the trainable state where the model is sharded (FSDP), gathered by every rank."""
     target = out / "adapter"
     with staged(target) as tmp:
-        model.save_pretrained(tmp, state_dict=weights)
+        model.save_pretrained(tmp, state_dict=weights, selected_adapters=["default"])  # not a preference run's frozen reference
         tokenizer.save_pretrained(tmp)
     return target
 
@@ -298,9 +313,37 @@ def describe_result(summary: dict, out: Path) -> str:
                  f"attempts, {summary['run_tokens_per_s']:,.0f} tok/s{span}",
                  f"this attempt: {summary['attempt_steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, "
                  f"peak mem {summary['peak_mem_gb']:.1f} GB"]
+    if summary.get("base_preference") and summary.get("final_preference"):
+        lines.append(describe_preference(summary["base_preference"], summary["final_preference"]))
     if summary["base_val_loss"] is not None:
         change = summary["val_loss_change"]
         lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} "
                      f"({change:+.4f}: {verdict(summary['base_val_loss'], summary['final_val_loss'])})")
     lines.append(f"adapter saved to {out / 'adapter'}")
     return "\n".join(lines)
+
+
+def preference_numbers(metrics: dict, prefix: str) -> dict:
+    """An evaluation of held-out pairs without its prefix and runtime: what the summary and the checkpoints keep."""
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "_") and not k.endswith("_runtime")}
+
+
+def describe_method(cfg: RunConfig) -> str:
+    from .preference import WITH_REFERENCE, beta, method_arguments
+
+    m = cfg.method
+    if m.name not in WITH_REFERENCE:
+        reference = "reference-free"
+    elif cfg.model.adapter:
+        reference = f"reference: the starting adapter, frozen ({cfg.model.adapter})"
+    else:
+        reference = "reference: the base model (the adapter switched off)"
+    losses = method_arguments(cfg).get("loss_type", [])
+    return f"method {m.name} | beta {beta(m):g} | loss {' + '.join(losses)} | {reference}"
+
+
+def describe_preference(base: dict, final: dict) -> str:
+    """The held-out pairs before and after: how often the model prefers the chosen answer, and by how much."""
+    return (f"held-out preference accuracy base {base['pref_accuracy']:.2f} -> adapter {final['pref_accuracy']:.2f} "
+            f"({int(final['pairs'])} pairs) | margin {base['pref_margin']:+.2f} -> {final['pref_margin']:+.2f} "
+            "(log-probability, chosen minus rejected)")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..internals import fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback, warmup_from_the_first_step
+from ..internals import TokenizedPreferenceData, fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback, warmup_from_the_first_step
 from . import checkpoint, distributed
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
@@ -27,12 +27,23 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     from ..data import Collator
     from .loss import LabelledHead, output_head
 
-    class HpcloraTrainer(Trainer):
-        """Counts real tokens for throughput (the collator's `num_tokens` never reaches the model) and evaluates
-        with the one token-weighted loss of loss.py."""
+    preference = cfg.method.name != "sft"
+    if preference:
+        from . import preference as methods
 
+        Base, Arguments = methods.trainer_class(cfg.method.name)
+        steps_class: type = PreferenceSteps
+    else:
+        Base, Arguments, steps_class = Trainer, TrainingArguments, SupervisedSteps
+
+    class HpcloraTrainer(steps_class, Base):
+        """Counts real tokens for throughput and evaluates as the method does (the steps class), with the run's
+        mixed precision, adapter-only FSDP saves and a warmup that starts at the first step."""
+
+        run_method = cfg.method.name
         tokens_seen = 0  # real tokens trained by all ranks (summed at each step's end)
         local_tokens = 0  # this rank's, since the last step's end
+        evaluated: tuple[int, dict] | None = None  # (step, metrics) of the latest periodic evaluation
 
         def autocast_smart_context_manager(self, cache_enabled=True):
             """The mixed precision training's forward runs under, for the evaluations too (accelerate puts it around
@@ -51,7 +62,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
                 return super().save_model(output_dir, _internal_call)
             weights = distributed.gathered_trainable_state(self.model)
             if self.args.should_save:
-                self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
+                self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights, selected_adapters=["default"])
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:  # made once; no step of warmup at a learning rate of 0
@@ -59,17 +70,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
                 self.lr_scheduler = warmup_from_the_first_step(made, self.args.get_warmup_steps(num_training_steps))
             return self.lr_scheduler
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self.local_tokens += int(inputs.pop("num_tokens", 0))
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        evaluated: tuple[int, dict] | None = None  # (step, metrics) of the latest periodic evaluation
-
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            import torch
-
-            from .loss import summed_loss
-
             step = self.state.global_step
             if metric_key_prefix == "eval" and self.evaluated and self.evaluated[0] == step:
                 return self.evaluated[1]  # asked again at a step that is also an epoch's end: measured and logged once
@@ -78,30 +79,31 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
             model, started = self.model, time.time()
             was_training = model.training
             model.eval()
-            totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # loss sum, token count
             # Evaluating must not move training's random numbers (a DataLoader draws its seed from them), so
             # that a restart that reuses the base evaluation, or another eval_every, trains the same steps.
+            import torch
+
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             rows = self.eval_dataset if eval_dataset is None else eval_dataset
-            world = distributed.world()
-            batches, runs = eval_shard(len(rows), world.rank, world.size, self.args.per_device_eval_batch_size)
             with torch.random.fork_rng(devices=devices):
-                for i in range(runs):
-                    # A rank out of rows still joins the forward passes (under FSDP each is a collective) and counts nothing.
-                    batch = self.data_collator([rows[j] for j in (batches[i] if i < len(batches) else [0])])
-                    with self.autocast_smart_context_manager():
-                        total, count = summed_loss(model, {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()})
-                    if i < len(batches):
-                        totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
-            if world.size > 1:  # each rank held a shard
-                torch.distributed.all_reduce(totals)
+                metrics = self.measure(rows, metric_key_prefix)
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - started, 3)
+            self.log(metrics)  # to every callback's on_log (the progress log, TensorBoard, W&B), in eval mode
             model.train(was_training)
-            metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item(), f"{metric_key_prefix}_tokens": int(totals[1]),
-                       f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
-            self.log(metrics)  # to every callback's on_log: the progress log, TensorBoard, W&B
             if metric_key_prefix == "eval":
                 self.evaluated = (step, metrics)
             return metrics
+
+        def sharded_batches(self, rows):
+            """This rank's share of `rows` as collated batches on its device, and a flag: False for the passes a rank
+            out of rows still joins (under FSDP each forward is a collective) without counting them (eval_shard)."""
+            import torch
+
+            world = distributed.world()
+            batches, runs = eval_shard(len(rows), world.rank, world.size, self.args.per_device_eval_batch_size)
+            for i in range(runs):
+                batch = self.data_collator([rows[j] for j in (batches[i] if i < len(batches) else [0])])
+                yield {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}, i < len(batches)
 
     class PublishCheckpoint(TrainerCallback):
         """Trainer writes each checkpoint into the staging area (its output_dir); once it is whole, it is
@@ -139,13 +141,14 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     fp16_on_cpu = precision == "fp16" and not cuda
     has_val = data.val is not None
     t = cfg.train
-    args = TrainingArguments(
+    args = Arguments(
         output_dir=str(out / "checkpoints" / checkpoint.STAGING),
         max_steps=steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=int(t.warmup_ratio * steps),
-        per_device_train_batch_size=t.micro_batch_size if cfg.data.packing else 1,  # unpacked: each item is a micro-batch
+        # unpacked SFT rows: each item is a micro-batch of rows of similar length (train.batched_by_length)
+        per_device_train_batch_size=t.micro_batch_size if cfg.data.packing or preference else 1,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         optim=t.optimizer,
@@ -173,21 +176,30 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
         **(fsdp_arguments() if sharded else {}),
         **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
+        **(methods.method_arguments(cfg) | {"pad_to_multiple_of": 8 if cuda else None} if preference else {}),
     )
     # The loss from the labelled positions' hidden states only (loss.py); FSDP (whose head is a shard) and other
     # architectures use the model's own loss. Either way the Trainer normalises it over the accumulated batch.
-    head = None if sharded else output_head(model)
-    labelled = LabelledHead(head) if head is not None else None
-    trainer = HpcloraTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.val,
-        data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1,
-                               varlen=reads_varlen_bounds(cfg.model.attn_implementation)),
-        callbacks=[AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)],
-        compute_loss_func=labelled.loss if labelled is not None else None,
-    )
+    callbacks = [AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)]
+    if preference:  # TRL's collator of pairs, and its loss
+        trainer = HpcloraTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.val, processing_class=tokenizer,
+                                 callbacks=callbacks)
+        methods.starting_reference(trainer.model, fresh_adapter=not cfg.model.adapter)
+        if cfg.quant.bits:
+            methods.trained_weights_in_fp32(trainer.model)
+    else:
+        head = None if sharded else output_head(model)
+        labelled = LabelledHead(head) if head is not None else None
+        trainer = HpcloraTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.val,
+            data_collator=Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1,
+                                   varlen=reads_varlen_bounds(cfg.model.attn_implementation)),
+            callbacks=callbacks,
+            compute_loss_func=labelled.loss if labelled is not None else None,
+        )
     if fp16_on_cpu:
         fp16_loss_scaling_on_cpu(trainer.accelerator)
     if sharded and not cuda:
@@ -197,6 +209,55 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
     # TensorBoard event files in every run (clusters are often offline; `tensorboard --logdir RUN_DIR`).
     trainer.add_callback(tensorboard_callback(str(out / TENSORBOARD_DIR)))
     return trainer
+
+
+class SupervisedSteps:
+    """SFT's steps: the collator's `num_tokens` counts real tokens (it never reaches the model), and the evaluation is
+    the one token-weighted validation loss of loss.py."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.local_tokens += int(inputs.pop("num_tokens", 0))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def measure(self, rows, prefix: str) -> dict:
+        import torch
+
+        from .loss import summed_loss
+
+        totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # loss sum, token count
+        for batch, counted in self.sharded_batches(rows):
+            with self.autocast_smart_context_manager():
+                total, count = summed_loss(self.model, batch)
+            if counted:
+                totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+        if distributed.world().size > 1:  # each rank held a shard
+            torch.distributed.all_reduce(totals)
+        return {f"{prefix}_loss": (totals[0] / totals[1]).item(), f"{prefix}_tokens": int(totals[1])}
+
+
+class PreferenceSteps(TokenizedPreferenceData):
+    """Preference methods' steps (TRL's loss): the real tokens of the pairs counted, and an evaluation of the held-out
+    pairs by the model's own preference and, against the reference, by DPO's implicit reward (job/preference.py)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.local_tokens += int(inputs["attention_mask"].sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def measure(self, rows, prefix: str) -> dict:
+        import torch
+
+        from . import preference
+
+        with_reference = self.run_method in preference.WITH_REFERENCE
+        totals = torch.zeros(5 if with_reference else 3, dtype=torch.float64, device=self.args.device)
+        for batch, counted in self.sharded_batches(rows):
+            with self.autocast_smart_context_manager():
+                numbers = preference.summed_pair_numbers(preference.pair_scores(self.model, batch, with_reference))
+            if counted:
+                totals += torch.tensor(numbers, dtype=torch.float64, device=self.args.device)
+        if distributed.world().size > 1:
+            torch.distributed.all_reduce(totals)
+        return preference.preference_metrics(dict(zip(preference.TOTAL_KEYS, totals.tolist())), self.args.beta, prefix)
 
 
 def eval_shard(rows: int, rank: int, world: int, batch_size: int) -> tuple[list[list[int]], int]:

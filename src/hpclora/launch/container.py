@@ -37,6 +37,8 @@ def job_binds(cfg: RunConfig) -> list[str]:
             wanted.append(path)
     if (model := local_model_path(cfg.model.name)) is not None:
         wanted.append(str(model))
+    if cfg.model.adapter:  # the adapter directory the run goes on from (config.load made it absolute)
+        wanted.append(cfg.model.adapter)
     def inside(path: str, other: str) -> bool:
         return path.startswith(other.rstrip("/") + "/")
 

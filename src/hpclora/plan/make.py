@@ -112,7 +112,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
     what a probe job measured for this device and model (calibration.py) instead of the built-in estimate."""
     device = device or device_for(cfg, gpu)
     dims, source = find_dims(cfg)
-    packing, packing_why = packing_choice(cfg.data.packing, dims.model_type, cfg.data.max_length)
+    packing, packing_why = packing_choice(cfg.data.packing, dims.model_type, cfg.data.max_length, cfg.method.name)
     precision, why = precision_for(cfg, device)
     counts = parameter_counts(dims)
     trainable = lora_parameters(dims, cfg.lora.r, cfg.lora.target_modules)

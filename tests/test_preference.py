@@ -1,0 +1,205 @@
+"""Preference tuning (method.name dpo): the forms pairs come in, the errors of bad pairs with their file and line, the
+loss TRL trains with against the model's own log-probabilities, the reference a run means, and the run's resume.
+
+Tiny random llamas with the real SmolLM2 tokenizer; every training runs in this process, for real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import StopAt, write_jsonl
+from hpclora import config as config_module
+from hpclora.errors import DataError
+
+# The chosen answer differs from the rejected one in its words, not in its length: a preference a tiny model learns in
+# a few steps and carries over to held-out pairs.
+PAIRS = [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.", "rejected": f"No, {i} is a word."} for i in range(24)]
+
+
+def pair_config(tmp_path: Path, model_dir: Path, rows=PAIRS, *overrides: str):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    return config_module.load(None, [
+        f"data.path={data}", f"model.name={model_dir}", "method.name=dpo", "data.val_size=4", "data.max_length=64",
+        f"data.cache_dir={tmp_path / 'cache'}", f"run.output_root={tmp_path / 'runs'}", "train.max_steps=6",
+        "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.lr=5e-3",
+        "slurm.gpus=0", *overrides])
+
+
+def train_here(cfg, run_dir: Path, stop_at: int | None = None):
+    from hpclora.job.preempt import StopRequest
+    from hpclora.job.train import train
+
+    with StopAt(stop_at) if stop_at else StopRequest() as stop:
+        return train(cfg, run_dir=str(run_dir), stop=stop)
+
+
+def entries(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pairs_in_every_form_are_the_same_tokens_and_the_prompt_is_generates(tmp_path, tokenizer):
+    from hpclora.data import encode, prepare, render
+
+    user = [{"role": "user", "content": "What colour is the sky?"}]
+    forms = [
+        {"prompt": "What colour is the sky?", "chosen": "Blue.", "rejected": "Green."},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "Green."}]},
+        {"chosen": user + [{"role": "assistant", "content": "Blue."}], "rejected": user + [{"role": "assistant", "content": "Green."}]},
+        {"prompt": [{"from": "human", "value": "What colour is the sky?"}], "chosen": "Blue.", "rejected": "Green."},
+        {"chosen": "What colour is the sky? Blue.", "rejected": "What colour is the sky? Green."},  # one text, shared prompt
+    ]
+    data = write_jsonl(tmp_path / "forms.jsonl", forms)
+    cfg = config_module.load(None, [f"data.path={data}", "method.name=dpo", "data.val_size=0", f"data.cache_dir={tmp_path}"])
+    train = prepare(cfg.data, tokenizer, 0, method="dpo").train
+    assert train["row"] == [1, 2, 3, 4, 5]
+    prompt = encode(render("alpaca", [{"role": "user", "content": "What colour is the sky?", "input": ""}], tokenizer), tokenizer, "alpaca")[0]
+    assert all(ids == prompt for ids in train["prompt_ids"])  # as `generate` tokenizes the prompt
+    assert {tokenizer.decode(ids) for ids in train["chosen_ids"]} == {"Blue." + tokenizer.eos_token}
+    assert {tokenizer.decode(ids) for ids in train["rejected_ids"]} == {"Green." + tokenizer.eos_token}
+
+    kto = prepare(cfg.data, tokenizer, 0, method="kto").train  # a pair is a good and a bad answer
+    assert kto["label"][:2] == [True, False] and len(kto) == 10
+
+
+@pytest.mark.parametrize("row, method, message", [
+    ({"prompt": "Hi", "chosen": "Hello."}, "dpo", "pairs.jsonl:2: missing field 'rejected'"),
+    ({"prompt": "Hi", "chosen": "Hello.", "rejected": " Hello. "}, "dpo", "pairs.jsonl:2: chosen and rejected are the same answer"),
+    ({"prompt": "word " * 80, "chosen": "Yes.", "rejected": "No."}, "dpo", "pairs.jsonl:2: the prompt alone is"),
+    ({"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}],
+      "rejected": [{"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]}, "dpo", "share every turn but their last"),
+    ({"prompt": "Hi", "completion": "Hello.", "label": True}, "dpo", "pairs.jsonl:1: these are unpaired preference rows"),
+])
+def test_a_bad_pair_is_named_by_its_file_and_line(tmp_path, tokenizer, row, method, message):
+    from hpclora.data import prepare
+
+    good = row if "completion" in row else PAIRS[0]
+    data = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    cfg = config_module.load(None, [f"data.path={data}", f"method.name={method}", "data.val_size=0", "data.max_length=48"])
+    with pytest.raises(DataError) as caught:
+        prepare(cfg.data, tokenizer, 0, method=method)
+    assert message in str(caught.value)
+
+
+def test_the_method_and_the_rows_must_agree(tmp_path, tokenizer):
+    from hpclora.data import prepare
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3])
+    cfg = config_module.load(None, [f"data.path={pairs}", "data.val_size=0"])
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: these are preference rows \(prompt/chosen/rejected pairs\), which method.name=sft does not train on: set method.name=dpo"):
+        prepare(cfg.data, tokenizer, 0)
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi", "output": "Hello."}])
+    cfg = config_module.load(None, [f"data.path={alpaca}", "data.val_size=0", "method.name=dpo"])
+    with pytest.raises(DataError, match=r"alpaca.jsonl:1: method.name=dpo trains on prompt/chosen/rejected pairs, and these rows are alpaca data"):
+        prepare(cfg.data, tokenizer, 0, method="dpo")
+    with pytest.raises(Exception, match="data.packing: method.name=dpo scores each answer"):
+        config_module.load(None, [f"data.path={pairs}", "method.name=dpo", "data.packing=true"])
+
+
+def test_the_dpo_loss_is_the_sigmoid_loss_of_the_models_own_log_probabilities(tmp_path, tiny_llama_dir, tokenizer):
+    """Step 2's logged loss, over all 8 training pairs (one micro-batch per step, so its order does not matter), against
+    -log sigmoid(beta x ((chosen - ref chosen) - (rejected - ref rejected))) computed from the weights of step 1's
+    checkpoint and the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from hpclora.data import prepare
+    from hpclora.job.preference import pair_scores
+
+    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS[:10], "data.val_size=2", "train.micro_batch_size=8", "train.max_steps=2",
+                      "train.save_every=1", "train.warmup_ratio=0", "method.beta=0.5")
+    run = train_here(cfg, tmp_path / "run")
+    logged = next(e["loss"] for e in entries(run.run_dir) if e.get("step") == 2 and "loss" in e)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run.run_dir / "checkpoints" / "checkpoint-1").eval()
+    pairs = prepare(cfg.data, tokenizer, cfg.run.seed, method="dpo").train
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
+    chosen, rejected, ref_chosen, ref_rejected = pair_scores(model, batch, with_reference=True)
+    expected = -torch.nn.functional.logsigmoid(0.5 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean().item()
+    assert len(pairs) == 8 and logged == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert logged != pytest.approx(math.log(2), abs=1e-4)  # the policy has moved from the reference by step 2
+
+
+def test_a_dpo_run_raises_held_out_preference_and_resumes_exactly(tmp_path, tiny_llama_dir, capsys):
+    """Stopped at step 4 of 12 and resumed: the adapter of an uninterrupted run, bit for bit. Its held-out pairs are
+    preferred more often than by the base, and the adapter holds no copy of the reference."""
+    from test_resume import assert_same_adapter
+
+    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS, "train.max_steps=12", "train.save_every=4", "train.eval_every=6", "train.lr=1e-2")
+    whole = train_here(cfg, tmp_path / "whole")
+    stopped = train_here(cfg, tmp_path / "parts", stop_at=4)
+    assert not stopped.finished
+    resumed = train_here(cfg, tmp_path / "parts")
+    assert resumed.finished
+    assert_same_adapter(whole.run_dir, resumed.run_dir)
+
+    log = capsys.readouterr().out
+    assert "reference: the base model (the adapter switched off)" in log
+    base, final = whole.summary["base_preference"], whole.summary["final_preference"]
+    assert final["pref_accuracy"] > base["pref_accuracy"] and final["pref_margin"] > base["pref_margin"]
+    assert base["reward_accuracy"] == 0 and base["reward_margin"] == 0  # the untrained adapter is the reference
+    steps = [e for e in entries(whole.run_dir) if "loss" in e]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and {"reward_accuracy", "reward_margin", "logps_chosen"} <= steps[0].keys()
+    assert [e["eval"] for e in entries(whole.run_dir) if "eval" in e] == ["base", "eval", "final"]
+    assert not (whole.run_dir / "adapter" / "ref").exists()
+
+
+def test_dpo_from_an_sft_run_keeps_the_sft_adapter_as_its_reference_in_fp16(tmp_path, tiny_llama_dir, capsys):
+    """SFT -> DPO in one line (model.adapter), in fp16 on the CPU (the V100's precision): the starting adapter is the
+    policy and the reference, so the first step's loss is log 2 with no reward margin, which a bare-base reference would
+    not give; the LoRA weights stay fp32 and no loss is NaN."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_run_yaml
+
+    sft = train_here(config_module.load(tiny_run_yaml(tmp_path, tiny_llama_dir, train={"max_steps": 3, "lr": 1e-2})), tmp_path / "sft")
+    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS, f"model.adapter={sft.run_dir}", "train.precision=fp16", "train.max_steps=3")
+    assert cfg.model.adapter == str(sft.run_dir / "adapter")
+    run = train_here(cfg, tmp_path / "dpo")
+    log = capsys.readouterr().out
+    assert f"reference: the starting adapter, frozen ({sft.run_dir / 'adapter'})" in log and "precision fp16" in log
+    steps = [e for e in entries(run.run_dir) if "loss" in e]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and steps[0]["reward_margin"] == pytest.approx(0, abs=1e-3)
+    assert all(math.isfinite(e["loss"]) for e in steps) and steps[-1]["loss"] < steps[0]["loss"]
+    assert run.summary["base_preference"]["reward_accuracy"] == 0
+    weights = load_file(run.run_dir / "adapter" / "adapter_model.safetensors")
+    sft_weights = load_file(sft.run_dir / "adapter" / "adapter_model.safetensors")
+    assert weights.keys() == sft_weights.keys() and {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+    assert any(not (weights[k] == sft_weights[k]).all() for k in weights)  # it trained the SFT adapter on
+
+
+def test_model_adapter_names_what_is_wrong(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match=r"model.adapter: .*empty holds no adapter \(adapter_config.json\): give a finished run's directory"):
+        config_module.load(None, ["data.path=x/y", f"model.adapter={empty}"])
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("model:\n  name: owner/other-model\n")
+    with pytest.raises(Exception, match=r"was trained on owner/other-model, and model.name is smollm2-135m: set model.name=owner/other-model"):
+        config_module.load(None, ["data.path=x/y", f"model.adapter={run}"])
+
+
+def test_method_settings_are_checked_with_their_key_paths(tmp_path):
+    from hpclora.errors import ConfigError
+
+    def problems(*overrides):
+        with pytest.raises(ConfigError) as caught:
+            config_module.load(None, ["data.path=x/y", *overrides])
+        return dict(caught.value.problems)
+
+    assert problems("method.beta=0.2") == {"method.beta": "applies to preference methods: set method.name=dpo, or drop it"}
+    assert "(did you mean sigmoid?)" in problems("method.name=dpo", "method.loss_type=sigmod")["method.loss_type"]
+    assert problems("method.name=dpo", "method.loss_type=[sigmoid,sft]", "method.loss_weights=[1.0]") == {
+        "method.loss_weights": "1 weights for 2 loss types: give one per method.loss_type"}
+    assert "never the prompt" in problems("method.name=dpo", "data.train_on_prompt=true")["data.train_on_prompt"]
+    both = problems("method.name=dpo", "method.beta=0", "method.label_smoothing=0.7")  # all at once
+    assert {"method.beta", "method.label_smoothing"} <= both.keys()
