@@ -146,7 +146,7 @@ def prepare(data_cfg, tokenizer, seed: int, packed: bool = False, method: str = 
                 ds, cached = tokenized(rows.source.data, chosen, numbers, tokenizer, split)
             else:  # a few thousand pairs tokenize in seconds: not cached
                 ds, cached = preference.dataset(rows.source.data, chosen, numbers, tokenizer, method), False
-            dropped = len(idx) - len(ds)
+            dropped = len(idx) - len(ds) if method == "sft" else 0  # a pair's prompt that fills max_length is an error, not a drop
             if split == "train" and rows.source.weight != 1 and len(ds):
                 ds = ds.select(weighted_positions(len(ds), rows.source.weight, seed + i)).flatten_indices()
             examples += len(ds) if split == "train" else 0
