@@ -18,7 +18,7 @@ from ..config import RunConfig, ranks_per_node, world_size
 from ..config.slurm_syntax import slurm_mem_gb, slurm_mem_mib, slurm_time
 from ..errors import UserError
 from . import calibration
-from .memory import GB, lora_parameters, memory_gb, recomputed_layers
+from .memory import GB, lora_parameters, memory_gb, recomputed_layers, rows_per_micro_batch
 from .speed import CPU_REFERENCE_CORES, cpu_speedup, matmul_tflops, rank_tokens_per_s, scaling
 from .steps import planned_steps
 from .strategy import choose_strategy
@@ -192,7 +192,7 @@ def make_plan(cfg: RunConfig, gpu: str | None = None, device: Device | None = No
             peak_note = f"measured by {measured.by()}; the estimate was {parts['peak_gb']:.2f} GB"
     seconds = None
     if steps is not None and tokens_per_s > 0:  # a device described without its speed (a job's own GPU) gives no time
-        tokens = steps * effective * world * cfg.data.max_length  # full rows: an upper bound
+        tokens = steps * rows_per_micro_batch(cfg, effective) * world * cfg.data.max_length  # full rows: an upper bound
         seconds = tokens / tokens_per_s + 300  # plus loading the model and evaluations
     recommended = resources(cfg, device, counts, parts, seconds)
     memory_note, memory_short = asked_memory(cfg.slurm.mem, recommended["mem"], device.name, peak_gb <= usable)

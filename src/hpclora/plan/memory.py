@@ -19,6 +19,11 @@ results in benchmarks/results/):
 - GPUs: the caching allocator's slack (fixed part plus the blocks of the fp32 logits it keeps) and the
   CUDA context; CPU: the interpreter and libraries.
 
+Preference methods (method.name dpo) run each micro-batch of pairs as twice as many rows (every chosen and every
+rejected answer beside its prompt), and the reference's no-grad pass over them keeps nothing for the backward pass;
+a starting adapter (model.adapter) is kept once more as the frozen reference (fp32 weights only). TRL scores the
+answers through the output head in chunks of up to PREFERENCE_HEAD_ROWS positions.
+
 Several ranks (slurm.nodes x slurm.gpus): under DDP every GPU holds the whole of the above (a replica)
 for its own micro-batch. Under FSDP (full shard, per decoder layer, as accelerate wraps it) the weights,
 LoRA gradients and optimizer states are divided by the world size; what is gathered at a time is added
@@ -65,6 +70,14 @@ CPU_LOGITS_EXTRA = 4
 CPU_LORA_INPUT_COPIES, CPU_ACT_EXTRA = 1.2, 0.25
 
 
+PREFERENCE_HEAD_ROWS = 32768  # TRL 1.16's fused log-probability head: positions projected at once (_CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def rows_per_micro_batch(cfg: RunConfig, micro_batch: int) -> int:
+    """Sequences one micro-batch runs through the model: a preference method's pairs are two each."""
+    return micro_batch * (2 if cfg.method.name != "sft" else 1)
+
+
 def eager_attention(d: ModelDims, cfg: RunConfig) -> bool:
     """Whether attention materialises the (sequence x sequence) matrices: eager kernels do, sdpa does not."""
     return cfg.model.attn_implementation == "eager" or (cfg.model.attn_implementation == "auto" and d.model_type in EAGER_ONLY)
@@ -103,6 +116,8 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     lora = lora_parameters(d, cfg.lora.r, cfg.lora.target_modules)
     optimizer_bytes = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[cfg.train.optimizer]
     lora_bytes = lora * (4 + 4)  # fp32 weights and gradients
+    if cfg.method.name != "sft" and cfg.model.adapter:
+        lora_bytes += lora * 4  # the frozen reference copy of the starting adapter
     optimizer = lora * optimizer_bytes
     whole_weights = weights
     if strategy == "fsdp" and world > 1:
@@ -111,7 +126,8 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
         weights = weights / world + 2 * per_layer_weights + head
         lora_bytes, optimizer = lora_bytes / world, optimizer / world
 
-    tokens = micro_batch * cfg.data.max_length
+    sequences = rows_per_micro_batch(cfg, micro_batch)
+    tokens = sequences * cfg.data.max_length
     gated = "gate_proj" in projections(d)  # SwiGLU keeps gate, up, their activation and product; GELU MLPs two
     per_layer = (ACT_H * d.hidden + (ACT_I if gated else ACT_I // 2) * d.intermediate) * e  # bytes per token and layer
     if cfg.lora.dropout > 0:
@@ -129,12 +145,15 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
         adapted_inputs = sum(projections(d)[n][0] for n in names)
         activations += tokens * (d.layers * CPU_LORA_INPUT_COPIES * e * adapted_inputs + (d.layers - recomputed) * CPU_ACT_EXTRA * per_layer)
     if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
-        attention = micro_batch * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
+        attention = sequences * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
         activations += attention * kept
     # The loss sees the logits of at most CHUNK_ROWS labelled positions at a time (loss.py), except where the
     # model's own loss runs on the full logits: architectures outside HEAD_ONLY_LOGITS, and FSDP's sharded head.
     full_logits = d.model_type not in HEAD_ONLY_LOGITS or (strategy == "fsdp" and world > 1)
-    loss_rows = tokens if full_logits else min(tokens, CHUNK_ROWS)
+    if cfg.method.name != "sft":
+        loss_rows = min(tokens, PREFERENCE_HEAD_ROWS)
+    else:
+        loss_rows = tokens if full_logits else min(tokens, CHUNK_ROWS)
     logits = loss_rows * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
     parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
              "activations_gb": activations / GB, "logits_gb": logits / GB}

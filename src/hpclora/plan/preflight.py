@@ -84,6 +84,20 @@ def check_model(cfg: RunConfig) -> None:
             f"(max_position_embeddings, from {source}): use at most {dims.context}"))])
 
 
+def check_pairs(cfg: RunConfig, source) -> None:
+    """A preference run's pairs tokenized as the job will (data.preference), where the model's tokenizer files are on
+    this node: a prompt that leaves no room for its answers within data.max_length fails here, naming its row."""
+    from ..catalog.tokenizer_files import file_tokenizer
+    from ..data import load_conversations
+    from ..data.preference import encode_examples
+
+    tokenizer = file_tokenizer(cfg)
+    if tokenizer is None:
+        return
+    pairs, numbers, _ = load_conversations(source.data, source.key, cfg.method.name)
+    encode_examples(pairs, numbers, source.data.path, tokenizer, source.data.template, source.data.max_length)
+
+
 def check_data(cfg: RunConfig) -> dict | None:
     """Every row of each local data file of the run (data.path, or each of data.sources); returns their row count
     (`rows`, and `per_source`) and format, or None where a source is not a local file (a hub id, or a missing file,
@@ -95,9 +109,12 @@ def check_data(cfg: RunConfig) -> dict | None:
             counted.append(None)
             continue
         d, stat = source.data, path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows)
+        key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows,
+               cfg.method.name, d.max_length)
         if key not in _checked:
-            _checked[key] = check_rows(d, source.key)
+            _checked[key] = check_rows(d, source.key, cfg.method.name)
+            if cfg.method.name != "sft":
+                check_pairs(cfg, source)
         counted.append(_checked[key])
     if None in counted:
         return None

@@ -45,9 +45,10 @@ def matmul_tflops(device: Device, cfg: RunConfig, precision: str) -> tuple[float
 
 def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: int, precision: str) -> tuple[float, float]:
     """(tokens/s of one rank, the efficiency it assumes) from the device's peak FLOPs: forward 2N, backward (input
-    gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, and
-    causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
-    per_token = (4 + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
+    gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, DPO's reference
+    pass 2N, and causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
+    reference_pass = 2 if cfg.method.name == "dpo" else 0  # a no-grad forward of the reference over the same rows
+    per_token = (4 + reference_pass + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
     per_token += 3 * 2 * d.layers * d.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     if device.name != "cpu":

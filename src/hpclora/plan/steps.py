@@ -40,13 +40,14 @@ def planned_steps(cfg: RunConfig, packed: bool) -> tuple[int | None, str]:
             return None, "rows not known here"
         note = "at most: hub datasets cut to data.max_rows"
     else:
-        rows, tokenizer = checked["per_source"], file_tokenizer(cfg)
+        rows = checked["per_source"]
+        tokenizer = file_tokenizer(cfg) if cfg.method.name == "sft" else None  # a preference run's pairs are never dropped
         if tokenizer is not None:
             micro_batches = math.ceil(counted_rows(cfg, tokenizer, packed) / cfg.train.micro_batch_size)
             what = "packed rows" if packed else "examples"
             return total_steps(micro_batches, cfg, world_size(cfg)), f"{what} counted with the model's tokenizer"
         note = ("at most: one row per example, as the model's tokenizer is not on this node to count packed rows"
-                if packed else "one row per example")
+                if packed else "one row per example" if cfg.method.name == "sft" else "one micro-batch row per pair")
     splits = mix_split(rows, cfg.data.val_size, cfg.run.seed)
     train_rows = sum(weighted_count(len(train), source.weight) for source, (train, _) in zip(sources, splits))
     return total_steps(math.ceil(train_rows / cfg.train.micro_batch_size), cfg, world_size(cfg)), note
