@@ -148,7 +148,24 @@ def test_a_dpo_run_raises_held_out_preference_and_resumes_exactly(tmp_path, tiny
     steps = [e for e in entries(whole.run_dir) if "loss" in e]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and {"reward_accuracy", "reward_margin", "logps_chosen"} <= steps[0].keys()
     assert [e["eval"] for e in entries(whole.run_dir) if "eval" in e] == ["base", "eval", "final"]
+    kept = lambda run_dir: [(e["step"], e.get("eval"), e.get("loss"), e.get("pref_accuracy")) for e in entries(run_dir)]  # noqa: E731
+    assert kept(resumed.run_dir) == kept(whole.run_dir)  # the resume kept every entry, the evaluations' too
     assert not (whole.run_dir / "adapter" / "ref").exists()
+
+    from hpclora.results.evaluate import describe_evaluation, evaluate
+
+    result = evaluate(whole.run_dir, n=1, max_new_tokens=3)  # `hpclora eval`: the same held-out pairs, loaded anew
+    assert result["before_is"] == "base model" and result["pairs"] == 4
+    assert result["preference"]["before"]["accuracy"] == base["pref_accuracy"] and result["preference"]["adapter"]["accuracy"] == final["pref_accuracy"]
+    assert result["preference"]["adapter"]["mean_margin"] == pytest.approx(final["pref_margin"], rel=1e-4)
+    assert result["samples"][0]["chosen"].startswith("Yes,") and "| chosen | rejected | base model | with adapter |" in (whole.run_dir / "eval.md").read_text()
+    assert "preference accuracy base model" in describe_evaluation(result, whole.run_dir)
+
+    from hpclora.results.report import report
+
+    written = report(str(whole.run_dir)).read_text()
+    assert f"Held-out preference accuracy {base['pref_accuracy']:.2f} (before) -> {final['pref_accuracy']:.2f} (adapter)" in written
+    assert "![rewards and preference](preference.png)" in written and (whole.run_dir / "preference.png").stat().st_size > 10_000
 
 
 def test_dpo_from_an_sft_run_keeps_the_sft_adapter_as_its_reference_in_fp16(tmp_path, tiny_llama_dir, capsys):
@@ -173,6 +190,12 @@ def test_dpo_from_an_sft_run_keeps_the_sft_adapter_as_its_reference_in_fp16(tmp_
     sft_weights = load_file(sft.run_dir / "adapter" / "adapter_model.safetensors")
     assert weights.keys() == sft_weights.keys() and {str(w.dtype) for w in weights.values()} == {"torch.float32"}
     assert any(not (weights[k] == sft_weights[k]).all() for k in weights)  # it trained the SFT adapter on
+
+    from hpclora.results.evaluate import evaluate
+    from hpclora.results.generate import speakers
+
+    assert evaluate(run.run_dir, n=0)["before_is"] == "starting adapter"  # before = the SFT adapter, not the bare base
+    assert [title for title, _ in speakers(run.run_dir, "compare")] == ["starting adapter", "with adapter"]
 
 
 def test_model_adapter_names_what_is_wrong(tmp_path):

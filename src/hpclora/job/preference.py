@@ -138,11 +138,11 @@ TOTAL_KEYS = ("pairs", "pref_right", "pref_margin", "reward_right", "reward_marg
 
 def failure_signs(first: dict, now: dict) -> list[str]:
     """What users of DPO watch for in the logged numbers (progress.REWARD_KEYS), from the first logged step to `now`:
-    pairs won outright within the first tenth of the run (too easy, or the answers give themselves away), and the
+    pairs won outright within the first quarter of the run (too easy, or the answers give themselves away), and the
     log-probabilities of chosen and rejected answers both falling fast (the model unlearns the answers it should
     keep: a smaller train.lr or a larger method.beta holds it closer to the reference)."""
     signs = []
-    if now.get("reward_accuracy") == 1.0 and now["loss"] < 0.05 and now["step"] <= max(1, now["max_steps"] // 10):
+    if now.get("reward_accuracy") == 1.0 and now["loss"] < 0.05 and now["step"] <= max(1, now["max_steps"] // 4):
         signs.append(f"reward accuracy 1.00 with loss {now['loss']:.3f} at step {now['step']} of {now['max_steps']}: the pairs are "
                      "separated at once; check that the rejected answers are not told apart by form alone (length, an end "
                      "token, a marker), or lower train.lr")

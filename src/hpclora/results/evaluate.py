@@ -25,10 +25,10 @@ def held_out(cfg, data_path: str | None) -> tuple[list, str]:
 
     if data_path:
         data = replace(cfg.data, path=data_path, max_rows=None, sources=[])
-        return [SourceRows(Source(data, 1.0, "data"), *load_conversations(data))], f"every row of {data_path}"
+        return [SourceRows(Source(data, 1.0, "data"), *load_conversations(data, method=cfg.method.name))], f"every row of {data_path}"
     if not cfg.data.val_size:
         raise UserError("eval: this run kept no validation rows (data.val_size: 0): pass --data PATH with held-out rows")
-    groups = validation_sources(cfg.data, cfg.run.seed)
+    groups = validation_sources(cfg.data, cfg.run.seed, cfg.method.name)
     return groups, f"the run's validation split of {', '.join(rows.source.data.path for rows in groups)}"
 
 
@@ -95,17 +95,21 @@ def overall(loss: dict, answers: dict | None) -> tuple[str, bool]:
 
 def evaluate(run_dir: str | Path, data_path: str | None = None, n: int = 5, max_new_tokens: int = 128) -> dict:
     from ..data import tokenized
-    from .generate import Sampling, adapter_and_base, load_run, note, timed
+    from .generate import Sampling, adapter_and_base, load_run, note, starting_point, timed
 
     run = Path(run_dir)
     model, tokenizer, cfg = load_run(run)
     groups, source = held_out(cfg, data_path)
+    if cfg.method.name != "sft":
+        from .evaluate_pairs import evaluate_pairs
+
+        return evaluate_pairs(run, model, tokenizer, cfg, groups, source, n, max_new_tokens)
     examples = [dict(row) for rows in groups if rows.conversations
                 for row in tokenized(rows.source.data, rows.conversations, rows.numbers, tokenizer, "eval" if data_path else "val")[0]]
     if not examples:
         raise UserError(f"eval: no held-out row has a response left after truncation to data.max_length={cfg.data.max_length} ({source})")
     note(f"loss on {len(examples)} held-out examples ({source}): base model ...")
-    with model.disable_adapter():
+    with starting_point(model):
         base_losses = example_losses(model, examples, tokenizer.pad_token_id)
     base_loss, tokens = mean_loss(base_losses), sum(count for _, count in base_losses)
     note(f"loss: base model {base_loss:.4f}; with adapter ...")
@@ -189,6 +193,10 @@ def answers_words(answers: dict) -> str:
 def describe_evaluation(result: dict, run_dir) -> str:
     """What `hpclora eval` prints: the held-out rows, what the loss and the answers each show, the verdict, and
     where the details went."""
+    if "preference" in result:
+        from .evaluate_pairs import describe_pairs
+
+        return describe_pairs(result, run_dir)
     base, adapter = result["base"], result["adapter"]
     return "\n".join([
         f"held out: {result['held_out']} ({result['examples']} examples, {result['response_tokens']:,} response tokens)",

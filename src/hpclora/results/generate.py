@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,6 +97,8 @@ def load_run(run_dir: str | Path):
     note(f"loading {cfg.model.name} and the adapter {adapter} ...")
     base, tokenizer = load_model(cfg)
     model = PeftModel.from_pretrained(base, str(adapter))
+    if cfg.model.adapter and Path(cfg.model.adapter).is_dir():  # the run went on from this adapter: its answers are the "before"
+        model.load_adapter(cfg.model.adapter, adapter_name=STARTING_ADAPTER)
     model.eval()
     note(f"loaded on {model.device} in {time.time() - started:.1f} s")
     return model, tokenizer, cfg
@@ -172,12 +175,34 @@ def transformers_reply(model, tokenizer, template: str) -> Reply:
     return reply
 
 
+STARTING_ADAPTER = "start"  # where a run that went on from an adapter (model.adapter) loads that adapter beside its own
+
+
+@contextmanager
+def starting_point(model):
+    """The model as the run found it while inside: its starting adapter, or the base (the adapter switched off)."""
+    if STARTING_ADAPTER not in model.peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(STARTING_ADAPTER)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+def starting_title(model) -> str:
+    return "starting adapter" if STARTING_ADAPTER in model.peft_config else "base model"
+
+
 def adapter_and_base(model, tokenizer, template: str) -> tuple[Reply, Reply]:
-    """A PEFT model's answers with its adapter, and without it (the same model, the adapter switched off)."""
+    """A PEFT model's answers with its adapter, and as the run found it (starting_point): the base with the adapter
+    switched off, or the adapter it went on from."""
     adapter = transformers_reply(model, tokenizer, template)
 
     def base(messages, sampling, out=None):
-        with model.disable_adapter():
+        with starting_point(model):
             return adapter(messages, sampling, out)
 
     return adapter, base
@@ -192,8 +217,8 @@ def speakers(target, mode: str) -> list[tuple[str, Reply]]:
     if gguf is None:
         model, tokenizer, cfg = load_run(target)
         adapter, base = adapter_and_base(model, tokenizer, cfg.data.template)
-        return {"adapter": [("with adapter", adapter)], "base": [("base model", base)],
-                "compare": [("base model", base), ("with adapter", adapter)]}[mode]
+        title = starting_title(model)
+        return {"adapter": [("with adapter", adapter)], "base": [(title, base)], "compare": [(title, base), ("with adapter", adapter)]}[mode]
     if mode == "base":
         raise UserError("generate: --no-adapter: a GGUF holds the merged model; give the run directory for the base model's answers")
     exported = load_gguf(gguf)

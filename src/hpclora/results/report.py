@@ -100,6 +100,42 @@ def plot_run(curves: Curves, title: str, out: Path, restarts: list[tuple[int, st
     return out
 
 
+def plot_preference(run_dir: Path, title: str, out: Path) -> Path | None:
+    """A preference run's figure (None for other runs): TRL's rewards per logged step (how often the chosen answer's
+    reward beats the rejected one's, and by how much), the log-probabilities of both answers (falling together is the
+    sign of a model unlearning its answers), and the held-out pairs' preference accuracy at each evaluation."""
+    entries = metric_entries(run_dir / "metrics.jsonl")
+    steps = [e for e in entries if "reward_accuracy" in e and "loss" in e]  # training logs (evaluations have no loss)
+    if not steps:
+        return None
+    held = sorted({e["step"]: e["pref_accuracy"] for e in entries if "pref_accuracy" in e}.items())
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = [e["step"] for e in steps]
+    left.plot(x, [e["reward_accuracy"] for e in steps], label="reward accuracy (training batches)", color="tab:blue")
+    if held:
+        left.plot(*zip(*held), label="held-out preference accuracy (step 0: before)", color="tab:orange", **evaluations_style(held))
+    left.set_ylim(-0.05, 1.05)
+    left.set_ylabel("share of pairs")
+    margin = left.twinx()
+    margin.plot(x, [e["reward_margin"] for e in steps], label="reward margin", color="tab:green", alpha=0.7)
+    margin.set_ylabel("reward margin (beta x log-ratio)")
+    right.plot(x, [e["logps_chosen"] for e in steps], label="chosen", color="tab:blue")
+    right.plot(x, [e["logps_rejected"] for e in steps], label="rejected", color="tab:red")
+    right.set_ylabel("log-probability of the answers (training batches)")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    left.legend(loc="lower right", fontsize=8)
+    margin.legend(loc="center right", fontsize=8)
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run_report(run_dir: Path) -> Path:
     """report.md and loss.png in the run directory; returns report.md's path."""
     curves = read_curves(run_dir)
@@ -107,6 +143,11 @@ def run_report(run_dir: Path) -> Path:
     overrides = trial_overrides(run_dir)
     png = plot_run(curves, f"{run_dir.name}: {overrides}" if overrides else run_dir.name, run_dir / "loss.png", restart_marks(run_dir))
     lines = [f"# {run_dir.name}", ""]
+    before, after = summary.get("base_preference"), summary.get("final_preference")
+    if before and after:
+        lines += [f"Held-out preference accuracy {before['pref_accuracy']:.2f} (before) -> {after['pref_accuracy']:.2f} (adapter) over "
+                  f"{after['pairs']} pairs; margin {before['pref_margin']:+.2f} -> {after['pref_margin']:+.2f} (log-probability, chosen "
+                  f"minus rejected).", ""]
     base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
     if base is not None and final is not None:
         lines += [f"Validation loss {base:.4f} (base) -> {final:.4f} (adapter), {final - base:+.4f}: **{verdict(base, final)}**.",
@@ -128,6 +169,8 @@ def run_report(run_dir: Path) -> Path:
     if curves.train:
         lines.append(f"| training loss (first -> last log) | {curves.train[0][1]:.4f} -> {curves.train[-1][1]:.4f} |")
     lines += ["", f"![loss curves]({png.name})", ""]
+    if (figure := plot_preference(run_dir, run_dir.name, run_dir / "preference.png")) is not None:
+        lines += [f"![rewards and preference]({figure.name})", ""]
     if (run_dir / "eval.md").is_file():
         lines += ["Generations and held-out loss: [eval.md](eval.md)", ""]
     out = run_dir / "report.md"
