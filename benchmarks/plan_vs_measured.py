@@ -1,6 +1,7 @@
 """How close is `hpclora plan` to reality? Predicted peak memory next to measured and published peaks.
 
     .venv/bin/python benchmarks/plan_vs_measured.py cpu         # the bundled model, 4 settings (~6 min on 2 cores)
+    .venv/bin/python benchmarks/plan_vs_measured.py cpu-dpo     # the same for DPO pairs, whose answers fill max_length
     .venv/bin/python benchmarks/plan_vs_measured.py published   # published Llama-2-7B GPU peaks (instant)
     .venv/bin/python benchmarks/plan_vs_measured.py replay FILE.json ...   # today's planner vs stored GPU measurements
     python benchmarks/plan_vs_measured.py gpu MODELS_ROOT [--gpu h100-80gb]   # on a CUDA machine (see shaped_model.py)
@@ -8,7 +9,8 @@
 Every measured setting is its own `hpclora train` process (a fresh peak), two optimizer steps on
 full-length rows, which is what the planner assumes. The peak is what the run records in summary.json:
 peak RSS on CPU, torch.cuda.max_memory_reserved on a GPU (and max_memory_allocated beside it).
-Goals (issue 6): within 20% of measured RSS on CPU, within 25% of the published GPU peaks.
+Goals (issue 6): within 20% of measured RSS on CPU, within 25% of the published GPU peaks; preference runs (issue 43):
+within 25% of measured RSS on CPU.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ CPU_SETTINGS = [
     Setting("mb8 len1024 ckpt", ["train.micro_batch_size=8", "data.max_length=1024", "train.gradient_checkpointing=true"]),
 ]
 
+# CPU, DPO: pairs whose answers fill max_length (long_pairs), a new adapter (the reference: the base with it switched
+# off) and one going on from an SFT adapter (its frozen copy is the reference).
+CPU_DPO_SETTINGS = [
+    Setting("dpo mb1 len256", ["train.micro_batch_size=1", "data.max_length=256", "train.gradient_checkpointing=false"]),
+    Setting("dpo mb2 len512", ["train.micro_batch_size=2", "data.max_length=512", "train.gradient_checkpointing=false"]),
+    Setting("dpo mb4 len512 ckpt", ["train.micro_batch_size=4", "data.max_length=512", "train.gradient_checkpointing=true"]),
+    Setting("dpo mb2 len512, from an adapter", ["train.micro_batch_size=2", "data.max_length=512", "train.gradient_checkpointing=false",
+                                                "model.adapter=ADAPTER"]),
+]
+
 # GPU: hpclora's own path on models shaped like the published checkpoints (benchmarks/shaped_model.py).
 # The published settings and the first five after them calibrated the constants in plan.py; the
 # settings marked "held out" were measured only after that, to check the model on new ground:
@@ -131,6 +143,23 @@ def long_rows(path: Path, rows: int = 160) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(rows):
             fh.write(json.dumps({"instruction": f"Answer question {i} at length.", "input": "", "output": words}, ensure_ascii=False) + "\n")
+
+
+def long_pairs(path: Path, rows: int = 40) -> None:
+    """Pairs whose answers are far longer than any max_length here: both are cut to fill it."""
+    answers = [json.loads(line)["output"] for line in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
+    words = " ".join(answers)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"prompt": f"Answer question {i} at length.", "chosen": words, "rejected": words[::-1]}, ensure_ascii=False) + "\n")
+
+
+def sft_adapter(work: Path) -> Path:
+    """An adapter for the from-an-adapter setting: one step of SFT on the bundled data."""
+    config = work / "sft.yaml"
+    config.write_text(base_yaml("smollm2-135m", DEMO_DATA, "chat", False, 0))
+    measure(config, Setting("sft", ["train.max_steps=1"], steps=1), work / "sft")
+    return work / "sft"
 
 
 def predicted(config: Path, setting: Setting, gpu: str) -> dict:
@@ -214,7 +243,7 @@ def replay(work: Path, measured: list[dict], gpu: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("cpu", "gpu", "published", "replay"))
+    parser.add_argument("mode", choices=("cpu", "cpu-dpo", "gpu", "published", "replay"))
     parser.add_argument("paths", nargs="*", help="gpu: the directory holding the shaped models (benchmarks/shaped_model.py); "
                                                  "replay: JSON files the gpu mode wrote")
     parser.add_argument("--gpu", default="h100-80gb", help="the planner's device for the gpu mode")
@@ -232,6 +261,15 @@ def main() -> None:
         rows = run_measured(work, chosen(CPU_SETTINGS), lambda s: config, "cpu", None)
         print()
         rows += run_published(work)
+    elif args.mode == "cpu-dpo":
+        data = work / "pairs.jsonl"
+        long_pairs(data)
+        config = work / "dpo.yaml"
+        config.write_text(base_yaml("smollm2-135m", data, "chat", False, 0).replace("format: alpaca", "format: preference")
+                          + "method: {name: dpo}\n")
+        adapter = str(sft_adapter(work)) if any("ADAPTER" in " ".join(s.overrides) for s in chosen(CPU_DPO_SETTINGS)) else ""
+        settings = [Setting(s.name, [o.replace("ADAPTER", adapter) for o in s.overrides]) for s in chosen(CPU_DPO_SETTINGS)]
+        rows = run_measured(work, settings, lambda s: config, "cpu", None)
     elif args.mode == "replay":
         rows = replay(work, [row for path in args.paths for row in json.loads(Path(path).read_text())], args.gpu)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,31 +101,45 @@ def test_the_method_and_the_rows_must_agree(tmp_path, tokenizer):
         config_module.load(None, [f"data.path={pairs}", "method.name=dpo", "data.packing=true"])
 
 
-def test_the_dpo_loss_is_the_sigmoid_loss_of_the_models_own_log_probabilities(tmp_path, tiny_llama_dir, tokenizer):
+@pytest.mark.parametrize("method", ["dpo", "orpo", "simpo"])
+def test_each_methods_loss_is_computed_from_the_models_own_log_probabilities(tmp_path, tiny_llama_dir, tokenizer, method):
     """Step 2's logged loss, over all 8 training pairs (one micro-batch per step, so its order does not matter), against
-    -log sigmoid(beta x ((chosen - ref chosen) - (rejected - ref rejected))) computed from the weights of step 1's
-    checkpoint and the base."""
+    the method's formula on the summed log-probabilities of each answer under step 1's checkpoint (and, for DPO, the
+    base as the reference): DPO -log sigmoid(beta ((c - ref c) - (r - ref r))); SimPO -log sigmoid(beta (c/|c| - r/|r|)
+    - gamma); ORPO the token-mean NLL of the chosen rows (TRL's ORPOTrainer counts their prompt tokens too) - beta log
+    sigmoid(log odds(c/|c|) - log odds(r/|r|))."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from hpclora.data import prepare
-    from hpclora.job.preference import pair_scores
+    from hpclora.job.preference import pair_collator, pair_scores
 
-    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS[:10], "data.val_size=2", "train.micro_batch_size=8", "train.max_steps=2",
-                      "train.save_every=1", "train.warmup_ratio=0", "method.beta=0.5")
+    beta = {"dpo": 0.5, "orpo": 0.5, "simpo": 2.0}[method]
+    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS[:10], f"method.name={method}", f"method.beta={beta}", "data.val_size=2",
+                      "train.micro_batch_size=8", "train.max_steps=2", "train.save_every=1", "train.warmup_ratio=0")
     run = train_here(cfg, tmp_path / "run")
     logged = next(e["loss"] for e in entries(run.run_dir) if e.get("step") == 2 and "loss" in e)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run.run_dir / "checkpoints" / "checkpoint-1").eval()
-    pairs = prepare(cfg.data, tokenizer, cfg.run.seed, method="dpo").train
-    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
-    chosen, rejected, ref_chosen, ref_rejected = pair_scores(model, batch, with_reference=True)
-    expected = -torch.nn.functional.logsigmoid(0.5 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean().item()
-    assert len(pairs) == 8 and logged == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert logged != pytest.approx(math.log(2), abs=1e-4)  # the policy has moved from the reference by step 2
+    pairs = prepare(cfg.data, tokenizer, cfg.run.seed, method=method).train
+    batch = pair_collator(tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
+    c, r, ref_c, ref_r = pair_scores(model, batch, with_reference=method == "dpo")
+    n_c, n_r = batch["completion_mask"].sum(1).chunk(2)
+    logsigmoid = torch.nn.functional.logsigmoid
+    if method == "dpo":
+        expected = -logsigmoid(beta * ((c - ref_c) - (r - ref_r))).mean()
+    elif method == "simpo":
+        expected = -logsigmoid(beta * (c / n_c - r / n_r) - cfg.method.simpo_gamma).mean()
+    else:
+        log_odds = lambda mean: mean - torch.log1p(-torch.exp(mean))  # noqa: E731
+        ids, mask = batch["input_ids"][:8], batch["attention_mask"][:8]  # the chosen rows, prompt and answer
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[mask[:, 1:].bool()], ids[:, 1:][mask[:, 1:].bool()])
+        expected = nll - beta * logsigmoid(log_odds(c / n_c) - log_odds(r / n_r)).mean()
+    assert len(pairs) == 8 and logged == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
 def test_a_dpo_run_raises_held_out_preference_and_resumes_exactly(tmp_path, tiny_llama_dir, capsys):
@@ -219,10 +234,45 @@ def test_method_settings_are_checked_with_their_key_paths(tmp_path):
             config_module.load(None, ["data.path=x/y", *overrides])
         return dict(caught.value.problems)
 
-    assert problems("method.beta=0.2") == {"method.beta": "applies to preference methods: set method.name=dpo, or drop it"}
+    assert problems("method.beta=0.2") == {"method.beta": "applies to method.name dpo or orpo or simpo, not sft: drop it"}
+    assert problems("method.name=orpo", "method.simpo_gamma=1") == {"method.simpo_gamma": "applies to method.name simpo, not orpo: drop it"}
     assert "(did you mean sigmoid?)" in problems("method.name=dpo", "method.loss_type=sigmod")["method.loss_type"]
     assert problems("method.name=dpo", "method.loss_type=[sigmoid,sft]", "method.loss_weights=[1.0]") == {
         "method.loss_weights": "1 weights for 2 loss types: give one per method.loss_type"}
     assert "never the prompt" in problems("method.name=dpo", "data.train_on_prompt=true")["data.train_on_prompt"]
     both = problems("method.name=dpo", "method.beta=0", "method.label_smoothing=0.7")  # all at once
     assert {"method.beta", "method.label_smoothing"} <= both.keys()
+
+
+def test_two_gloo_ranks_train_the_dpo_adapter_of_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir):
+    """DDP under torchrun: 2 ranks x 4 pairs train the adapter one process trains on 4 pairs x 2 accumulated (an epoch of
+    16 pairs: at an epoch's uneven end DDP would pad its last batch with repeated pairs), and the held-out pairs (7: 4 + 3
+    over the ranks) are each counted once."""
+    from test_distributed import harness, max_difference, two_ranks, weights
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:23])
+    config = tmp_path / "dpo.yaml"
+    config.write_text(json.dumps({
+        "model": {"name": str(tiny_llama_dir)}, "method": {"name": "dpo"}, "lora": {"dropout": 0.0},
+        "data": {"path": str(data), "val_size": 7, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 5e-3, "log_every": 1, "eval_every": 0, "save_every": 0},
+        "run": {"output_root": str(tmp_path / "runs")}, "slurm": {"gpus": 0},
+    }))
+    one, _ = harness(tmp_path, config, tmp_path / "one", "one-out", [sys.executable], "train.grad_accum=2")
+    two, done = harness(tmp_path, config, tmp_path / "two", "two-out", two_ranks())
+    assert max_difference(weights(two / "rank0.safetensors"), weights(two / "rank1.safetensors")) == 0.0
+    assert max_difference(weights(two / "rank0.safetensors"), weights(one / "rank0.safetensors")) <= 1e-6
+    held = lambda run: [(e["pairs"], e["pref_accuracy"], round(e["pref_margin"], 3)) for e in entries(run) if "eval" in e]  # noqa: E731
+    assert held(tmp_path / "two") == held(tmp_path / "one") and held(tmp_path / "one")[0][0] == 7
+    assert "world 2 ranks (gloo)" in done.stdout and done.stdout.count("adapter saved to") == 1
+
+
+def test_qlora_dpo_keeps_the_trained_weights_in_fp32(tmp_path, tiny_llama_dir, capsys):
+    """A 4-bit base (bitsandbytes' CPU kernels): TRL casts a quantized model's trainable weights to bf16, which a V100
+    cannot compute in; they train and are saved in fp32, and the reference is the 4-bit base with the adapter off."""
+    from safetensors.torch import load_file
+
+    run = train_here(pair_config(tmp_path, tiny_llama_dir, PAIRS, "quant.bits=4", "train.max_steps=2"), tmp_path / "qlora")
+    assert run.finished and "reference: the base model (the adapter switched off)" in capsys.readouterr().out
+    assert {str(w.dtype) for w in load_file(run.run_dir / "adapter" / "adapter_model.safetensors").values()} == {"torch.float32"}
+    assert all(math.isfinite(e["loss"]) for e in entries(run.run_dir) if "loss" in e)

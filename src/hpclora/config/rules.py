@@ -14,7 +14,7 @@ from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, 
 from ..catalog.models import BUNDLED, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
 from ..catalog.start_adapter import adapter_problem
-from .schema import DPO_LOSSES, ENTRIES, SECTIONS, RunConfig
+from .schema import DPO_LOSSES, ENTRIES, SECTIONS, MethodSection, RunConfig
 from .credentials import looks_secret
 from .value_types import number_words
 from ..data.sources import data_sources
@@ -113,24 +113,32 @@ def data_file_problems(path: str, key: str, check_files: bool) -> list[tuple[str
 
 
 def check_method(cfg: RunConfig) -> list[tuple[str, str]]:
-    """The method's own settings: loss types the method has, weights that match them, none of them set for sft."""
+    """The method's own settings: loss types the method has, weights that match them, none of another method's set."""
     m, problems = cfg.method, []
-    losses = [m.loss_type] if isinstance(m.loss_type, str) else m.loss_type
-    if m.name == "sft":
-        set_here = [key for key, value in (("beta", m.beta), ("loss_type", m.loss_type != "auto" or None), ("loss_weights", m.loss_weights),
-                                           ("label_smoothing", m.label_smoothing or None)) if value is not None]
-        problems += [(f"method.{key}", "applies to preference methods: set method.name=dpo, or drop it") for key in set_here]
-    elif not isinstance(losses, list) or not losses or not all(isinstance(x, str) for x in losses):
-        problems.append(("method.loss_type", f"expected auto, a loss type or a list of them, got {m.loss_type!r}"))
-    elif m.loss_type != "auto" and (unknown := [x for x in losses if x not in DPO_LOSSES]):
-        near = difflib.get_close_matches(unknown[0], DPO_LOSSES, n=1)
-        problems.append(("method.loss_type", f"{unknown[0]!r} is not a dpo loss" + (f" (did you mean {near[0]}?)" if near else "")
-                         + f"; they are {', '.join(DPO_LOSSES)}"))
-    elif m.loss_weights is not None and len(m.loss_weights) != len(losses):
-        problems.append(("method.loss_weights", f"{len(m.loss_weights)} weights for {len(losses)} loss types: give one per method.loss_type"))
+    defaults = MethodSection()
+    owners = {"beta": ("dpo", "orpo", "simpo"), "loss_type": ("dpo",), "loss_weights": ("dpo",), "label_smoothing": ("dpo", "simpo"),
+              "simpo_gamma": ("simpo",)}
+    for key, methods in owners.items():
+        if m.name not in methods and getattr(m, key) != getattr(defaults, key):
+            problems.append((f"method.{key}", f"applies to method.name {' or '.join(methods)}, not {m.name}: drop it"))
+    if m.name == "dpo":
+        problems += dpo_loss_problems(m.loss_type, m.loss_weights)
     if m.name != "sft" and cfg.data.train_on_prompt:
         problems.append(("data.train_on_prompt", f"method.name={m.name} scores the answers of each pair, never the prompt: drop it"))
     return problems
+
+
+def dpo_loss_problems(loss_type, weights) -> list[tuple[str, str]]:
+    losses = [loss_type] if isinstance(loss_type, str) else loss_type
+    if not isinstance(losses, list) or not losses or not all(isinstance(x, str) for x in losses):
+        return [("method.loss_type", f"expected auto, a loss type or a list of them, got {loss_type!r}")]
+    if loss_type != "auto" and (unknown := [x for x in losses if x not in DPO_LOSSES]):
+        near = difflib.get_close_matches(unknown[0], DPO_LOSSES, n=1)
+        return [("method.loss_type", f"{unknown[0]!r} is not a dpo loss" + (f" (did you mean {near[0]}?)" if near else "")
+                 + f"; they are {', '.join(DPO_LOSSES)}")]
+    if weights is not None and len(weights) != len(losses):
+        return [("method.loss_weights", f"{len(weights)} weights for {len(losses)} loss types: give one per method.loss_type")]
+    return []
 
 
 def check_strategy(cfg: RunConfig) -> list[tuple[str, str]]:

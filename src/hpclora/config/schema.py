@@ -109,7 +109,7 @@ class DataSection:
     format: str = opt(
         "auto",
         "Row format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
-        "messages (role/content), text; for dpo preference (prompt/chosen/rejected, as text or message lists, or "
+        "messages (role/content), text; for preference methods preference (prompt/chosen/rejected, as text or message lists, or "
         "chosen/rejected conversations sharing their prompt turns); auto detects it from the first row.",
         choices=("auto", *FORMATS),
     )
@@ -154,7 +154,7 @@ class DataSource:
     max_rows: Optional[int] = opt(None, "As data.max_rows.", min=1, max=10**10)
 
 
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "orpo", "simpo")
 # TRL 1.16's DPOTrainer loss types (DPOConfig.loss_type).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
@@ -162,17 +162,20 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 @dataclass
 class MethodSection:
-    """What the adapter learns from: responses (sft) or preferences between two responses (dpo, through TRL)."""
+    """What the adapter learns from: responses (sft) or preferences between two responses (dpo, orpo, simpo, through TRL)."""
 
     name: str = opt(
         "sft",
         "sft: supervised fine-tuning on responses. dpo: direct preference optimisation on prompt/chosen/rejected pairs "
-        "against a frozen reference: the starting adapter of model.adapter, else the base with the adapter switched off.",
+        "against a frozen reference: the starting adapter of model.adapter, else the base with the adapter switched off. "
+        "orpo: the chosen answers' SFT loss plus an odds-ratio preference term, no reference. simpo: a margin between the "
+        "answers' mean log-probabilities, no reference.",
         choices=METHODS,
     )
     beta: Optional[float] = opt(
         None,
-        "dpo's temperature: how far from the reference the tuned model may move (larger = closer). null = 0.1.",
+        "dpo: its temperature, how far from the reference the tuned model may move (larger = closer); orpo: the weight of "
+        "the odds-ratio term beside the SFT loss; simpo: the reward scale. null = 0.1 (dpo, orpo) or 2.0 (simpo).",
         gt=0, max=1000,
     )
     loss_type: Any = opt(
@@ -181,8 +184,9 @@ class MethodSection:
     )
     loss_weights: Optional[List[float]] = opt(None, "dpo with several loss types: the weight of each (null = 1 each).")
     label_smoothing: float = opt(
-        0.0, "The share of pairs assumed mislabelled (dpo's sigmoid, robust and exo_pair losses): 0 = trust every pair.", min=0, lt=0.5,
+        0.0, "The share of pairs assumed mislabelled (dpo's sigmoid, robust and exo_pair losses; simpo): 0 = trust every pair.", min=0, lt=0.5,
     )
+    simpo_gamma: float = opt(0.5, "simpo: the target margin between the chosen and rejected answers' rewards.", min=0, max=100)
 
 
 @dataclass

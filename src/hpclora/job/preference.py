@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..errors import UserError
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
-DEFAULT_BETA = {"dpo": 0.1}
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 WITH_REFERENCE = ("dpo",)  # methods that score against a reference
 
 
@@ -28,7 +28,15 @@ def trainer_class(method: str):
 
         raise UserError(f"method.name={method} trains with TRL 1.16, which needs Python 3.11 or newer and is not installed in "
                         f"this Python ({sys.version.split()[0]}): run the job with a Python that has it (pip install trl==1.16.0)") from None
-    return {"dpo": (trl.DPOTrainer, trl.DPOConfig)}[method]
+    if method == "dpo":
+        return trl.DPOTrainer, trl.DPOConfig
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig
+    from trl.experimental.cpo import CPOConfig, CPOTrainer  # SimPO is CPO's loss "simpo" without its SFT term
+
+    return CPOTrainer, CPOConfig
 
 
 def beta(method_cfg) -> float:
@@ -43,12 +51,13 @@ def method_arguments(cfg) -> dict:
         "max_length": cfg.data.max_length,  # the data stage has cut every pair to it already
         "disable_dropout": True,  # TRL's choice: policy and reference see the same network
         "gradient_checkpointing": False,  # TRL turns it on by default; hpclora decides it (train.gradient_checkpointing)
-        "precompute_ref_log_probs": False,
         "dataset_num_proc": None,
     }
     if m.name == "dpo":
         losses = ["sigmoid"] if m.loss_type == "auto" else [m.loss_type] if isinstance(m.loss_type, str) else list(m.loss_type)
-        args.update(loss_type=losses, loss_weights=m.loss_weights, label_smoothing=m.label_smoothing)
+        args.update(loss_type=losses, loss_weights=m.loss_weights, label_smoothing=m.label_smoothing, precompute_ref_log_probs=False)
+    if m.name == "simpo":
+        args.update(loss_type="simpo", simpo_gamma=m.simpo_gamma, cpo_alpha=0.0, label_smoothing=m.label_smoothing)
     return args
 
 
@@ -74,6 +83,14 @@ def as_reference(model):
 
     unwrapped = model.module if hasattr(model, "module") else model
     return use_adapter(unwrapped, REFERENCE_ADAPTER if REFERENCE_ADAPTER in unwrapped.peft_config else None)
+
+
+def pair_collator(pad_token_id: int):
+    """Batches of tokenized pairs as TRL's DPO collator makes them (chosen rows first, then rejected, with a completion
+    mask): what the evaluation scores, whichever trainer the method trains with."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=pad_token_id)
 
 
 def answer_logps(model, batch: dict):

@@ -21,7 +21,8 @@ from ..config.slurm_syntax import slurm_time
 
 # TRL's logged preference numbers -> metrics.jsonl's names
 REWARD_KEYS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "rewards/margins": "reward_margin",
-               "rewards/accuracies": "reward_accuracy", "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected"}
+               "rewards/accuracies": "reward_accuracy", "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
+               "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio"}  # ORPO's two terms
 
 
 def peak_memory_gb() -> float:

@@ -338,8 +338,9 @@ def describe_method(cfg: RunConfig) -> str:
         reference = f"reference: the starting adapter, frozen ({cfg.model.adapter})"
     else:
         reference = "reference: the base model (the adapter switched off)"
-    losses = method_arguments(cfg).get("loss_type", [])
-    return f"method {m.name} | beta {beta(m):g} | loss {' + '.join(losses)} | {reference}"
+    loss = {"dpo": " + ".join(method_arguments(cfg).get("loss_type", [])), "orpo": "chosen answers' SFT + odds ratio",
+            "simpo": f"simpo, margin gamma {m.simpo_gamma:g}"}[m.name]
+    return f"method {m.name} | beta {beta(m):g} | loss {loss} | {reference}"
 
 
 def describe_preference(base: dict, final: dict) -> str:

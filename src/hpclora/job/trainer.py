@@ -94,15 +94,16 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
                 self.evaluated = (step, metrics)
             return metrics
 
-        def sharded_batches(self, rows):
-            """This rank's share of `rows` as collated batches on its device, and a flag: False for the passes a rank
-            out of rows still joins (under FSDP each forward is a collective) without counting them (eval_shard)."""
+        def sharded_batches(self, rows, collate=None):
+            """This rank's share of `rows` as batches on its device (collated by `collate`, else the training's collator),
+            and a flag: False for the passes a rank out of rows still joins (under FSDP each forward is a collective)
+            without counting them (eval_shard)."""
             import torch
 
             world = distributed.world()
             batches, runs = eval_shard(len(rows), world.rank, world.size, self.args.per_device_eval_batch_size)
             for i in range(runs):
-                batch = self.data_collator([rows[j] for j in (batches[i] if i < len(batches) else [0])])
+                batch = (collate or self.data_collator)([rows[j] for j in (batches[i] if i < len(batches) else [0])])
                 yield {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}, i < len(batches)
 
     class PublishCheckpoint(TrainerCallback):
@@ -176,7 +177,8 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
         **(fsdp_arguments() if sharded else {}),
         **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
-        **(methods.method_arguments(cfg) | {"pad_to_multiple_of": 8 if cuda else None} if preference else {}),
+        **(methods.method_arguments(cfg) if preference else {}),
+        **({"pad_to_multiple_of": 8 if cuda else None} if cfg.method.name == "dpo" else {}),
     )
     # The loss from the labelled positions' hidden states only (loss.py); FSDP (whose head is a shard) and other
     # architectures use the model's own loss. Either way the Trainer normalises it over the accumulated batch.
@@ -239,9 +241,24 @@ class PreferenceSteps(TokenizedPreferenceData):
     """Preference methods' steps (TRL's loss): the real tokens of the pairs counted, and an evaluation of the held-out
     pairs by the model's own preference and, against the reference, by DPO's implicit reward (job/preference.py)."""
 
+    SEQUENCE_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")  # DPO's batches; ORPO's and CPO's
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.local_tokens += int(inputs["attention_mask"].sum())
+        self.local_tokens += sum(int(inputs[key].sum()) for key in self.SEQUENCE_MASKS if key in inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def tokenize_row(self, feature, model=None):
+        """ORPO's and CPO's rows from the pairs the data stage tokenized (their own tokenize_row would tokenize text
+        columns): prompt, then prompt + each answer with the prompt's labels masked."""
+        from ..data.tokenize import IGNORE
+
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            answer = feature[f"{side}_ids"]
+            row.update({f"{side}_input_ids": prompt + answer, f"{side}_attention_mask": [1] * (len(prompt) + len(answer)),
+                        f"{side}_labels": [IGNORE] * len(prompt) + answer})
+        return row
 
     def measure(self, rows, prefix: str) -> dict:
         import torch
@@ -250,7 +267,7 @@ class PreferenceSteps(TokenizedPreferenceData):
 
         with_reference = self.run_method in preference.WITH_REFERENCE
         totals = torch.zeros(5 if with_reference else 3, dtype=torch.float64, device=self.args.device)
-        for batch, counted in self.sharded_batches(rows):
+        for batch, counted in self.sharded_batches(rows, preference.pair_collator(self.processing_class.pad_token_id)):
             with self.autocast_smart_context_manager():
                 numbers = preference.summed_pair_numbers(preference.pair_scores(self.model, batch, with_reference))
             if counted:

@@ -17,11 +17,9 @@ BATCH_PAIRS = 8
 
 def pair_margins(model, pairs, pad_token_id: int) -> list[float]:
     """Each pair's margin under `model`: the summed log-probability of the chosen answer minus the rejected one's."""
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from ..job.preference import pair_collator, pair_scores
 
-    from ..job.preference import pair_scores
-
-    collate, margins = DataCollatorForPreference(pad_token_id=pad_token_id), []
+    collate, margins = pair_collator(pad_token_id), []
     for start in range(0, len(pairs), BATCH_PAIRS):
         batch = collate([pairs[i] for i in range(start, min(start + BATCH_PAIRS, len(pairs)))])
         chosen, rejected, _, _ = pair_scores(model, {k: v.to(model.device) for k, v in batch.items()}, with_reference=False)
