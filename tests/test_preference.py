@@ -276,3 +276,15 @@ def test_qlora_dpo_keeps_the_trained_weights_in_fp32(tmp_path, tiny_llama_dir, c
     assert run.finished and "reference: the base model (the adapter switched off)" in capsys.readouterr().out
     assert {str(w.dtype) for w in load_file(run.run_dir / "adapter" / "adapter_model.safetensors").values()} == {"torch.float32"}
     assert all(math.isfinite(e["loss"]) for e in entries(run.run_dir) if "loss" in e)
+
+
+def test_the_plan_of_a_dpo_run_counts_both_answers_of_each_pair_and_the_references_pass():
+    from hpclora.plan import make_plan
+
+    common = ["data.path=owner/data", "train.micro_batch_size=2", "data.max_length=512", "data.packing=false", "slurm.gpus=0",
+              "train.gradient_checkpointing=false"]
+    sft = make_plan(config_module.load(None, common), "cpu")
+    dpo = make_plan(config_module.load(None, [*common, "method.name=dpo"]), "cpu")
+    assert dpo.breakdown["activations_gb"] == pytest.approx(2 * sft.breakdown["activations_gb"], rel=1e-3)  # chosen and rejected rows
+    assert dpo.tokens_per_s < sft.tokens_per_s / 2  # the reference's forward, and TRL's scoring head
+    assert not dpo.packing and "not packed: method.name=dpo" in dpo.packing_reason

@@ -71,6 +71,11 @@ CPU_LORA_INPUT_COPIES, CPU_ACT_EXTRA = 1.2, 0.25
 
 
 PREFERENCE_HEAD_ROWS = 32768  # TRL 1.16's fused log-probability head: positions projected at once (_CHUNKED_LOGPROB_CHUNK_SIZE)
+# Bytes per scored position and vocabulary entry that TRL's head keeps at its peak on a CPU, where it scores every
+# position: fitted on SmolLM2-135M (DPO, 256 and 512 tokens, 1 to 4 pairs, with and without checkpointing: within 22%
+# of the measured peak RSS, benchmarks/results/plan_vs_measured_dpo.txt). On a GPU: the logits in the compute dtype, their
+# fp32 upcast and its gradient.
+PREFERENCE_CPU_HEAD_BYTES = 20
 
 
 def rows_per_micro_batch(cfg: RunConfig, micro_batch: int) -> int:
@@ -152,9 +157,10 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     full_logits = d.model_type not in HEAD_ONLY_LOGITS or (strategy == "fsdp" and world > 1)
     if cfg.method.name != "sft":
         loss_rows = min(tokens, PREFERENCE_HEAD_ROWS)
+        logits = loss_rows * d.vocab * (PREFERENCE_CPU_HEAD_BYTES if device.name == "cpu" else e + 4 + 4)
     else:
         loss_rows = tokens if full_logits else min(tokens, CHUNK_ROWS)
-    logits = loss_rows * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
+        logits = loss_rows * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
     parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
              "activations_gb": activations / GB, "logits_gb": logits / GB}
     if device.name == "cpu":

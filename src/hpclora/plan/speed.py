@@ -14,7 +14,10 @@ from .memory import eager_attention, recomputed_layers
 # SmolLM2-135M). Smaller GPU models use the card less well (kernel launches, element-wise work on
 # activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
 # OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
-EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5}
+EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5, "preference": 0.5}
+# Preference methods (TRL's trainers) reach about half of that per trained token: TRL's head scores every position of
+# both answers through the whole vocabulary, with its entropy and top-1 metrics. Fitted on SmolLM2-135M DPO on the CPU
+# (91 to 123 real tokens/s where 194 to 262 were planned, benchmarks/results/plan_vs_measured_dpo.txt); assumed on GPUs.
 # Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
 # measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
 # per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
@@ -51,6 +54,7 @@ def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: in
     per_token = (4 + reference_pass + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
     per_token += 3 * 2 * d.layers * d.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
+    efficiency *= EFFICIENCY["preference"] if cfg.method.name != "sft" else 1
     if device.name != "cpu":
         efficiency *= min(1.0, d.hidden / 4096) ** 0.5 * (EFFICIENCY["eager"] if eager_attention(d, cfg) else 1)
     peak_flops = matmul_tflops(device, cfg, precision)[0] * 1e12
