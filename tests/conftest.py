@@ -35,15 +35,14 @@ SHARED_FIXTURE_GROUPS = {
 # The order xdist hands the work out in (setup.cfg's --no-loadscope-reorder keeps it; by default xdist orders by test
 # count): the longest first, so that none starts near the end and leaves one worker running alone, and the Slurm
 # tests that mostly wait for their jobs beside those that compute. From a full run's --durations: the real-run group
-# 7 minutes, distributed 5, the image's stop-signal tests 2.5 to 3.5 each, the two-node, template and stop-signal Slurm
-# tests 2 to 3 each, end-to-end and resume 2.
+# 7 minutes, distributed 5, the two-node, template and stop-signal Slurm tests 2 to 3 each, end-to-end and resume 2.
 HANDED_OUT_FIRST = (
     "test_chat.py",  # the first of the real-run group's files: the group goes out where its first test is
-    "test_apptainer.py::test_usr1_term_and_cancel",  # the longest single tests (paced jobs in the image, 2.5 to 3.5 min)
     "test_slurm.py::test_a_job_of_two_nodes",
     "test_distributed.py",
     "test_slurm.py::test_the_hand_written_template_runs_a_rank_per_gpu",
     "test_slurm.py::test_usr1_term_and_a_time_limit",
+    "test_apptainer.py::test_usr1_term_and_cancel",
     "test_end_to_end.py", "test_resume.py", "test_api.py", "test_slurm.py", "test_apptainer.py",
 )
 
