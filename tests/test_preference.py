@@ -288,3 +288,16 @@ def test_the_plan_of_a_dpo_run_counts_both_answers_of_each_pair_and_the_referenc
     assert dpo.breakdown["activations_gb"] == pytest.approx(2 * sft.breakdown["activations_gb"], rel=1e-3)  # chosen and rejected rows
     assert dpo.tokens_per_s < sft.tokens_per_s / 2  # the reference's forward, and TRL's scoring head
     assert not dpo.packing and "not packed: method.name=dpo" in dpo.packing_reason
+
+
+def test_the_known_failure_signs_are_named_once_they_show():
+    from hpclora.job.preference import failure_signs
+
+    first = {"step": 1, "max_steps": 40, "loss": 0.69, "reward_accuracy": 0.0, "logps_chosen": -40.0, "logps_rejected": -45.0}
+    healthy = {**first, "step": 20, "loss": 0.4, "reward_accuracy": 0.8, "logps_chosen": -38.0, "logps_rejected": -60.0}
+    assert failure_signs(first, healthy) == []
+    too_easy = {**first, "step": 3, "loss": 0.01, "reward_accuracy": 1.0}
+    assert "separated at once" in failure_signs(first, too_easy)[0]
+    assert failure_signs(first, {**too_easy, "step": 30}) == []  # late in the run a won pair is no sign
+    unlearning = {**healthy, "logps_chosen": -90.0, "logps_rejected": -120.0}
+    assert "both fall fast (chosen -40.0 -> -90.0, rejected -45.0 -> -120.0)" in failure_signs(first, unlearning)[0]
