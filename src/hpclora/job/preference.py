@@ -140,6 +140,11 @@ def preference_metrics(totals: dict, beta_value: float, prefix: str) -> dict:
     return metrics
 
 
+def evaluation_numbers(metrics: dict, prefix: str) -> dict:
+    """A logged evaluation without its prefix and runtime: what metrics.jsonl, the summary and the checkpoints keep."""
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "_") and not k.endswith("_runtime")}
+
+
 def summed_pair_numbers(scores) -> list[float]:
     """[pairs, pref_right, pref_margin(, reward_right, reward_margin)] summed over a batch's pairs (pair_scores)."""
     chosen, rejected, ref_chosen, ref_rejected = scores

@@ -154,7 +154,9 @@ class ProgressLog(TrainerCallback):
         self.last_time, self.last_tokens = now, tokens
 
     def preference_evaluation(self, step: int, label: str, logs: dict) -> None:
-        numbers = {k[len(label) + 1:]: v for k, v in logs.items() if k.startswith(label + "_") and not k.endswith("_runtime")}
+        from .preference import evaluation_numbers
+
+        numbers = evaluation_numbers(logs, label)
         self.record({"step": step, "eval": label, **numbers})
         shown = "adapter" if label == "eval" else label
         reward = (f" | reward accuracy {numbers['reward_accuracy']:.2f}, margin {numbers['reward_margin']:+.3f}"

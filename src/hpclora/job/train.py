@@ -20,6 +20,7 @@ from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, m
 from ..stops import CANCEL_REQUEST, CANCELLED, job_label
 from . import checkpoint, distributed
 from .preempt import StopRequest
+from .preference import evaluation_numbers
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
 from .resume import find_resume_point, first_start, keep_metrics_up_to, record_attempt, reusable_base_loss
@@ -165,7 +166,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
             # `hpclora eval` measures it with the adapter disabled). Disabling it here would freeze the adapter for
             # FSDP's first forward, where FSDP fixes which parameters it reduces gradients for: none.
             measured = trainer.evaluate(metric_key_prefix="base")
-            base_loss = preference_numbers(measured, "base") if preference else measured["base_loss"]
+            base_loss = evaluation_numbers(measured, "base") if preference else measured["base_loss"]
 
     trainer = build_trainer(cfg, model, tokenizer, data, out, precision, sharded, liger, steps, progress, stop, trackers, measure_base,
                             checkpoint_state=lambda: {"step": trainer.state.global_step, "tokens_seen": trainer.tokens_seen,
@@ -203,7 +204,7 @@ def _train_in(out: Path, cfg: RunConfig, world: distributed.World, trackers: lis
         emit(f"{stop_name(stop)} asked for a stop after the last step: finishing (final evaluation, adapter) instead of checkpointing")
 
     final = trainer.evaluate(metric_key_prefix="final") if data.val is not None else None
-    final_loss = None if final is None else preference_numbers(final, "final") if preference else final["final_loss"]
+    final_loss = None if final is None else evaluation_numbers(final, "final") if preference else final["final_loss"]
 
     # Under FSDP every rank holds a shard of the adapter: they all take part in gathering it.
     weights = distributed.gathered_trainable_state(trainer.model) if sharded else None
@@ -321,11 +322,6 @@ def describe_result(summary: dict, out: Path) -> str:
                      f"({change:+.4f}: {verdict(summary['base_val_loss'], summary['final_val_loss'])})")
     lines.append(f"adapter saved to {out / 'adapter'}")
     return "\n".join(lines)
-
-
-def preference_numbers(metrics: dict, prefix: str) -> dict:
-    """An evaluation of held-out pairs without its prefix and runtime: what the summary and the checkpoints keep."""
-    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "_") and not k.endswith("_runtime")}
 
 
 def describe_method(cfg: RunConfig) -> str:

@@ -94,17 +94,25 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
                 self.evaluated = (step, metrics)
             return metrics
 
-        def sharded_batches(self, rows, collate=None):
-            """This rank's share of `rows` as batches on its device (collated by `collate`, else the training's collator),
-            and a flag: False for the passes a rank out of rows still joins (under FSDP each forward is a collective)
-            without counting them (eval_shard)."""
+        def summed_over_shards(self, rows, numbers, width: int, collate=None) -> list[float]:
+            """`numbers(batch)` (`width` of them) summed over every row of `rows`, each on exactly one rank and collated
+            by `collate` (else the training's collator); a rank out of rows still joins the forward passes (under FSDP
+            each is a collective) without counting them (eval_shard)."""
             import torch
 
             world = distributed.world()
             batches, runs = eval_shard(len(rows), world.rank, world.size, self.args.per_device_eval_batch_size)
+            totals = torch.zeros(width, dtype=torch.float64, device=self.args.device)
             for i in range(runs):
                 batch = (collate or self.data_collator)([rows[j] for j in (batches[i] if i < len(batches) else [0])])
-                yield {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}, i < len(batches)
+                batch = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with self.autocast_smart_context_manager():
+                    values = numbers(batch)
+                if i < len(batches):
+                    totals += torch.tensor(values, dtype=torch.float64, device=self.args.device)
+            if world.size > 1:  # each rank held a shard
+                torch.distributed.all_reduce(totals)
+            return totals.tolist()
 
     class PublishCheckpoint(TrainerCallback):
         """Trainer writes each checkpoint into the staging area (its output_dir); once it is whole, it is
@@ -222,19 +230,10 @@ class SupervisedSteps:
         return super().training_step(model, inputs, num_items_in_batch)
 
     def measure(self, rows, prefix: str) -> dict:
-        import torch
-
         from .loss import summed_loss
 
-        totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # loss sum, token count
-        for batch, counted in self.sharded_batches(rows):
-            with self.autocast_smart_context_manager():
-                total, count = summed_loss(self.model, batch)
-            if counted:
-                totals += torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
-        if distributed.world().size > 1:  # each rank held a shard
-            torch.distributed.all_reduce(totals)
-        return {f"{prefix}_loss": (totals[0] / totals[1]).item(), f"{prefix}_tokens": int(totals[1])}
+        total, count = self.summed_over_shards(rows, lambda batch: summed_loss(self.model, batch), 2)
+        return {f"{prefix}_loss": total / count, f"{prefix}_tokens": int(count)}
 
 
 class PreferenceSteps(TokenizedPreferenceData):
@@ -261,20 +260,13 @@ class PreferenceSteps(TokenizedPreferenceData):
         return row
 
     def measure(self, rows, prefix: str) -> dict:
-        import torch
-
         from . import preference
 
         with_reference = self.run_method in preference.WITH_REFERENCE
-        totals = torch.zeros(5 if with_reference else 3, dtype=torch.float64, device=self.args.device)
-        for batch, counted in self.sharded_batches(rows, preference.pair_collator(self.processing_class.pad_token_id)):
-            with self.autocast_smart_context_manager():
-                numbers = preference.summed_pair_numbers(preference.pair_scores(self.model, batch, with_reference))
-            if counted:
-                totals += torch.tensor(numbers, dtype=torch.float64, device=self.args.device)
-        if distributed.world().size > 1:
-            torch.distributed.all_reduce(totals)
-        return preference.preference_metrics(dict(zip(preference.TOTAL_KEYS, totals.tolist())), self.args.beta, prefix)
+        totals = self.summed_over_shards(
+            rows, lambda batch: preference.summed_pair_numbers(preference.pair_scores(self.model, batch, with_reference)),
+            5 if with_reference else 3, preference.pair_collator(self.processing_class.pad_token_id))
+        return preference.preference_metrics(dict(zip(preference.TOTAL_KEYS, totals)), self.args.beta, prefix)
 
 
 def eval_shard(rows: int, rank: int, world: int, batch_size: int) -> tuple[list[list[int]], int]:

@@ -84,9 +84,10 @@ def check_model(cfg: RunConfig) -> None:
             f"(max_position_embeddings, from {source}): use at most {dims.context}"))])
 
 
-def check_pairs(cfg: RunConfig, source) -> None:
-    """A preference run's pairs tokenized as the job will (data.preference), where the model's tokenizer files are on
-    this node: a prompt that leaves no room for its answers within data.max_length fails here, naming its row."""
+def check_pairs(cfg: RunConfig, source) -> dict | None:
+    """A preference run's pairs read and tokenized as the job will (data.preference), where the model's tokenizer files
+    are on this node (else None): a prompt that leaves no room for its answers within data.max_length fails here,
+    naming its row. Returns the row count and format, as check_rows."""
     from ..catalog.tokenizer_files import file_tokenizer
     from ..data import load_conversations
     from ..data.preference import encode_examples
@@ -94,8 +95,9 @@ def check_pairs(cfg: RunConfig, source) -> None:
     tokenizer = file_tokenizer(cfg)
     if tokenizer is None:
         return
-    pairs, numbers, _ = load_conversations(source.data, source.key, cfg.method.name)
+    pairs, numbers, fmt = load_conversations(source.data, source.key, cfg.method.name)
     encode_examples(pairs, numbers, source.data.path, tokenizer, source.data.template, source.data.max_length)
+    return {"rows": len(pairs), "format": fmt}
 
 
 def check_data(cfg: RunConfig) -> dict | None:
@@ -111,10 +113,8 @@ def check_data(cfg: RunConfig) -> dict | None:
         d, stat = source.data, path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size, d.split, d.format, d.template, tuple(sorted(d.columns.items())), d.max_rows,
                cfg.method.name, d.max_length)
-        if key not in _checked:
-            _checked[key] = check_rows(d, source.key, cfg.method.name)
-            if cfg.method.name != "sft":
-                check_pairs(cfg, source)
+        if key not in _checked:  # a preference run's pairs read once: tokenized where the tokenizer is here, else checked
+            _checked[key] = (cfg.method.name != "sft" and check_pairs(cfg, source)) or check_rows(d, source.key, cfg.method.name)
         counted.append(_checked[key])
     if None in counted:
         return None

@@ -53,15 +53,20 @@ def mean_loss(losses: list[tuple[float, int]]) -> float:
 def loss_finding(base: list[tuple[float, int]], adapter: list[tuple[float, int]]) -> dict:
     """What the held-out loss shows, and how much of it is noise: the mean of the per-example changes (each example's
     mean loss, adapter minus base) and twice their standard error; `direction` lower, higher, or noise."""
+    changes = [a / count - b / count for (b, count), (a, _) in zip(base, adapter)]
+    return {"examples": len(changes), **paired_change(changes)}
+
+
+def paired_change(changes: list[float]) -> dict:
+    """The mean of paired changes (adapter minus base, one per held-out example or pair) and NOISE_SE standard errors
+    of it: `direction` lower, higher, or noise (within it, or a single change, which gives no estimate)."""
     import statistics
 
-    changes = [a / count - b / count for (b, count), (a, _) in zip(base, adapter)]
     mean = statistics.fmean(changes)
     if len(changes) < 2:
-        return {"examples": len(changes), "mean_change": mean, "noise": None, "direction": "noise"}
+        return {"mean_change": mean, "noise": None, "direction": "noise"}
     noise = NOISE_SE * statistics.stdev(changes) / len(changes) ** 0.5
-    direction = "lower" if mean < -noise else "higher" if mean > noise else "noise"
-    return {"examples": len(changes), "mean_change": mean, "noise": noise, "direction": direction}
+    return {"mean_change": mean, "noise": noise, "direction": "lower" if mean < -noise else "higher" if mean > noise else "noise"}
 
 
 def answers_finding(samples: list[dict]) -> dict | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..rundir import write_json, write_text_atomic
-from .evaluate import NOISE_SE
+from .evaluate import NOISE_SE, paired_change
 
 BATCH_PAIRS = 8
 
@@ -31,10 +31,7 @@ def margin_finding(before: list[float], after: list[float]) -> dict:
     """The paired change of the margins (adapter minus starting point) and twice its standard error: `direction`
     higher (the chosen answers gained), lower, or noise."""
     changes = [a - b for b, a in zip(before, after)]
-    mean = statistics.fmean(changes)
-    noise = NOISE_SE * statistics.stdev(changes) / len(changes) ** 0.5 if len(changes) > 1 else None
-    direction = "noise" if noise is None else "higher" if mean > noise else "lower" if mean < -noise else "noise"
-    return {"pairs": len(changes), "mean_change": mean, "noise": noise, "direction": direction,
+    return {"pairs": len(changes), **paired_change(changes),
             "won": sum(b <= 0 < a for b, a in zip(before, after)), "lost": sum(a <= 0 < b for b, a in zip(before, after))}
 
 
