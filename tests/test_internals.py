@@ -133,15 +133,16 @@ def test_transformers_schedules_are_lambda_factors_and_warmup_starts_above_zero(
 
 
 def test_trl_prepares_preference_datasets_in_the_method_hpclora_replaces():
-    """DPOTrainer's __init__ hands each dataset to `_prepare_dataset(dataset, processing_class, args, dataset_name)`,
-    which TokenizedPreferenceData replaces; a release that renamed it would tokenize hpclora's pairs again
-    (test_preference's runs would then fail on the missing text columns)."""
+    """DPOTrainer's and KTOTrainer's __init__ hand each dataset to `_prepare_dataset(dataset, processing_class, args,
+    dataset_name)`, which TokenizedPreferenceData replaces; a release that renamed either would tokenize hpclora's pairs
+    again (test_preference's runs would then fail on the missing text columns)."""
     import inspect
 
-    from trl import DPOTrainer
+    from trl import DPOTrainer, KTOTrainer
 
     from hpclora.internals import TokenizedPreferenceData
 
-    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == ["self", "dataset", "processing_class", "args", "dataset_name"]
-    assert "self._prepare_dataset(train_dataset" in inspect.getsource(DPOTrainer.__init__)
+    for trainer in (DPOTrainer, KTOTrainer):
+        assert list(inspect.signature(trainer._prepare_dataset).parameters) == ["self", "dataset", "processing_class", "args", "dataset_name"]
+        assert "self._prepare_dataset(train_dataset" in inspect.getsource(trainer.__init__)
     assert TokenizedPreferenceData._prepare_dataset(None, ["tokenized"], None, None, "train") == ["tokenized"]

@@ -179,7 +179,7 @@ def test_a_dpo_run_raises_held_out_preference_and_resumes_exactly(tmp_path, tiny
     from hpclora.results.report import report
 
     written = report(str(whole.run_dir)).read_text()
-    assert f"Held-out preference accuracy {base['pref_accuracy']:.2f} (before) -> {final['pref_accuracy']:.2f} (adapter)" in written
+    assert f"Held-out preference accuracy base {base['pref_accuracy']:.2f} -> adapter {final['pref_accuracy']:.2f}" in written
     assert "![rewards and preference](preference.png)" in written and (whole.run_dir / "preference.png").stat().st_size > 10_000
 
 
@@ -234,12 +234,15 @@ def test_method_settings_are_checked_with_their_key_paths(tmp_path):
             config_module.load(None, ["data.path=x/y", *overrides])
         return dict(caught.value.problems)
 
-    assert problems("method.beta=0.2") == {"method.beta": "applies to method.name dpo or orpo or simpo, not sft: drop it"}
+    assert problems("method.beta=0.2") == {"method.beta": "applies to method.name dpo or orpo or simpo or kto, not sft: drop it"}
     assert problems("method.name=orpo", "method.simpo_gamma=1") == {"method.simpo_gamma": "applies to method.name simpo, not orpo: drop it"}
     assert "(did you mean sigmoid?)" in problems("method.name=dpo", "method.loss_type=sigmod")["method.loss_type"]
     assert problems("method.name=dpo", "method.loss_type=[sigmoid,sft]", "method.loss_weights=[1.0]") == {
         "method.loss_weights": "1 weights for 2 loss types: give one per method.loss_type"}
     assert "never the prompt" in problems("method.name=dpo", "data.train_on_prompt=true")["data.train_on_prompt"]
+    assert "at least 2 rows" in problems("method.name=kto", "train.micro_batch_size=1")["train.micro_batch_size"]
+    assert "(did you mean apo_zero_unpaired?)" in problems("method.name=kto", "method.loss_type=apo_zero")["method.loss_type"]
+    assert problems("method.name=dpo", "method.desirable_weight=2") == {"method.desirable_weight": "applies to method.name kto, not dpo: drop it"}
     both = problems("method.name=dpo", "method.beta=0", "method.label_smoothing=0.7")  # all at once
     assert {"method.beta", "method.label_smoothing"} <= both.keys()
 
@@ -301,3 +304,72 @@ def test_the_known_failure_signs_are_named_once_they_show():
     assert failure_signs(first, {**too_easy, "step": 30}) == []  # late in the run a won pair is no sign
     unlearning = {**healthy, "logps_chosen": -90.0, "logps_rejected": -120.0}
     assert "both fall fast (chosen -40.0 -> -90.0, rejected -45.0 -> -120.0)" in failure_signs(first, unlearning)[0]
+
+
+def test_ktos_loss_is_computed_from_the_models_own_log_probabilities(tmp_path, tiny_llama_dir, tokenizer):
+    """KTO on pairs split into 16 labelled answers, all in step 2's one micro-batch: its logged loss against the formula
+    on the summed log-probabilities under step 1's checkpoint and the base (the reference): z = the batch's mean
+    log-ratio of each prompt with its neighbour's answer (at least 0), good answers 1 - sigmoid(beta (ratio - z)), bad
+    ones 1 - sigmoid(beta (z - ratio)), weighted and averaged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hpclora.data import prepare
+    from hpclora.job.preference import answer_logps, as_reference, kl_rows, unpaired_collator
+
+    cfg = pair_config(tmp_path, tiny_llama_dir, PAIRS[:10], "method.name=kto", "method.beta=0.5", "method.undesirable_weight=1.5",
+                      "data.val_size=2", "train.micro_batch_size=16", "train.max_steps=2", "train.save_every=1", "train.warmup_ratio=0")
+    run = train_here(cfg, tmp_path / "run")
+    logged = next(e for e in entries(run.run_dir) if e.get("step") == 2 and "loss" in e)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run.run_dir / "checkpoints" / "checkpoint-1").eval()
+    answers = kl_rows(prepare(cfg.data, tokenizer, cfg.run.seed, method="kto").train, 16, cfg.run.seed)
+    assert len(answers) == 16 and sum(answers["label"]) == 8
+    batch = unpaired_collator(tokenizer.pad_token_id)([answers[i] for i in range(16)])
+    mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("KL_")}
+    ratio = answer_logps(model, batch)
+    z = answer_logps(model, mismatched)
+    with as_reference(model):
+        ratio -= answer_logps(model, batch)
+        z -= answer_logps(model, mismatched)
+    z = z.mean().clamp(min=0)
+    good = batch["label"].bool()
+    losses = torch.cat([1 - torch.sigmoid(0.5 * (ratio[good] - z)), 1.5 * (1 - torch.sigmoid(0.5 * (z - ratio[~good])))])
+    assert logged["loss"] == pytest.approx(losses.mean().item(), rel=1e-5, abs=1e-6)
+    assert logged["reward_chosen"] == pytest.approx(0.5 * ratio[good].mean().item(), rel=1e-4, abs=1e-6)
+
+
+def test_kto_on_labelled_answers_raises_their_margin_and_resumes_exactly(tmp_path, tiny_llama_dir, capsys):
+    """Unpaired rows (prompt/completion/label, some prompts with one answer only): stopped at step 3 of 8 and resumed,
+    the adapter of an uninterrupted run, bit for bit (the KL answers are made from the same shuffled order each time);
+    the held-out answers move toward their labels, and eval and report say so without an accuracy."""
+    from test_resume import assert_same_adapter
+
+    rows = [one for i, pair in enumerate(PAIRS) for one in
+            ({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": "false"})[: 1 + (i % 3 > 0)]]
+    cfg = pair_config(tmp_path, tiny_llama_dir, rows, "method.name=kto", "data.val_size=8", "train.max_steps=8",
+                      "train.save_every=3", "train.lr=1e-2")
+    whole = train_here(cfg, tmp_path / "whole")
+    assert not train_here(cfg, tmp_path / "parts", stop_at=3).finished
+    resumed = train_here(cfg, tmp_path / "parts")
+    assert resumed.finished
+    assert_same_adapter(whole.run_dir, resumed.run_dir)
+
+    log = capsys.readouterr().out
+    assert "method kto | beta 0.1 | loss kto, weights good 1 / bad 1 | reference: the base model" in log
+    assert "eval base @ step 0 | margin good - bad answers" in log and "(8 labelled answers)" in log
+    base, final = whole.summary["base_preference"], whole.summary["final_preference"]
+    assert final["pref_margin"] > base["pref_margin"] and final["reward_accuracy"] > 0.5 and "pref_accuracy" not in final
+    assert {"kl", "reward_chosen", "reward_margin"} <= next(e for e in entries(whole.run_dir) if "loss" in e).keys()
+
+    from hpclora.results.evaluate import describe_evaluation, evaluate
+    from hpclora.results.report import report
+
+    result = evaluate(whole.run_dir, n=1, max_new_tokens=3)
+    assert result["unit"] == "labelled answers" and result["pairs"] == 8 and result["preference"]["adapter"]["accuracy"] is None
+    assert result["margin_finding"]["mean_change"] > 0 and "toward its label" in describe_evaluation(result, whole.run_dir)
+    assert "| given answer (" in (whole.run_dir / "eval.md").read_text()
+    assert "Held-out margin base" in report(str(whole.run_dir)).read_text() and (whole.run_dir / "preference.png").exists()

@@ -149,10 +149,11 @@ def without_bitsandbytes() -> None:
 
 
 class TokenizedPreferenceData:
-    """A mixin for TRL 1.16's DPOTrainer: its training and evaluation sets are taken as they are, already holding the
-    prompt_ids, chosen_ids and rejected_ids its collator reads (data/preference.py made them). TRL's `_prepare_dataset`
-    would extract prompts, append EOS text and tokenize prompt and answer together, which merges tokens across their
-    border and renders the prompt unlike `hpclora generate`."""
+    """A mixin for TRL 1.16's DPOTrainer and KTOTrainer: their training and evaluation sets are taken as they are,
+    already holding the prompt_ids, chosen_ids and rejected_ids (or completion_ids, label and KTO's KL_completion_ids)
+    their collators read (data/preference.py and job/preference.kl_rows made them). TRL's `_prepare_dataset` would
+    extract prompts, append EOS text and tokenize prompt and answer together, which merges tokens across their border
+    and renders the prompt unlike `hpclora generate`."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset

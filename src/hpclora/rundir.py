@@ -128,7 +128,7 @@ def _is_number(value) -> bool:
 
 def metric_entries(path: Path, dropped: list[int] | None = None) -> list[dict]:
     """The whole entries of a metrics.jsonl: JSON objects with a whole step and a number for the loss (a training log),
-    the validation loss (an evaluation) or the held-out preference accuracy (a preference run's evaluation). A line that a kill while it was appended left cut, or any other, is
+    the validation loss (an evaluation) or the held-out preference margin (a preference run's evaluation). A line that a kill while it was appended left cut, or any other, is
     skipped, and its number added to `dropped`: it is never a reason for a resume, status or report to fail."""
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -137,7 +137,7 @@ def metric_entries(path: Path, dropped: list[int] | None = None) -> list[dict]:
         except (ValueError, RecursionError):
             entry = None
         whole = (isinstance(entry, dict) and isinstance(entry.get("step"), int) and not isinstance(entry["step"], bool)
-                 and entry["step"] >= 0 and any(_is_number(entry.get(key)) for key in ("loss", "val_loss", "pref_accuracy")))
+                 and entry["step"] >= 0 and any(_is_number(entry.get(key)) for key in ("loss", "val_loss", "pref_margin")))
         if whole:
             entries.append(entry)
         elif line.strip() and dropped is not None:

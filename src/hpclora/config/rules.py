@@ -14,7 +14,7 @@ from ..catalog.hub import LOCAL_DATA_SUFFIXES, hub_id_problem, local_data_path, 
 from ..catalog.models import BUNDLED, packing_problem
 from ..catalog.precision import fsdp_problem, trained_bias_problem
 from ..catalog.start_adapter import adapter_problem
-from .schema import DPO_LOSSES, ENTRIES, SECTIONS, MethodSection, RunConfig
+from .schema import DPO_LOSSES, ENTRIES, KTO_LOSSES, SECTIONS, MethodSection, RunConfig
 from .credentials import looks_secret
 from .value_types import number_words
 from ..data.sources import data_sources
@@ -116,13 +116,15 @@ def check_method(cfg: RunConfig) -> list[tuple[str, str]]:
     """The method's own settings: loss types the method has, weights that match them, none of another method's set."""
     m, problems = cfg.method, []
     defaults = MethodSection()
-    owners = {"beta": ("dpo", "orpo", "simpo"), "loss_type": ("dpo",), "loss_weights": ("dpo",), "label_smoothing": ("dpo", "simpo"),
-              "simpo_gamma": ("simpo",)}
+    owners = {"beta": ("dpo", "orpo", "simpo", "kto"), "loss_type": ("dpo", "kto"), "loss_weights": ("dpo",),
+              "label_smoothing": ("dpo", "simpo"), "simpo_gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
     for key, methods in owners.items():
         if m.name not in methods and getattr(m, key) != getattr(defaults, key):
             problems.append((f"method.{key}", f"applies to method.name {' or '.join(methods)}, not {m.name}: drop it"))
     if m.name == "dpo":
         problems += dpo_loss_problems(m.loss_type, m.loss_weights)
+    if m.name == "kto":
+        problems += kto_problems(m, cfg.train.micro_batch_size)
     if m.name != "sft" and cfg.data.train_on_prompt:
         problems.append(("data.train_on_prompt", f"method.name={m.name} scores the answers of each pair, never the prompt: drop it"))
     return problems
@@ -138,6 +140,24 @@ def dpo_loss_problems(loss_type, weights) -> list[tuple[str, str]]:
                  + f"; they are {', '.join(DPO_LOSSES)}")]
     if weights is not None and len(weights) != len(losses):
         return [("method.loss_weights", f"{len(weights)} weights for {len(losses)} loss types: give one per method.loss_type")]
+    return []
+
+
+def with_kl_term(method) -> bool:
+    """Whether the method's loss estimates kto's KL term (all of kto's losses but apo_zero_unpaired), from each prompt
+    with another row's answer in its micro-batch."""
+    return method.name == "kto" and method.loss_type in ("auto", "kto")
+
+
+def kto_problems(method, micro_batch_size: int) -> list[tuple[str, str]]:
+    loss_type = method.loss_type
+    if loss_type != "auto" and loss_type not in KTO_LOSSES:
+        near = difflib.get_close_matches(str(loss_type), KTO_LOSSES, n=1)
+        return [("method.loss_type", f"{loss_type!r} is not a kto loss" + (f" (did you mean {near[0]}?)" if near else "")
+                 + f"; they are {', '.join(KTO_LOSSES)}")]
+    if with_kl_term(method) and micro_batch_size < 2:
+        return [("train.micro_batch_size", "method.name=kto estimates its KL term from the other answers of a micro-batch "
+                 "(each prompt with its neighbour's answer): it needs at least 2 rows; set train.micro_batch_size=2 or more")]
     return []
 
 

@@ -154,39 +154,45 @@ class DataSource:
     max_rows: Optional[int] = opt(None, "As data.max_rows.", min=1, max=10**10)
 
 
-METHODS = ("sft", "dpo", "orpo", "simpo")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 # TRL 1.16's DPOTrainer loss types (DPOConfig.loss_type).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")  # KTOConfig.loss_type
 
 
 @dataclass
 class MethodSection:
-    """What the adapter learns from: responses (sft) or preferences between two responses (dpo, orpo, simpo, through TRL)."""
+    """What the adapter learns from: responses (sft), preferences between two responses (dpo, orpo, simpo) or answers
+    labelled good or bad (kto), the preference methods through TRL."""
 
     name: str = opt(
         "sft",
         "sft: supervised fine-tuning on responses. dpo: direct preference optimisation on prompt/chosen/rejected pairs "
         "against a frozen reference: the starting adapter of model.adapter, else the base with the adapter switched off. "
         "orpo: the chosen answers' SFT loss plus an odds-ratio preference term, no reference. simpo: a margin between the "
-        "answers' mean log-probabilities, no reference.",
+        "answers' mean log-probabilities, no reference. kto: answers labelled good or bad (prompt/completion/label rows, or "
+        "pairs split in two) against the same reference as dpo.",
         choices=METHODS,
     )
     beta: Optional[float] = opt(
         None,
         "dpo: its temperature, how far from the reference the tuned model may move (larger = closer); orpo: the weight of "
-        "the odds-ratio term beside the SFT loss; simpo: the reward scale. null = 0.1 (dpo, orpo) or 2.0 (simpo).",
+        "the odds-ratio term beside the SFT loss; simpo: the reward scale; kto: as dpo. null = 0.1 (dpo, orpo, kto) or 2.0 (simpo).",
         gt=0, max=1000,
     )
     loss_type: Any = opt(
         "auto",
-        f"dpo's loss: one of {', '.join(DPO_LOSSES)}, or a list of them (summed, weighted by method.loss_weights); auto = sigmoid.",
+        f"dpo's loss: one of {', '.join(DPO_LOSSES)}, or a list of them (summed, weighted by method.loss_weights); auto = sigmoid. "
+        f"kto's: {' or '.join(KTO_LOSSES)} (no KL term: for answers better than the model's own); auto = kto.",
     )
     loss_weights: Optional[List[float]] = opt(None, "dpo with several loss types: the weight of each (null = 1 each).")
     label_smoothing: float = opt(
         0.0, "The share of pairs assumed mislabelled (dpo's sigmoid, robust and exo_pair losses; simpo): 0 = trust every pair.", min=0, lt=0.5,
     )
     simpo_gamma: float = opt(0.5, "simpo: the target margin between the chosen and rejected answers' rewards.", min=0, max=100)
+    desirable_weight: float = opt(1.0, "kto: the weight of the good answers' loss (raise it when good answers are fewer).", gt=0, max=100)
+    undesirable_weight: float = opt(1.0, "kto: the weight of the bad answers' loss (raise it when bad answers are fewer).", gt=0, max=100)
 
 
 @dataclass

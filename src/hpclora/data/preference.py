@@ -144,11 +144,12 @@ def _implicit_from_text(chosen: str, rejected: str, fail) -> dict:
     return {"prompt": _prompt(prompt, fail), "chosen": chosen[cut:].strip(), "rejected": rejected[cut:].strip()}
 
 
-def dataset(data_cfg, examples: list[dict], rows: list[int], tokenizer, method: str):
-    """A `datasets.Dataset` of the examples tokenized for `method` (encode_examples); kto's of pairs split in two."""
+def dataset(data_cfg, examples: list[dict], rows: list[int], tokenizer, unpair: bool = False):
+    """A `datasets.Dataset` of the examples tokenized (encode_examples); with `unpair`, every pair as two labelled
+    answers, as kto trains on them."""
     import datasets
 
-    if method == "kto":
+    if unpair:
         rows = [row for ex, row in zip(examples, rows) for _ in unpaired(ex)]
         examples = [one for ex in examples for one in unpaired(ex)]
     return datasets.Dataset.from_dict(encode_examples(examples, rows, data_cfg.path, tokenizer, data_cfg.template, data_cfg.max_length))

@@ -12,11 +12,12 @@ away: they go back to fp32, as in every hpclora run.
 
 from __future__ import annotations
 
+from ..config.rules import with_kl_term
 from ..errors import UserError
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
-WITH_REFERENCE = ("dpo",)  # methods that score against a reference
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+WITH_REFERENCE = ("dpo", "kto")  # methods that score against a reference
 
 
 def trainer_class(method: str):
@@ -30,6 +31,8 @@ def trainer_class(method: str):
                         f"this Python ({sys.version.split()[0]}): run the job with a Python that has it (pip install trl==1.16.0)") from None
     if method == "dpo":
         return trl.DPOTrainer, trl.DPOConfig
+    if method == "kto":
+        return trl.KTOTrainer, trl.KTOConfig
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -50,15 +53,34 @@ def method_arguments(cfg) -> dict:
         "beta": beta(m),
         "max_length": cfg.data.max_length,  # the data stage has cut every pair to it already
         "disable_dropout": True,  # TRL's choice: policy and reference see the same network
-        "gradient_checkpointing": False,  # TRL turns it on by default; hpclora decides it (train.gradient_checkpointing)
+        # TRL turns gradient checkpointing on by default; hpclora decides it (train.gradient_checkpointing). The new name:
+        # the old one, TRL's default, warns of its removal in every job log
+        "activation_checkpointing": False,
         "dataset_num_proc": None,
     }
     if m.name == "dpo":
         losses = ["sigmoid"] if m.loss_type == "auto" else [m.loss_type] if isinstance(m.loss_type, str) else list(m.loss_type)
         args.update(loss_type=losses, loss_weights=m.loss_weights, label_smoothing=m.label_smoothing, precompute_ref_log_probs=False)
+    if m.name == "kto":
+        # kto's KL term pairs each row with its neighbour's answer (kl_rows), so the rows are read in their order
+        args.update(loss_type="kto" if m.loss_type == "auto" else m.loss_type, desirable_weight=m.desirable_weight,
+                    undesirable_weight=m.undesirable_weight, precompute_ref_log_probs=False,
+                    train_sampling_strategy="sequential" if with_kl_term(m) else "random")
     if m.name == "simpo":
         args.update(loss_type="simpo", simpo_gamma=m.simpo_gamma, cpo_alpha=0.0, label_smoothing=m.label_smoothing)
     return args
+
+
+def kl_rows(dataset, batch_size: int, seed: int):
+    """KTO's training rows for its KL term, which the trainer reads in this order: shuffled once with the run's seed
+    (a pair split in two would otherwise sit in one batch, each half the other's mismatched answer), then each row given
+    the answer of the row before it within its micro-batch (TRL's construction: the batch's own answers, each after
+    another prompt)."""
+    def rotated(batch):
+        return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+    shuffled = dataset.shuffle(seed=seed).flatten_indices()
+    return shuffled.map(rotated, batched=True, batch_size=batch_size)
 
 
 def starting_reference(model, fresh_adapter: bool) -> None:
@@ -91,6 +113,14 @@ def pair_collator(pad_token_id: int):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     return DataCollatorForPreference(pad_token_id=pad_token_id)
+
+
+def unpaired_collator(pad_token_id: int):
+    """Batches of labelled answers as TRL's KTO collator makes them (input_ids, attention_mask, completion_mask, label;
+    the KL_ ones from a KL_completion_ids column)."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    return DataCollatorForUnpairedPreference(pad_token_id=pad_token_id)
 
 
 def answer_logps(model, batch: dict):
@@ -138,6 +168,54 @@ def preference_metrics(totals: dict, beta_value: float, prefix: str) -> dict:
         metrics[f"{prefix}_reward_accuracy"] = totals["reward_right"] / pairs
         metrics[f"{prefix}_reward_margin"] = beta_value * totals["reward_margin"] / pairs
     return metrics
+
+
+ANSWER_KEYS = ("good", "bad", "good_logps", "bad_logps", "reward_right", "good_ratio", "bad_ratio")
+
+
+def summed_answer_numbers(model, batch: dict) -> list[float]:
+    """The ANSWER_KEYS sums of a collated batch of labelled answers (unpaired_collator): how many good and bad, their
+    summed log-probabilities under the model, how many have a log-ratio to the reference of the label's sign, and the
+    summed log-ratios of each kind."""
+    good = batch["label"].bool()
+    logps = answer_logps(model, batch)
+    with as_reference(model):
+        ratio = logps - answer_logps(model, batch)
+    right = (ratio[good] > 0).sum() + (ratio[~good] < 0).sum()
+    return [float(good.sum()), float((~good).sum()), float(logps[good].sum()), float(logps[~good].sum()), float(right),
+            float(ratio[good].sum()), float(ratio[~good].sum())]
+
+
+def answer_metrics(totals: dict, beta_value: float, prefix: str) -> dict:
+    """The logged evaluation of held-out labelled answers (kto's unpaired rows), which pair no two answers: pref_margin
+    is the mean log-probability of the good answers minus that of the bad ones (the model's own preference; comparable
+    between the base and the tuned adapter), reward_accuracy the share of answers whose log-ratio to the reference has
+    the label's sign, reward_margin beta x the mean log-ratio of the good answers minus that of the bad ones."""
+    good, bad = max(totals["good"], 1), max(totals["bad"], 1)
+    return {f"{prefix}_pref_margin": totals["good_logps"] / good - totals["bad_logps"] / bad,
+            f"{prefix}_answers": int(totals["good"] + totals["bad"]),
+            f"{prefix}_reward_accuracy": totals["reward_right"] / max(totals["good"] + totals["bad"], 1),
+            f"{prefix}_reward_margin": beta_value * (totals["good_ratio"] / good - totals["bad_ratio"] / bad)}
+
+
+def held_out_words(numbers: dict) -> str:
+    """A held-out evaluation (preference_metrics or answer_metrics, without prefix) in words."""
+    reward = (f" | reward accuracy {numbers['reward_accuracy']:.2f}, margin {numbers['reward_margin']:+.3f}"
+              if "reward_accuracy" in numbers else "")
+    if "pref_accuracy" in numbers:
+        return f"preference accuracy {numbers['pref_accuracy']:.2f}, margin {numbers['pref_margin']:+.2f} ({int(numbers['pairs'])} pairs){reward}"
+    return f"margin good - bad answers {numbers['pref_margin']:+.2f} ({int(numbers['answers'])} labelled answers){reward}"
+
+
+def held_out_change(base: dict, final: dict) -> str:
+    """The held-out pairs (or labelled answers) before and after: how often, and by how much, the model prefers the
+    chosen (good) answers."""
+    if "pref_accuracy" in final:
+        return (f"held-out preference accuracy base {base['pref_accuracy']:.2f} -> adapter {final['pref_accuracy']:.2f} "
+                f"({int(final['pairs'])} pairs) | margin {base['pref_margin']:+.2f} -> {final['pref_margin']:+.2f} "
+                "(log-probability, chosen minus rejected)")
+    return (f"held-out margin base {base['pref_margin']:+.2f} -> adapter {final['pref_margin']:+.2f} ({int(final['answers'])} "
+            "labelled answers: mean log-probability of the good ones minus the bad ones)")
 
 
 def evaluation_numbers(metrics: dict, prefix: str) -> dict:

@@ -22,7 +22,8 @@ from ..config.slurm_syntax import slurm_time
 # TRL's logged preference numbers -> metrics.jsonl's names
 REWARD_KEYS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "rewards/margins": "reward_margin",
                "rewards/accuracies": "reward_accuracy", "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
-               "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio"}  # ORPO's two terms
+               "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",  # ORPO's two terms
+               "kl": "kl"}  # KTO's estimate of the KL divergence from the reference
 
 
 def peak_memory_gb() -> float:
@@ -120,7 +121,7 @@ class ProgressLog(TrainerCallback):
         for label in ("eval", "base", "final"):  # an evaluation (trainer.evaluate logs it): which one, by its prefix
             if logs.get(f"{label}_loss") is not None:
                 self.evaluation(state.global_step, label, logs[f"{label}_loss"])
-            if logs.get(f"{label}_pref_accuracy") is not None:
+            if logs.get(f"{label}_pref_margin") is not None:
                 self.preference_evaluation(state.global_step, label, logs)
         if "loss" not in logs:
             return
@@ -138,8 +139,8 @@ class ProgressLog(TrainerCallback):
         entry.update(rewards)
         self.record(entry)
         lr = entry["lr"] if entry["lr"] is not None else float("nan")
-        shown = (f" | acc {rewards['reward_accuracy']:.2f} | margin {rewards['reward_margin']:+.3f}"
-                 if "reward_accuracy" in rewards else "")
+        shown = "".join(f" | {word} {rewards[key]:{form}}" for key, word, form in
+                        (("reward_accuracy", "acc", ".2f"), ("reward_margin", "margin", "+.3f"), ("kl", "kl", ".3f")) if key in rewards)
         self._print(
             f"step {step}/{state.max_steps} | loss {logs['loss']:.4f}{shown} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
             f" | mem {mem:.1f} GB | eta {slurm_time(eta)}"
@@ -154,15 +155,11 @@ class ProgressLog(TrainerCallback):
         self.last_time, self.last_tokens = now, tokens
 
     def preference_evaluation(self, step: int, label: str, logs: dict) -> None:
-        from .preference import evaluation_numbers
+        from .preference import evaluation_numbers, held_out_words
 
         numbers = evaluation_numbers(logs, label)
         self.record({"step": step, "eval": label, **numbers})
-        shown = "adapter" if label == "eval" else label
-        reward = (f" | reward accuracy {numbers['reward_accuracy']:.2f}, margin {numbers['reward_margin']:+.3f}"
-                  if "reward_accuracy" in numbers else "")
-        self._print(f"eval {shown} @ step {step} | preference accuracy {numbers['pref_accuracy']:.2f}, margin "
-                    f"{numbers['pref_margin']:+.2f} ({int(numbers['pairs'])} pairs){reward}")
+        self._print(f"eval {'adapter' if label == 'eval' else label} @ step {step} | {held_out_words(numbers)}")
 
     def evaluation(self, step: int, label: str, loss: float) -> None:
         ppl = math.exp(loss) if loss < 50 else float("inf")

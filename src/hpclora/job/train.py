@@ -20,7 +20,7 @@ from ..rundir import PROBE_FILE, STOP_MARKER_VAR, STOPPED_MARKER, config_hash, m
 from ..stops import CANCEL_REQUEST, CANCELLED, job_label
 from . import checkpoint, distributed
 from .preempt import StopRequest
-from .preference import evaluation_numbers
+from .preference import evaluation_numbers, held_out_change
 from .progress import ProgressLog, emit, peak_allocated_gb, peak_memory_gb
 from .quiet import quiet_libraries
 from .resume import find_resume_point, first_start, keep_metrics_up_to, record_attempt, reusable_base_loss
@@ -315,7 +315,7 @@ def describe_result(summary: dict, out: Path) -> str:
                  f"this attempt: {summary['attempt_steps']} steps in {slurm_time(summary['runtime_s'])}, {summary['tokens_per_s']:,.0f} tok/s, "
                  f"peak mem {summary['peak_mem_gb']:.1f} GB"]
     if summary.get("base_preference") and summary.get("final_preference"):
-        lines.append(describe_preference(summary["base_preference"], summary["final_preference"]))
+        lines.append(held_out_change(summary["base_preference"], summary["final_preference"]))
     if summary["base_val_loss"] is not None:
         change = summary["val_loss_change"]
         lines.append(f"val_loss base {summary['base_val_loss']:.4f} -> adapter {summary['final_val_loss']:.4f} "
@@ -334,13 +334,8 @@ def describe_method(cfg: RunConfig) -> str:
         reference = f"reference: the starting adapter, frozen ({cfg.model.adapter})"
     else:
         reference = "reference: the base model (the adapter switched off)"
-    loss = {"dpo": " + ".join(method_arguments(cfg).get("loss_type", [])), "orpo": "chosen answers' SFT + odds ratio",
-            "simpo": f"simpo, margin gamma {m.simpo_gamma:g}"}[m.name]
+    args = method_arguments(cfg)
+    loss = {"dpo": " + ".join(args.get("loss_type", [])), "orpo": "chosen answers' SFT + odds ratio",
+            "simpo": f"simpo, margin gamma {m.simpo_gamma:g}",
+            "kto": f"{args.get('loss_type')}, weights good {m.desirable_weight:g} / bad {m.undesirable_weight:g}"}[m.name]
     return f"method {m.name} | beta {beta(m):g} | loss {loss} | {reference}"
-
-
-def describe_preference(base: dict, final: dict) -> str:
-    """The held-out pairs before and after: how often the model prefers the chosen answer, and by how much."""
-    return (f"held-out preference accuracy base {base['pref_accuracy']:.2f} -> adapter {final['pref_accuracy']:.2f} "
-            f"({int(final['pairs'])} pairs) | margin {base['pref_margin']:+.2f} -> {final['pref_margin']:+.2f} "
-            "(log-probability, chosen minus rejected)")

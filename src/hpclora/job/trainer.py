@@ -186,13 +186,14 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
         **(fsdp_arguments() if sharded else {}),
         **({"use_liger_kernel": True, "liger_kernel_config": LIGER_CONFIG} if liger else {}),
         **(methods.method_arguments(cfg) if preference else {}),
-        **({"pad_to_multiple_of": 8 if cuda else None} if cfg.method.name == "dpo" else {}),
+        **({"pad_to_multiple_of": 8 if cuda else None} if cfg.method.name in ("dpo", "kto") else {}),
     )
     # The loss from the labelled positions' hidden states only (loss.py); FSDP (whose head is a shard) and other
     # architectures use the model's own loss. Either way the Trainer normalises it over the accumulated batch.
     callbacks = [AtTrainBegin(), progress, StopAtStepBoundary(), PublishCheckpoint(checkpoint_state)]
     if preference:  # TRL's collator of pairs, and its loss
-        trainer = HpcloraTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.val, processing_class=tokenizer,
+        rows = methods.kl_rows(data.train, t.micro_batch_size, cfg.run.seed) if methods.with_kl_term(cfg.method) else data.train
+        trainer = HpcloraTrainer(model=model, args=args, train_dataset=rows, eval_dataset=data.val, processing_class=tokenizer,
                                  callbacks=callbacks)
         methods.starting_reference(trainer.model, fresh_adapter=not cfg.model.adapter)
         if cfg.quant.bits:
@@ -240,7 +241,7 @@ class PreferenceSteps(TokenizedPreferenceData):
     """Preference methods' steps (TRL's loss): the real tokens of the pairs counted, and an evaluation of the held-out
     pairs by the model's own preference and, against the reference, by DPO's implicit reward (job/preference.py)."""
 
-    SEQUENCE_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")  # DPO's batches; ORPO's and CPO's
+    SEQUENCE_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")  # DPO's, KTO's; ORPO's and CPO's
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.local_tokens += sum(int(inputs[key].sum()) for key in self.SEQUENCE_MASKS if key in inputs)
@@ -262,10 +263,15 @@ class PreferenceSteps(TokenizedPreferenceData):
     def measure(self, rows, prefix: str) -> dict:
         from . import preference
 
+        pad = self.processing_class.pad_token_id
+        if "completion_ids" in rows.column_names:  # kto's labelled answers
+            totals = self.summed_over_shards(rows, lambda batch: preference.summed_answer_numbers(self.model, batch),
+                                             len(preference.ANSWER_KEYS), preference.unpaired_collator(pad))
+            return preference.answer_metrics(dict(zip(preference.ANSWER_KEYS, totals)), self.args.beta, prefix)
         with_reference = self.run_method in preference.WITH_REFERENCE
         totals = self.summed_over_shards(
             rows, lambda batch: preference.summed_pair_numbers(preference.pair_scores(self.model, batch, with_reference)),
-            5 if with_reference else 3, preference.pair_collator(self.processing_class.pad_token_id))
+            5 if with_reference else 3, preference.pair_collator(pad))
         return preference.preference_metrics(dict(zip(preference.TOTAL_KEYS, totals)), self.args.beta, prefix)
 
 

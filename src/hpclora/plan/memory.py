@@ -19,8 +19,9 @@ results in benchmarks/results/):
 - GPUs: the caching allocator's slack (fixed part plus the blocks of the fp32 logits it keeps) and the
   CUDA context; CPU: the interpreter and libraries.
 
-Preference methods (method.name dpo) run each micro-batch of pairs as twice as many rows (every chosen and every
-rejected answer beside its prompt), and the reference's no-grad pass over them keeps nothing for the backward pass;
+Preference methods on pairs (method.name dpo, orpo, simpo) run each micro-batch of pairs as twice as many rows (every
+chosen and every rejected answer beside its prompt); kto's rows are one answer each. The reference's no-grad passes
+(and kto's over each prompt with another row's answer) keep nothing for the backward pass;
 a starting adapter (model.adapter) is kept once more as the frozen reference (fp32 weights only). TRL scores the
 answers through the output head in chunks of up to PREFERENCE_HEAD_ROWS positions.
 
@@ -79,8 +80,9 @@ PREFERENCE_CPU_HEAD_BYTES = 20
 
 
 def rows_per_micro_batch(cfg: RunConfig, micro_batch: int) -> int:
-    """Sequences one micro-batch runs through the model: a preference method's pairs are two each."""
-    return micro_batch * (2 if cfg.method.name != "sft" else 1)
+    """Sequences one micro-batch trains on: a pair method's pairs are two each (kto's rows are one answer each; the
+    KL rows beside them are forwarded without gradients)."""
+    return micro_batch * (2 if cfg.method.name not in ("sft", "kto") else 1)
 
 
 def eager_attention(d: ModelDims, cfg: RunConfig) -> bool:

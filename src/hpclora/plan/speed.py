@@ -8,6 +8,7 @@ from ..catalog.devices import Device
 from ..catalog.precision import choose_compute_dtype
 from ..catalog.dims import ModelDims, parameter_counts
 from ..config import RunConfig
+from ..config.rules import with_kl_term
 from .memory import eager_attention, recomputed_layers
 
 # Share of peak FLOPs a LoRA fine-tune reaches (measured: H100 on a Llama-2-7B shape, 2-core CPU on
@@ -46,12 +47,21 @@ def matmul_tflops(device: Device, cfg: RunConfig, precision: str) -> tuple[float
     return device.tflops, f"{device.tflops} TFLOP/s {'fp32' if device.name == 'cpu' else 'fp16/bf16 tensor-core'} peak"
 
 
+def no_grad_forwards(cfg: RunConfig) -> int:
+    """Forward passes without gradients per trained row: dpo's and kto's reference over the same rows, and kto's KL
+    term, the policy and the reference over each prompt with another row's answer (none for apo_zero_unpaired)."""
+    if cfg.method.name == "dpo":
+        return 1
+    if cfg.method.name == "kto":
+        return 3 if with_kl_term(cfg.method) else 1
+    return 0
+
+
 def rank_tokens_per_s(cfg: RunConfig, d: ModelDims, device: Device, per_node: int, precision: str) -> tuple[float, float]:
     """(tokens/s of one rank, the efficiency it assumes) from the device's peak FLOPs: forward 2N, backward (input
-    gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, DPO's reference
-    pass 2N, and causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
-    reference_pass = 2 if cfg.method.name == "dpo" else 0  # a no-grad forward of the reference over the same rows
-    per_token = (4 + reference_pass + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
+    gradients only: the base is frozen) 2N, recomputation 2N more for the share of layers that recompute, 2N for each
+    forward without gradients (no_grad_forwards), and causal attention on top. On CPU the node's cores are shared by its `per_node` ranks."""
+    per_token = (4 + 2 * no_grad_forwards(cfg) + 2 * recomputed_layers(cfg, d) / d.layers) * parameter_counts(d)["total"]
     per_token += 3 * 2 * d.layers * d.hidden * cfg.data.max_length
     efficiency = EFFICIENCY["cpu" if device.name == "cpu" else "gpu"] * (EFFICIENCY["qlora"] if cfg.quant.bits else 1)
     efficiency *= EFFICIENCY["preference"] if cfg.method.name != "sft" else 1

@@ -48,8 +48,12 @@ def planned_steps(cfg: RunConfig, packed: bool) -> tuple[int | None, str]:
             return total_steps(micro_batches, cfg, world_size(cfg)), f"{what} counted with the model's tokenizer"
         note = ("at most: one row per example, as the model's tokenizer is not on this node to count packed rows"
                 if packed else "one row per example" if cfg.method.name == "sft" else "one micro-batch row per pair")
+        if cfg.method.name == "kto" and checked["format"] == "preference":
+            note = "two micro-batch rows per pair (kto trains on each answer apart)"
     splits = mix_split(rows, cfg.data.val_size, cfg.run.seed)
     train_rows = sum(weighted_count(len(train), source.weight) for source, (train, _) in zip(sources, splits))
+    if checked is not None and cfg.method.name == "kto" and checked["format"] == "preference":
+        train_rows *= 2
     return total_steps(math.ceil(train_rows / cfg.train.micro_batch_size), cfg, world_size(cfg)), note
 
 

@@ -105,14 +105,15 @@ def plot_preference(run_dir: Path, title: str, out: Path) -> Path | None:
     reward beats the rejected one's, and by how much), the log-probabilities of both answers (falling together is the
     sign of a model unlearning its answers), and the held-out pairs' preference accuracy at each evaluation."""
     entries = metric_entries(run_dir / "metrics.jsonl")
-    steps = [e for e in entries if "reward_accuracy" in e and "loss" in e]  # training logs (evaluations have no loss)
+    steps = [e for e in entries if "reward_margin" in e and "loss" in e]  # training logs (evaluations have no loss)
     if not steps:
         return None
     held = sorted({e["step"]: e["pref_accuracy"] for e in entries if "pref_accuracy" in e}.items())
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = [e["step"] for e in steps]
-    left.plot(x, [e["reward_accuracy"] for e in steps], label="reward accuracy (training batches)", color="tab:blue")
+    if "reward_accuracy" in steps[0]:  # dpo's (kto's batches pair no answers)
+        left.plot(x, [e["reward_accuracy"] for e in steps], label="reward accuracy (training batches)", color="tab:blue")
     if held:
         left.plot(*zip(*held), label="held-out preference accuracy (step 0: before)", color="tab:orange", **evaluations_style(held))
     left.set_ylim(-0.05, 1.05)
@@ -126,7 +127,8 @@ def plot_preference(run_dir: Path, title: str, out: Path) -> Path | None:
     for ax in (left, right):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    left.legend(loc="lower right", fontsize=8)
+    if left.get_legend_handles_labels()[0]:  # a kto run on labelled answers has no accuracy to draw
+        left.legend(loc="lower right", fontsize=8)
     margin.legend(loc="center right", fontsize=8)
     right.legend()
     fig.suptitle(title)
@@ -145,9 +147,9 @@ def run_report(run_dir: Path) -> Path:
     lines = [f"# {run_dir.name}", ""]
     before, after = summary.get("base_preference"), summary.get("final_preference")
     if before and after:
-        lines += [f"Held-out preference accuracy {before['pref_accuracy']:.2f} (before) -> {after['pref_accuracy']:.2f} (adapter) over "
-                  f"{after['pairs']} pairs; margin {before['pref_margin']:+.2f} -> {after['pref_margin']:+.2f} (log-probability, chosen "
-                  f"minus rejected).", ""]
+        from ..job.preference import held_out_change
+
+        lines += [held_out_change(before, after).replace("held-out", "Held-out", 1) + ".", ""]
     base, final = summary.get("base_val_loss"), summary.get("final_val_loss")
     if base is not None and final is not None:
         lines += [f"Validation loss {base:.4f} (base) -> {final:.4f} (adapter), {final - base:+.4f}: **{verdict(base, final)}**.",
