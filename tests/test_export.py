@@ -353,3 +353,58 @@ def test_a_llama_cpp_library_with_amx_kernels_is_refused_only_on_a_cpu_with_amx(
     ice_lake = "processor\t: 0\nflags\t\t: fpu avx512f avx512_vnni arat\nbugs\t\t: amx_int8\n"
     assert runs_amx_kernels(with_amx, sapphire_rapids)
     assert not runs_amx_kernels(with_amx, ice_lake) and not runs_amx_kernels(built, sapphire_rapids)
+
+
+def test_a_dpo_run_from_the_sft_run_merges_exports_and_chats_as_its_own_adapter(real_run, tmp_path, cli):
+    """The result of SFT -> DPO (model.adapter, whose model also holds TRL's frozen copy of the SFT adapter): the merge
+    holds the DPO adapter's weights (its logits, not the SFT adapter's), the f16 GGUF answers with the merged model's
+    greedy tokens, and chat's /compare sets it beside the SFT adapter it started from."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+    from hpclora import config as config_module
+    from hpclora.job.train import train
+    from hpclora.results import llamacpp
+    from hpclora.results.chat import chat
+    from hpclora.results.export import export
+    from hpclora.results.generate import Sampling
+    from hpclora.results.merge import merge
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.",
+                                                   "rejected": f"No, {i} is a word."} for i in range(10)])
+    base_dir = config_module.load_run_config(real_run / "config.yaml").model.name
+    cfg = config_module.load(None, [f"model.name={base_dir}", f"model.adapter={real_run}", "method.name=dpo", f"data.path={pairs}",
+                                    "data.val_size=2", "data.max_length=64", f"run.output_root={tmp_path}", "train.max_steps=2",
+                                    "train.lr=5e-3", "train.eval_every=0", "train.save_every=0", "slurm.gpus=0"])
+    run = train(cfg, run_dir=str(tmp_path / "dpo")).run_dir
+    merged_dir = merge(run, tmp_path / "merged", "fp32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer_of(cfg)
+    ids = hpclora_ids(cfg, tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    logits = lambda model: model(torch.tensor([ids])).logits[0, -1]  # noqa: E731
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        dpo = logits(PeftModel.from_pretrained(base, str(run / "adapter")).eval())
+        sft = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                               str(real_run / "adapter")).eval())
+        assert (logits(merged) - dpo).abs().max() < 1e-3 < (dpo - sft).abs().max()
+
+    out = export(run, "f16", tmp_path / "gguf")
+    record = json.loads((out / "EXPORTED_FROM.json").read_text())
+    assert record["checked"]["template_tokens_equal"] is True
+    with torch.no_grad():
+        expected = merged.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert llamacpp.greedy(llamacpp.load(out / record["gguf"]), ids, NEW_TOKENS) == [
+        t for t in expected[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
+
+    said = io.StringIO()
+    assert chat(run, Sampling(max_new_tokens=4), stdin=io.StringIO("Is 3 a number?\n/compare\n"), out=said) == 0
+    assert "starting adapter" in said.getvalue() and "base model" not in said.getvalue()
+
+
+def load_tokenizer_of(cfg):
+    from hpclora.job.model import load_tokenizer
+
+    return load_tokenizer(cfg.model)

@@ -247,27 +247,73 @@ def test_method_settings_are_checked_with_their_key_paths(tmp_path):
     assert {"method.beta", "method.label_smoothing"} <= both.keys()
 
 
-def test_two_gloo_ranks_train_the_dpo_adapter_of_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir):
-    """DDP under torchrun: 2 ranks x 4 pairs train the adapter one process trains on 4 pairs x 2 accumulated (an epoch of
-    16 pairs: at an epoch's uneven end DDP would pad its last batch with repeated pairs), and the held-out pairs (7: 4 + 3
-    over the ranks) are each counted once."""
-    from test_distributed import harness, max_difference, two_ranks, weights
-
+def dpo_ranks_config(tmp_path: Path, model_dir: Path) -> Path:
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:23])
     config = tmp_path / "dpo.yaml"
     config.write_text(json.dumps({
-        "model": {"name": str(tiny_llama_dir)}, "method": {"name": "dpo"}, "lora": {"dropout": 0.0},
+        "model": {"name": str(model_dir)}, "method": {"name": "dpo"}, "lora": {"dropout": 0.0},
         "data": {"path": str(data), "val_size": 7, "max_length": 64, "cache_dir": str(tmp_path / "cache")},
         "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 5e-3, "log_every": 1, "eval_every": 0, "save_every": 0},
         "run": {"output_root": str(tmp_path / "runs")}, "slurm": {"gpus": 0},
     }))
-    one, _ = harness(tmp_path, config, tmp_path / "one", "one-out", [sys.executable], "train.grad_accum=2")
-    two, done = harness(tmp_path, config, tmp_path / "two", "two-out", two_ranks())
+    return config
+
+
+@pytest.fixture(scope="module")
+def dpo_two_ranks(tmp_path_factory, tiny_llama_dir):
+    """DPO under torchrun with DDP over 2 gloo ranks x 4 pairs, 2 steps (an epoch of 16 pairs: at an epoch's uneven end
+    DDP would pad its last batch with repeated pairs)."""
+    from test_distributed import harness, two_ranks
+
+    tmp = tmp_path_factory.mktemp("dpo-ranks")
+    out, done = harness(tmp, dpo_ranks_config(tmp, tiny_llama_dir), tmp / "run", "out", two_ranks())
+    return tmp / "run", out, done.stdout
+
+
+def held_out(run_dir: Path) -> list:
+    return [(e["pairs"], e["pref_accuracy"], round(e["pref_margin"], 3)) for e in entries(run_dir) if "eval" in e]
+
+
+def test_two_gloo_ranks_train_the_dpo_adapter_of_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir, dpo_two_ranks):
+    """The 2 ranks train the adapter one process trains on 4 pairs x 2 accumulated, and the held-out pairs (7: 4 + 3
+    over the ranks) are each counted once."""
+    from test_distributed import harness, max_difference, weights
+
+    two_run, two, stdout = dpo_two_ranks
+    one, _ = harness(tmp_path, dpo_ranks_config(tmp_path, tiny_llama_dir), tmp_path / "one", "one-out", [sys.executable], "train.grad_accum=2")
     assert max_difference(weights(two / "rank0.safetensors"), weights(two / "rank1.safetensors")) == 0.0
     assert max_difference(weights(two / "rank0.safetensors"), weights(one / "rank0.safetensors")) <= 1e-6
-    held = lambda run: [(e["pairs"], e["pref_accuracy"], round(e["pref_margin"], 3)) for e in entries(run) if "eval" in e]  # noqa: E731
-    assert held(tmp_path / "two") == held(tmp_path / "one") and held(tmp_path / "one")[0][0] == 7
-    assert "world 2 ranks (gloo)" in done.stdout and done.stdout.count("adapter saved to") == 1
+    assert held_out(two_run) == held_out(tmp_path / "one") and held_out(tmp_path / "one")[0][0] == 7
+    assert "world 2 ranks (gloo)" in stdout and stdout.count("adapter saved to") == 1
+
+
+def test_a_stop_signal_to_one_dpo_rank_stops_both_and_the_resume_is_exact(tmp_path, tiny_llama_dir, dpo_two_ranks):
+    """A stop signal to rank 1 at step 1 of 2: both ranks checkpoint there, and the resume trains the uninterrupted
+    2-rank adapter bit for bit, the reference's passes and the held-out evaluations included."""
+    from test_distributed import harness, max_difference, two_ranks, weights
+
+    reference, _, _ = dpo_two_ranks
+    config, run_dir = dpo_ranks_config(tmp_path, tiny_llama_dir), tmp_path / "run"
+    out, done = harness(tmp_path, config, run_dir, "stopped", two_ranks(), stop_rank_at=(1, 1))
+    assert [json.loads((out / f"result{r}.json").read_text()) for r in (0, 1)] == [{"finished": False, "steps": 1}] * 2
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
+    harness(tmp_path, config, run_dir, "resumed", two_ranks())
+    assert max_difference(weights(run_dir / "adapter" / "adapter_model.safetensors"),
+                          weights(reference / "adapter" / "adapter_model.safetensors")) == 0.0
+    assert held_out(run_dir) == held_out(reference)
+
+
+def test_dpo_under_fsdp_over_two_gloo_ranks_trains_the_adapter_of_ddp(tmp_path, tiny_llama_dir, dpo_two_ranks):
+    """FSDP (full shard per decoder layer over a CPU mesh): TRL's loss and the reference's passes (the adapter switched
+    off inside the sharded model) give the DDP adapter, and the saved adapter is the trained one alone."""
+    from test_distributed import harness, max_difference, two_ranks, weights
+
+    reference, _, _ = dpo_two_ranks
+    _, done = harness(tmp_path, dpo_ranks_config(tmp_path, tiny_llama_dir), tmp_path / "run", "out", two_ranks(), "train.distributed=fsdp")
+    assert "FSDP (train.distributed)" in done.stdout
+    saved = weights(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert max_difference(saved, weights(reference / "adapter" / "adapter_model.safetensors")) <= 1e-5
+    assert [(n, a) for n, a, _ in held_out(tmp_path / "run")] == [(n, a) for n, a, _ in held_out(reference)]
 
 
 def test_qlora_dpo_keeps_the_trained_weights_in_fp32(tmp_path, tiny_llama_dir, capsys):

@@ -654,3 +654,26 @@ def test_sbatch_that_never_answers_is_a_clear_error_that_keeps_the_run_directory
     refused = hpclora("submit", cfg, "slurm.partition=no-such-partition", env=env, cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "sbatch refused the job" in refused.stderr
     assert list((tmp_path / "runs").iterdir()) == [run_dir]  # nothing was queued: nothing of it is left
+
+
+def test_a_dpo_sweep_over_beta_is_one_array_whose_report_ranks_the_trials_by_held_out_preference(tmp_path, tiny_llama_dir, env):
+    """A preference config through sbatch: `sweep --grid method.beta=...` is one job array of DPO runs (TRL in the job),
+    each trial's summary holds its held-out preference, and the sweep's report ranks by it (there is no validation loss)."""
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.",
+                                                   "rejected": f"No, {i} is a word."} for i in range(16)])
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, method={"name": "dpo"}, data={"path": str(pairs), "val_size": 4},
+                        train={"max_steps": 3, "lr": 1e-2}, slurm={"mem": "3G"})
+    job_id = job_id_from(hpclora("sweep", cfg, "--grid", "method.beta=0.1,0.5", env=env, cwd=tmp_path).stdout)
+    assert wait_for(job_id, tasks=2) == {f"{job_id}_{i}": ("COMPLETED", "0:0") for i in range(2)}
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
+    for trial, beta in zip(trials, ("0.1", "0.5")):
+        summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
+        assert summary["method"] == "dpo" and summary["final_preference"]["pairs"] == 4
+        assert f"method dpo | beta {beta} | loss sigmoid" in Path(trial["log"]).read_text()
+    report = hpclora("report", sweep_dir, env=env, cwd=tmp_path).stdout
+    written = (sweep_dir / "report.md").read_text()
+    assert "sorted by held-out preference accuracy, then margin" in written and "Best: **trial-00" in written
+    assert "| preference accuracy | margin |" in written and str(sweep_dir / "report.md") in report

@@ -50,12 +50,12 @@ def load(target: str | Path) -> Model:
 
     path = Path(target)
     if (path / "config.yaml").is_file():
-        from .generate import load_run
+        from .generate import load_run, starting_title
 
         model, tokenizer, cfg = load_run(path)
         adapter, base = adapter_and_base(model, tokenizer, cfg.data.template)
         return Model(adapter, f"{path} (adapter on {cfg.model.name})", cfg.data.template, "adapter", "with adapter",
-                     other=("base model", lambda: base))
+                     other=(starting_title(model), lambda: base))  # a preference run's: the adapter it went on from
     if (gguf := exported_gguf(path)) is not None:
         return _load_gguf(gguf)
     if (path / "config.json").is_file():

@@ -189,22 +189,23 @@ def sweep_report(sweep_dir: Path, states: dict[str, str] | None = None) -> Path:
         summary = read_json(run_dir / "summary.json") or {}
         trials.append({"trial": run_dir.name, "overrides": " ".join(trial["overrides"]), "state": (states or {}).get(str(run_dir)) or "unknown",
                        "val_loss": summary.get("final_val_loss"), "base_val_loss": summary.get("base_val_loss"),
-                       "tokens_per_s": summary.get("tokens_per_s"), "peak_mem_gb": summary.get("peak_mem_gb")})
+                       "tokens_per_s": summary.get("tokens_per_s"), "peak_mem_gb": summary.get("peak_mem_gb"),
+                       "preference": summary.get("final_preference")})
         if (run_dir / "metrics.jsonl").is_file():
             run_report(run_dir)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    if any(t["preference"] for t in trials):  # a preference sweep: no validation loss; the held-out preference decides
+        return _preference_sweep_report(sweep_dir, trials, fmt)
     trials.sort(key=lambda t: (t["val_loss"] is None, t["val_loss"] if t["val_loss"] is not None else 0))
     best = trials[0] if trials and trials[0]["val_loss"] is not None else None
 
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# Sweep {sweep_dir.name}", "", f"{len(trials)} trials, sorted by final validation loss."]
     if best:
         lines.append(f"Best: **{best['trial']}** ({best['overrides']}), validation loss {best['val_loss']:.4f}.")
     lines += ["", "| | trial | overrides | val loss | base val loss | tokens/s | peak GB | state |", "|---|---|---|---|---|---|---|---|"]
     for t in trials:
-        mark = "best" if t is best else ""
-        link = f"[{t['trial']}]({t['trial']}/report.md)" if (sweep_dir / t["trial"] / "report.md").is_file() else t["trial"]
-        lines.append(f"| {mark} | {link} | `{t['overrides']}` | {fmt(t['val_loss'], '.4f')} | {fmt(t['base_val_loss'], '.4f')} | "
-                     f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(t['peak_mem_gb'], '.2f')} | {t['state']} |")
+        lines.append(f"| {'best' if t is best else ''} | {_trial_link(sweep_dir, t)} | `{t['overrides']}` | {fmt(t['val_loss'], '.4f')} | "
+                     f"{fmt(t['base_val_loss'], '.4f')} | {fmt(t['tokens_per_s'], ',.0f')} | {fmt(t['peak_mem_gb'], '.2f')} | {t['state']} |")
     done = [t for t in trials if t["val_loss"] is not None]
     if done:
         png = _plot_sweep(done, sweep_dir, sweep_dir / "val_loss.png")
@@ -212,6 +213,31 @@ def sweep_report(sweep_dir: Path, states: dict[str, str] | None = None) -> Path:
     lines.append("")
     out = sweep_dir / "report.md"
     write_text_atomic(out, "\n".join(lines))
+    return out
+
+
+def _trial_link(sweep_dir: Path, t: dict) -> str:
+    return f"[{t['trial']}]({t['trial']}/report.md)" if (sweep_dir / t["trial"] / "report.md").is_file() else t["trial"]
+
+
+def _preference_sweep_report(sweep_dir: Path, trials: list[dict], fmt) -> Path:
+    """A sweep of preference runs, best first by the held-out preference accuracy, then margin (kto's labelled answers:
+    margin alone)."""
+    from ..job.preference import held_out_words
+
+    rank = lambda t: (t["preference"] is None, -(t["preference"] or {}).get("pref_accuracy", 0), -(t["preference"] or {}).get("pref_margin", 0))  # noqa: E731
+    trials.sort(key=rank)
+    best = trials[0] if trials[0]["preference"] else None
+    lines = [f"# Sweep {sweep_dir.name}", "", f"{len(trials)} trials, sorted by held-out preference accuracy, then margin."]
+    if best:
+        lines.append(f"Best: **{best['trial']}** ({best['overrides']}), {held_out_words(best['preference'])}.")
+    lines += ["", "| | trial | overrides | preference accuracy | margin | tokens/s | peak GB | state |", "|---|---|---|---|---|---|---|---|"]
+    for t in trials:
+        p = t["preference"] or {}
+        lines.append(f"| {'best' if t is best else ''} | {_trial_link(sweep_dir, t)} | `{t['overrides']}` | {fmt(p.get('pref_accuracy'), '.2f')} | "
+                     f"{fmt(p.get('pref_margin'), '+.2f')} | {fmt(t['tokens_per_s'], ',.0f')} | {fmt(t['peak_mem_gb'], '.2f')} | {t['state']} |")
+    out = sweep_dir / "report.md"
+    write_text_atomic(out, "\n".join(lines + [""]))
     return out
 
 
