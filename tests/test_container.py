@@ -222,6 +222,30 @@ def test_stage_fills_the_cache_and_an_offline_run_then_trains_from_it(tmp_path, 
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_a_preference_set_on_the_hub_is_staged_and_an_offline_kto_run_trains_from_it(tmp_path, tiny_llama_dir):
+    """Pairs published as a hub dataset (JSON Lines in the repository): `stage` reads and tokenizes them as the method
+    does, and an offline kto run (pairs split in two) trains from the cache with no request to the hub."""
+    repo, data_repo = tmp_path / "repo", tmp_path / "data-repo"
+    shutil.copytree(tiny_llama_dir, repo)
+    data_repo.mkdir()
+    write_jsonl(data_repo / "train.jsonl", [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.",
+                                             "rejected": f"No, {i} is a word."} for i in range(10)])
+    cfg = hub_config(tmp_path, data={"path": "lab/pairs", "val_size": 2, "max_length": 64}, method={"name": "kto"})
+    with HubStandIn({"lab/tiny-llama": repo}, {"lab/pairs": data_repo}) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HOME", None)
+        staged = run_cli("stage", cfg, env=env)
+        assert staged.returncode == 0, staged.stderr
+        assert json.loads(Path(staged.stdout.split("manifest: ")[1].split()[0]).read_text())["tokenized"]["train_examples"] == 16
+        asked = len(hub.requests)
+        offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        trained = run_cli("train", cfg, "--run-dir", tmp_path / "run", env=offline)
+    assert trained.returncode == 0, trained.stderr
+    assert len(hub.requests) == asked  # the offline run asked nothing of the hub
+    assert "data 10 rows (preference" in trained.stdout and "train 16 examples" in trained.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_stage_without_a_reachable_hub_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
     done = run_cli("stage", hub_config(tmp_path), env=env)

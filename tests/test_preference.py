@@ -419,3 +419,32 @@ def test_kto_on_labelled_answers_raises_their_margin_and_resumes_exactly(tmp_pat
     assert result["margin_finding"]["mean_change"] > 0 and "toward its label" in describe_evaluation(result, whole.run_dir)
     assert "| given answer (" in (whole.run_dir / "eval.md").read_text()
     assert "Held-out margin base" in report(str(whole.run_dir)).read_text() and (whole.run_dir / "preference.png").exists()
+
+
+def test_pairs_and_labelled_answers_read_the_same_from_json_csv_and_parquet(tmp_path, tokenizer):
+    """The tabular forms people publish preference sets in: a JSON array, CSV (labels as words) and parquet give the
+    tokens of the same JSON Lines rows."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hpclora.data import prepare
+
+    def tokens(path, method):
+        cfg = config_module.load(None, [f"data.path={path}", f"method.name={method}", "data.val_size=0", f"data.cache_dir={tmp_path}"])
+        train = prepare(cfg.data, tokenizer, 0, method=method).train
+        return [train[c] for c in train.column_names if c.endswith("_ids") or c == "label"]
+
+    pairs = PAIRS[:5]
+    answers = [{"prompt": p["prompt"], "completion": p["chosen"], "label": i % 2 == 0} for i, p in enumerate(pairs)]
+    for rows, method in ((pairs, "dpo"), (answers, "kto")):
+        expected = tokens(write_jsonl(tmp_path / f"{method}.jsonl", rows), method)
+        (tmp_path / f"{method}.json").write_text(json.dumps(rows))
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{method}.parquet")
+        with open(tmp_path / f"{method}.csv", "w", newline="") as fh:
+            table = csv.DictWriter(fh, list(rows[0]))
+            table.writeheader()
+            table.writerows({k: str(v).lower() if isinstance(v, bool) else v for k, v in row.items()} for row in rows)
+        for suffix in ("json", "parquet", "csv"):
+            assert tokens(tmp_path / f"{method}.{suffix}", method) == expected, suffix

@@ -78,7 +78,7 @@ def stage(cfg, config_path: str | None) -> dict:
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.run.seed)  # reads the dataset (hub: into the cache) and tokenizes it
+    data = prepare(cfg.data, tokenizer, cfg.run.seed, method=cfg.method.name)  # reads the dataset (hub: into the cache), tokenizes it
     for dataset in datasets:  # the data files `datasets` fetched into the hub cache while reading
         snapshot = snapshot_download(dataset["id"], repo_type="dataset", revision=dataset["commit"], cache_dir=home / "hub", local_files_only=True)
         dataset["files"] = _hashes(Path(snapshot))
