@@ -1,7 +1,7 @@
 """How close is `hpclora plan` to reality? Predicted peak memory next to measured and published peaks.
 
     .venv/bin/python benchmarks/plan_vs_measured.py cpu         # the bundled model, 4 settings (~6 min on 2 cores)
-    .venv/bin/python benchmarks/plan_vs_measured.py cpu-dpo     # the same for DPO pairs, whose answers fill max_length
+    .venv/bin/python benchmarks/plan_vs_measured.py cpu-preference   # the same for DPO and KTO on pairs whose answers fill max_length
     .venv/bin/python benchmarks/plan_vs_measured.py published   # published Llama-2-7B GPU peaks (instant)
     .venv/bin/python benchmarks/plan_vs_measured.py replay FILE.json ...   # today's planner vs stored GPU measurements
     python benchmarks/plan_vs_measured.py gpu MODELS_ROOT [--gpu h100-80gb]   # on a CUDA machine (see shaped_model.py)
@@ -78,14 +78,17 @@ CPU_SETTINGS = [
     Setting("mb8 len1024 ckpt", ["train.micro_batch_size=8", "data.max_length=1024", "train.gradient_checkpointing=true"]),
 ]
 
-# CPU, DPO: pairs whose answers fill max_length (long_pairs), a new adapter (the reference: the base with it switched
-# off) and one going on from an SFT adapter (its frozen copy is the reference).
-CPU_DPO_SETTINGS = [
+# CPU, preference methods: pairs whose answers fill max_length (long_pairs), a new adapter (the reference: the base with
+# it switched off) and one going on from an SFT adapter (its frozen copy is the reference); kto on the pairs split in
+# two (one answer per row, and its KL rows forwarded without gradients).
+CPU_PREFERENCE_SETTINGS = [
     Setting("dpo mb1 len256", ["train.micro_batch_size=1", "data.max_length=256", "train.gradient_checkpointing=false"]),
     Setting("dpo mb2 len512", ["train.micro_batch_size=2", "data.max_length=512", "train.gradient_checkpointing=false"]),
     Setting("dpo mb4 len512 ckpt", ["train.micro_batch_size=4", "data.max_length=512", "train.gradient_checkpointing=true"]),
     Setting("dpo mb2 len512, from an adapter", ["train.micro_batch_size=2", "data.max_length=512", "train.gradient_checkpointing=false",
                                                 "model.adapter=ADAPTER"]),
+    Setting("kto mb2 len512", ["method.name=kto", "train.micro_batch_size=2", "data.max_length=512", "train.gradient_checkpointing=false"]),
+    Setting("kto mb4 len512", ["method.name=kto", "train.micro_batch_size=4", "data.max_length=512", "train.gradient_checkpointing=false"]),
 ]
 
 # GPU: hpclora's own path on models shaped like the published checkpoints (benchmarks/shaped_model.py).
@@ -243,7 +246,7 @@ def replay(work: Path, measured: list[dict], gpu: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("cpu", "cpu-dpo", "gpu", "published", "replay"))
+    parser.add_argument("mode", choices=("cpu", "cpu-preference", "gpu", "published", "replay"))
     parser.add_argument("paths", nargs="*", help="gpu: the directory holding the shaped models (benchmarks/shaped_model.py); "
                                                  "replay: JSON files the gpu mode wrote")
     parser.add_argument("--gpu", default="h100-80gb", help="the planner's device for the gpu mode")
@@ -261,14 +264,14 @@ def main() -> None:
         rows = run_measured(work, chosen(CPU_SETTINGS), lambda s: config, "cpu", None)
         print()
         rows += run_published(work)
-    elif args.mode == "cpu-dpo":
+    elif args.mode == "cpu-preference":
         data = work / "pairs.jsonl"
         long_pairs(data)
         config = work / "dpo.yaml"
         config.write_text(base_yaml("smollm2-135m", data, "chat", False, 0).replace("format: alpaca", "format: preference")
                           + "method: {name: dpo}\n")
-        adapter = str(sft_adapter(work)) if any("ADAPTER" in " ".join(s.overrides) for s in chosen(CPU_DPO_SETTINGS)) else ""
-        settings = [Setting(s.name, [o.replace("ADAPTER", adapter) for o in s.overrides]) for s in chosen(CPU_DPO_SETTINGS)]
+        adapter = str(sft_adapter(work)) if any("ADAPTER" in " ".join(s.overrides) for s in chosen(CPU_PREFERENCE_SETTINGS)) else ""
+        settings = [Setting(s.name, [o.replace("ADAPTER", adapter) for o in s.overrides]) for s in chosen(CPU_PREFERENCE_SETTINGS)]
         rows = run_measured(work, settings, lambda s: config, "cpu", None)
     elif args.mode == "replay":
         rows = replay(work, [row for path in args.paths for row in json.loads(Path(path).read_text())], args.gpu)

@@ -9,15 +9,18 @@ TRL's script is run as its own parser reads its command line (`make_parser().par
 built as its `main` builds it, with a meter on the collator: once with its defaults (on a CPU that is bf16 autocast,
 as its BaseConfig sets bf16 whenever fp16 is not, and gradient checkpointing), once matched to hpclora's CPU choices
 (fp32, no checkpointing). Real tokens are non-padding tokens of the chosen and rejected sequences; tokens/s is timed
-over the steps after the first; peak memory is the process's peak RSS (VmHWM).
+over the steps after the first; peak memory is the process's peak RSS (VmHWM). A CPU process's peak RSS moves by a
+few hundred MB from one run of the same steps to the next (the C allocator's fragmentation), so each variant runs
+--repeats times, the variants taking turns, and the medians are compared (the range beside them).
 
-    .venv/bin/python benchmarks/preference_throughput.py [--steps 8] [--only NAME ...]
+    .venv/bin/python benchmarks/preference_throughput.py [--steps 8] [--repeats 3] [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +104,7 @@ def run_hpclora(out: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant; the first is warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant (medians compared)")
     parser.add_argument("--only", nargs="*", choices=VARIANTS, help="run only these variants")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -117,26 +121,31 @@ def main() -> None:
         data.mkdir()
         rows = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()]
         (data / "train.jsonl").write_text("".join(json.dumps(messages(r), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        results = {}
-        for name in args.only or VARIANTS:
-            started = time.time()
-            done = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(args.steps)],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"# {name}: {results[name]} ({time.time() - started:.0f} s)", flush=True)
+        runs: dict[str, list[dict]] = {}
+        for repeat in range(args.repeats):
+            for name in args.only or VARIANTS:
+                started = time.time()
+                done = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(args.steps)],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                runs.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"# {name}, run {repeat + 1}: {runs[name][-1]} ({time.time() - started:.0f} s)", flush=True)
+    results = {name: {**r[0], **{key: statistics.median(x[key] for x in r) for key in ("tokens_per_s", "peak_gb")},
+                      "range": (min(x["peak_gb"] for x in r), max(x["peak_gb"] for x in r))} for name, r in runs.items()}
 
     print(f"\nSmolLM2-135M, DPO, LoRA r=8 on all projections, {PAIRS.name} ({len(rows)} pairs), max_length {MAX_LENGTH}, "
-          f"{PAIRS_PER_STEP} pairs per step, {args.steps} steps each, the first not timed; device cpu")
+          f"{PAIRS_PER_STEP} pairs per step, {args.steps} steps each, the first not timed; device cpu; medians of {args.repeats} runs")
     ours = results.get("hpclora dpo")
-    print(f"{'variant':<38} {'precision':<14} {'ckpt':>5} {'tokens/s':>9} {'peak GB':>8} {'hpclora x speed':>16} {'hpclora x memory':>17}")
+    print(f"{'variant':<38} {'precision':<14} {'ckpt':>5} {'tokens/s':>9} {'peak GB':>8} {'peak range':>12} {'hpclora x speed':>16} "
+          f"{'hpclora x memory':>17}")
     for name, r in results.items():
         speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}" if ours else "-"
         memory = f"{ours['peak_gb'] / r['peak_gb']:.2f}" if ours else "-"
+        spread = f"{r['range'][0]:.2f}-{r['range'][1]:.2f}"
         print(f"{name:<38} {r['precision']:<14} {'on' if r['checkpointing'] else 'off':>5} {r['tokens_per_s']:9.1f} {r['peak_gb']:8.2f} "
-              f"{speed:>16} {memory:>17}")
+              f"{spread:>12} {speed:>16} {memory:>17}")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,41 @@ def test_trl_prepares_preference_datasets_in_the_method_hpclora_replaces():
         assert list(inspect.signature(trainer._prepare_dataset).parameters) == ["self", "dataset", "processing_class", "args", "dataset_name"]
         assert "self._prepare_dataset(train_dataset" in inspect.getsource(trainer.__init__)
     assert TokenizedPreferenceData._prepare_dataset(None, ["tokenized"], None, None, "train") == ["tokenized"]
+
+
+def test_trls_preference_head_reads_its_tile_width_where_hpclora_narrows_it_and_scores_the_same(tiny_llama_dir):
+    """TRL's fused head takes the tile width from trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE at each call, which
+    narrower_preference_head_tiles sets: the log-probabilities and the gradients reaching the model are those of
+    TRL's own width (the 49k vocabulary in 6 tiles instead of 2), to float rounding."""
+    import inspect
+
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from hpclora.internals import TRL_HEAD_COLUMNS, narrower_preference_head_tiles
+
+    assert "_CHUNKED_LOGPROB_CHUNK_SIZE" in inspect.getsource(trl_utils.add_fused_lm_head)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(24) < 8, -100)
+
+    def scored():
+        model.zero_grad()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logps = model(inputs_embeds=embeds, labels=labels, fused_lm_head=True).log_probs
+        logps.sum().backward()
+        return logps.detach(), embeds.grad
+
+    original = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    try:
+        wide = scored()
+        narrower_preference_head_tiles()
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == TRL_HEAD_COLUMNS < model.config.vocab_size
+        narrow = scored()
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = original
+    largest = lambda x: x.abs().max().item()  # noqa: E731
+    assert largest(narrow[0] - wide[0]) <= 1e-6 * largest(wide[0]) and largest(narrow[1] - wide[1]) <= 1e-5 * largest(wide[1])
+    assert largest(wide[1]) > 1  # gradients that reach the model, compared

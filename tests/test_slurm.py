@@ -656,14 +656,17 @@ def test_sbatch_that_never_answers_is_a_clear_error_that_keeps_the_run_directory
     assert list((tmp_path / "runs").iterdir()) == [run_dir]  # nothing was queued: nothing of it is left
 
 
+def dpo_pairs(tmp_path: Path) -> Path:
+    from conftest import write_jsonl
+
+    return write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.",
+                                                   "rejected": f"No, {i} is a word."} for i in range(16)])
+
+
 def test_a_dpo_sweep_over_beta_is_one_array_whose_report_ranks_the_trials_by_held_out_preference(tmp_path, tiny_llama_dir, env):
     """A preference config through sbatch: `sweep --grid method.beta=...` is one job array of DPO runs (TRL in the job),
     each trial's summary holds its held-out preference, and the sweep's report ranks by it (there is no validation loss)."""
-    from conftest import write_jsonl
-
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Is {i} a number?", "chosen": f"Yes, {i} is a number.",
-                                                   "rejected": f"No, {i} is a word."} for i in range(16)])
-    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, method={"name": "dpo"}, data={"path": str(pairs), "val_size": 4},
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, method={"name": "dpo"}, data={"path": str(dpo_pairs(tmp_path)), "val_size": 4},
                         train={"max_steps": 3, "lr": 1e-2}, slurm={"mem": "3G"})
     job_id = job_id_from(hpclora("sweep", cfg, "--grid", "method.beta=0.1,0.5", env=env, cwd=tmp_path).stdout)
     assert wait_for(job_id, tasks=2) == {f"{job_id}_{i}": ("COMPLETED", "0:0") for i in range(2)}
@@ -677,3 +680,22 @@ def test_a_dpo_sweep_over_beta_is_one_array_whose_report_ranks_the_trials_by_hel
     written = (sweep_dir / "report.md").read_text()
     assert "sorted by held-out preference accuracy, then margin" in written and "Best: **trial-00" in written
     assert "| preference accuracy | margin |" in written and str(sweep_dir / "report.md") in report
+
+
+def test_a_cancelled_dpo_job_goes_on_from_its_checkpoint_to_the_adapter_of_an_uninterrupted_run(tmp_path, tiny_llama_dir, env):
+    """`hpclora cancel` of a DPO job between steps (paced, so the cancel lands mid-run), then `hpclora submit RUN_DIR`:
+    the adapter of the same run trained without a stop, bit for bit (TRL's trainer state, the reference's passes)."""
+    cfg = tiny_run_yaml(tmp_path, tiny_llama_dir, method={"name": "dpo"}, data={"path": str(dpo_pairs(tmp_path)), "val_size": 4},
+                        train={"max_steps": 6, "lr": 1e-2}, slurm={"mem": "3G"})
+    first = job_id_from(hpclora("submit", cfg, env=paced(env, 1), cwd=tmp_path).stdout)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    trained_steps(run_dir, 0, 2)
+    assert hpclora("cancel", first, env=env, cwd=tmp_path).stdout.strip().endswith(f"checkpoint saved; to resume: hpclora submit {run_dir}")
+    assert wait_for(first)[first][0] == "CANCELLED"
+    stopped_at = newest_checkpoint_step(run_dir)
+    assert 2 <= stopped_at < 6
+    second = job_id_from(hpclora("submit", run_dir, env=env, cwd=tmp_path).stdout)
+    assert wait_for(second) == {second: ("COMPLETED", "0:0")}
+    assert f"resumed from step {stopped_at} (restart 1)" in (tmp_path / "logs" / f"tiny-{second}.out").read_text()
+    hpclora("train", cfg, "--run-dir", tmp_path / "whole", env=env, cwd=tmp_path)
+    same_weights(run_dir / "adapter" / "adapter_model.safetensors", tmp_path / "whole" / "adapter" / "adapter_model.safetensors")

@@ -148,6 +148,21 @@ def without_bitsandbytes() -> None:
         sys.modules["bitsandbytes"] = None
 
 
+# TRL 1.16 scores the answers of preference methods through a fused head that never holds the [positions, vocabulary]
+# logits, only tiles of up to TRL_HEAD_POSITIONS positions by its _CHUNKED_LOGPROB_CHUNK_SIZE (32768) vocabulary
+# columns, with as large temporaries beside each tile where there is no Triton (CPU). hpclora's tiles are
+# TRL_HEAD_COLUMNS wide: the same log-probabilities (a log-sum-exp folded over more, narrower tiles), about 1 GB less
+# peak RSS in DPO with SmolLM2-135M's 49k vocabulary on a CPU, and no slower
+# (benchmarks/results/preference_throughput.txt).
+TRL_HEAD_POSITIONS, TRL_HEAD_COLUMNS = 4096, 8192
+
+
+def narrower_preference_head_tiles() -> None:
+    import trl.trainer.utils
+
+    trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_HEAD_COLUMNS
+
+
 class TokenizedPreferenceData:
     """A mixin for TRL 1.16's DPOTrainer and KTOTrainer: their training and evaluation sets are taken as they are,
     already holding the prompt_ids, chosen_ids and rejected_ids (or completion_ids, label and KTO's KL_completion_ids)

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..internals import TokenizedPreferenceData, fp16_loss_scaling_on_cpu, fsdp_on_cpu, tensorboard_callback, warmup_from_the_first_step
+from ..internals import (TokenizedPreferenceData, fp16_loss_scaling_on_cpu, fsdp_on_cpu, narrower_preference_head_tiles, tensorboard_callback,
+                         warmup_from_the_first_step)
 from . import checkpoint, distributed
 from .kernels import LIGER_CONFIG, reads_varlen_bounds
 from .preempt import StopRequest
@@ -33,6 +34,7 @@ def build_trainer(cfg, model, tokenizer, data, out: Path, precision: str, sharde
 
         Base, Arguments = methods.trainer_class(cfg.method.name)
         steps_class: type = PreferenceSteps
+        narrower_preference_head_tiles()
     else:
         Base, Arguments, steps_class = Trainer, TrainingArguments, SupervisedSteps
 

@@ -23,7 +23,7 @@ Preference methods on pairs (method.name dpo, orpo, simpo) run each micro-batch 
 chosen and every rejected answer beside its prompt); kto's rows are one answer each. The reference's no-grad passes
 (and kto's over each prompt with another row's answer) keep nothing for the backward pass;
 a starting adapter (model.adapter) is kept once more as the frozen reference (fp32 weights only). TRL scores the
-answers through the output head in chunks of up to PREFERENCE_HEAD_ROWS positions.
+answers through its output head in tiles of positions by vocabulary entries (internals.TRL_HEAD_POSITIONS, _COLUMNS).
 
 Several ranks (slurm.nodes x slurm.gpus): under DDP every GPU holds the whole of the above (a replica)
 for its own micro-batch. Under FSDP (full shard, per decoder layer, as accelerate wraps it) the weights,
@@ -38,6 +38,7 @@ from ..catalog.devices import Device
 from ..catalog.dims import ModelDims, parameter_counts, projections
 from ..catalog.models import CHUNK_ROWS, EAGER_ONLY, HEAD_ONLY_LOGITS, target_modules_for
 from ..config import RunConfig
+from ..internals import TRL_HEAD_COLUMNS, TRL_HEAD_POSITIONS
 
 GB = 1e9
 
@@ -65,17 +66,16 @@ CPU_LOGITS_EXTRA = 4
 
 # Peak RSS on CPU holds more per token and layer than the GPU fit: about 1.2 copies of every LoRA-adapted
 # projection's input, even with gradient checkpointing, and a quarter more of the other activations without
-# it. Fitted on SmolLM2-135M (fp32, 256 to 8,192 tokens per micro-batch, q/v and all seven projections, with
+# it (SFT; TRL's preference trainers show none of that quarter). Fitted on SmolLM2-135M (fp32, 256 to 8,192 tokens per micro-batch, q/v and all seven projections, with
 # and without checkpointing): within 7% of the measured peak RSS from 2,048 tokens up, and above it below
 # (benchmarks/results/plan_vs_measured.txt, throughput.txt).
 CPU_LORA_INPUT_COPIES, CPU_ACT_EXTRA = 1.2, 0.25
 
 
-PREFERENCE_HEAD_ROWS = 32768  # TRL 1.16's fused log-probability head: positions projected at once (_CHUNKED_LOGPROB_CHUNK_SIZE)
-# Bytes per scored position and vocabulary entry that TRL's head keeps at its peak on a CPU, where it scores every
-# position: fitted on SmolLM2-135M (DPO, 256 and 512 tokens, 1 to 4 pairs, with and without checkpointing: within 22%
-# of the measured peak RSS, benchmarks/results/plan_vs_measured_dpo.txt). On a GPU: the logits in the compute dtype, their
-# fp32 upcast and its gradient.
+# Bytes per entry of a tile of TRL's fused log-probability head (internals.TRL_HEAD_POSITIONS positions by
+# TRL_HEAD_COLUMNS vocabulary entries) that it keeps at its peak on a CPU, where it scores every position: fitted on
+# SmolLM2-135M (DPO and KTO, 256 and 512 tokens, 1 to 4 pairs, with and without checkpointing:
+# benchmarks/results/plan_vs_measured_dpo.txt). On a GPU: the tile in the compute dtype, and the fp32 gradient tile.
 PREFERENCE_CPU_HEAD_BYTES = 20
 
 
@@ -150,7 +150,8 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     activations = tokens * (kept * per_layer + recomputed * d.hidden * residual)
     if device.name == "cpu":  # what CPU kernels keep beyond the GPU fit, per token and layer (fitted: see CPU_LORA_INPUT_COPIES)
         adapted_inputs = sum(projections(d)[n][0] for n in names)
-        activations += tokens * (d.layers * CPU_LORA_INPUT_COPIES * e * adapted_inputs + (d.layers - recomputed) * CPU_ACT_EXTRA * per_layer)
+        extra = CPU_ACT_EXTRA if cfg.method.name == "sft" else 0
+        activations += tokens * (d.layers * CPU_LORA_INPUT_COPIES * e * adapted_inputs + (d.layers - recomputed) * extra * per_layer)
     if eager_attention(d, cfg):  # scores and probabilities of every head, kept per layer (sdpa keeps neither)
         attention = sequences * d.heads * cfg.data.max_length ** 2 * (2 * e + 4)
         activations += attention * kept
@@ -158,17 +159,17 @@ def memory_gb(d: ModelDims, cfg: RunConfig, device: Device, precision: str, micr
     # model's own loss runs on the full logits: architectures outside HEAD_ONLY_LOGITS, and FSDP's sharded head.
     full_logits = d.model_type not in HEAD_ONLY_LOGITS or (strategy == "fsdp" and world > 1)
     if cfg.method.name != "sft":
-        loss_rows = min(tokens, PREFERENCE_HEAD_ROWS)
-        logits = loss_rows * d.vocab * (PREFERENCE_CPU_HEAD_BYTES if device.name == "cpu" else e + 4 + 4)
+        head_entries = min(tokens, TRL_HEAD_POSITIONS) * min(d.vocab, TRL_HEAD_COLUMNS)  # one tile
+        logits = head_entries * (PREFERENCE_CPU_HEAD_BYTES if device.name == "cpu" else e + 4)
     else:
-        loss_rows = tokens if full_logits else min(tokens, CHUNK_ROWS)
-        logits = loss_rows * d.vocab * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
+        head_entries = (tokens if full_logits else min(tokens, CHUNK_ROWS)) * d.vocab
+        logits = head_entries * (e + 4 + 4 + (4 * CPU_LOGITS_EXTRA if device.name == "cpu" else 0))
     parts = {"weights_gb": weights / GB, "lora_gb": lora_bytes / GB, "optimizer_gb": optimizer / GB,
              "activations_gb": activations / GB, "logits_gb": logits / GB}
     if device.name == "cpu":
         parts["runtime_gb"] = CPU_BASELINE_GB
     else:
-        parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * loss_rows * d.vocab * 4 / GB
+        parts["allocator_gb"] = SLACK_GB + SLACK_LOGITS * head_entries * 4 / GB
         parts["runtime_gb"] = device.context_gb
     parts["peak_gb"] = sum(parts.values())
     if strategy == "fsdp" and world > 1 and bits == 4 and device.name != "cpu":

@@ -15,10 +15,11 @@ from .memory import eager_attention, recomputed_layers
 # SmolLM2-135M). Smaller GPU models use the card less well (kernel launches, element-wise work on
 # activations and logits): x sqrt(hidden / 4096), and x 0.5 more for eager attention (fitted on
 # OpenCALM-1b and BLOOM-560m shapes). QLoRA de-quantizes every weight twice per step.
-EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5, "preference": 0.5}
-# Preference methods (TRL's trainers) reach about half of that per trained token: TRL's head scores every position of
-# both answers through the whole vocabulary, with its entropy and top-1 metrics. Fitted on SmolLM2-135M DPO on the CPU
-# (91 to 123 real tokens/s where 194 to 262 were planned, benchmarks/results/plan_vs_measured_dpo.txt); assumed on GPUs.
+EFFICIENCY = {"gpu": 0.25, "cpu": 0.45, "qlora": 0.75, "eager": 0.5, "preference": 0.65}
+# Preference methods (TRL's trainers) reach about two thirds of that per trained token: TRL's head scores every
+# position of the answers and their prompts through the whole vocabulary, with its entropy and mean-logit metrics.
+# Fitted on SmolLM2-135M DPO and KTO on the CPU (111 to 173 real tokens/s where 78 to 131 were planned at 0.5,
+# benchmarks/results/plan_vs_measured_dpo.txt); assumed on GPUs.
 # Share of N x one rank's tokens/s that N ranks reach: (within one node, across nodes). Assumed, not
 # measured here (no machine with several GPUs): DDP all-reduces only the LoRA gradients (megabytes) once
 # per step and overlaps it with the backward pass; FSDP all-gathers the frozen weights in the forward and
