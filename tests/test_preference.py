@@ -328,14 +328,16 @@ def test_qlora_dpo_keeps_the_trained_weights_in_fp32(tmp_path, tiny_llama_dir, c
 
 
 def test_the_plan_of_a_dpo_run_counts_both_answers_of_each_pair_and_the_references_pass():
+    """On a GPU (no CPU-only terms): a dpo micro-batch of pairs is twice the rows of SFT's, kto's one answer per row;
+    the reference's forward (and kto's two more for its KL term) and TRL's head slow both down."""
     from hpclora.plan import make_plan
 
-    common = ["data.path=owner/data", "train.micro_batch_size=2", "data.max_length=512", "data.packing=false", "slurm.gpus=0",
+    common = ["data.path=owner/data", "train.micro_batch_size=2", "data.max_length=512", "data.packing=false", "slurm.gpus=1",
               "train.gradient_checkpointing=false"]
-    sft = make_plan(config_module.load(None, common), "cpu")
-    dpo = make_plan(config_module.load(None, [*common, "method.name=dpo"]), "cpu")
+    sft, dpo, kto = (make_plan(config_module.load(None, [*common, f"method.name={m}"]), "a100-80gb") for m in ("sft", "dpo", "kto"))
     assert dpo.breakdown["activations_gb"] == pytest.approx(2 * sft.breakdown["activations_gb"], rel=1e-3)  # chosen and rejected rows
-    assert dpo.tokens_per_s < sft.tokens_per_s / 2  # the reference's forward, and TRL's scoring head
+    assert kto.breakdown["activations_gb"] == pytest.approx(sft.breakdown["activations_gb"], rel=1e-3)
+    assert kto.tokens_per_s < dpo.tokens_per_s < sft.tokens_per_s / 2
     assert not dpo.packing and "not packed: method.name=dpo" in dpo.packing_reason
 
 
