@@ -181,6 +181,9 @@ def test_a_dpo_run_raises_held_out_preference_and_resumes_exactly(tmp_path, tiny
     written = report(str(whole.run_dir)).read_text()
     assert f"Held-out preference accuracy base {base['pref_accuracy']:.2f} -> adapter {final['pref_accuracy']:.2f}" in written
     assert "![rewards and preference](preference.png)" in written and (whole.run_dir / "preference.png").stat().st_size > 10_000
+    from hpclora.rundir import foreign_entries
+
+    assert foreign_entries(whole.run_dir) == []  # `--fresh` may empty it: hpclora wrote all of it
 
 
 def test_dpo_from_an_sft_run_keeps_the_sft_adapter_as_its_reference_in_fp16(tmp_path, tiny_llama_dir, capsys):

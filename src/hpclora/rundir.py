@@ -42,6 +42,7 @@ STOPPED_MARKER = ".stopped"
 STOP_MARKER_VAR = "HPCLORA_STOP_MARKER"  # one more place for it, where a hand-written job script cannot know the run directory
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of training in the run directory
 MERGED_DIR = "merged"  # `hpclora merge` without --out writes the merged model here
+PREFERENCE_FIGURE = "preference.png"  # `hpclora report` of a preference run: its rewards and held-out preference
 EXPORT_RECORD = "EXPORTED_FROM.json"  # beside an exported GGUF: where it came from (results/export.py)
 EXPORT_DIR = re.compile(r"gguf-(lora-)?[a-z0-9_]+(\.sbatch)?")  # `hpclora export` without --out writes here (export_dir_name), and its job script
 # Written first into every run directory hpclora makes (train, submit, sweep): what `--fresh` may empty.
@@ -50,7 +51,7 @@ RUN_MARKER = ".hpclora-run"
 RUN_ENTRIES = frozenset({
     RUN_MARKER, LOCK_FILE, STOPPED_MARKER, CONFIG_FILE, "env.json", "metrics.jsonl", "summary.json", ATTEMPTS_FILE,
     "adapter", "checkpoints", "tensorboard", "wandb", "submitit", JOB_FILE, JOB_SCRIPT, PROBE_FILE,
-    "eval.json", "eval.md", "report.md", "loss.png", MERGED_DIR, CANCEL_REQUEST,
+    "eval.json", "eval.md", "report.md", "loss.png", PREFERENCE_FIGURE, MERGED_DIR, CANCEL_REQUEST,
 })
 
 

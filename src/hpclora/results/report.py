@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config.slurm_syntax import slurm_time
 from ..errors import UserError
-from ..rundir import SWEEP_FILE, attempts, metric_entries, read_json, verdict, write_text_atomic
+from ..rundir import PREFERENCE_FIGURE, SWEEP_FILE, attempts, metric_entries, read_json, verdict, write_text_atomic
 
 
 @dataclass
@@ -171,7 +171,7 @@ def run_report(run_dir: Path) -> Path:
     if curves.train:
         lines.append(f"| training loss (first -> last log) | {curves.train[0][1]:.4f} -> {curves.train[-1][1]:.4f} |")
     lines += ["", f"![loss curves]({png.name})", ""]
-    if (figure := plot_preference(run_dir, run_dir.name, run_dir / "preference.png")) is not None:
+    if (figure := plot_preference(run_dir, run_dir.name, run_dir / PREFERENCE_FIGURE)) is not None:
         lines += [f"![rewards and preference]({figure.name})", ""]
     if (run_dir / "eval.md").is_file():
         lines += ["Generations and held-out loss: [eval.md](eval.md)", ""]
