@@ -453,3 +453,17 @@ def test_pairs_and_labelled_answers_read_the_same_from_json_csv_and_parquet(tmp_
             table.writerows({k: str(v).lower() if isinstance(v, bool) else v for k, v in row.items()} for row in rows)
         for suffix in ("json", "parquet", "csv"):
             assert tokens(tmp_path / f"{method}.{suffix}", method) == expected, suffix
+
+
+def test_kto_over_two_gloo_ranks_trains_one_adapter_and_counts_each_held_out_pair_once(tmp_path, tiny_llama_dir):
+    """KTO under torchrun with DDP: each rank's micro-batch holds its own rows and their KL answers (the batches are
+    handed to the ranks in the order kl_rows made them), both ranks end with the same adapter, and the 7 held-out pairs
+    over 2 ranks are each counted once. (TRL averages its KL estimate over the ranks, so one rank is not the reference.)"""
+    from test_distributed import harness, max_difference, two_ranks, weights
+
+    config = dpo_ranks_config(tmp_path, tiny_llama_dir)
+    out, done = harness(tmp_path, config, tmp_path / "run", "out", two_ranks(), "method.name=kto")
+    assert "method kto" in done.stdout and "world 2 ranks (gloo)" in done.stdout
+    assert max_difference(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")) == 0.0
+    evaluations = held_out(tmp_path / "run")
+    assert [pairs for pairs, _, _ in evaluations] == [7, 7] and all(math.isfinite(e["loss"]) for e in entries(tmp_path / "run") if "loss" in e)
