@@ -262,6 +262,10 @@ def dpo_ranks_config(tmp_path: Path, model_dir: Path) -> Path:
     return config
 
 
+# The tests of the 2-rank DPO run on one xdist worker, which makes that run once.
+DPO_RANKS_GROUP = pytest.mark.xdist_group("dpo-ranks")
+
+
 @pytest.fixture(scope="module")
 def dpo_two_ranks(tmp_path_factory, tiny_llama_dir):
     """DPO under torchrun with DDP over 2 gloo ranks x 4 pairs, 2 steps (an epoch of 16 pairs: at an epoch's uneven end
@@ -277,6 +281,7 @@ def held_out(run_dir: Path) -> list:
     return [(e["pairs"], e["pref_accuracy"], round(e["pref_margin"], 3)) for e in entries(run_dir) if "eval" in e]
 
 
+@DPO_RANKS_GROUP
 def test_two_gloo_ranks_train_the_dpo_adapter_of_one_rank_over_the_same_global_batch(tmp_path, tiny_llama_dir, dpo_two_ranks):
     """The 2 ranks train the adapter one process trains on 4 pairs x 2 accumulated, and the held-out pairs (7: 4 + 3
     over the ranks) are each counted once."""
@@ -290,6 +295,7 @@ def test_two_gloo_ranks_train_the_dpo_adapter_of_one_rank_over_the_same_global_b
     assert "world 2 ranks (gloo)" in stdout and stdout.count("adapter saved to") == 1
 
 
+@DPO_RANKS_GROUP
 def test_a_stop_signal_to_one_dpo_rank_stops_both_and_the_resume_is_exact(tmp_path, tiny_llama_dir, dpo_two_ranks):
     """A stop signal to rank 1 at step 1 of 2: both ranks checkpoint there, and the resume trains the uninterrupted
     2-rank adapter bit for bit, the reference's passes and the held-out evaluations included."""
@@ -306,6 +312,7 @@ def test_a_stop_signal_to_one_dpo_rank_stops_both_and_the_resume_is_exact(tmp_pa
     assert held_out(run_dir) == held_out(reference)
 
 
+@DPO_RANKS_GROUP
 def test_dpo_under_fsdp_over_two_gloo_ranks_trains_the_adapter_of_ddp(tmp_path, tiny_llama_dir, dpo_two_ranks):
     """FSDP (full shard per decoder layer over a CPU mesh): TRL's loss and the reference's passes (the adapter switched
     off inside the sharded model) give the DDP adapter, and the saved adapter is the trained one alone."""
@@ -467,3 +474,54 @@ def test_kto_over_two_gloo_ranks_trains_one_adapter_and_counts_each_held_out_pai
     assert max_difference(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")) == 0.0
     evaluations = held_out(tmp_path / "run")
     assert [pairs for pairs, _, _ in evaluations] == [7, 7] and all(math.isfinite(e["loss"]) for e in entries(tmp_path / "run") if "loss" in e)
+
+
+def test_a_dpo_run_from_an_sft_run_merges_exports_and_chats_as_its_own_adapter(tmp_path, tokenizer):
+    """The result of SFT -> DPO (model.adapter: the run's model also holds TRL's frozen copy of the SFT adapter): the
+    merge holds the DPO adapter's weights (its logits, not the SFT adapter's), the f16 GGUF answers with the merged
+    model's greedy tokens, and chat's /compare sets it beside the SFT adapter it started from. A tiny llama whose weights
+    are drawn wide, so that greedy answers are not ties."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: `make llama-cpp` (part of `make test`) builds it")
+    import io
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config, tiny_run_yaml
+    from hpclora.data import encode, render
+    from hpclora.results import llamacpp
+    from hpclora.results.chat import chat
+    from hpclora.results.export import export
+    from hpclora.results.generate import Sampling
+    from hpclora.results.merge import merge
+
+    model_config = tiny_config("llama", vocab_size=len(tokenizer))
+    model_config.initializer_range = 0.4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sft = train_here(config_module.load(tiny_run_yaml(tmp_path, tmp_path / "model", train={"max_steps": 2, "lr": 1e-2})), tmp_path / "sft")
+    cfg = pair_config(tmp_path, tmp_path / "model", PAIRS[:10], f"model.adapter={sft.run_dir}", "data.val_size=2", "train.max_steps=2")
+    run = train_here(cfg, tmp_path / "dpo").run_dir
+
+    merged = AutoModelForCausalLM.from_pretrained(merge(run, tmp_path / "merged", "fp32"), dtype=torch.float32).eval()
+    ids = encode(render(cfg.data.template, [{"role": "user", "content": "Is 3 a number?", "input": ""}], tokenizer), tokenizer,
+                 cfg.data.template)[0]
+    last_logits = lambda model: model(torch.tensor([ids])).logits[0, -1]  # noqa: E731
+    fresh = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)  # noqa: E731
+    with torch.no_grad():
+        dpo = last_logits(PeftModel.from_pretrained(fresh(), str(run / "adapter")).eval())
+        sft_logits = last_logits(PeftModel.from_pretrained(fresh(), str(sft.run_dir / "adapter")).eval())
+        assert (last_logits(merged) - dpo).abs().max() < 1e-3 < (dpo - sft_logits).abs().max()
+        expected = merged.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):]
+
+    out = export(run, "f16", tmp_path / "gguf")
+    record = json.loads((out / "EXPORTED_FROM.json").read_text())
+    assert record["checked"]["template_tokens_equal"] is True
+    answer = [t for t in expected.tolist() if t != tokenizer.eos_token_id]
+    assert answer and llamacpp.greedy(llamacpp.load(out / record["gguf"], n_ctx=256), ids, 12) == answer
+
+    said = io.StringIO()
+    assert chat(run, Sampling(max_new_tokens=4), stdin=io.StringIO("Is 3 a number?\n/compare\n"), out=said) == 0
+    assert "starting adapter" in said.getvalue() and "base model" not in said.getvalue()
