@@ -136,10 +136,7 @@ def prepare(data_cfg, tokenizer, seed: int, packed: bool = False, method: str = 
     stats = {"rows": sum(len(rows.conversations) for rows in loaded), "format": formats.pop() if len(formats) == 1 else "mixed",
              "template": templates.pop() if len(templates) == 1 else "mixed"}
     parts: dict[str, list] = {"train": [], "val": []}
-    # kto trains on labelled answers (pairs split in two); its held-out pairs stay pairs, scored as dpo's are, unless
-    # some rows come unpaired (then every held-out row is one answer)
-    any_unpaired = any(rows.format == preference.UNPAIRED for rows in loaded)
-    unpair = lambda split: method == "kto" and (split == "train" or any_unpaired)  # noqa: E731
+    source_formats = [rows.format for rows in loaded]
     for i, (rows, indices) in enumerate(zip(loaded, splits)):
         examples = 0
         for split, idx in zip(("train", "val"), indices):
@@ -149,7 +146,8 @@ def prepare(data_cfg, tokenizer, seed: int, packed: bool = False, method: str = 
             if method == "sft":
                 ds, cached = tokenized(rows.source.data, chosen, numbers, tokenizer, split)
             else:  # a few thousand pairs tokenize in seconds: not cached
-                ds, cached = preference.dataset(rows.source.data, chosen, numbers, tokenizer, unpair(split)), False
+                ds, cached = preference.dataset(rows.source.data, chosen, numbers, tokenizer,
+                                                preference.split_into_answers(method, split, source_formats)), False
             dropped = len(idx) - len(ds) if method == "sft" else 0  # a pair's prompt that fills max_length is an error, not a drop
             if split == "train" and rows.source.weight != 1 and len(ds):
                 ds = ds.select(weighted_positions(len(ds), rows.source.weight, seed + i)).flatten_indices()

@@ -144,6 +144,12 @@ def _implicit_from_text(chosen: str, rejected: str, fail) -> dict:
     return {"prompt": _prompt(prompt, fail), "chosen": chosen[cut:].strip(), "rejected": rejected[cut:].strip()}
 
 
+def split_into_answers(method: str, split: str, formats) -> bool:
+    """Whether a split's rows are tokenized as labelled answers: kto trains on them (pairs split in two); its held-out
+    pairs stay pairs, scored as dpo's are, unless some of the run's rows (of `formats`) come unpaired."""
+    return method == "kto" and (split == "train" or UNPAIRED in formats)
+
+
 def dataset(data_cfg, examples: list[dict], rows: list[int], tokenizer, unpair: bool = False):
     """A `datasets.Dataset` of the examples tokenized (encode_examples); with `unpair`, every pair as two labelled
     answers, as kto trains on them."""

@@ -191,10 +191,9 @@ def answer_metrics(totals: dict, beta_value: float, prefix: str) -> dict:
     is the mean log-probability of the good answers minus that of the bad ones (the model's own preference; comparable
     between the base and the tuned adapter), reward_accuracy the share of answers whose log-ratio to the reference has
     the label's sign, reward_margin beta x the mean log-ratio of the good answers minus that of the bad ones."""
-    good, bad = max(totals["good"], 1), max(totals["bad"], 1)
-    return {f"{prefix}_pref_margin": totals["good_logps"] / good - totals["bad_logps"] / bad,
-            f"{prefix}_answers": int(totals["good"] + totals["bad"]),
-            f"{prefix}_reward_accuracy": totals["reward_right"] / max(totals["good"] + totals["bad"], 1),
+    good, bad, answers = max(totals["good"], 1), max(totals["bad"], 1), int(totals["good"] + totals["bad"])
+    return {f"{prefix}_pref_margin": totals["good_logps"] / good - totals["bad_logps"] / bad, f"{prefix}_answers": answers,
+            f"{prefix}_reward_accuracy": totals["reward_right"] / max(answers, 1),
             f"{prefix}_reward_margin": beta_value * (totals["good_ratio"] / good - totals["bad_ratio"] / bad)}
 
 

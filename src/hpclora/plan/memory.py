@@ -66,8 +66,9 @@ CPU_LOGITS_EXTRA = 4
 
 # Peak RSS on CPU holds more per token and layer than the GPU fit: about 1.2 copies of every LoRA-adapted
 # projection's input, even with gradient checkpointing, and a quarter more of the other activations without
-# it (SFT; TRL's preference trainers show none of that quarter). Fitted on SmolLM2-135M (fp32, 256 to 8,192 tokens per micro-batch, q/v and all seven projections, with
-# and without checkpointing): within 7% of the measured peak RSS from 2,048 tokens up, and above it below
+# it (SFT; TRL's preference trainers show none of that quarter). Fitted on SmolLM2-135M (fp32, 256 to 8,192
+# tokens per micro-batch, q/v and all seven projections, with and without checkpointing): within 7% of the
+# measured peak RSS from 2,048 tokens up, and above it below
 # (benchmarks/results/plan_vs_measured.txt, throughput.txt).
 CPU_LORA_INPUT_COPIES, CPU_ACT_EXTRA = 1.2, 0.25
 

@@ -49,7 +49,7 @@ def evaluate_pairs(run: Path, model, tokenizer, cfg, groups: list, source: str, 
     from ..data import preference
     from .generate import Sampling, adapter_and_base, note, starting_point, starting_title, timed
 
-    unpair = any(rows.format == preference.UNPAIRED for rows in groups)  # kto's labelled answers
+    unpair = preference.split_into_answers(cfg.method.name, "val", [rows.format for rows in groups])  # kto's labelled answers
     sets = [preference.dataset(rows.source.data, rows.conversations, rows.numbers, tokenizer, unpair) for rows in groups if rows.conversations]
     if not sets:
         raise UserError(f"eval: no held-out pair ({source})")
